@@ -1,0 +1,258 @@
+//! Live state of backends and listeners: counters that outlive snapshots.
+//!
+//! A snapshot is rebuilt whenever weights change (a reload, a health result), but the number of
+//! connections open to a backend does not change with it. So counters live here, in
+//! reference-counted structs keyed by (listener name, backend address) in a [`Registry`]; every
+//! snapshot built for the same key points at the same struct, and a connection keeps the struct it
+//! started with alive until it ends, even if its backend has left the configuration meanwhile.
+//!
+//! The registry's map is touched only when a snapshot is built, never per connection: the data
+//! path reaches counters through the snapshot's `Arc`s and updates them with relaxed atomics.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+/// Counters of one backend within one listener.
+#[derive(Debug, Default)]
+pub struct BackendStats {
+    active: AtomicU64,
+    connections: AtomicU64,
+    connect_failures: AtomicU64,
+    bytes_to_backend: AtomicU64,
+    bytes_from_backend: AtomicU64,
+}
+
+/// A point-in-time copy of [`BackendStats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BackendCounters {
+    /// Connections assigned to the backend and not yet closed (including ones still connecting).
+    pub active: u64,
+    /// Connections established to the backend since start.
+    pub connections: u64,
+    /// Connect attempts that were refused, failed or timed out.
+    pub connect_failures: u64,
+    /// Bytes read from clients and written towards the backend.
+    pub bytes_to_backend: u64,
+    /// Bytes read from the backend and written towards clients.
+    pub bytes_from_backend: u64,
+}
+
+impl BackendStats {
+    /// Counts one more connection assigned to this backend until the returned guard drops.
+    ///
+    /// Taken as soon as the backend is picked, before the connect: load-aware strategies must
+    /// see connections in flight, or a burst would all pick the same idle backend.
+    pub fn acquire(this: &Arc<BackendStats>) -> ActiveConn {
+        this.active.fetch_add(1, Ordering::Relaxed);
+        ActiveConn {
+            stats: Arc::clone(this),
+        }
+    }
+
+    /// Connections currently assigned.
+    pub fn active(&self) -> u64 {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Records a successful connect.
+    pub fn record_connected(&self) {
+        self.connections.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records a failed connect attempt.
+    pub fn record_connect_failure(&self) {
+        self.connect_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Adds bytes moved from a client to this backend.
+    pub fn add_bytes_to_backend(&self, n: u64) {
+        self.bytes_to_backend.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Adds bytes moved from this backend to a client.
+    pub fn add_bytes_from_backend(&self, n: u64) {
+        self.bytes_from_backend.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// A copy of every counter.
+    pub fn counters(&self) -> BackendCounters {
+        BackendCounters {
+            active: self.active(),
+            connections: self.connections.load(Ordering::Relaxed),
+            connect_failures: self.connect_failures.load(Ordering::Relaxed),
+            bytes_to_backend: self.bytes_to_backend.load(Ordering::Relaxed),
+            bytes_from_backend: self.bytes_from_backend.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// One connection counted in [`BackendStats::active`]; the count drops with the guard, so no
+/// early return or error path can leak it.
+#[derive(Debug)]
+#[must_use = "the connection is only counted while the guard lives"]
+pub struct ActiveConn {
+    stats: Arc<BackendStats>,
+}
+
+impl ActiveConn {
+    /// The backend's counters.
+    pub fn stats(&self) -> &Arc<BackendStats> {
+        &self.stats
+    }
+}
+
+impl Drop for ActiveConn {
+    fn drop(&mut self) {
+        self.stats.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Counters of one listener.
+#[derive(Debug, Default)]
+pub struct ListenerStats {
+    open: AtomicU64,
+    accepted: AtomicU64,
+    rejected_max_connections: AtomicU64,
+    rejected_no_backend: AtomicU64,
+}
+
+/// A point-in-time copy of [`ListenerStats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ListenerCounters {
+    /// Client connections open now.
+    pub open: u64,
+    /// Client connections accepted since start (including rejected ones).
+    pub accepted: u64,
+    /// Client connections closed at once because `max_connections` were open.
+    pub rejected_max_connections: u64,
+    /// Client connections closed because no backend could be reached.
+    pub rejected_no_backend: u64,
+}
+
+impl ListenerStats {
+    /// Admits one more client connection unless `max` are open already.
+    pub fn admit(this: &Arc<ListenerStats>, max: u64) -> Option<OpenConn> {
+        this.accepted.fetch_add(1, Ordering::Relaxed);
+        let admitted = this
+            .open
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |open| {
+                (open < max).then_some(open + 1)
+            })
+            .is_ok();
+        if admitted {
+            Some(OpenConn {
+                stats: Arc::clone(this),
+            })
+        } else {
+            this.rejected_max_connections
+                .fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+
+    /// Records a client closed because no backend could be reached.
+    pub fn record_no_backend(&self) {
+        self.rejected_no_backend.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A copy of every counter.
+    pub fn counters(&self) -> ListenerCounters {
+        ListenerCounters {
+            open: self.open.load(Ordering::Relaxed),
+            accepted: self.accepted.load(Ordering::Relaxed),
+            rejected_max_connections: self.rejected_max_connections.load(Ordering::Relaxed),
+            rejected_no_backend: self.rejected_no_backend.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// One client connection counted in [`ListenerStats`]'s open count until dropped.
+#[derive(Debug)]
+#[must_use = "the connection is only counted while the guard lives"]
+pub struct OpenConn {
+    stats: Arc<ListenerStats>,
+}
+
+impl Drop for OpenConn {
+    fn drop(&mut self) {
+        self.stats.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Where live state is found by name when a snapshot is built.
+///
+/// Holds a mutex, but only snapshot builds (start, reload, health changes) take it; the
+/// connection path never does.
+#[derive(Debug, Default)]
+pub struct Registry {
+    inner: Mutex<RegistryInner>,
+}
+
+#[derive(Debug, Default)]
+struct RegistryInner {
+    listeners: HashMap<String, Arc<ListenerStats>>,
+    backends: HashMap<(String, SocketAddr), Arc<BackendStats>>,
+}
+
+impl Registry {
+    /// The stats of listener `name`, created on first use.
+    pub fn listener(&self, name: &str) -> Arc<ListenerStats> {
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        Arc::clone(inner.listeners.entry(name.to_owned()).or_default())
+    }
+
+    /// The stats of backend `addr` in listener `listener`, created on first use.
+    pub fn backend(&self, listener: &str, addr: SocketAddr) -> Arc<BackendStats> {
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        Arc::clone(
+            inner
+                .backends
+                .entry((listener.to_owned(), addr))
+                .or_default(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn active_count_follows_guards() {
+        let stats = Arc::new(BackendStats::default());
+        let a = BackendStats::acquire(&stats);
+        let b = BackendStats::acquire(&stats);
+        assert_eq!(stats.active(), 2);
+        drop(a);
+        assert_eq!(stats.active(), 1);
+        drop(b);
+        assert_eq!(stats.active(), 0);
+    }
+
+    #[test]
+    fn admit_stops_at_the_limit_and_counts_rejections() {
+        let stats = Arc::new(ListenerStats::default());
+        let held: Vec<_> = (0..3)
+            .filter_map(|_| ListenerStats::admit(&stats, 3))
+            .collect();
+        assert_eq!(held.len(), 3);
+        assert!(ListenerStats::admit(&stats, 3).is_none());
+        drop(held);
+        assert!(ListenerStats::admit(&stats, 3).is_some());
+        let c = stats.counters();
+        assert_eq!((c.accepted, c.rejected_max_connections, c.open), (5, 1, 0));
+    }
+
+    #[test]
+    fn registry_returns_the_same_state_for_the_same_key() {
+        let registry = Registry::default();
+        let addr: SocketAddr = "127.0.0.1:9001".parse().expect("literal");
+        let a = registry.backend("chat", addr);
+        let b = registry.backend("chat", addr);
+        let c = registry.backend("embed", addr);
+        assert!(Arc::ptr_eq(&a, &b));
+        assert!(!Arc::ptr_eq(&a, &c));
+    }
+}

@@ -1,0 +1,23 @@
+//! weighbridge: a Layer-4 TCP load balancer for fleets of AI inference servers.
+//!
+//! Clients connect to a listener; the listener's [`strategy`] picks a backend by weight from the
+//! current [`snapshot`]; the [`proxy`] relays bytes both ways until both sides are done.
+//!
+//! The library holds all of it; the `weighbridge` binary is a thin command line over
+//! [`config::load`], [`Balancer::bind`] and [`Balancer::run`]. See `ARCHITECTURE` in the README
+//! for the map of modules and the invariants they keep.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs, rust_2018_idioms, unreachable_pub)]
+
+pub mod backend;
+mod balancer;
+pub mod config;
+pub mod listener;
+pub mod proxy;
+pub mod snapshot;
+pub mod strategy;
+
+pub use balancer::{Balancer, Handle, Stopped};
+pub use config::{Config, ConfigError};
+pub use listener::BindError;

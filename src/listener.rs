@@ -1,0 +1,214 @@
+//! Listening sockets and their accept loops.
+//!
+//! The accept loop only accepts, admits (against `max_connections`) and spawns: everything that
+//! can be slow or fail per connection happens in the connection's own task. Accept errors never
+//! end the loop: connection-level ones (the peer gave up) are skipped, resource exhaustion such as
+//! EMFILE is logged at most once a second and backed off, so a full fd table is neither a busy
+//! loop nor an exit.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error};
+
+use crate::backend::ListenerStats;
+use crate::config::ListenerConfig;
+use crate::proxy;
+use crate::snapshot::SnapshotCell;
+
+/// Listen backlog: room for a burst of connections while the loop is busy. The kernel caps it at
+/// `net.core.somaxconn` (4096 on current kernels).
+const LISTEN_BACKLOG: u32 = 4096;
+/// First pause after an accept error that is not about one connection.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
+/// Longest pause after repeated accept errors.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// At most one accept-error log line per this period; the others are counted.
+const ACCEPT_LOG_PERIOD: Duration = Duration::from_secs(1);
+
+/// A listener that failed to bind.
+#[derive(Debug, thiserror::Error)]
+#[error("listener `{listener}`: cannot bind {addr}: {source}")]
+pub struct BindError {
+    /// The listener's name.
+    pub listener: String,
+    /// The address it asked for.
+    pub addr: SocketAddr,
+    /// Why the kernel refused.
+    #[source]
+    pub source: io::Error,
+}
+
+/// A bound listening socket.
+#[derive(Debug)]
+pub(crate) struct Bound {
+    pub(crate) name: String,
+    pub(crate) socket: TcpListener,
+    pub(crate) local_addr: SocketAddr,
+}
+
+/// Binds `listener`'s address. Must run inside a tokio runtime.
+pub(crate) fn bind(listener: &ListenerConfig) -> Result<Bound, BindError> {
+    let fail = |source| BindError {
+        listener: listener.name.clone(),
+        addr: listener.bind,
+        source,
+    };
+    let socket = match listener.bind {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    }
+    .map_err(fail)?;
+    // Lets a restarted balancer bind while old connections linger in TIME_WAIT.
+    socket.set_reuseaddr(true).map_err(fail)?;
+    socket.bind(listener.bind).map_err(fail)?;
+    let socket = socket.listen(LISTEN_BACKLOG).map_err(fail)?;
+    let local_addr = socket.local_addr().map_err(fail)?;
+    Ok(Bound {
+        name: listener.name.clone(),
+        socket,
+        local_addr,
+    })
+}
+
+/// Accepts on `bound` until `shutdown` is cancelled, then closes the socket.
+///
+/// Each connection is served in a task spawned on `connections`; `stop` is handed to them and
+/// cancelled when shutdown's grace period ends.
+pub(crate) async fn accept_loop(
+    bound: Bound,
+    snapshots: Arc<SnapshotCell>,
+    shutdown: CancellationToken,
+    connections: TaskTracker,
+    stop: CancellationToken,
+) {
+    let Bound { name, socket, .. } = bound;
+    let mut errors = ErrorPacer::default();
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            accepted = socket.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => {
+                errors.reset();
+                accepted
+            }
+            Err(e) if is_connection_error(&e) => {
+                debug!(listener = %name, error = %e, "accept: connection gone before accepted");
+                continue;
+            }
+            Err(e) => {
+                let pause = errors.failed(&name, &e);
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(pause) => continue,
+                }
+            }
+        };
+        // The snapshot is loaded once per connection; the connection keeps its listener's pool.
+        let Some(pool) = snapshots.load().pool(&name).cloned() else {
+            debug!(listener = %name, "listener no longer configured, dropping connection");
+            continue;
+        };
+        let max = pool.settings().max_connections.get() as u64;
+        let Some(open) = ListenerStats::admit(pool.stats(), max) else {
+            debug!(listener = %name, client = %peer, max, "max_connections reached, closing");
+            continue;
+        };
+        connections.spawn(proxy::serve(stream, peer, pool, open, stop.clone()));
+    }
+    debug!(listener = %name, "stopped accepting");
+}
+
+/// Errors that concern one incoming connection only; the next accept is unaffected.
+fn is_connection_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::Interrupted
+            | io::ErrorKind::WouldBlock
+    )
+}
+
+/// Back-off and log rate limit for accept errors.
+#[derive(Debug, Default)]
+struct ErrorPacer {
+    pause: Option<Duration>,
+    last_log: Option<Instant>,
+    suppressed: u64,
+}
+
+impl ErrorPacer {
+    fn reset(&mut self) {
+        self.pause = None;
+    }
+
+    /// Logs (at most once per period) and returns how long to pause before accepting again.
+    fn failed(&mut self, listener: &str, e: &io::Error) -> Duration {
+        let now = Instant::now();
+        if self
+            .last_log
+            .is_none_or(|last| now.duration_since(last) >= ACCEPT_LOG_PERIOD)
+        {
+            error!(
+                listener,
+                error = %e,
+                suppressed = self.suppressed,
+                "accept failed; backing off (raise the open-file limit if this is EMFILE)"
+            );
+            self.last_log = Some(now);
+            self.suppressed = 0;
+        } else {
+            self.suppressed += 1;
+        }
+        let pause = self
+            .pause
+            .map_or(ACCEPT_BACKOFF_MIN, |p| (p * 2).min(ACCEPT_BACKOFF_MAX));
+        self.pause = Some(pause);
+        pause
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit and returns the new soft limit.
+///
+/// Every proxied connection holds two descriptors; distributions default the soft limit to 1024,
+/// which a busy balancer reaches at 500 connections.
+pub fn raise_open_file_limit() -> io::Result<u64> {
+    rlimit::increase_nofile_limit(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn accept_backoff_doubles_up_to_its_cap_and_resets() {
+        let mut pacer = ErrorPacer::default();
+        let e = io::Error::from_raw_os_error(24); // EMFILE
+        let pauses: Vec<_> = (0..12).map(|_| pacer.failed("t", &e)).collect();
+        assert_eq!(pauses[0], ACCEPT_BACKOFF_MIN);
+        assert_eq!(pauses[1], ACCEPT_BACKOFF_MIN * 2);
+        assert_eq!(*pauses.last().expect("12 pauses"), ACCEPT_BACKOFF_MAX);
+        assert_eq!(pacer.suppressed, 11);
+        pacer.reset();
+        assert_eq!(pacer.failed("t", &e), ACCEPT_BACKOFF_MIN);
+    }
+
+    #[test]
+    fn connection_errors_are_not_backed_off() {
+        assert!(is_connection_error(
+            &io::ErrorKind::ConnectionAborted.into()
+        ));
+        assert!(!is_connection_error(&io::Error::from_raw_os_error(24)));
+    }
+}

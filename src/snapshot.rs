@@ -1,0 +1,194 @@
+//! The immutable runtime view the connection path reads.
+//!
+//! A [`Snapshot`] is built from a validated [`Config`] and the live-state [`Registry`], then
+//! published through one `ArcSwap` ([`SnapshotCell`]). A connection loads it once, takes the
+//! [`Pool`] of its listener, and never sees it change under its feet; a writer (start-up today,
+//! reloads and health checks later) builds a whole new snapshot and swaps it in, so a reader can
+//! never observe half an update and neither side ever waits for the other.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+
+use crate::backend::{BackendStats, ListenerStats, Registry};
+use crate::config::{Config, ListenerConfig, Weight};
+use crate::strategy::{Strategy, StrategyKind};
+
+/// The one place the current snapshot is published.
+pub type SnapshotCell = ArcSwap<Snapshot>;
+
+/// Every listener's pool, as of one configuration and one set of effective weights.
+#[derive(Debug)]
+pub struct Snapshot {
+    pools: HashMap<String, Arc<Pool>>,
+}
+
+impl Snapshot {
+    /// Builds a snapshot; live counters come from (and are created in) `registry`.
+    pub fn build(config: &Config, registry: &Registry) -> Snapshot {
+        let pools = config
+            .listeners
+            .iter()
+            .map(|listener| {
+                let pool = Pool::build(listener, registry);
+                (listener.name.clone(), Arc::new(pool))
+            })
+            .collect();
+        Snapshot { pools }
+    }
+
+    /// The pool of listener `name`.
+    pub fn pool(&self, name: &str) -> Option<&Arc<Pool>> {
+        self.pools.get(name)
+    }
+
+    /// Every pool, in no particular order.
+    pub fn pools(&self) -> impl Iterator<Item = &Arc<Pool>> {
+        self.pools.values()
+    }
+}
+
+/// One listener's backends, settings and strategy.
+#[derive(Debug)]
+pub struct Pool {
+    name: Arc<str>,
+    settings: ListenerSettings,
+    backends: Box<[Backend]>,
+    strategy: Box<dyn Strategy>,
+    stats: Arc<ListenerStats>,
+}
+
+/// The per-connection settings of a listener.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ListenerSettings {
+    /// The strategy in use.
+    pub strategy: StrategyKind,
+    /// Upper bound on one connect attempt.
+    pub connect_timeout: Duration,
+    /// Idle time after which a connection is closed.
+    pub idle_timeout: Duration,
+    /// Distinct backends tried per connection.
+    pub connect_attempts: NonZeroU32,
+    /// Open client connections beyond this are refused.
+    pub max_connections: NonZeroUsize,
+}
+
+/// One backend as a snapshot sees it.
+#[derive(Debug)]
+pub struct Backend {
+    /// Where to connect.
+    pub addr: SocketAddr,
+    /// The weight the configuration gives it.
+    pub weight: Weight,
+    /// The weight strategies use now.
+    pub effective_weight: f64,
+    /// Its live counters, shared with every other snapshot.
+    pub stats: Arc<BackendStats>,
+}
+
+impl Pool {
+    fn build(listener: &ListenerConfig, registry: &Registry) -> Pool {
+        let backends: Box<[Backend]> = listener
+            .backends
+            .iter()
+            .map(|b| Backend {
+                addr: b.addr,
+                weight: b.weight,
+                effective_weight: b.weight.get(),
+                stats: registry.backend(&listener.name, b.addr),
+            })
+            .collect();
+        let weights: Vec<f64> = backends.iter().map(|b| b.effective_weight).collect();
+        let live: Vec<Arc<BackendStats>> = backends.iter().map(|b| Arc::clone(&b.stats)).collect();
+        Pool {
+            name: listener.name.as_str().into(),
+            settings: ListenerSettings {
+                strategy: listener.strategy,
+                connect_timeout: listener.connect_timeout,
+                idle_timeout: listener.idle_timeout,
+                connect_attempts: listener.connect_attempts,
+                max_connections: listener.max_connections,
+            },
+            strategy: listener.strategy.build(&weights, &live),
+            backends,
+            stats: registry.listener(&listener.name),
+        }
+    }
+
+    /// The listener's name.
+    pub fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    /// The listener's per-connection settings.
+    pub fn settings(&self) -> &ListenerSettings {
+        &self.settings
+    }
+
+    /// The backends, in configuration order.
+    pub fn backends(&self) -> &[Backend] {
+        &self.backends
+    }
+
+    /// The listener's live counters.
+    pub fn stats(&self) -> &Arc<ListenerStats> {
+        &self.stats
+    }
+
+    /// Picks a backend for a new connection, skipping the indices in `tried`.
+    pub fn pick(&self, tried: &[usize]) -> Option<(usize, &Backend)> {
+        let index = self.strategy.pick(tried)?;
+        Some((index, &self.backends[index]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    const TWO_LISTENERS: &str = r#"
+        [[listener]]
+        name = "a"
+        bind = "127.0.0.1:0"
+        [[listener.backend]]
+        addr = "127.0.0.1:9001"
+        weight = 2
+        [[listener]]
+        name = "b"
+        bind = "127.0.0.1:0"
+        strategy = "capacity_proportional"
+        [[listener.backend]]
+        addr = "127.0.0.1:9001"
+    "#;
+
+    #[test]
+    fn rebuilt_snapshots_share_live_state() {
+        let config = crate::config::parse(TWO_LISTENERS, Path::new("t.toml")).expect("valid");
+        let registry = Registry::default();
+        let first = Snapshot::build(&config, &registry);
+        let second = Snapshot::build(&config, &registry);
+        let a1 = &first.pool("a").expect("a").backends()[0];
+        let a2 = &second.pool("a").expect("a").backends()[0];
+        let b1 = &first.pool("b").expect("b").backends()[0];
+        assert!(Arc::ptr_eq(&a1.stats, &a2.stats));
+        // Same address under another listener is another backend.
+        assert!(!Arc::ptr_eq(&a1.stats, &b1.stats));
+        assert_eq!(a1.effective_weight, 2.0);
+    }
+
+    #[test]
+    fn pool_picks_through_its_strategy() {
+        let config = crate::config::parse(TWO_LISTENERS, Path::new("t.toml")).expect("valid");
+        let snapshot = Snapshot::build(&config, &Registry::default());
+        let pool = snapshot.pool("b").expect("b");
+        let (index, backend) = pool.pick(&[]).expect("one backend");
+        assert_eq!((index, backend.addr.port()), (0, 9001));
+        assert!(pool.pick(&[0]).is_none());
+        assert!(snapshot.pool("missing").is_none());
+    }
+}

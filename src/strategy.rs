@@ -1,0 +1,96 @@
+//! How a listener picks a backend for each new connection.
+//!
+//! One trait, [`Strategy`], and one file per algorithm. A strategy is *built* from a pool's
+//! effective weights whenever a snapshot is built, and *picks* many times from `&self`: picking
+//! only reads immutable tables and atomics, so any number of connection tasks may pick at once
+//! without a lock (Pingora's "build once, pick many").
+//!
+//! This module knows nothing of sockets, tokio or files: it maps weights (and, for
+//! [`CapacityProportional`], live connection counts) to an index, so it is unit-tested and
+//! benchmarked without I/O.
+//!
+//! Every strategy obeys the same two rules: a backend whose weight is 0 is never picked, and a
+//! backend listed in `tried` (the ones a connection already failed to reach) is never picked.
+
+mod capacity_proportional;
+mod weighted_random;
+mod weighted_round_robin;
+
+use std::fmt;
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use crate::backend::BackendStats;
+
+pub use capacity_proportional::CapacityProportional;
+pub use weighted_random::WeightedRandom;
+pub use weighted_round_robin::WeightedRoundRobin;
+
+/// Picks backends for new connections.
+pub trait Strategy: Send + Sync + fmt::Debug {
+    /// Returns the index of the backend the next connection should go to.
+    ///
+    /// Never returns an index in `tried` nor one whose weight is 0; returns `None` when no
+    /// backend is left. `tried` is empty for a connection's first attempt and holds the
+    /// backends already tried (at most `connect_attempts - 1`) on retries.
+    fn pick(&self, tried: &[usize]) -> Option<usize>;
+}
+
+/// The strategies a listener can use; the `strategy` key of `[[listener]]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StrategyKind {
+    /// Smooth weighted round robin, as nginx does it. The default.
+    #[default]
+    WeightedRoundRobin,
+    /// Independent random picks with probability proportional to weight.
+    WeightedRandom,
+    /// Keeps open connections proportional to weight (capacity).
+    CapacityProportional,
+}
+
+impl StrategyKind {
+    /// Every strategy, in the order the docs list them.
+    pub const ALL: [StrategyKind; 3] = [
+        StrategyKind::WeightedRoundRobin,
+        StrategyKind::WeightedRandom,
+        StrategyKind::CapacityProportional,
+    ];
+
+    /// The name used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StrategyKind::WeightedRoundRobin => "weighted_round_robin",
+            StrategyKind::WeightedRandom => "weighted_random",
+            StrategyKind::CapacityProportional => "capacity_proportional",
+        }
+    }
+
+    /// Builds this strategy over a pool.
+    ///
+    /// `weights[i]` is backend i's effective weight (finite, ≥ 0); `live[i]` its live counters,
+    /// read by load-aware strategies. Both slices have one entry per backend.
+    pub fn build(self, weights: &[f64], live: &[Arc<BackendStats>]) -> Box<dyn Strategy> {
+        debug_assert_eq!(weights.len(), live.len());
+        match self {
+            StrategyKind::WeightedRoundRobin => Box::new(WeightedRoundRobin::new(weights)),
+            StrategyKind::WeightedRandom => Box::new(WeightedRandom::new(weights)),
+            StrategyKind::CapacityProportional => {
+                Box::new(CapacityProportional::new(weights, live))
+            }
+        }
+    }
+}
+
+impl fmt::Display for StrategyKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// True when `weight` may receive connections and `index` has not been tried yet.
+#[inline]
+fn eligible(weight: f64, index: usize, tried: &[usize]) -> bool {
+    weight > 0.0 && !tried.contains(&index)
+}

@@ -1,0 +1,243 @@
+//! Smooth weighted round robin, nginx's algorithm, made lock-free.
+//!
+//! nginx (`ngx_stream_upstream_get_peer`, 2012) keeps a `current_weight` per peer. On every pick
+//! each peer's current weight grows by its weight, the peer with the largest current weight wins
+//! (the first one on ties) and loses the total. Over one cycle of Σw picks every peer is chosen
+//! exactly w times, and the picks are interleaved as evenly as possible: weights 5, 1, 1 give
+//! `a a b a c a a`, never `a a a a a b c`.
+//!
+//! Running that state machine per pick needs a lock (every pick writes every peer's state).
+//! Weights only change when a snapshot is built, so the whole cycle is computed there instead, and
+//! a pick is one `fetch_add` on a cache-padded counter plus an array read: the sequence is the
+//! same one nginx would produce, without a lock on the connection path.
+//!
+//! Weights are real numbers; the cycle needs integers. They are scaled so that the heaviest
+//! backend gets 10^6 units, rounded (a positive weight never rounds to 0) and divided by their
+//! greatest common divisor, so weights like 1.5, 2, 1, 2.5 become 3, 4, 2, 5 and shares are exact.
+//! When the cycle would exceed [`max_cycle`] picks it is scaled down proportionally; shares are
+//! then exact to within one pick per cycle per backend.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::{Strategy, eligible};
+
+/// Upper bound on the cycle length, whatever the backend count. 65,536 picks of `u32` is 256 KiB.
+const MAX_CYCLE: u64 = 1 << 16;
+/// Upper bound on the work (cycle length × backends) spent building one cycle, so that a
+/// snapshot of 1,024 backends still builds in a few milliseconds.
+const MAX_BUILD_STEPS: u64 = 1 << 22;
+/// Resolution of weight scaling: the heaviest backend gets this many units before reduction.
+const RESOLUTION: f64 = 1e6;
+
+/// Longest cycle built for `backends` backends.
+fn max_cycle(backends: usize) -> u64 {
+    let backends = backends.max(1) as u64;
+    (MAX_BUILD_STEPS / backends).clamp(backends, MAX_CYCLE.max(backends))
+}
+
+/// Smooth weighted round robin over a precomputed cycle.
+#[derive(Debug)]
+pub struct WeightedRoundRobin {
+    /// One full cycle of picks (backend indices); empty when every weight is 0.
+    cycle: Box<[u32]>,
+    /// Position of the next pick, padded to its own cache line so the pickers that share it do
+    /// not also invalidate their neighbours' data.
+    next: CachePadded,
+}
+
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct CachePadded(AtomicUsize);
+
+impl WeightedRoundRobin {
+    /// Builds the cycle for `weights` (finite, ≥ 0).
+    pub fn new(weights: &[f64]) -> WeightedRoundRobin {
+        let units = integer_weights(weights);
+        WeightedRoundRobin {
+            cycle: smooth_cycle(&units).into_boxed_slice(),
+            next: CachePadded::default(),
+        }
+    }
+
+    /// The number of picks after which the sequence repeats.
+    pub fn cycle_len(&self) -> usize {
+        self.cycle.len()
+    }
+}
+
+impl Strategy for WeightedRoundRobin {
+    fn pick(&self, tried: &[usize]) -> Option<usize> {
+        let len = self.cycle.len();
+        if len == 0 {
+            return None;
+        }
+        let start = self.next.0.fetch_add(1, Ordering::Relaxed) % len;
+        if tried.is_empty() {
+            return Some(self.cycle[start] as usize);
+        }
+        // A retry: walk on from this position to the next backend not yet tried. Every index in
+        // the cycle has a positive weight, so only `tried` can disqualify one.
+        (0..len)
+            .map(|offset| self.cycle[(start + offset) % len] as usize)
+            .find(|&index| eligible(1.0, index, tried))
+    }
+}
+
+/// Scales `weights` to integers with the same ratios (see the module docs).
+fn integer_weights(weights: &[f64]) -> Vec<u64> {
+    let max = weights.iter().copied().fold(0.0_f64, f64::max);
+    if max <= 0.0 {
+        return vec![0; weights.len()];
+    }
+    let mut units: Vec<u64> = weights
+        .iter()
+        .map(|&w| match w {
+            w if w > 0.0 => ((w / max * RESOLUTION).round() as u64).max(1),
+            _ => 0,
+        })
+        .collect();
+    reduce(&mut units);
+    let total: u64 = units.iter().sum();
+    let limit = max_cycle(weights.len());
+    if total > limit {
+        let scale = limit as f64 / total as f64;
+        for unit in units.iter_mut().filter(|u| **u > 0) {
+            *unit = ((*unit as f64 * scale).round() as u64).max(1);
+        }
+        reduce(&mut units);
+    }
+    units
+}
+
+/// Divides every unit by their greatest common divisor.
+fn reduce(units: &mut [u64]) {
+    let divisor = units.iter().copied().fold(0, gcd);
+    if divisor > 1 {
+        units.iter_mut().for_each(|u| *u /= divisor);
+    }
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+/// One full cycle of nginx's smooth weighted round robin over integer weights.
+fn smooth_cycle(units: &[u64]) -> Vec<u32> {
+    let total: u64 = units.iter().sum();
+    let total_signed = total as i64;
+    let mut current = vec![0_i64; units.len()];
+    let mut cycle = Vec::with_capacity(total as usize);
+    for _ in 0..total {
+        let mut best = 0;
+        for (i, &unit) in units.iter().enumerate() {
+            current[i] += unit as i64;
+            // Strictly greater: the first backend wins ties, as in nginx.
+            if unit > 0 && (units[best] == 0 || current[i] > current[best]) {
+                best = i;
+            }
+        }
+        current[best] -= total_signed;
+        cycle.push(best as u32);
+    }
+    cycle
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn picks(strategy: &WeightedRoundRobin, n: usize) -> Vec<usize> {
+        (0..n)
+            .map(|_| strategy.pick(&[]).expect("a pick"))
+            .collect()
+    }
+
+    #[test]
+    fn nginx_example_sequence() {
+        // The worked example of nginx's smooth WRR: weights a=5, b=1, c=1.
+        let wrr = WeightedRoundRobin::new(&[5.0, 1.0, 1.0]);
+        assert_eq!(picks(&wrr, 14), [0, 0, 1, 0, 2, 0, 0, 0, 0, 1, 0, 2, 0, 0]);
+    }
+
+    #[test]
+    fn fractional_weights_give_exact_shares() {
+        let wrr = WeightedRoundRobin::new(&[1.5, 2.0, 1.0, 2.5]);
+        assert_eq!(wrr.cycle_len(), 14);
+        let seq = picks(&wrr, 14 * 100);
+        for (i, expected) in [3, 4, 2, 5].into_iter().enumerate() {
+            assert_eq!(seq.iter().filter(|&&p| p == i).count(), expected * 100);
+        }
+    }
+
+    #[test]
+    fn every_prefix_stays_within_one_pick_of_its_share() {
+        let weights = [1.5, 2.0, 1.0, 2.5, 0.25, 7.0];
+        let total: f64 = weights.iter().sum();
+        let wrr = WeightedRoundRobin::new(&weights);
+        let mut counts = [0_usize; 6];
+        for n in 1..=5_000 {
+            counts[wrr.pick(&[]).expect("a pick")] += 1;
+            for (i, &w) in weights.iter().enumerate() {
+                let ideal = w / total * n as f64;
+                assert!(
+                    (counts[i] as f64 - ideal).abs() <= 1.0 + 1e-9,
+                    "after {n} picks backend {i} has {} (ideal {ideal:.2})",
+                    counts[i]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn equal_weights_alternate() {
+        let wrr = WeightedRoundRobin::new(&[1.0, 1.0, 1.0]);
+        assert_eq!(picks(&wrr, 6), [0, 1, 2, 0, 1, 2]);
+    }
+
+    #[test]
+    fn zero_weight_is_never_picked() {
+        let wrr = WeightedRoundRobin::new(&[0.0, 3.0, 0.0, 1.0]);
+        assert!(picks(&wrr, 400).iter().all(|&p| p == 1 || p == 3));
+    }
+
+    #[test]
+    fn all_zero_or_empty_picks_nothing() {
+        assert_eq!(WeightedRoundRobin::new(&[0.0, 0.0]).pick(&[]), None);
+        assert_eq!(WeightedRoundRobin::new(&[]).pick(&[]), None);
+    }
+
+    #[test]
+    fn one_backend_always_wins() {
+        let wrr = WeightedRoundRobin::new(&[0.3]);
+        assert_eq!(picks(&wrr, 5), [0; 5]);
+    }
+
+    #[test]
+    fn retries_skip_tried_backends() {
+        let wrr = WeightedRoundRobin::new(&[5.0, 1.0, 1.0]);
+        for _ in 0..50 {
+            let pick = wrr.pick(&[0]).expect("b or c remain");
+            assert!(pick == 1 || pick == 2);
+        }
+        assert_eq!(wrr.pick(&[0, 1, 2]), None);
+    }
+
+    #[test]
+    fn huge_cycles_are_bounded_and_keep_ratios() {
+        let weights: Vec<f64> = (1..=1024).map(|i| i as f64 * 1.001).collect();
+        let units = integer_weights(&weights);
+        let total: u64 = units.iter().sum();
+        // Rounding each backend may add half a unit.
+        assert!(total <= max_cycle(1024) + 512, "cycle {total}");
+        assert!(units.iter().all(|&u| u > 0));
+        // Still ordered as the weights are.
+        assert!(units.windows(2).all(|w| w[0] <= w[1]));
+    }
+
+    #[test]
+    fn tiny_weights_next_to_huge_ones_still_get_picked() {
+        let wrr = WeightedRoundRobin::new(&[1e9, 1e-9]);
+        let seq = picks(&wrr, wrr.cycle_len());
+        assert!(seq.contains(&1));
+    }
+}
