@@ -255,10 +255,26 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         kind: Box::new(kind),
     };
     let raw: RawConfig = toml::from_str(text).map_err(|e| {
-        let message = e.message().trim().replace('\n', "; ");
+        let mut message = e.message().trim().replace('\n', "; ");
+        // serde's type errors ("invalid type: string \"x\", expected f64") do not say which key;
+        // the span does, so name the key written on that line.
+        if let Some(key) = e.span().and_then(|span| key_at(text, span.start)) {
+            if !message.contains(&format!("`{key}`")) {
+                message = format!("`{key}`: {message}");
+            }
+        }
         error_at(e.span(), ConfigErrorKind::Toml(message))
     })?;
     Config::from_raw(raw).map_err(|(span, kind)| error_at(span, kind))
+}
+
+/// The key of a `key = value` line when `offset` lies in its value.
+fn key_at(text: &str, offset: usize) -> Option<&str> {
+    let offset = offset.min(text.len());
+    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let (key, _) = text[line_start..offset].split_once('=')?;
+    let key = key.trim().trim_matches('"');
+    (!key.is_empty() && !key.starts_with('[') && !key.starts_with('#')).then_some(key)
 }
 
 /// A validation failure and the span of the value it is about.
@@ -406,4 +422,238 @@ fn duration(
         return Err((Some(value.span()), ConfigErrorKind::ZeroDuration(key)));
     }
     Ok(parsed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[[listener]]
+name = "chat"
+bind = "127.0.0.1:8000"
+[[listener.backend]]
+addr = "127.0.0.1:9001"
+"#;
+
+    fn parse_str(text: &str) -> Result<Config, ConfigError> {
+        parse(text, Path::new("test.toml"))
+    }
+
+    /// Parses `text`, which must fail, and returns (line, message).
+    fn error(text: &str) -> (Option<usize>, String) {
+        let e = parse_str(text).expect_err("config should be rejected");
+        (e.location.map(|l| l.line), e.to_string())
+    }
+
+    #[test]
+    fn minimal_config_gets_every_default() {
+        let config = parse_str(MINIMAL).expect("valid");
+        assert_eq!(config.shutdown_grace, DEFAULT_SHUTDOWN_GRACE);
+        let l = &config.listeners[0];
+        assert_eq!(l.strategy, StrategyKind::WeightedRoundRobin);
+        assert_eq!(l.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
+        assert_eq!(l.idle_timeout, DEFAULT_IDLE_TIMEOUT);
+        assert_eq!(l.connect_attempts, DEFAULT_CONNECT_ATTEMPTS);
+        assert_eq!(l.max_connections, DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(l.backends[0].weight, Weight::ONE);
+    }
+
+    #[test]
+    fn every_key_is_read() {
+        let text = r#"
+shutdown_grace = "5s"
+[[listener]]
+name = "embed"
+bind = "[::1]:0"
+strategy = "capacity_proportional"
+connect_timeout = "250ms"
+idle_timeout = "1h"
+connect_attempts = 5
+max_connections = 7
+[[listener.backend]]
+addr = "[::1]:9001"
+weight = 2
+[[listener.backend]]
+addr = "127.0.0.1:9002"
+weight = 0.5
+"#;
+        let config = parse_str(text).expect("valid");
+        assert_eq!(config.shutdown_grace, Duration::from_secs(5));
+        let l = &config.listeners[0];
+        assert_eq!(l.bind, "[::1]:0".parse::<SocketAddr>().expect("literal"));
+        assert_eq!(l.strategy, StrategyKind::CapacityProportional);
+        assert_eq!(l.connect_timeout, Duration::from_millis(250));
+        assert_eq!(l.idle_timeout, Duration::from_secs(3600));
+        assert_eq!((l.connect_attempts.get(), l.max_connections.get()), (5, 7));
+        let weights: Vec<f64> = l.backends.iter().map(|b| b.weight.get()).collect();
+        assert_eq!(weights, [2.0, 0.5]);
+    }
+
+    #[test]
+    fn errors_name_the_line_and_the_problem() {
+        let listener = "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\n";
+        let backend = "[[listener.backend]]\naddr = \"127.0.0.1:2\"\n";
+        let cases: Vec<(String, Option<usize>, &str)> = vec![
+            ("[[listener]\n".into(), Some(1), "expected `]`"),
+            (
+                format!("{listener}strategyy = \"x\"\n{backend}"),
+                Some(4),
+                "unknown field `strategyy`",
+            ),
+            (
+                format!("{listener}{backend}colour = 1\n"),
+                Some(6),
+                "unknown field `colour`",
+            ),
+            (
+                format!("{listener}strategy = \"fastest\"\n{backend}"),
+                Some(4),
+                "`fastest`, expected one of `weighted_round_robin`, `weighted_random`, `capacity_proportional`",
+            ),
+            (
+                format!("{listener}{backend}weight = -1\n"),
+                Some(6),
+                "invalid value -1",
+            ),
+            (
+                format!("{listener}{backend}weight = nan\n"),
+                Some(6),
+                "invalid value NaN",
+            ),
+            (
+                format!("{listener}{backend}weight = inf\n"),
+                Some(6),
+                "invalid value inf",
+            ),
+            (
+                format!("{listener}{backend}weight = \"x\"\n"),
+                Some(6),
+                "`weight`: invalid type",
+            ),
+            (
+                format!("{listener}{backend}weight = 0\n"),
+                Some(1),
+                "every backend has weight 0",
+            ),
+            (String::new(), None, "no listener defined"),
+            (
+                "shutdown_grace = \"1s\"\n".into(),
+                None,
+                "no listener defined",
+            ),
+            (listener.into(), Some(1), "listener `a` has no backend"),
+            (
+                format!("{listener}{backend}{listener}{backend}"),
+                Some(7),
+                "duplicate listener name `a`",
+            ),
+            (
+                format!(
+                    "{listener}{backend}[[listener]]\nname = \"b\"\nbind = \"127.0.0.1:1\"\n{backend}"
+                ),
+                Some(8),
+                "already used by listener `a`",
+            ),
+            (
+                format!("{listener}{backend}{backend}"),
+                Some(7),
+                "backend 127.0.0.1:2 is listed twice",
+            ),
+            (
+                "[[listener]]\nname = \"a\"\nbind = \"localhost:80\"\n".into(),
+                Some(3),
+                "`bind`: invalid address `localhost:80`",
+            ),
+            (
+                format!("{listener}[[listener.backend]]\naddr = \"10.0.0.1\"\n"),
+                Some(5),
+                "`addr`: invalid address `10.0.0.1`",
+            ),
+            (
+                format!("{listener}connect_timeout = \"2 parsecs\"\n{backend}"),
+                Some(4),
+                "`connect_timeout`: invalid duration",
+            ),
+            (
+                format!("{listener}idle_timeout = \"0s\"\n{backend}"),
+                Some(4),
+                "`idle_timeout` must be longer than 0",
+            ),
+            (
+                format!("{listener}connect_attempts = 0\n{backend}"),
+                Some(4),
+                "`connect_attempts` must be at least 1",
+            ),
+            (
+                format!("{listener}max_connections = -5\n{backend}"),
+                Some(4),
+                "`max_connections`: invalid value",
+            ),
+            (
+                format!("{listener}name = \"b\"\n{backend}"),
+                Some(4),
+                "duplicate key",
+            ),
+            (
+                "[[listener]]\nname = \" \"\nbind = \"127.0.0.1:1\"\n".into(),
+                Some(2),
+                "`name` must not be empty",
+            ),
+            (
+                "[[listener]]\nbind = \"127.0.0.1:1\"\n".into(),
+                Some(1),
+                "missing field `name`",
+            ),
+        ];
+        for (text, line, needle) in cases {
+            let (got_line, message) = error(&text);
+            assert!(
+                message.contains(needle),
+                "{message:?} lacks {needle:?} for:\n{text}"
+            );
+            assert_eq!(got_line, line, "wrong line in {message:?} for:\n{text}");
+            assert!(message.starts_with("test.toml"), "{message:?}");
+            assert!(!message.contains('\n'), "not one line: {message:?}");
+        }
+    }
+
+    #[test]
+    fn missing_file_names_the_path() {
+        let e = load(Path::new("/nonexistent/weighbridge.toml")).expect_err("no such file");
+        assert!(matches!(*e.kind, ConfigErrorKind::Read(_)));
+        assert!(
+            e.to_string()
+                .starts_with("/nonexistent/weighbridge.toml: cannot read")
+        );
+    }
+
+    #[test]
+    fn weight_rejects_what_strategies_cannot_use() {
+        for bad in [-0.5, f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            assert!(Weight::new(bad).is_none(), "{bad}");
+        }
+        assert_eq!(Weight::new(-0.0), Some(Weight::ZERO));
+        assert!(Weight::new(0.0).is_some_and(Weight::is_zero));
+    }
+
+    #[test]
+    fn locations_count_lines_and_characters() {
+        assert_eq!(Location::of("ab\ncd", 4), Location { line: 2, column: 2 });
+        assert_eq!(Location::of("µ=1", 2), Location { line: 1, column: 2 });
+    }
+
+    #[test]
+    fn shipped_example_configs_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf");
+        let mut checked = 0;
+        for entry in std::fs::read_dir(&dir).expect("conf/ exists") {
+            let path = entry.expect("readable conf/ entry").path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                load(&path).unwrap_or_else(|e| panic!("{e}"));
+                checked += 1;
+            }
+        }
+        assert!(checked > 0, "no example in {}", dir.display());
+    }
 }

@@ -1,0 +1,162 @@
+//! The command line as a user meets it: `--check`, and the one-line errors with exit code 1.
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_weighbridge");
+
+/// Writes `text` to a temporary config file.
+fn config_file(text: &str) -> tempfile::NamedTempFile {
+    let mut file = tempfile::Builder::new()
+        .suffix(".toml")
+        .tempfile()
+        .expect("create temp config");
+    file.write_all(text.as_bytes()).expect("write temp config");
+    file
+}
+
+/// Runs the binary with `args` and returns its output; kills it if it runs past 20 s.
+fn run(args: &[&str]) -> Output {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn weighbridge");
+    // Every run here ends by itself within milliseconds; poll so a hang fails instead of blocking.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().expect("poll child").is_none() {
+        if Instant::now() > deadline {
+            child.kill().expect("kill hung weighbridge");
+            panic!("weighbridge {args:?} did not exit within 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child
+        .wait_with_output()
+        .expect("collect weighbridge output")
+}
+
+/// Asserts a failed run: exit code 1, a single line on stderr containing every needle.
+fn assert_fails_with(output: &Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "stderr: {stderr}");
+    assert_eq!(
+        stderr.trim_end().lines().count(),
+        1,
+        "not one line: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    for needle in needles {
+        assert!(stderr.contains(needle), "{stderr:?} lacks {needle:?}");
+    }
+}
+
+const VALID: &str = r#"
+[[listener]]
+name = "chat"
+bind = "127.0.0.1:0"
+[[listener.backend]]
+addr = "127.0.0.1:9001"
+[[listener.backend]]
+addr = "127.0.0.1:9002"
+[[listener]]
+name = "embed"
+bind = "127.0.0.1:0"
+[[listener.backend]]
+addr = "127.0.0.1:9003"
+"#;
+
+#[test]
+fn check_prints_a_summary_and_exits_0() {
+    let file = config_file(VALID);
+    let path = file.path().to_str().expect("utf-8 temp path");
+    let output = run(&["--config", path, "--check"]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(
+        stdout.trim(),
+        format!("{path}: ok: 2 listener(s), 3 backend(s)")
+    );
+}
+
+#[test]
+fn shipped_default_config_checks() {
+    let output = Command::new(BIN)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .arg("--check")
+        .output()
+        .expect("run weighbridge --check");
+    assert!(output.status.success(), "{output:?}");
+    assert!(String::from_utf8_lossy(&output.stdout).starts_with("conf/weighbridge.toml: ok"));
+}
+
+#[test]
+fn config_errors_exit_1_with_file_line_and_key() {
+    let cases = [
+        ("[[listener]\n", vec![":1:", "expected `]`"]),
+        (
+            "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\nstrategyy = \"x\"\n",
+            vec![":4:", "unknown field `strategyy`"],
+        ),
+        (
+            "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\nstrategy = \"fastest\"\n[[listener.backend]]\naddr = \"127.0.0.1:2\"\n",
+            vec![
+                ":4:",
+                "`fastest`",
+                "weighted_round_robin",
+                "capacity_proportional",
+            ],
+        ),
+        (
+            "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\n[[listener.backend]]\naddr = \"127.0.0.1:2\"\nweight = -2\n",
+            vec![":6:", "weight", "-2"],
+        ),
+        ("", vec!["no listener defined"]),
+        (
+            "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\n",
+            vec![":1:", "listener `a` has no backend"],
+        ),
+        (
+            "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1\"\n",
+            vec![":3:", "`bind`", "invalid address"],
+        ),
+    ];
+    for (text, needles) in cases {
+        let file = config_file(text);
+        let path = file.path().to_str().expect("utf-8 temp path");
+        for args in [vec!["--config", path, "--check"], vec!["-c", path]] {
+            let output = run(&args);
+            let mut all = needles.clone();
+            all.push(path);
+            assert_fails_with(&output, &all);
+        }
+    }
+}
+
+#[test]
+fn missing_file_exits_1_naming_it() {
+    let output = run(&["--config", "/nonexistent/dir/wb.toml"]);
+    assert_fails_with(&output, &["/nonexistent/dir/wb.toml", "cannot read"]);
+}
+
+#[test]
+fn bind_failure_exits_1_naming_listener_and_address() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port to occupy");
+    let addr = taken.local_addr().expect("local addr").to_string();
+    let file = config_file(&format!(
+        "[[listener]]\nname = \"busy\"\nbind = \"{addr}\"\n[[listener.backend]]\naddr = \"127.0.0.1:9\"\n"
+    ));
+    let path = file.path().to_str().expect("utf-8 temp path");
+    let output = run(&["--config", path, "--log-level", "error"]);
+    assert_fails_with(&output, &["listener `busy`", &addr, "cannot bind"]);
+}
+
+#[test]
+fn bad_log_level_exits_1() {
+    let file = config_file(VALID);
+    let path = file.path().to_str().expect("utf-8 temp path");
+    let output = run(&["--config", path, "--log-level", "loud=[["]);
+    assert_fails_with(&output, &["--log-level"]);
+}
