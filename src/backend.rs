@@ -14,6 +14,8 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use crate::config::Config;
+
 /// Counters of one backend within one listener.
 #[derive(Debug, Default)]
 pub struct BackendStats {
@@ -212,6 +214,30 @@ impl Registry {
                 .entry((listener.to_owned(), addr))
                 .or_default(),
         )
+    }
+
+    /// Forgets the state of listeners and backends that `config` no longer has and that nothing
+    /// else refers to. State still referenced (by an open connection, or an older snapshot that
+    /// one holds) is kept, so a backend removed and re-added while its connections are open finds
+    /// its counters again.
+    pub fn retain(&self, config: &Config) {
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        inner.listeners.retain(|name, stats| {
+            Arc::strong_count(stats) > 1 || config.listeners.iter().any(|l| &l.name == name)
+        });
+        inner.backends.retain(|(listener, addr), stats| {
+            Arc::strong_count(stats) > 1
+                || config
+                    .listeners
+                    .iter()
+                    .any(|l| &l.name == listener && l.backends.iter().any(|b| b.addr == *addr))
+        });
+    }
+
+    /// How many listener and backend entries are kept.
+    pub fn len(&self) -> (usize, usize) {
+        let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        (inner.listeners.len(), inner.backends.len())
     }
 }
 

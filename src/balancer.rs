@@ -1,32 +1,64 @@
-//! The running balancer: bound listeners, the published snapshot, and orderly shutdown.
+//! The running balancer: its control task, its listeners, and orderly shutdown.
+//!
+//! [`Balancer::run`] is the control task. It owns the configuration in force, the live-state
+//! registry and the accept loops, and it is the only writer of the snapshot: reload requests
+//! (SIGHUP, the file watcher, tests) reach it as messages over a channel and are handled one at a
+//! time, so two writers can never race and a reader never sees half an update.
 
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::ArcSwap;
-use tokio::task::JoinSet;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::backend::{BackendCounters, ListenerCounters, Registry};
-use crate::config::Config;
+use crate::config::{self, Config, ListenerConfig};
 use crate::listener::{self, BindError, Bound};
+use crate::reload::{ReloadError, ReloadSummary};
 use crate::snapshot::{Snapshot, SnapshotCell};
+
+/// Reload requests waiting for the control task; senders wait when it is full.
+const REQUEST_QUEUE: usize = 16;
 
 /// A balancer whose listeners are bound; [`run`](Balancer::run) starts serving.
 #[derive(Debug)]
 pub struct Balancer {
     bound: Vec<Bound>,
-    shutdown_grace: Duration,
+    config: Config,
+    config_path: Option<PathBuf>,
+    registry: Registry,
+    requests: mpsc::Receiver<Request>,
     handle: Handle,
 }
 
-/// A cheap, cloneable view of a balancer's live state, usable while it runs.
+/// A cheap, cloneable handle on a balancer: live state, and reload requests.
 #[derive(Debug, Clone)]
 pub struct Handle {
+    shared: Arc<Shared>,
+    requests: mpsc::Sender<Request>,
+}
+
+#[derive(Debug)]
+struct Shared {
     snapshots: Arc<SnapshotCell>,
+    reloads: ReloadStats,
+}
+
+type Reply = oneshot::Sender<Result<ReloadSummary, ReloadError>>;
+
+#[derive(Debug)]
+enum Request {
+    /// Re-read the configuration file.
+    ReloadFile(Reply),
+    /// Apply this configuration.
+    Apply(Box<Config>, Reply),
 }
 
 /// How [`Balancer::run`] ended.
@@ -34,6 +66,36 @@ pub struct Handle {
 pub struct Stopped {
     /// Connections still open when the grace period ran out, and therefore closed.
     pub cut_connections: usize,
+}
+
+/// Reload outcomes since start.
+#[derive(Debug, Default)]
+struct ReloadStats {
+    succeeded: AtomicU64,
+    failed: AtomicU64,
+    last_error: Mutex<Option<String>>,
+}
+
+/// A copy of the reload outcomes since start.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReloadCounters {
+    /// Reloads applied.
+    pub succeeded: u64,
+    /// Reloads refused.
+    pub failed: u64,
+    /// The error of the latest reload, if it failed.
+    pub last_error: Option<String>,
+}
+
+/// An accept loop the control task runs.
+#[derive(Debug)]
+struct Running {
+    /// The configured address (port 0 stays 0), to tell whether a reload moved it.
+    bind: SocketAddr,
+    /// The address actually bound.
+    local_addr: SocketAddr,
+    stop_accepting: CancellationToken,
+    task: JoinHandle<Bound>,
 }
 
 impl Balancer {
@@ -45,36 +107,40 @@ impl Balancer {
             .map(listener::bind)
             .collect::<Result<Vec<_>, _>>()?;
         let registry = Registry::default();
-        let snapshot = Snapshot::build(config, &registry);
-        for (listener, bound) in config.listeners.iter().zip(&bound) {
-            let backends: Vec<String> = listener
-                .backends
-                .iter()
-                .map(|b| format!("{}*{}", b.addr, b.weight))
-                .collect();
-            info!(
-                listener = %listener.name,
-                bind = %bound.local_addr,
-                strategy = %listener.strategy,
-                backends = %backends.join(","),
-                "listening"
-            );
+        let addrs = bound
+            .iter()
+            .map(|b| (b.name.clone(), b.local_addr))
+            .collect();
+        let snapshot = Snapshot::build(config, &registry, &addrs);
+        for listener in &config.listeners {
+            log_listening(listener, addrs[&listener.name]);
         }
+        let (sender, requests) = mpsc::channel(REQUEST_QUEUE);
         Ok(Balancer {
             bound,
-            shutdown_grace: config.shutdown_grace,
+            config: config.clone(),
+            config_path: None,
+            registry,
+            requests,
             handle: Handle {
-                snapshots: Arc::new(ArcSwap::from_pointee(snapshot)),
+                shared: Arc::new(Shared {
+                    snapshots: Arc::new(ArcSwap::from_pointee(snapshot)),
+                    reloads: ReloadStats::default(),
+                }),
+                requests: sender,
             },
         })
     }
 
+    /// Sets the file [`Handle::reload`] re-reads.
+    pub fn with_config_path(mut self, path: impl Into<PathBuf>) -> Balancer {
+        self.config_path = Some(path.into());
+        self
+    }
+
     /// The address listener `name` is bound to (useful with port 0).
     pub fn local_addr(&self, name: &str) -> Option<SocketAddr> {
-        self.bound
-            .iter()
-            .find(|b| b.name == name)
-            .map(|b| b.local_addr)
+        self.handle.local_addr(name)
     }
 
     /// A handle on the live state.
@@ -82,61 +148,293 @@ impl Balancer {
         self.handle.clone()
     }
 
-    /// Serves until `shutdown` is cancelled; then stops accepting (the listening sockets are
-    /// closed at once), waits up to the configured grace period for open connections to finish,
-    /// closes the rest and returns.
-    pub async fn run(self, shutdown: CancellationToken) -> Stopped {
-        let connections = TaskTracker::new();
-        let stop = CancellationToken::new();
-        let mut accept_loops = JoinSet::new();
-        for bound in self.bound {
-            accept_loops.spawn(listener::accept_loop(
-                bound,
-                Arc::clone(&self.handle.snapshots),
-                shutdown.clone(),
-                connections.clone(),
-                stop.clone(),
-            ));
+    /// Serves and handles reloads until `shutdown` is cancelled; then stops accepting (the
+    /// listening sockets are closed at once), waits up to `shutdown_grace` for open connections
+    /// to finish, closes the rest and returns.
+    pub async fn run(mut self, shutdown: CancellationToken) -> Stopped {
+        let mut control = Control {
+            running: HashMap::new(),
+            shutdown: shutdown.clone(),
+            connections: TaskTracker::new(),
+            stop: CancellationToken::new(),
+            snapshots: Arc::clone(&self.handle.shared.snapshots),
+        };
+        let binds: HashMap<&str, SocketAddr> = self
+            .config
+            .listeners
+            .iter()
+            .map(|l| (l.name.as_str(), l.bind))
+            .collect();
+        for bound in std::mem::take(&mut self.bound) {
+            let bind = binds[bound.name.as_str()];
+            control.start(bound, bind);
         }
-        shutdown.cancelled().await;
-        // Each loop drops its socket as it returns: once joined, nothing listens any more.
-        while let Some(joined) = accept_loops.join_next().await {
-            if let Err(e) = joined {
-                warn!(error = %e, "accept loop ended abnormally");
+        loop {
+            let request = tokio::select! {
+                () = shutdown.cancelled() => break,
+                request = self.requests.recv() => request,
+            };
+            let Some(request) = request else { break };
+            let (result, reply) = match request {
+                Request::ReloadFile(reply) => (self.reload_file(&mut control).await, reply),
+                Request::Apply(config, reply) => (self.apply(*config, &mut control).await, reply),
+            };
+            self.handle.shared.reloads.record(&result);
+            match &result {
+                Ok(summary) => info!(changes = %summary, "reload applied"),
+                Err(e) => {
+                    error!(error = %e, "reload failed; the running configuration stays in force")
+                }
+            }
+            // The requester may have given up waiting; the reload happened all the same.
+            drop(reply.send(result));
+        }
+        control.stop_accepting().await;
+        control.drain(self.config.shutdown_grace).await
+    }
+
+    async fn reload_file(&mut self, control: &mut Control) -> Result<ReloadSummary, ReloadError> {
+        let path = self.config_path.as_ref().ok_or(ReloadError::NoConfigFile)?;
+        let config = config::load(path)?;
+        self.apply(config, control).await
+    }
+
+    /// Switches to `new`: all or nothing (see the `reload` module).
+    async fn apply(
+        &mut self,
+        new: Config,
+        control: &mut Control,
+    ) -> Result<ReloadSummary, ReloadError> {
+        // 1. Decide what happens to each listener, and bind every new socket. A failure here
+        //    drops the sockets bound so far and changes nothing else.
+        let kept: HashSet<&str> = new
+            .listeners
+            .iter()
+            .filter(|l| {
+                control
+                    .running
+                    .get(&l.name)
+                    .is_some_and(|r| r.bind == l.bind)
+            })
+            .map(|l| l.name.as_str())
+            .collect();
+        let mut fresh = Vec::new();
+        // new listener name -> old listener name whose socket it takes over
+        let mut takeovers: HashMap<String, String> = HashMap::new();
+        for listener in &new.listeners {
+            if kept.contains(listener.name.as_str()) {
+                continue;
+            }
+            // A socket already bound to this address (under another name, or under port 0)
+            // is handed over rather than bound again, which would fail with "address in use".
+            let reusable = control.running.iter().find(|(name, r)| {
+                listener.bind.port() != 0
+                    && (r.bind == listener.bind || r.local_addr == listener.bind)
+                    && !kept.contains(name.as_str())
+            });
+            match reusable {
+                Some((old, _)) => {
+                    takeovers.insert(listener.name.clone(), old.clone());
+                }
+                None => fresh.push(listener::bind(listener)?),
             }
         }
-        connections.close();
-        let open = connections.len();
-        info!(open_connections = open, grace = %humantime::format_duration(self.shutdown_grace), "stopped accepting; waiting for open connections");
-        if tokio::time::timeout(self.shutdown_grace, connections.wait())
+        // Nothing can fail from here on.
+
+        // 2. Stop the accept loops whose sockets move to another name *before* publishing:
+        //    otherwise they would accept connections for a name the new snapshot no longer
+        //    has. Meanwhile connections wait in the socket's queue; none is lost.
+        let mut handed_over: HashMap<String, Bound> = HashMap::new();
+        for old_name in takeovers.values() {
+            if let Some(bound) = control.retire(old_name).await {
+                handed_over.insert(old_name.clone(), bound);
+            }
+        }
+
+        // 3. Publish the new snapshot: from here on, new connections follow the new file.
+        let current = control.snapshots.load();
+        let addrs: HashMap<String, SocketAddr> = new
+            .listeners
+            .iter()
+            .filter_map(|listener| {
+                let name = &listener.name;
+                let addr = match takeovers.get(name) {
+                    Some(old) => handed_over.get(old).map(|b| b.local_addr),
+                    None => fresh
+                        .iter()
+                        .find(|b: &&Bound| &b.name == name)
+                        .map(|b| b.local_addr)
+                        .or_else(|| current.pool(name).and_then(|p| p.local_addr())),
+                };
+                Some((name.clone(), addr?))
+            })
+            .collect();
+        drop(current);
+        control
+            .snapshots
+            .store(Arc::new(Snapshot::build(&new, &self.registry, &addrs)));
+
+        // 4. Stop the accept loops that are neither kept nor handed over (removed or moved
+        //    listeners): their sockets close, their open connections go on.
+        let retiring: Vec<String> = control
+            .running
+            .keys()
+            .filter(|name| !kept.contains(name.as_str()))
+            .cloned()
+            .collect();
+        for name in retiring {
+            drop(control.retire(&name).await);
+        }
+
+        // 5. Start the listeners on handed-over and new sockets.
+        let new_by_name: HashMap<&str, &ListenerConfig> =
+            new.listeners.iter().map(|l| (l.name.as_str(), l)).collect();
+        for (new_name, old_name) in takeovers {
+            let Some(mut bound) = handed_over.remove(&old_name) else {
+                error!(listener = %new_name, from = %old_name, "socket to take over was lost");
+                continue;
+            };
+            bound.name = new_name;
+            fresh.push(bound);
+        }
+        for bound in fresh {
+            let config = new_by_name[bound.name.as_str()];
+            log_listening(config, bound.local_addr);
+            control.start(bound, config.bind);
+        }
+
+        self.registry.retain(&new);
+        let summary = ReloadSummary::between(&self.config, &new);
+        self.config = new;
+        Ok(summary)
+    }
+}
+
+/// The accept loops and connections of a running balancer.
+#[derive(Debug)]
+struct Control {
+    running: HashMap<String, Running>,
+    shutdown: CancellationToken,
+    connections: TaskTracker,
+    stop: CancellationToken,
+    snapshots: Arc<SnapshotCell>,
+}
+
+impl Control {
+    fn start(&mut self, bound: Bound, bind: SocketAddr) {
+        let stop_accepting = self.shutdown.child_token();
+        let name = bound.name.clone();
+        let local_addr = bound.local_addr;
+        let task = tokio::spawn(listener::accept_loop(
+            bound,
+            Arc::clone(&self.snapshots),
+            stop_accepting.clone(),
+            self.connections.clone(),
+            self.stop.clone(),
+        ));
+        let running = Running {
+            bind,
+            local_addr,
+            stop_accepting,
+            task,
+        };
+        self.running.insert(name, running);
+    }
+
+    /// Stops listener `name`'s accept loop and returns its socket.
+    async fn retire(&mut self, name: &str) -> Option<Bound> {
+        let running = self.running.remove(name)?;
+        running.stop_accepting.cancel();
+        match running.task.await {
+            Ok(bound) => Some(bound),
+            Err(e) => {
+                warn!(listener = name, error = %e, "accept loop ended abnormally");
+                None
+            }
+        }
+    }
+
+    /// Stops every accept loop; once this returns, nothing listens any more.
+    async fn stop_accepting(&mut self) {
+        let names: Vec<String> = self.running.keys().cloned().collect();
+        for name in names {
+            drop(self.retire(&name).await);
+        }
+    }
+
+    /// Waits up to `grace` for open connections, then closes the rest.
+    async fn drain(self, grace: std::time::Duration) -> Stopped {
+        self.connections.close();
+        let open = self.connections.len();
+        info!(
+            open_connections = open,
+            grace = %humantime::format_duration(grace),
+            "stopped accepting; waiting for open connections"
+        );
+        if tokio::time::timeout(grace, self.connections.wait())
             .await
             .is_ok()
         {
             info!("all connections finished");
             return Stopped { cut_connections: 0 };
         }
-        let cut = connections.len();
+        let cut = self.connections.len();
         warn!(
             cut_connections = cut,
             "shutdown grace period over; closing remaining connections"
         );
-        stop.cancel();
-        connections.wait().await;
+        self.stop.cancel();
+        self.connections.wait().await;
         Stopped {
             cut_connections: cut,
         }
     }
 }
 
+fn log_listening(listener: &ListenerConfig, local_addr: SocketAddr) {
+    let backends: Vec<String> = listener
+        .backends
+        .iter()
+        .map(|b| format!("{}*{}", b.addr, b.weight))
+        .collect();
+    info!(
+        listener = %listener.name,
+        bind = %local_addr,
+        strategy = %listener.strategy,
+        backends = %backends.join(","),
+        "listening"
+    );
+}
+
+impl ReloadStats {
+    fn record(&self, result: &Result<ReloadSummary, ReloadError>) {
+        let counter = match result {
+            Ok(_) => &self.succeeded,
+            Err(_) => &self.failed,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let mut last = self
+            .last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        *last = result.as_ref().err().map(ToString::to_string);
+    }
+}
+
 impl Handle {
     /// The snapshot in force now.
     pub fn snapshot(&self) -> Arc<Snapshot> {
-        self.snapshots.load_full()
+        self.shared.snapshots.load_full()
+    }
+
+    /// The address listener `name` is bound to now.
+    pub fn local_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.shared.snapshots.load().pool(name)?.local_addr()
     }
 
     /// Counters of backend `addr` in listener `listener`, if it is configured.
     pub fn backend_counters(&self, listener: &str, addr: SocketAddr) -> Option<BackendCounters> {
-        let snapshot = self.snapshots.load();
+        let snapshot = self.shared.snapshots.load();
         let pool = snapshot.pool(listener)?;
         let backend = pool.backends().iter().find(|b| b.addr == addr)?;
         Some(backend.stats.counters())
@@ -144,6 +442,43 @@ impl Handle {
 
     /// Counters of listener `name`, if it is configured.
     pub fn listener_counters(&self, name: &str) -> Option<ListenerCounters> {
-        Some(self.snapshots.load().pool(name)?.stats().counters())
+        Some(self.shared.snapshots.load().pool(name)?.stats().counters())
+    }
+
+    /// Reload outcomes since start.
+    pub fn reload_counters(&self) -> ReloadCounters {
+        let reloads = &self.shared.reloads;
+        ReloadCounters {
+            succeeded: reloads.succeeded.load(Ordering::Relaxed),
+            failed: reloads.failed.load(Ordering::Relaxed),
+            last_error: reloads
+                .last_error
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+        }
+    }
+
+    /// Re-reads the configuration file and applies it, all or nothing (as SIGHUP does).
+    pub async fn reload(&self) -> Result<ReloadSummary, ReloadError> {
+        self.request(Request::ReloadFile).await
+    }
+
+    /// Applies `config`, all or nothing, as if it had been read from the file.
+    pub async fn apply(&self, config: Config) -> Result<ReloadSummary, ReloadError> {
+        self.request(|reply| Request::Apply(Box::new(config), reply))
+            .await
+    }
+
+    async fn request(
+        &self,
+        make: impl FnOnce(Reply) -> Request,
+    ) -> Result<ReloadSummary, ReloadError> {
+        let (reply, answer) = oneshot::channel();
+        self.requests
+            .send(make(reply))
+            .await
+            .map_err(|_| ReloadError::ShuttingDown)?;
+        answer.await.map_err(|_| ReloadError::ShuttingDown)?
     }
 }

@@ -15,9 +15,10 @@ mod balancer;
 pub mod config;
 pub mod listener;
 pub mod proxy;
+pub mod reload;
 pub mod snapshot;
 pub mod strategy;
 
-pub use balancer::{Balancer, Handle, Stopped};
+pub use balancer::{Balancer, Handle, ReloadCounters, Stopped};
 pub use config::{Config, ConfigError};
 pub use listener::BindError;

@@ -77,23 +77,28 @@ pub(crate) fn bind(listener: &ListenerConfig) -> Result<Bound, BindError> {
     })
 }
 
-/// Accepts on `bound` until `shutdown` is cancelled, then closes the socket.
+/// Accepts on `bound` until `stop_accepting` is cancelled, then hands the socket back.
 ///
-/// Each connection is served in a task spawned on `connections`; `stop` is handed to them and
-/// cancelled when shutdown's grace period ends.
+/// Returning the socket instead of closing it lets a reload give it to a renamed listener
+/// without a moment in which the port is closed. Each connection is served in a task spawned on
+/// `connections`; `stop` is handed to them and cancelled when shutdown's grace period ends.
 pub(crate) async fn accept_loop(
     bound: Bound,
     snapshots: Arc<SnapshotCell>,
-    shutdown: CancellationToken,
+    stop_accepting: CancellationToken,
     connections: TaskTracker,
     stop: CancellationToken,
-) {
-    let Bound { name, socket, .. } = bound;
+) -> Bound {
+    let Bound {
+        ref name,
+        ref socket,
+        ..
+    } = bound;
     let mut errors = ErrorPacer::default();
     loop {
         let accepted = tokio::select! {
             biased;
-            () = shutdown.cancelled() => break,
+            () = stop_accepting.cancelled() => break,
             accepted = socket.accept() => accepted,
         };
         let (stream, peer) = match accepted {
@@ -106,15 +111,15 @@ pub(crate) async fn accept_loop(
                 continue;
             }
             Err(e) => {
-                let pause = errors.failed(&name, &e);
+                let pause = errors.failed(name, &e);
                 tokio::select! {
-                    () = shutdown.cancelled() => break,
+                    () = stop_accepting.cancelled() => break,
                     () = tokio::time::sleep(pause) => continue,
                 }
             }
         };
         // The snapshot is loaded once per connection; the connection keeps its listener's pool.
-        let Some(pool) = snapshots.load().pool(&name).cloned() else {
+        let Some(pool) = snapshots.load().pool(name).cloned() else {
             debug!(listener = %name, "listener no longer configured, dropping connection");
             continue;
         };
@@ -126,6 +131,7 @@ pub(crate) async fn accept_loop(
         connections.spawn(proxy::serve(stream, peer, pool, open, stop.clone()));
     }
     debug!(listener = %name, "stopped accepting");
+    bound
 }
 
 /// Errors that concern one incoming connection only; the next accept is unaffected.

@@ -9,11 +9,12 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use weighbridge::config::{self, DEFAULT_CONFIG_PATH};
-use weighbridge::{Balancer, listener};
+use weighbridge::{Balancer, Handle, listener, reload};
 
 /// A Layer-4 TCP load balancer for AI inference servers.
 #[derive(Debug, Parser)]
@@ -25,6 +26,9 @@ struct Cli {
     /// Validate the configuration, print a one-line summary and exit.
     #[arg(long)]
     check: bool,
+    /// Do not watch the configuration file for changes (SIGHUP still reloads it).
+    #[arg(long)]
+    no_watch: bool,
     /// Log filter: error, warn, info, debug, trace, or a tracing directive such as
     /// "weighbridge=debug". Overrides RUST_LOG; the default is info.
     #[arg(long, value_name = "LEVEL")]
@@ -60,13 +64,24 @@ fn run(cli: Cli) -> Result<(), String> {
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
     runtime.block_on(async {
+        // Installed before anything is bound: a supervisor that signals as soon as it sees the
+        // `listening` line must find the handlers in place, not the default (die at once).
+        let signals =
+            Signals::install().map_err(|e| format!("cannot install signal handlers: {e}"))?;
         match listener::raise_open_file_limit() {
             Ok(limit) => info!(limit, "open file limit"),
             Err(e) => warn!(error = %e, "cannot raise the open file limit"),
         }
-        let balancer = Balancer::bind(&config).map_err(|e| e.to_string())?;
+        let balancer = Balancer::bind(&config)
+            .map_err(|e| e.to_string())?
+            .with_config_path(&cli.config);
         let shutdown = CancellationToken::new();
-        tokio::spawn(stop_on_signal(shutdown.clone()));
+        tokio::spawn(signals.serve(balancer.handle(), shutdown.clone()));
+        if !cli.no_watch {
+            reload::watch(&cli.config, balancer.handle(), shutdown.clone())
+                .map_err(|e| format!("cannot watch {}: {e}", cli.config.display()))?;
+            info!(path = %cli.config.display(), "watching the configuration file for changes");
+        }
         let stopped = balancer.run(shutdown).await;
         info!(cut_connections = stopped.cut_connections, "exiting");
         Ok(())
@@ -88,24 +103,43 @@ fn init_logging(level: Option<&str>) -> Result<(), String> {
     Ok(())
 }
 
-/// Cancels `shutdown` on the first SIGINT or SIGTERM.
-async fn stop_on_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let terminate = async {
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => term.recv().await,
-            Err(e) => {
-                error!(error = %e, "cannot listen for SIGTERM; stop with SIGINT");
-                std::future::pending().await
-            }
-        }
-    };
-    tokio::select! {
-        _ = terminate => info!(signal = "SIGTERM", "shutting down"),
-        result = tokio::signal::ctrl_c() => match result {
-            Ok(()) => info!(signal = "SIGINT", "shutting down"),
-            Err(e) => error!(error = %e, "cannot listen for SIGINT; shutting down"),
-        },
+/// The signals weighbridge acts on.
+struct Signals {
+    terminate: Signal,
+    interrupt: Signal,
+    hangup: Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        Ok(Signals {
+            terminate: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+            hangup: signal(SignalKind::hangup())?,
+        })
     }
-    shutdown.cancel();
+
+    /// SIGHUP reloads the configuration file. The first SIGTERM or SIGINT starts a graceful
+    /// shutdown; a second one exits at once (code 1), for an operator who will not wait out
+    /// `shutdown_grace`.
+    async fn serve(mut self, handle: Handle, shutdown: CancellationToken) {
+        loop {
+            let name = tokio::select! {
+                _ = self.terminate.recv() => "SIGTERM",
+                _ = self.interrupt.recv() => "SIGINT",
+                _ = self.hangup.recv() => {
+                    info!(signal = "SIGHUP", "reloading the configuration");
+                    // The balancer logs the outcome of every reload.
+                    drop(handle.reload().await);
+                    continue;
+                }
+            };
+            if shutdown.is_cancelled() {
+                warn!(signal = name, "second signal during shutdown; exiting now");
+                std::process::exit(1);
+            }
+            info!(signal = name, "shutting down");
+            shutdown.cancel();
+        }
+    }
 }

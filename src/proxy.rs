@@ -65,10 +65,13 @@ pub(crate) async fn serve(
             return;
         };
         debug!(%backend, "connected");
+        // The connection needs nothing more from its snapshot; letting go of it here means a
+        // long-lived stream does not keep a replaced snapshot (and its tables) alive.
+        let idle_timeout = pool.settings().idle_timeout;
+        drop(pool);
         let started = Instant::now();
         let stats = active.stats();
-        let (outcome, up, down) =
-            relay(client, upstream, pool.settings().idle_timeout, stats, &stop).await;
+        let (outcome, up, down) = relay(client, upstream, idle_timeout, stats, &stop).await;
         debug!(
             %backend,
             ?outcome,

@@ -28,13 +28,19 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Builds a snapshot; live counters come from (and are created in) `registry`.
-    pub fn build(config: &Config, registry: &Registry) -> Snapshot {
+    /// Builds a snapshot; live counters come from (and are created in) `registry`, and
+    /// `local_addrs` tells where each listener is bound.
+    pub fn build(
+        config: &Config,
+        registry: &Registry,
+        local_addrs: &HashMap<String, SocketAddr>,
+    ) -> Snapshot {
         let pools = config
             .listeners
             .iter()
             .map(|listener| {
-                let pool = Pool::build(listener, registry);
+                let local_addr = local_addrs.get(&listener.name).copied();
+                let pool = Pool::build(listener, registry, local_addr);
                 (listener.name.clone(), Arc::new(pool))
             })
             .collect();
@@ -56,6 +62,7 @@ impl Snapshot {
 #[derive(Debug)]
 pub struct Pool {
     name: Arc<str>,
+    local_addr: Option<SocketAddr>,
     settings: ListenerSettings,
     backends: Box<[Backend]>,
     strategy: Box<dyn Strategy>,
@@ -91,7 +98,11 @@ pub struct Backend {
 }
 
 impl Pool {
-    fn build(listener: &ListenerConfig, registry: &Registry) -> Pool {
+    fn build(
+        listener: &ListenerConfig,
+        registry: &Registry,
+        local_addr: Option<SocketAddr>,
+    ) -> Pool {
         let backends: Box<[Backend]> = listener
             .backends
             .iter()
@@ -106,6 +117,7 @@ impl Pool {
         let live: Vec<Arc<BackendStats>> = backends.iter().map(|b| Arc::clone(&b.stats)).collect();
         Pool {
             name: listener.name.as_str().into(),
+            local_addr,
             settings: ListenerSettings {
                 strategy: listener.strategy,
                 connect_timeout: listener.connect_timeout,
@@ -122,6 +134,11 @@ impl Pool {
     /// The listener's name.
     pub fn name(&self) -> &Arc<str> {
         &self.name
+    }
+
+    /// The address the listener is bound to, if it is.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.local_addr
     }
 
     /// The listener's per-connection settings.
@@ -170,8 +187,8 @@ mod tests {
     fn rebuilt_snapshots_share_live_state() {
         let config = crate::config::parse(TWO_LISTENERS, Path::new("t.toml")).expect("valid");
         let registry = Registry::default();
-        let first = Snapshot::build(&config, &registry);
-        let second = Snapshot::build(&config, &registry);
+        let first = Snapshot::build(&config, &registry, &HashMap::new());
+        let second = Snapshot::build(&config, &registry, &HashMap::new());
         let a1 = &first.pool("a").expect("a").backends()[0];
         let a2 = &second.pool("a").expect("a").backends()[0];
         let b1 = &first.pool("b").expect("b").backends()[0];
@@ -184,7 +201,7 @@ mod tests {
     #[test]
     fn pool_picks_through_its_strategy() {
         let config = crate::config::parse(TWO_LISTENERS, Path::new("t.toml")).expect("valid");
-        let snapshot = Snapshot::build(&config, &Registry::default());
+        let snapshot = Snapshot::build(&config, &Registry::default(), &HashMap::new());
         let pool = snapshot.pool("b").expect("b");
         let (index, backend) = pool.pick(&[]).expect("one backend");
         assert_eq!((index, backend.addr.port()), (0, 9001));

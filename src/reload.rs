@@ -1,0 +1,278 @@
+//! Reloading the configuration file: what changed, what went wrong, and the file watcher.
+//!
+//! A reload is all or nothing. The file is read and validated with the same code as `--check`;
+//! every listener that needs a new socket is bound; only then is the new snapshot swapped in.
+//! Any failure on the way leaves the running configuration fully in force. The work itself is
+//! done by the balancer's control task (see `balancer`), the only writer of the snapshot; this
+//! module holds the vocabulary (summary, error) and the triggers that ask for a reload.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::balancer::Handle;
+use crate::config::{Config, ConfigError, ListenerConfig};
+use crate::listener::BindError;
+
+/// Quiet time after the last file event before a reload starts. Editors and config-management
+/// tools write a file in several steps (truncate, write, rename, chmod); reloading on the first
+/// event would read a half-written file.
+pub const DEBOUNCE: Duration = Duration::from_millis(200);
+
+/// Why a reload was refused; the running configuration stays in force.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReloadError {
+    /// The file is unusable; the message is the one `--check` prints.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A new or moved listener could not bind.
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    /// The balancer was started without a file to reload from.
+    #[error("no configuration file to reload from")]
+    NoConfigFile,
+    /// The balancer has stopped.
+    #[error("the balancer is shutting down")]
+    ShuttingDown,
+}
+
+/// What a successful reload changed, for the one summary log line.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ReloadSummary {
+    /// Listeners that are new.
+    pub listeners_added: Vec<String>,
+    /// Listeners that are gone (their open connections go on).
+    pub listeners_removed: Vec<String>,
+    /// Listeners whose bind address, strategy or timeouts changed.
+    pub listeners_changed: Vec<String>,
+    /// Backends that are new, as `listener/address`.
+    pub backends_added: Vec<String>,
+    /// Backends that are gone, as `listener/address`.
+    pub backends_removed: Vec<String>,
+    /// Backends whose weight changed, as `listener/address old->new`.
+    pub weights_changed: Vec<String>,
+}
+
+impl ReloadSummary {
+    /// Compares two configurations.
+    pub fn between(old: &Config, new: &Config) -> ReloadSummary {
+        let mut summary = ReloadSummary::default();
+        let old_by_name: HashMap<&str, &ListenerConfig> =
+            old.listeners.iter().map(|l| (l.name.as_str(), l)).collect();
+        for listener in &new.listeners {
+            let Some(before) = old_by_name.get(listener.name.as_str()) else {
+                summary.listeners_added.push(listener.name.clone());
+                summary.backends_added.extend(
+                    listener
+                        .backends
+                        .iter()
+                        .map(|b| format!("{}/{}", listener.name, b.addr)),
+                );
+                continue;
+            };
+            if settings_differ(before, listener) {
+                summary.listeners_changed.push(listener.name.clone());
+            }
+            let old_weights: HashMap<SocketAddr, f64> = before
+                .backends
+                .iter()
+                .map(|b| (b.addr, b.weight.get()))
+                .collect();
+            for backend in &listener.backends {
+                let key = format!("{}/{}", listener.name, backend.addr);
+                match old_weights.get(&backend.addr) {
+                    None => summary.backends_added.push(key),
+                    Some(&w) if w != backend.weight.get() => summary
+                        .weights_changed
+                        .push(format!("{key} {w}->{}", backend.weight)),
+                    Some(_) => {}
+                }
+            }
+            for backend in &before.backends {
+                if !listener.backends.iter().any(|b| b.addr == backend.addr) {
+                    summary
+                        .backends_removed
+                        .push(format!("{}/{}", listener.name, backend.addr));
+                }
+            }
+        }
+        for listener in &old.listeners {
+            if !new.listeners.iter().any(|l| l.name == listener.name) {
+                summary.listeners_removed.push(listener.name.clone());
+                summary.backends_removed.extend(
+                    listener
+                        .backends
+                        .iter()
+                        .map(|b| format!("{}/{}", listener.name, b.addr)),
+                );
+            }
+        }
+        summary
+    }
+
+    /// True when the new configuration is the same as the old one.
+    pub fn is_empty(&self) -> bool {
+        *self == ReloadSummary::default()
+    }
+}
+
+/// True when anything but the backends differs.
+fn settings_differ(a: &ListenerConfig, b: &ListenerConfig) -> bool {
+    (a.bind, a.strategy, a.connect_timeout, a.idle_timeout)
+        != (b.bind, b.strategy, b.connect_timeout, b.idle_timeout)
+        || (a.connect_attempts, a.max_connections) != (b.connect_attempts, b.max_connections)
+}
+
+impl fmt::Display for ReloadSummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_empty() {
+            return f.write_str("no changes");
+        }
+        let parts = [
+            ("listeners added", &self.listeners_added),
+            ("listeners removed", &self.listeners_removed),
+            ("listeners changed", &self.listeners_changed),
+            ("backends added", &self.backends_added),
+            ("backends removed", &self.backends_removed),
+            ("weights changed", &self.weights_changed),
+        ];
+        let mut first = true;
+        for (label, items) in parts.into_iter().filter(|(_, items)| !items.is_empty()) {
+            if !first {
+                f.write_str("; ")?;
+            }
+            first = false;
+            write!(f, "{label}: {}", items.join(", "))?;
+        }
+        Ok(())
+    }
+}
+
+/// Watches `path` and asks `handle` for a reload whenever its content changes.
+///
+/// The *directory* is watched, not the file: editors (vim, `sed -i`) and Kubernetes ConfigMaps
+/// (a `..data` symlink swap) replace the file by rename, after which a watch on the old inode
+/// would never fire again. Events are debounced by [`DEBOUNCE`], and a reload is only asked for
+/// when the file's bytes differ from the last ones seen, so unrelated files in the same directory
+/// cause no reloads. Runs until `stop` is cancelled.
+pub fn watch(
+    path: &Path,
+    handle: Handle,
+    stop: CancellationToken,
+) -> notify::Result<tokio::task::JoinHandle<()>> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let (events, mut rx) = mpsc::channel::<()>(16);
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        match event {
+            // A full channel already holds a wake-up; nothing is lost by dropping this one.
+            Ok(_) => drop(events.try_send(())),
+            Err(e) => warn!(error = %e, "config watcher error"),
+        }
+    })?;
+    watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+    let path = path.to_owned();
+    let mut last_seen = std::fs::read(&path).ok();
+    Ok(tokio::spawn(async move {
+        // Owned by the task: dropping it ends the watch.
+        let _watcher = watcher;
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                event = rx.recv() => if event.is_none() { return },
+            }
+            // Debounce: wait until no event has arrived for DEBOUNCE.
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(DEBOUNCE) => break,
+                    event = rx.recv() => if event.is_none() { return },
+                }
+            }
+            let current = std::fs::read(&path).ok();
+            if current == last_seen {
+                debug!(path = %path.display(), "config directory changed, file did not");
+                continue;
+            }
+            last_seen = current;
+            // The control task logs the outcome; nothing more to do with it here.
+            drop(handle.reload().await);
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(text: &str) -> Config {
+        crate::config::parse(text, Path::new("t.toml")).expect("valid test config")
+    }
+
+    #[test]
+    fn summary_lists_every_kind_of_change() {
+        let old = config(
+            r#"
+            [[listener]]
+            name = "a"
+            bind = "127.0.0.1:1"
+            [[listener.backend]]
+            addr = "127.0.0.1:10"
+            [[listener.backend]]
+            addr = "127.0.0.1:11"
+            [[listener]]
+            name = "gone"
+            bind = "127.0.0.1:2"
+            [[listener.backend]]
+            addr = "127.0.0.1:20"
+            "#,
+        );
+        let new = config(
+            r#"
+            [[listener]]
+            name = "a"
+            bind = "127.0.0.1:1"
+            strategy = "weighted_random"
+            [[listener.backend]]
+            addr = "127.0.0.1:10"
+            weight = 3
+            [[listener.backend]]
+            addr = "127.0.0.1:12"
+            [[listener]]
+            name = "new"
+            bind = "127.0.0.1:3"
+            [[listener.backend]]
+            addr = "127.0.0.1:30"
+            "#,
+        );
+        let summary = ReloadSummary::between(&old, &new);
+        assert_eq!(summary.listeners_added, ["new"]);
+        assert_eq!(summary.listeners_removed, ["gone"]);
+        assert_eq!(summary.listeners_changed, ["a"]);
+        assert_eq!(
+            summary.backends_added,
+            ["a/127.0.0.1:12", "new/127.0.0.1:30"]
+        );
+        assert_eq!(
+            summary.backends_removed,
+            ["a/127.0.0.1:11", "gone/127.0.0.1:20"]
+        );
+        assert_eq!(summary.weights_changed, ["a/127.0.0.1:10 1->3"]);
+        assert!(
+            summary
+                .to_string()
+                .starts_with("listeners added: new; listeners removed: gone")
+        );
+        assert_eq!(ReloadSummary::between(&new, &new).to_string(), "no changes");
+    }
+}
