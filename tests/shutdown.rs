@@ -231,3 +231,56 @@ async fn connection_that_never_closes_is_cut_after_the_grace_period_and_exit_is_
     })
     .await;
 }
+
+/// A backend that never completes a handshake: its accept queue is full, so further SYNs are
+/// dropped and connects to it hang until they time out.
+async fn black_hole() -> (tokio::net::TcpListener, SocketAddr, Vec<JoinHandle<()>>) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.1:0".parse().expect("literal address"))
+        .expect("bind black hole");
+    let listener = socket.listen(0).expect("listen with no backlog");
+    let addr = listener.local_addr().expect("black hole address");
+    // Fill the queue; these connects are never accepted.
+    let fillers = (0..4)
+        .map(|_| {
+            tokio::spawn(async move {
+                drop(TcpStream::connect(addr).await);
+            })
+        })
+        .collect();
+    (listener, addr, fillers)
+}
+
+#[tokio::test]
+async fn grace_period_also_bounds_connections_still_connecting() {
+    bounded(LIMIT, async {
+        let (_hole, hole_addr, fillers) = black_hole().await;
+        let config = support::config(
+            "weighted_round_robin",
+            "connect_timeout = \"20s\"\nconnect_attempts = 1",
+            &[(hole_addr, 1.0)],
+        )
+        .replacen("shutdown_grace = \"5s\"", "shutdown_grace = \"300ms\"", 1);
+        let lb = support::start_balancer(&config);
+        let _client = TcpStream::connect(lb.addr)
+            .await
+            .expect("connect to the balancer");
+        eventually(
+            START_WITHIN,
+            "the connection is counted as connecting",
+            || lb.listener().open == 1,
+        )
+        .await;
+        let started = Instant::now();
+        let stopped = lb.stop().await;
+        assert_eq!(stopped.cut_connections, 1);
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "shutdown took {:?}; the connect timeout is 20 s",
+            started.elapsed()
+        );
+        fillers.iter().for_each(JoinHandle::abort);
+    })
+    .await;
+}
