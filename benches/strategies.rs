@@ -1,1 +1,103 @@
-fn main() {}
+//! Cost of picking a backend, and of building a strategy, for every strategy.
+//!
+//! ```text
+//! cargo bench --bench strategies               # full run
+//! cargo bench --bench strategies -- --quick    # a rough number in seconds
+//! cargo bench --bench strategies -- pick/weighted_random
+//! ```
+//!
+//! `pick/<strategy>/<backends>` is one first-attempt pick (`tried` empty), the work done on every
+//! new connection; `build/<strategy>/<backends>` is building the strategy, done whenever a
+//! snapshot is built. Weights are uneven so round robin's cycle and random's cumulative table are
+//! not the trivial ones, and capacity-proportional sees uneven open counts, so its minimum is not
+//! always a tie.
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use weighbridge::backend::{ActiveConn, BackendStats};
+use weighbridge::strategy::StrategyKind;
+
+/// Backend counts `pick` is measured over: a small pool, a large one, and a very large one.
+const BACKEND_COUNTS: [usize; 3] = [4, 64, 1024];
+/// Backend count at which building is measured (the most expensive case we support well).
+const BUILD_BACKENDS: usize = 1024;
+/// Weights cycle through this many distinct values: 1.0, 1.5, ... 4.0.
+const WEIGHT_LEVELS: usize = 7;
+/// Difference between consecutive weight values.
+const WEIGHT_STEP: f64 = 0.5;
+/// Open connections per backend cycle through 0..OPEN_LEVELS (co-prime with WEIGHT_LEVELS, so
+/// load and capacity combine in many ways).
+const OPEN_LEVELS: usize = 11;
+/// Time spent measuring each benchmark (criterion's default is 5 s).
+const MEASUREMENT_TIME: Duration = Duration::from_secs(3);
+/// Time spent warming up before each benchmark (criterion's default is 3 s).
+const WARM_UP_TIME: Duration = Duration::from_secs(1);
+
+/// Backend i's weight: uneven, never zero.
+fn weights(backends: usize) -> Vec<f64> {
+    (0..backends)
+        .map(|i| 1.0 + (i % WEIGHT_LEVELS) as f64 * WEIGHT_STEP)
+        .collect()
+}
+
+/// Fresh live counters, one per backend.
+fn live(backends: usize) -> Vec<Arc<BackendStats>> {
+    (0..backends).map(|_| Arc::default()).collect()
+}
+
+/// Opens `(3i + 1) mod OPEN_LEVELS` connections on backend i; they stay counted while the
+/// returned guards live.
+fn hold_connections(live: &[Arc<BackendStats>]) -> Vec<ActiveConn> {
+    live.iter()
+        .enumerate()
+        .flat_map(|(i, stats)| {
+            (0..(3 * i + 1) % OPEN_LEVELS).map(move |_| BackendStats::acquire(stats))
+        })
+        .collect()
+}
+
+fn pick(c: &mut Criterion) {
+    for kind in StrategyKind::ALL {
+        let mut group = c.benchmark_group(format!("pick/{kind}"));
+        for backends in BACKEND_COUNTS {
+            let weights = weights(backends);
+            let live = live(backends);
+            let _open = hold_connections(&live);
+            let strategy = kind.build(&weights, &live);
+            group.bench_with_input(
+                BenchmarkId::from_parameter(backends),
+                &strategy,
+                |b, strategy| b.iter(|| strategy.pick(black_box(&[]))),
+            );
+        }
+        group.finish();
+    }
+}
+
+fn build(c: &mut Criterion) {
+    let mut group = c.benchmark_group("build");
+    let weights = weights(BUILD_BACKENDS);
+    let live = live(BUILD_BACKENDS);
+    for kind in StrategyKind::ALL {
+        group.bench_function(BenchmarkId::new(kind.as_str(), BUILD_BACKENDS), |b| {
+            b.iter(|| kind.build(black_box(&weights), black_box(&live)))
+        });
+    }
+    group.finish();
+}
+
+fn config() -> Criterion {
+    Criterion::default()
+        .measurement_time(MEASUREMENT_TIME)
+        .warm_up_time(WARM_UP_TIME)
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = pick, build
+}
+criterion_main!(benches);

@@ -54,7 +54,15 @@ pub(crate) async fn serve(
         if let Err(e) = client.set_nodelay(true) {
             debug!(error = %e, "cannot set TCP_NODELAY on client socket");
         }
-        let Some((upstream, backend, active)) = connect(&pool).await else {
+        // Shutdown's grace period bounds connects too, not only relays.
+        let connected = tokio::select! {
+            connected = connect(&pool) => connected,
+            () = stop.cancelled() => {
+                debug!("shut down while connecting");
+                return;
+            }
+        };
+        let Some((upstream, backend, active)) = connected else {
             pool.stats().record_no_backend();
             warn!(
                 listener = %pool.name(),

@@ -1,0 +1,308 @@
+//! Each strategy at work, over real loopback sockets, in one process.
+//!
+//! ```text
+//! cargo run --release --example demo
+//! ```
+//!
+//! Starts four mock inference servers with capacities 1.5, 2, 1 and 2.5 (Σ = 7), and a balancer
+//! with one listener per strategy over them. Short request/reply connections go through
+//! `weighted_round_robin` and `weighted_random`; for `capacity_proportional` long-lived
+//! connections are held open at once. For each strategy it prints every backend's expected share
+//! (w_i / Σw) next to the share it observed, then shuts the balancer down. Set `RUST_LOG` (e.g.
+//! `RUST_LOG=weighbridge=debug`) to see the balancer's own logs; the default is `warn`.
+
+use std::error::Error;
+use std::io;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+use tracing_subscriber::EnvFilter;
+use weighbridge::strategy::StrategyKind;
+use weighbridge::{Balancer, Handle, config, listener};
+
+/// Capacities (weights) of the four mock servers.
+const CAPACITIES: [f64; 4] = [1.5, 2.0, 1.0, 2.5];
+/// Short connections sent through weighted round robin: 200 full cycles of 14 picks.
+const ROUND_ROBIN_CONNECTIONS: usize = 2800;
+/// Short connections sent through weighted random.
+const RANDOM_CONNECTIONS: usize = 4000;
+/// Connections held open at once through capacity-proportional.
+const HELD_CONNECTIONS: usize = 700;
+/// Client connections being opened or served at any one time.
+const IN_FLIGHT: usize = 32;
+/// Longest wait for one client's reply; a stuck demo fails instead of hanging.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn Error>> {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(io::stderr)
+        .init();
+    // 700 held connections take 2,800 descriptors here: client, balancer (two) and mock ends.
+    listener::raise_open_file_limit()?;
+
+    let mut backends = Vec::with_capacity(CAPACITIES.len());
+    for capacity in CAPACITIES {
+        backends.push((start_mock().await?, capacity));
+    }
+    let config = config::parse(&config_text(&backends), Path::new("<demo>"))?;
+    let balancer = Balancer::bind(&config)?;
+    let handle = balancer.handle();
+    let shutdown = CancellationToken::new();
+    let addr_of = |kind: StrategyKind| {
+        balancer
+            .local_addr(kind.as_str())
+            .expect("the config has one listener per strategy")
+    };
+    let [round_robin, random, capacity] = StrategyKind::ALL.map(addr_of);
+    let running = tokio::spawn(balancer.run(shutdown.clone()));
+
+    let started = Instant::now();
+    let replies = clients(round_robin, ROUND_ROBIN_CONNECTIONS, false).await?;
+    let kind = StrategyKind::WeightedRoundRobin;
+    show(
+        &handle,
+        kind,
+        &backends,
+        &replies,
+        Count::Established,
+        started,
+    )?;
+
+    let started = Instant::now();
+    let replies = clients(random, RANDOM_CONNECTIONS, false).await?;
+    let kind = StrategyKind::WeightedRandom;
+    show(
+        &handle,
+        kind,
+        &backends,
+        &replies,
+        Count::Established,
+        started,
+    )?;
+
+    let started = Instant::now();
+    let held = clients(capacity, HELD_CONNECTIONS, true).await?;
+    let kind = StrategyKind::CapacityProportional;
+    show(&handle, kind, &backends, &held, Count::Open, started)?;
+    drop(held);
+    wait_until_closed(&handle, kind, &backends).await?;
+
+    shutdown.cancel();
+    let stopped = running.await?;
+    println!(
+        "balancer stopped; {} connection(s) cut",
+        stopped.cut_connections
+    );
+    Ok(())
+}
+
+/// Starts a mock inference server on a free port: it reads one request line, replies with its
+/// own address, then keeps the connection open until the client closes it.
+async fn start_mock() -> io::Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    tokio::spawn(async move {
+                        if let Err(e) = answer(stream, addr).await {
+                            warn!(mock = %addr, error = %e, "mock connection failed");
+                        }
+                    });
+                }
+                Err(e) => {
+                    warn!(mock = %addr, error = %e, "mock accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+    });
+    Ok(addr)
+}
+
+/// Serves one connection of the mock at `me`.
+async fn answer(mut stream: TcpStream, me: SocketAddr) -> io::Result<()> {
+    let (reader, mut writer) = stream.split();
+    let mut reader = BufReader::new(reader);
+    let mut request = String::new();
+    reader.read_line(&mut request).await?;
+    writer.write_all(format!("{me}\n").as_bytes()).await?;
+    tokio::io::copy(&mut reader, &mut tokio::io::sink()).await?;
+    Ok(())
+}
+
+/// The balancer's configuration: one listener per strategy, all over the same backends.
+fn config_text(backends: &[(SocketAddr, f64)]) -> String {
+    let mut text = String::from("shutdown_grace = \"2s\"\n");
+    for kind in StrategyKind::ALL {
+        text += &format!("\n[[listener]]\nname = \"{kind}\"\nbind = \"127.0.0.1:0\"\n");
+        text += &format!("strategy = \"{kind}\"\n");
+        for (addr, weight) in backends {
+            text += &format!("[[listener.backend]]\naddr = \"{addr}\"\nweight = {weight}\n");
+        }
+    }
+    text
+}
+
+/// Opens `n` client connections to `balancer`, at most [`IN_FLIGHT`] at a time. Each sends a
+/// request and reads which backend answered; with `hold` the connection is returned open,
+/// otherwise it is closed at once.
+async fn clients(
+    balancer: SocketAddr,
+    n: usize,
+    hold: bool,
+) -> io::Result<Vec<(SocketAddr, Option<TcpStream>)>> {
+    let in_flight = Arc::new(Semaphore::new(IN_FLIGHT));
+    let mut tasks = JoinSet::new();
+    for _ in 0..n {
+        let permit = Arc::clone(&in_flight)
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        tasks.spawn(async move {
+            let _permit = permit;
+            let (backend, stream) =
+                tokio::time::timeout(REPLY_TIMEOUT, request(balancer)).await??;
+            io::Result::Ok((backend, hold.then_some(stream)))
+        });
+    }
+    let mut replies = Vec::with_capacity(n);
+    while let Some(joined) = tasks.join_next().await {
+        replies.push(joined??);
+    }
+    Ok(replies)
+}
+
+/// One client: connects, sends a request and returns the backend that answered, with the
+/// connection still open.
+async fn request(balancer: SocketAddr) -> io::Result<(SocketAddr, TcpStream)> {
+    let mut stream = TcpStream::connect(balancer).await?;
+    stream.write_all(b"generate\n").await?;
+    let mut reply = String::new();
+    // The mock sends nothing after its one line, so the buffer holds nothing beyond it.
+    BufReader::new(&mut stream).read_line(&mut reply).await?;
+    let backend = reply.trim().parse().map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("unexpected reply {reply:?}"),
+        )
+    })?;
+    Ok((backend, stream))
+}
+
+/// Which of a backend's counters a table shows.
+#[derive(Clone, Copy)]
+enum Count {
+    /// Connections established since start.
+    Established,
+    /// Connections open now.
+    Open,
+}
+
+/// What `kind` does, in one line.
+fn explain(kind: StrategyKind) -> &'static str {
+    match kind {
+        StrategyKind::WeightedRoundRobin => {
+            "smooth round robin (nginx's): each cycle of 14 picks gives backend i exactly \
+             2 x w_i, interleaved, so shares are exact"
+        }
+        StrategyKind::WeightedRandom => {
+            "independent draws with probability w_i / Σw: shares match the weights up to \
+             sampling noise"
+        }
+        StrategyKind::CapacityProportional => {
+            "a new connection goes where (open + 1) / capacity is least, so *open* \
+             connections stay proportional to capacity, within one"
+        }
+    }
+}
+
+/// Prints `kind`'s table from the balancer's counters, after checking that the clients' replies
+/// tell the same story.
+fn show(
+    handle: &Handle,
+    kind: StrategyKind,
+    backends: &[(SocketAddr, f64)],
+    replies: &[(SocketAddr, Option<TcpStream>)],
+    count: Count,
+    started: Instant,
+) -> Result<(), Box<dyn Error>> {
+    let mut counts = Vec::with_capacity(backends.len());
+    for &(addr, _) in backends {
+        let counters = handle
+            .backend_counters(kind.as_str(), addr)
+            .ok_or_else(|| format!("{kind}: backend {addr} is not in the snapshot"))?;
+        let counted = match count {
+            Count::Established => counters.connections,
+            Count::Open => counters.active,
+        };
+        let seen = replies
+            .iter()
+            .filter(|(backend, _)| *backend == addr)
+            .count() as u64;
+        if seen != counted {
+            return Err(
+                format!("{kind}: {addr}: balancer counted {counted}, clients saw {seen}").into(),
+            );
+        }
+        counts.push(counted);
+    }
+    let total_weight: f64 = backends.iter().map(|&(_, weight)| weight).sum();
+    let total: u64 = counts.iter().sum();
+    let title = match count {
+        Count::Established => "connections",
+        Count::Open => "open",
+    };
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut table = format!("{kind}: {total} connections in {elapsed:.2} s\n");
+    table += &format!("  {}\n", explain(kind));
+    table += &format!(
+        "  {:<21} {:>6} {:>9} {:>9} {title:>12}\n",
+        "backend", "weight", "expected", "observed"
+    );
+    for (&(addr, weight), &count) in backends.iter().zip(&counts) {
+        let expected = 100.0 * weight / total_weight;
+        let observed = 100.0 * count as f64 / total.max(1) as f64;
+        table += &format!(
+            "  {:<21} {weight:>6.1} {expected:>8.1}% {observed:>8.1}% {count:>12}\n",
+            addr.to_string()
+        );
+    }
+    println!("{table}");
+    Ok(())
+}
+
+/// Polls until every backend of `kind`'s listener reports no open connection.
+async fn wait_until_closed(
+    handle: &Handle,
+    kind: StrategyKind,
+    backends: &[(SocketAddr, f64)],
+) -> Result<(), Box<dyn Error>> {
+    let deadline = Instant::now() + REPLY_TIMEOUT;
+    loop {
+        let open: u64 = backends
+            .iter()
+            .filter_map(|&(addr, _)| handle.backend_counters(kind.as_str(), addr))
+            .map(|c| c.active)
+            .sum();
+        if open == 0 {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("{kind}: {open} connection(s) still open after closing").into());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

@@ -1,0 +1,277 @@
+//! The data path end to end: bulk data arrives intact both ways, half-closes travel in either
+//! direction while the other keeps flowing, and the byte counters match what moved.
+
+mod support;
+
+use std::io;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+use support::{
+    Bulk, LISTENER, Mock, Transfer, bounded, config, connect_identify, eventually_eq, exchange,
+    receive_all, send_random, start_balancer,
+};
+
+/// Concurrent connections in the bulk test.
+const STREAMS: u64 = 4;
+/// Bytes each side of each bulk connection sends.
+const BULK: u64 = 64 << 20;
+/// Limit for the bulk test; a debug build moves its 512 MiB in a few seconds.
+const BULK_LIMIT: Duration = Duration::from_secs(45);
+/// Limit for the small tests.
+const LIMIT: Duration = Duration::from_secs(15);
+/// How long counters may take to settle after the last byte.
+const SETTLE: Duration = Duration::from_secs(5);
+
+fn sorted(mut digests: Vec<[u8; 32]>) -> Vec<[u8; 32]> {
+    digests.sort_unstable();
+    digests
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_random_data_arrives_intact_both_ways_on_concurrent_connections() {
+    bounded(BULK_LIMIT, async {
+        let mut backend = Bulk::start(BULK, 1_000).await;
+        let lb = start_balancer(&config("weighted_round_robin", "", &[(backend.addr, 1.0)]));
+        let addr = lb.addr;
+        let clients: Vec<JoinHandle<io::Result<Transfer>>> = (0..STREAMS)
+            .map(|seed| {
+                tokio::spawn(async move {
+                    let stream = TcpStream::connect(addr).await?;
+                    exchange(stream, seed, BULK).await
+                })
+            })
+            .collect();
+        let mut at_clients = Vec::new();
+        for client in clients {
+            let transfer = client
+                .await
+                .expect("client task does not panic")
+                .expect("client transfer through the balancer succeeds");
+            at_clients.push(transfer);
+        }
+        let mut at_backend = Vec::new();
+        for _ in 0..STREAMS {
+            let transfer = backend
+                .transfers
+                .recv()
+                .await
+                .expect("the backend reports every connection");
+            at_backend.push(transfer);
+        }
+
+        for t in at_clients.iter().chain(&at_backend) {
+            assert_eq!(t.received_len, BULK, "a side received a short stream");
+        }
+        let client_sent = sorted(at_clients.iter().map(|t| t.sent).collect());
+        let mut distinct = client_sent.clone();
+        distinct.dedup();
+        assert_eq!(distinct.len() as u64, STREAMS, "streams must differ");
+        assert_eq!(
+            client_sent,
+            sorted(at_backend.iter().map(|t| t.received).collect()),
+            "client -> backend bytes differ"
+        );
+        assert_eq!(
+            sorted(at_backend.iter().map(|t| t.sent).collect()),
+            sorted(at_clients.iter().map(|t| t.received).collect()),
+            "backend -> client bytes differ"
+        );
+
+        eventually_eq(
+            SETTLE,
+            "byte counters",
+            (0, STREAMS * BULK, STREAMS * BULK),
+            || {
+                let c = lb.backend(backend.addr);
+                (c.active, c.bytes_to_backend, c.bytes_from_backend)
+            },
+        )
+        .await;
+        assert_eq!(lb.backend(backend.addr).connections, STREAMS);
+        assert_eq!(lb.stop().await.cut_connections, 0);
+    })
+    .await;
+}
+
+/// Request bytes the client sends before half-closing.
+const REQUEST: u64 = 1 << 20;
+/// Bytes the backend answers with after the request's end.
+const REPLY: u64 = 3 << 19;
+/// Count (8 bytes) and SHA-256 (32 bytes) the reply starts with.
+const HEADER: usize = 40;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_half_close_reaches_backend_and_its_reply_still_arrives() {
+    bounded(LIMIT, async {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind backend");
+        let backend_addr = listener.local_addr().expect("backend address");
+        // Answers only once the request has ended: a lost half-close would hang it.
+        let backend = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await?;
+            let (received, len) = receive_all(&mut stream).await?;
+            let mut header = len.to_be_bytes().to_vec();
+            header.extend_from_slice(&received);
+            stream.write_all(&header).await?;
+            let sent = send_random(&mut stream, 2, REPLY).await?;
+            io::Result::Ok((received, len, sent))
+        });
+        let lb = start_balancer(&config("weighted_round_robin", "", &[(backend_addr, 1.0)]));
+
+        let mut client = TcpStream::connect(lb.addr)
+            .await
+            .expect("connect to the balancer");
+        let sent = send_random(&mut client, 1, REQUEST)
+            .await
+            .expect("send the request and half-close");
+        let mut header = [0_u8; HEADER];
+        client
+            .read_exact(&mut header)
+            .await
+            .expect("the reply starts after the client's half-close");
+        let (reply, reply_len) = receive_all(&mut client)
+            .await
+            .expect("read the reply to its end");
+        let (backend_received, backend_len, backend_sent) = backend
+            .await
+            .expect("backend task does not panic")
+            .expect("backend exchange succeeds");
+
+        assert_eq!((backend_len, backend_received), (REQUEST, sent));
+        assert_eq!(header[..8], REQUEST.to_be_bytes());
+        assert_eq!(header[8..], sent);
+        assert_eq!((reply_len, reply), (REPLY, backend_sent));
+
+        let expected = (0, 1, REQUEST, HEADER as u64 + REPLY);
+        eventually_eq(SETTLE, "counters after close", expected, || {
+            let c = lb.backend(backend_addr);
+            (
+                c.active,
+                c.connections,
+                c.bytes_to_backend,
+                c.bytes_from_backend,
+            )
+        })
+        .await;
+        assert_eq!(lb.stop().await.cut_connections, 0);
+    })
+    .await;
+}
+
+/// Bytes the backend sends before half-closing.
+const GREETING: u64 = 200 * 1024;
+/// Bytes the client sends after it has seen the backend's end of stream.
+const LATE: u64 = 300 * 1024;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_half_close_reaches_client_which_can_still_send() {
+    bounded(LIMIT, async {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind backend");
+        let backend_addr = listener.local_addr().expect("backend address");
+        let backend = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await?;
+            let sent = send_random(&mut stream, 3, GREETING).await?;
+            let (received, len) = receive_all(&mut stream).await?;
+            io::Result::Ok((sent, received, len))
+        });
+        let lb = start_balancer(&config("weighted_round_robin", "", &[(backend_addr, 1.0)]));
+
+        let mut client = TcpStream::connect(lb.addr)
+            .await
+            .expect("connect to the balancer");
+        let (greeting, greeting_len) = receive_all(&mut client)
+            .await
+            .expect("read the backend's data up to its half-close");
+        let late = send_random(&mut client, 4, LATE)
+            .await
+            .expect("the client can still send after end of stream");
+        let (backend_sent, backend_received, backend_len) = backend
+            .await
+            .expect("backend task does not panic")
+            .expect("backend exchange succeeds");
+
+        assert_eq!((greeting_len, greeting), (GREETING, backend_sent));
+        assert_eq!((backend_len, backend_received), (LATE, late));
+        let mut rest = [0_u8; 1];
+        let n = client
+            .read(&mut rest)
+            .await
+            .expect("read after end of stream");
+        assert_eq!(n, 0, "nothing follows the backend's end of stream");
+
+        eventually_eq(
+            SETTLE,
+            "counters after close",
+            (0, 1, LATE, GREETING),
+            || {
+                let c = lb.backend(backend_addr);
+                (
+                    c.active,
+                    c.connections,
+                    c.bytes_to_backend,
+                    c.bytes_from_backend,
+                )
+            },
+        )
+        .await;
+        assert_eq!(lb.stop().await.cut_connections, 0);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_credit_bytes_to_the_backend_that_moved_them() {
+    bounded(LIMIT, async {
+        let mocks = Mock::identify_many(2).await;
+        let addrs = [mocks[0].addr, mocks[1].addr];
+        let lb = start_balancer(&config(
+            "weighted_round_robin",
+            "",
+            &[(addrs[0], 1.0), (addrs[1], 1.0)],
+        ));
+        let sizes = [1_000_usize, 3_000];
+        let mut seen = Vec::new();
+        let mut held = Vec::new();
+        for size in sizes {
+            let (mut stream, id) = connect_identify(lb.addr).await;
+            let message = vec![b'x'; size];
+            stream.write_all(&message).await.expect("send a message");
+            let mut echo = vec![0_u8; size];
+            stream.read_exact(&mut echo).await.expect("read its echo");
+            assert_eq!(echo, message);
+            seen.push(id);
+            held.push(stream);
+        }
+        // Equal weights: one connection each.
+        assert_eq!(seen, [0, 1]);
+        for (backend, size) in addrs.iter().zip(sizes) {
+            let size = size as u64;
+            let c = lb.backend(*backend);
+            // The greeting byte plus the echo came back; the message went out.
+            assert_eq!(
+                (c.connections, c.bytes_to_backend, c.bytes_from_backend),
+                (1, size, size + 1),
+                "backend {backend}"
+            );
+        }
+        let listener = lb
+            .handle
+            .listener_counters(LISTENER)
+            .expect("listener counters");
+        assert_eq!((listener.accepted, listener.open), (2, 2));
+        drop(held);
+        eventually_eq(SETTLE, "open connections after close", 0, || {
+            lb.listener().open
+        })
+        .await;
+        assert_eq!(lb.stop().await.cut_connections, 0);
+    })
+    .await;
+}
