@@ -1099,3 +1099,31 @@ async fn a_renamed_listener_keeps_its_socket_and_drops_no_connection() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pinning_a_port_0_listener_to_the_port_it_holds_keeps_its_socket() {
+    bounded(Duration::from_secs(30), async {
+        let a = backend(1).await;
+        let mut listener = Listener::wrr("main", vec![(a.addr, 1.0)]);
+        let lb = InProcess::start(&parse(&toml(std::slice::from_ref(&listener))), None);
+        let addr = lb.addr("main");
+        let (mut held, id) = open(addr).await.expect("served on the ephemeral port");
+        assert_eq!(id, 1);
+        // Writing down the port the kernel chose must not try to bind it a second time.
+        listener.bind = addr;
+        lb.handle
+            .apply(parse(&toml(&[listener])))
+            .await
+            .expect("the socket is handed over, not bound again");
+        assert_eq!(lb.addr("main"), addr);
+        let (fresh, id) = open(addr).await.expect("still served on the same port");
+        assert_eq!(id, 1);
+        echo(&mut held, b"still here")
+            .await
+            .expect("open connection unaffected");
+        close(fresh).await.expect("close");
+        close(held).await.expect("close");
+        assert_eq!(lb.stop().await.cut_connections, 0);
+    })
+    .await;
+}

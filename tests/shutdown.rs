@@ -284,3 +284,21 @@ async fn grace_period_also_bounds_connections_still_connecting() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn sigterm_right_after_listening_is_a_graceful_exit() {
+    bounded(LIMIT, async {
+        let backend = Mock::echo().await;
+        let config = config_file("30s", backend.addr);
+        // A supervisor may signal the moment it sees `listening`; the handlers must be in place
+        // by then, or the default action kills the process. A race, so try it several times.
+        for attempt in 0..10 {
+            let mut lb = Weighbridge::start(config.path());
+            lb.listening_addr().await;
+            lb.terminate().await;
+            let status = lb.exit_status(START_WITHIN).await;
+            assert_eq!(status.code(), Some(0), "attempt {attempt}: {status}");
+        }
+    })
+    .await;
+}
