@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use weighbridge::backend::{ActiveConn, BackendStats};
+use weighbridge::backend::{ActiveConn, BackendState};
 use weighbridge::strategy::StrategyKind;
 
 /// Backend counts `pick` is measured over: a small pool, a large one, and a very large one.
@@ -44,17 +44,17 @@ fn weights(backends: usize) -> Vec<f64> {
 }
 
 /// Fresh live counters, one per backend.
-fn live(backends: usize) -> Vec<Arc<BackendStats>> {
+fn live(backends: usize) -> Vec<Arc<BackendState>> {
     (0..backends).map(|_| Arc::default()).collect()
 }
 
 /// Opens `(3i + 1) mod OPEN_LEVELS` connections on backend i; they stay counted while the
 /// returned guards live.
-fn hold_connections(live: &[Arc<BackendStats>]) -> Vec<ActiveConn> {
+fn hold_connections(live: &[Arc<BackendState>]) -> Vec<ActiveConn> {
     live.iter()
         .enumerate()
         .flat_map(|(i, stats)| {
-            (0..(3 * i + 1) % OPEN_LEVELS).map(move |_| BackendStats::acquire(stats))
+            (0..(3 * i + 1) % OPEN_LEVELS).map(move |_| BackendState::acquire(stats))
         })
         .collect()
 }

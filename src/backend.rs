@@ -1,4 +1,4 @@
-//! Live state of backends and listeners: counters that outlive snapshots.
+//! Live state of backends and listeners: counters and states that outlive snapshots.
 //!
 //! A snapshot is rebuilt whenever weights change (a reload, a health result), but the number of
 //! connections open to a backend does not change with it. So counters live here, in
@@ -11,14 +11,16 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::config::Config;
 
-/// Counters of one backend within one listener.
+/// Live state of one backend within one listener: its counters, and the states (set by an
+/// operator, later by health checks) that scale its configured weight.
 #[derive(Debug, Default)]
-pub struct BackendStats {
+pub struct BackendState {
+    drained: AtomicBool,
     active: AtomicU64,
     connections: AtomicU64,
     connect_failures: AtomicU64,
@@ -26,7 +28,28 @@ pub struct BackendStats {
     bytes_from_backend: AtomicU64,
 }
 
-/// A point-in-time copy of [`BackendStats`].
+/// What an operator has said about a backend. Live state: it survives reloads for as long as
+/// the backend stays in the file.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AdminState {
+    /// Takes new connections according to its weight.
+    #[default]
+    Ready,
+    /// Takes no new connection; open ones go on.
+    Drained,
+}
+
+impl AdminState {
+    /// `ready` or `drained`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdminState::Ready => "ready",
+            AdminState::Drained => "drained",
+        }
+    }
+}
+
+/// A point-in-time copy of [`BackendState`]'s counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BackendCounters {
     /// Connections assigned to the backend and not yet closed (including ones still connecting).
@@ -41,12 +64,12 @@ pub struct BackendCounters {
     pub bytes_from_backend: u64,
 }
 
-impl BackendStats {
+impl BackendState {
     /// Counts one more connection assigned to this backend until the returned guard drops.
     ///
     /// Taken as soon as the backend is picked, before the connect: load-aware strategies must
     /// see connections in flight, or a burst would all pick the same idle backend.
-    pub fn acquire(this: &Arc<BackendStats>) -> ActiveConn {
+    pub fn acquire(this: &Arc<BackendState>) -> ActiveConn {
         this.active.fetch_add(1, Ordering::Relaxed);
         ActiveConn {
             stats: Arc::clone(this),
@@ -78,6 +101,30 @@ impl BackendStats {
         self.bytes_from_backend.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// The operator's state for this backend.
+    pub fn admin_state(&self) -> AdminState {
+        if self.drained.load(Ordering::Relaxed) {
+            AdminState::Drained
+        } else {
+            AdminState::Ready
+        }
+    }
+
+    /// Sets the operator's state; takes effect when the next snapshot is built.
+    pub fn set_admin_state(&self, state: AdminState) {
+        self.drained
+            .store(state == AdminState::Drained, Ordering::Relaxed);
+    }
+
+    /// What the live state makes of `configured`, the weight from the file: the effective
+    /// weight strategies use. An operator's drain wins over everything.
+    pub fn effective_weight(&self, configured: f64) -> f64 {
+        match self.admin_state() {
+            AdminState::Drained => 0.0,
+            AdminState::Ready => configured,
+        }
+    }
+
     /// A copy of every counter.
     pub fn counters(&self) -> BackendCounters {
         BackendCounters {
@@ -90,17 +137,17 @@ impl BackendStats {
     }
 }
 
-/// One connection counted in [`BackendStats::active`]; the count drops with the guard, so no
+/// One connection counted in [`BackendState::active`]; the count drops with the guard, so no
 /// early return or error path can leak it.
 #[derive(Debug)]
 #[must_use = "the connection is only counted while the guard lives"]
 pub struct ActiveConn {
-    stats: Arc<BackendStats>,
+    stats: Arc<BackendState>,
 }
 
 impl ActiveConn {
     /// The backend's counters.
-    pub fn stats(&self) -> &Arc<BackendStats> {
+    pub fn stats(&self) -> &Arc<BackendState> {
         &self.stats
     }
 }
@@ -195,7 +242,7 @@ pub struct Registry {
 #[derive(Debug, Default)]
 struct RegistryInner {
     listeners: HashMap<String, Arc<ListenerStats>>,
-    backends: HashMap<(String, SocketAddr), Arc<BackendStats>>,
+    backends: HashMap<(String, SocketAddr), Arc<BackendState>>,
 }
 
 impl Registry {
@@ -206,7 +253,7 @@ impl Registry {
     }
 
     /// The stats of backend `addr` in listener `listener`, created on first use.
-    pub fn backend(&self, listener: &str, addr: SocketAddr) -> Arc<BackendStats> {
+    pub fn backend(&self, listener: &str, addr: SocketAddr) -> Arc<BackendState> {
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         Arc::clone(
             inner
@@ -247,14 +294,24 @@ mod tests {
 
     #[test]
     fn active_count_follows_guards() {
-        let stats = Arc::new(BackendStats::default());
-        let a = BackendStats::acquire(&stats);
-        let b = BackendStats::acquire(&stats);
+        let stats = Arc::new(BackendState::default());
+        let a = BackendState::acquire(&stats);
+        let b = BackendState::acquire(&stats);
         assert_eq!(stats.active(), 2);
         drop(a);
         assert_eq!(stats.active(), 1);
         drop(b);
         assert_eq!(stats.active(), 0);
+    }
+
+    #[test]
+    fn drain_zeroes_the_effective_weight_until_ready() {
+        let state = BackendState::default();
+        assert_eq!(state.effective_weight(2.5), 2.5);
+        state.set_admin_state(AdminState::Drained);
+        assert_eq!(state.effective_weight(2.5), 0.0);
+        state.set_admin_state(AdminState::Ready);
+        assert_eq!(state.effective_weight(2.5), 2.5);
     }
 
     #[test]

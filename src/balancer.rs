@@ -8,7 +8,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::ArcSwap;
@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::backend::{BackendCounters, ListenerCounters, Registry};
+use crate::backend::{AdminState, BackendCounters, ListenerCounters, Registry};
 use crate::config::{self, Config, ListenerConfig};
 use crate::listener::{self, BindError, Bound};
 use crate::reload::{ReloadError, ReloadSummary};
@@ -49,6 +49,8 @@ pub struct Handle {
 struct Shared {
     snapshots: Arc<SnapshotCell>,
     reloads: ReloadStats,
+    /// Set by [`Handle::republish`]; the control task rebuilds the snapshot when it finds it set.
+    dirty: AtomicBool,
 }
 
 type Reply = oneshot::Sender<Result<ReloadSummary, ReloadError>>;
@@ -59,6 +61,30 @@ enum Request {
     ReloadFile(Reply),
     /// Apply this configuration.
     Apply(Box<Config>, Reply),
+    /// Set an operator state on a backend.
+    SetAdmin {
+        listener: String,
+        addr: SocketAddr,
+        state: AdminState,
+        reply: oneshot::Sender<Result<(), AdminError>>,
+    },
+    /// Live state changed: rebuild the snapshot from the configuration in force.
+    Republish,
+}
+
+/// Why an operator action was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AdminError {
+    /// No listener of that name.
+    #[error("no listener named `{0}`")]
+    UnknownListener(String),
+    /// The listener has no backend at that address.
+    #[error("listener `{0}` has no backend {1}")]
+    UnknownBackend(String, SocketAddr),
+    /// The balancer has stopped.
+    #[error("the balancer is shutting down")]
+    ShuttingDown,
 }
 
 /// How [`Balancer::run`] ended.
@@ -126,6 +152,7 @@ impl Balancer {
                 shared: Arc::new(Shared {
                     snapshots: Arc::new(ArcSwap::from_pointee(snapshot)),
                     reloads: ReloadStats::default(),
+                    dirty: AtomicBool::new(false),
                 }),
                 requests: sender,
             },
@@ -175,22 +202,86 @@ impl Balancer {
                 request = self.requests.recv() => request,
             };
             let Some(request) = request else { break };
-            let (result, reply) = match request {
-                Request::ReloadFile(reply) => (self.reload_file(&mut control).await, reply),
-                Request::Apply(config, reply) => (self.apply(*config, &mut control).await, reply),
-            };
-            self.handle.shared.reloads.record(&result);
-            match &result {
-                Ok(summary) => info!(changes = %summary, "reload applied"),
-                Err(e) => {
-                    error!(error = %e, "reload failed; the running configuration stays in force")
+            match request {
+                Request::ReloadFile(reply) => {
+                    let result = self.reload_file(&mut control).await;
+                    self.finish_reload(result, reply);
                 }
+                Request::Apply(config, reply) => {
+                    let result = self.apply(*config, &mut control).await;
+                    self.finish_reload(result, reply);
+                }
+                Request::SetAdmin {
+                    listener,
+                    addr,
+                    state,
+                    reply,
+                } => {
+                    let result = self.set_admin(&listener, addr, state, &control);
+                    // The requester may have given up waiting; the change stands all the same.
+                    drop(reply.send(result));
+                }
+                Request::Republish => {}
             }
-            // The requester may have given up waiting; the reload happened all the same.
-            drop(reply.send(result));
+            // Live state changed since the last build (a health result, ...): rebuild once,
+            // however many changes and wake-ups came in meanwhile.
+            if self.handle.shared.dirty.swap(false, Ordering::AcqRel) {
+                self.republish(&control);
+            }
         }
         control.stop_accepting().await;
         control.drain(self.config.shutdown_grace).await
+    }
+
+    /// Records, logs and answers a reload's outcome.
+    fn finish_reload(&self, result: Result<ReloadSummary, ReloadError>, reply: Reply) {
+        self.handle.shared.reloads.record(&result);
+        match &result {
+            Ok(summary) => info!(changes = %summary, "reload applied"),
+            Err(e) => error!(error = %e, "reload failed; the running configuration stays in force"),
+        }
+        // The requester may have given up waiting; the reload happened all the same.
+        drop(reply.send(result));
+    }
+
+    /// Sets an operator state on a configured backend and republishes.
+    fn set_admin(
+        &self,
+        listener: &str,
+        addr: SocketAddr,
+        state: AdminState,
+        control: &Control,
+    ) -> Result<(), AdminError> {
+        let snapshot = control.snapshots.load();
+        let pool = snapshot
+            .pool(listener)
+            .ok_or_else(|| AdminError::UnknownListener(listener.to_owned()))?;
+        let backend = pool
+            .backends()
+            .iter()
+            .find(|b| b.addr == addr)
+            .ok_or_else(|| AdminError::UnknownBackend(listener.to_owned(), addr))?;
+        let before = backend.stats.admin_state();
+        backend.stats.set_admin_state(state);
+        drop(snapshot);
+        if before != state {
+            info!(listener, backend = %addr, from = before.as_str(), to = state.as_str(), "admin state changed");
+            self.republish(control);
+        }
+        Ok(())
+    }
+
+    /// Rebuilds the snapshot from the configuration in force, so that changed live state
+    /// (admin state, ...) reaches the strategies.
+    fn republish(&self, control: &Control) {
+        let addrs: HashMap<String, SocketAddr> = control
+            .snapshots
+            .load()
+            .pools()
+            .filter_map(|p| Some((p.name().to_string(), p.local_addr()?)))
+            .collect();
+        let snapshot = Snapshot::build(&self.config, &self.registry, &addrs);
+        control.snapshots.store(Arc::new(snapshot));
     }
 
     async fn reload_file(&mut self, control: &mut Control) -> Result<ReloadSummary, ReloadError> {
@@ -468,6 +559,37 @@ impl Handle {
     pub async fn apply(&self, config: Config) -> Result<ReloadSummary, ReloadError> {
         self.request(|reply| Request::Apply(Box::new(config), reply))
             .await
+    }
+
+    /// Sets the operator state of backend `addr` of `listener`: [`AdminState::Drained`] takes it
+    /// out of every strategy (open connections go on), [`AdminState::Ready`] brings it back. The
+    /// state survives reloads while the backend stays in the file.
+    pub async fn set_admin_state(
+        &self,
+        listener: &str,
+        addr: SocketAddr,
+        state: AdminState,
+    ) -> Result<(), AdminError> {
+        let (reply, answer) = oneshot::channel();
+        let request = Request::SetAdmin {
+            listener: listener.to_owned(),
+            addr,
+            state,
+            reply,
+        };
+        self.requests
+            .send(request)
+            .await
+            .map_err(|_| AdminError::ShuttingDown)?;
+        answer.await.map_err(|_| AdminError::ShuttingDown)?
+    }
+
+    /// Asks the control task to rebuild the snapshot because live state changed. Never waits,
+    /// and never loses a change: the request is a flag plus a wake-up, and when the queue is full
+    /// the requests already in it wake the control task, which then sees the flag.
+    pub fn republish(&self) {
+        self.shared.dirty.store(true, Ordering::Release);
+        drop(self.requests.try_send(Request::Republish));
     }
 
     async fn request(

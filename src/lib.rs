@@ -19,6 +19,6 @@ pub mod reload;
 pub mod snapshot;
 pub mod strategy;
 
-pub use balancer::{Balancer, Handle, ReloadCounters, Stopped};
+pub use balancer::{AdminError, Balancer, Handle, ReloadCounters, Stopped};
 pub use config::{Config, ConfigError};
 pub use listener::BindError;

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, debug_span, warn};
 
-use crate::backend::{ActiveConn, BackendStats, OpenConn};
+use crate::backend::{ActiveConn, BackendState, OpenConn};
 use crate::snapshot::Pool;
 
 /// Size of each of the two copy buffers of a connection. 16 KiB moves bulk data in few system
@@ -102,7 +102,7 @@ async fn connect(pool: &Pool) -> Option<(TcpStream, SocketAddr, ActiveConn)> {
     let mut tried = Vec::new();
     for attempt in 1..=settings.connect_attempts.get() {
         let (index, backend) = pool.pick(&tried)?;
-        let active = BackendStats::acquire(&backend.stats);
+        let active = BackendState::acquire(&backend.stats);
         let error =
             match tokio::time::timeout(settings.connect_timeout, TcpStream::connect(backend.addr))
                 .await
@@ -136,7 +136,7 @@ async fn relay(
     client: TcpStream,
     upstream: TcpStream,
     idle: Duration,
-    stats: &BackendStats,
+    stats: &BackendState,
     stop: &CancellationToken,
 ) -> (Outcome, u64, u64) {
     let activity = Activity::new();

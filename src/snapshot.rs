@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
-use crate::backend::{BackendStats, ListenerStats, Registry};
+use crate::backend::{BackendState, ListenerStats, Registry};
 use crate::config::{Config, ListenerConfig, Weight};
 use crate::strategy::{Strategy, StrategyKind};
 
@@ -91,10 +91,11 @@ pub struct Backend {
     pub addr: SocketAddr,
     /// The weight the configuration gives it.
     pub weight: Weight,
-    /// The weight strategies use now.
+    /// The weight strategies use: the configured weight as live state (drain, ...) makes it
+    /// when this snapshot was built.
     pub effective_weight: f64,
     /// Its live counters, shared with every other snapshot.
-    pub stats: Arc<BackendStats>,
+    pub stats: Arc<BackendState>,
 }
 
 impl Pool {
@@ -106,15 +107,18 @@ impl Pool {
         let backends: Box<[Backend]> = listener
             .backends
             .iter()
-            .map(|b| Backend {
-                addr: b.addr,
-                weight: b.weight,
-                effective_weight: b.weight.get(),
-                stats: registry.backend(&listener.name, b.addr),
+            .map(|b| {
+                let stats = registry.backend(&listener.name, b.addr);
+                Backend {
+                    addr: b.addr,
+                    weight: b.weight,
+                    effective_weight: stats.effective_weight(b.weight.get()),
+                    stats,
+                }
             })
             .collect();
         let weights: Vec<f64> = backends.iter().map(|b| b.effective_weight).collect();
-        let live: Vec<Arc<BackendStats>> = backends.iter().map(|b| Arc::clone(&b.stats)).collect();
+        let live: Vec<Arc<BackendState>> = backends.iter().map(|b| Arc::clone(&b.stats)).collect();
         Pool {
             name: listener.name.as_str().into(),
             local_addr,

@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use crate::backend::BackendStats;
+use crate::backend::BackendState;
 
 pub use capacity_proportional::CapacityProportional;
 pub use weighted_random::WeightedRandom;
@@ -71,7 +71,7 @@ impl StrategyKind {
     ///
     /// `weights[i]` is backend i's effective weight (finite, ≥ 0); `live[i]` its live counters,
     /// read by load-aware strategies. Both slices have one entry per backend.
-    pub fn build(self, weights: &[f64], live: &[Arc<BackendStats>]) -> Box<dyn Strategy> {
+    pub fn build(self, weights: &[f64], live: &[Arc<BackendState>]) -> Box<dyn Strategy> {
         debug_assert_eq!(weights.len(), live.len());
         match self {
             StrategyKind::WeightedRoundRobin => Box::new(WeightedRoundRobin::new(weights)),

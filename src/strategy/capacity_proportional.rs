@@ -17,7 +17,7 @@ use std::sync::Arc;
 use rand::Rng;
 
 use super::{Strategy, eligible};
-use crate::backend::BackendStats;
+use crate::backend::BackendState;
 
 /// Least (active + 1) / capacity.
 #[derive(Debug)]
@@ -28,12 +28,12 @@ pub struct CapacityProportional {
 #[derive(Debug)]
 struct Member {
     capacity: f64,
-    stats: Arc<BackendStats>,
+    stats: Arc<BackendState>,
 }
 
 impl CapacityProportional {
     /// Builds the strategy; `capacities[i]` and `live[i]` describe backend i.
-    pub fn new(capacities: &[f64], live: &[Arc<BackendStats>]) -> CapacityProportional {
+    pub fn new(capacities: &[f64], live: &[Arc<BackendState>]) -> CapacityProportional {
         let members = capacities
             .iter()
             .zip(live)
@@ -94,7 +94,7 @@ mod tests {
     use rand::SeedableRng;
     use rand::rngs::SmallRng;
 
-    fn pool(capacities: &[f64]) -> (CapacityProportional, Vec<Arc<BackendStats>>) {
+    fn pool(capacities: &[f64]) -> (CapacityProportional, Vec<Arc<BackendState>>) {
         let live: Vec<_> = capacities.iter().map(|_| Arc::default()).collect();
         (CapacityProportional::new(capacities, &live), live)
     }
@@ -102,19 +102,19 @@ mod tests {
     /// Opens `n` connections, each held (its guard kept) so the counts grow.
     fn fill(
         strategy: &CapacityProportional,
-        live: &[Arc<BackendStats>],
+        live: &[Arc<BackendState>],
         n: usize,
         rng: &mut SmallRng,
     ) -> Vec<crate::backend::ActiveConn> {
         (0..n)
             .map(|_| {
                 let i = strategy.pick_with(rng, &[]).expect("a pick");
-                BackendStats::acquire(&live[i])
+                BackendState::acquire(&live[i])
             })
             .collect()
     }
 
-    fn assert_within_one(live: &[Arc<BackendStats>], capacities: &[f64]) {
+    fn assert_within_one(live: &[Arc<BackendState>], capacities: &[f64]) {
         let total_active: u64 = live.iter().map(|s| s.active()).sum();
         let total_capacity: f64 = capacities.iter().sum();
         for (i, (stats, c)) in live.iter().zip(capacities).enumerate() {

@@ -1,0 +1,557 @@
+#!/usr/bin/env bash
+# Comparison benchsuite: weighbridge against HAProxy (mode tcp, without and with splice), nginx
+# (stream module) and no balancer at all (DIRECT, the limit), all on this machine over 127.0.0.1.
+#
+#   bash benches/compare/run.sh              # full run: REPS=5, 5 s per load run (~12 min, 2 cores)
+#   QUICK=1 bash benches/compare/run.sh      # smoke run: 2 reps, 1 s runs (< 2 min)
+#   AA=1 bash benches/compare/run.sh         # A/A: HAProxy against an identical HAProxy (noise floor)
+#
+# Knobs (environment): REPS, DURATION (seconds per iperf3/wrk run), PP_COUNT (ping-pong messages
+# per run), IDLE_CONNS, BACKENDS (2-4), CPS_CONNS, OUT_DIR, KEEP_TMP=1, SKIP_INSTALL=1.
+#
+# It installs what is missing (Debian/apt, as root), builds weighbridge in release mode, starts
+# every backend and balancer itself on free 127.0.0.1 ports, runs every workload for every system
+# in each round (rotating the order each round so drift and position cancel), prints one markdown
+# table of medians plus weighbridge's paired per-round ratios, and stops everything it started.
+# Raw per-round values and the generated configs are kept under OUT_DIR.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+PY=(python3 "$HERE/bench.py")
+
+# ------------------------------------------------------------------------------------ settings
+QUICK=${QUICK:-0}
+AA=${AA:-0}
+if [[ $QUICK == 1 ]]; then
+    REPS=${REPS:-2}
+    DURATION=${DURATION:-1}
+    PP_COUNT=${PP_COUNT:-2000}
+    GAP=${GAP:-0.2}
+else
+    REPS=${REPS:-5}
+    DURATION=${DURATION:-5}
+    PP_COUNT=${PP_COUNT:-20000}
+    GAP=${GAP:-0.5}
+fi
+IDLE_CONNS=${IDLE_CONNS:-5000}
+BACKENDS=${BACKENDS:-2}
+CPS_CONNS=${CPS_CONNS:-64}
+KA_CONNS=64
+NPROC=$(nproc)
+# Open-file limit asked for; what we get (containers may cap the hard limit) sets MAXCONN, the
+# connection limit given to every balancer, in raise_nofile.
+NOFILE=65536
+MAXCONN=20000
+NGINX_STREAM_MODULE=${NGINX_STREAM_MODULE:-/usr/lib/nginx/modules/ngx_stream_module.so}
+OUT_DIR=${OUT_DIR:-$ROOT/target/bench-compare/$(date +%Y%m%d-%H%M%S)}
+
+if [[ $AA == 1 ]]; then
+    # Two identical HAProxy instances: their ratio shows how far apart equal things measure.
+    SYSTEMS=(DIRECT HAPROXY HAPROXY_B)
+    SUBJECT=HAPROXY_B
+    BASELINES=HAPROXY
+else
+    SYSTEMS=(DIRECT HAPROXY HAPROXY_SPLICE NGINX WEIGHBRIDGE)
+    SUBJECT=WEIGHBRIDGE
+    BASELINES=HAPROXY,HAPROXY_SPLICE,NGINX
+fi
+(( BACKENDS >= 2 && BACKENDS <= 4 )) || { echo "BACKENDS must be 2..4" >&2; exit 2; }
+(( REPS >= 1 && REPS <= 50 )) || { echo "REPS must be 1..50" >&2; exit 2; }
+
+# Every background service also runs under `timeout`, so even a killed script cannot leave one
+# running for long: the budget is generous against the expected run time.
+SAFETY=$(( 600 + REPS * ${#SYSTEMS[@]} * (4 * (DURATION + 5) + 60) ))
+
+log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# ------------------------------------------------------------------------ processes and cleanup
+PIDS=()            # one `timeout` wrapper per background service; each leads its process group
+ALL_PORTS=()       # every port this run listens on, checked again at exit
+CREATED_POLICY=0   # whether we wrote /usr/sbin/policy-rc.d and must remove it
+WORK=""
+FAILURES=0
+
+group_alive() {    # does process group $1 still have a live (non-zombie) member?
+    ps -e -o pgid=,stat= | awk -v g="$1" '$1 == g && $2 !~ /^Z/ { f = 1 } END { exit !f }'
+}
+
+cleanup() {
+    local rc=$? pid i any p
+    trap - EXIT INT TERM
+    set +e
+    # `timeout` puts itself and its command in a new process group: signal the whole group so
+    # nginx workers and any other children go too.
+    for pid in "${PIDS[@]}"; do kill -TERM -- "-$pid" 2>/dev/null; done
+    for (( i = 0; i < 100; i++ )); do            # at most 10 s for a graceful stop
+        any=0
+        for pid in "${PIDS[@]}"; do group_alive "$pid" && any=1; done
+        (( any )) || break
+        sleep 0.1
+    done
+    for pid in "${PIDS[@]}"; do
+        if group_alive "$pid"; then
+            log "process group $pid did not stop on SIGTERM; killing it"
+            kill -KILL -- "-$pid" 2>/dev/null
+        fi
+        wait "$pid" 2>/dev/null
+    done
+    if (( CREATED_POLICY )); then rm -f /usr/sbin/policy-rc.d; fi
+    for p in "${ALL_PORTS[@]}"; do
+        if [[ -n $(ss -Hltn "sport = :$p" 2>/dev/null) ]]; then
+            log "warning: port $p is still listening after cleanup"
+            rc=1
+        fi
+    done
+    if [[ -n $WORK && -d $WORK ]]; then
+        if (( rc != 0 )) || [[ ${KEEP_TMP:-0} == 1 ]]; then
+            log "logs and configs kept in $WORK"
+        else
+            rm -rf "$WORK"
+        fi
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# start_bg NAME CMD...: runs CMD in the background under `timeout`; sets LAST_PID.
+start_bg() {
+    local name=$1
+    shift
+    timeout -k 5 "$SAFETY" "$@" >"$WORK/$name.log" 2>&1 &
+    LAST_PID=$!
+    PIDS+=("$LAST_PID")
+}
+
+# wait_listening NAME PID PORT...: up to 10 s for every PORT to be listening while PID lives.
+wait_listening() {
+    local name=$1 pid=$2 i p missing
+    shift 2
+    for (( i = 0; i < 100; i++ )); do
+        group_alive "$pid" || { tail -n 20 "$WORK/$name.log" >&2; die "$name exited at start"; }
+        missing=0
+        for p in "$@"; do
+            [[ -n $(ss -Hltn "sport = :$p") ]] || missing=1
+        done
+        (( missing )) || return 0
+        sleep 0.1
+    done
+    tail -n 20 "$WORK/$name.log" >&2
+    die "$name is not listening on $* after 10 s"
+}
+
+# ------------------------------------------------------------------------------- dependencies
+install_missing() {
+    local pkgs=()
+    command -v haproxy >/dev/null || pkgs+=(haproxy)
+    command -v nginx >/dev/null || pkgs+=(nginx)
+    [[ -f $NGINX_STREAM_MODULE ]] || pkgs+=(libnginx-mod-stream)
+    command -v iperf3 >/dev/null || pkgs+=(iperf3)
+    command -v wrk >/dev/null || pkgs+=(wrk)
+    command -v ss >/dev/null || pkgs+=(iproute2)
+    command -v ps >/dev/null || pkgs+=(procps)
+    command -v python3 >/dev/null || pkgs+=(python3)
+    (( ${#pkgs[@]} )) || return 0
+    if [[ ${SKIP_INSTALL:-0} == 1 || $EUID -ne 0 ]] || ! command -v apt-get >/dev/null; then
+        die "missing: ${pkgs[*]} (Debian: apt-get install ${pkgs[*]})"
+    fi
+    log "installing ${pkgs[*]}"
+    # Debian's nginx/haproxy packages start their system services on install; a system nginx on
+    # :80 would outlive this script. A policy-rc.d that says "no" prevents it (only if none exists).
+    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+        chmod 755 /usr/sbin/policy-rc.d
+        CREATED_POLICY=1
+    fi
+    timeout 600 apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive timeout 900 \
+        apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >&2
+    if (( CREATED_POLICY )); then rm -f /usr/sbin/policy-rc.d; CREATED_POLICY=0; fi
+}
+
+raise_nofile() {
+    # Each idle connection costs the balancer two descriptors and the client and backend one each.
+    local hard need=$(( 2 * IDLE_CONNS + 1000 ))
+    hard=$(ulimit -Hn)
+    if [[ $hard != unlimited ]] && (( hard < NOFILE )); then
+        ulimit -Hn "$NOFILE" 2>/dev/null || true   # root may raise the hard limit
+        hard=$(ulimit -Hn)
+    fi
+    if [[ $hard == unlimited ]] || (( hard >= NOFILE )); then
+        ulimit -Sn "$NOFILE"
+    else
+        ulimit -Sn "$hard"
+    fi
+    NOFILE=$(ulimit -Sn)
+    (( NOFILE >= need )) ||
+        die "open-file limit $NOFILE < $need: run as root or lower IDLE_CONNS"
+    # Every balancer gets the same connection limit: as many proxied connections as the limit
+    # allows, up to 20000, and above IDLE_CONNS, so the limit is never what is measured. HAProxy
+    # refuses to start unless its limit covers two descriptors per connection plus, with splice,
+    # two per pipe (maxpipes defaults to maxconn/4): 2.5 per connection.
+    local fit=$(( (NOFILE - 500) * 2 / 5 ))
+    MAXCONN=$(( fit < 20000 ? fit : 20000 ))
+    (( MAXCONN > IDLE_CONNS + 100 )) ||
+        die "open-file limit $NOFILE is too low for IDLE_CONNS=$IDLE_CONNS; lower IDLE_CONNS"
+}
+
+install_missing
+command -v cargo >/dev/null || die "cargo not found: install a Rust toolchain (https://rustup.rs)"
+log "building weighbridge (release)"
+( cd "$ROOT" && timeout 1800 cargo build --release >&2 )
+WB="$ROOT/target/release/weighbridge"
+[[ -x $WB ]] || die "$WB not built"
+raise_nofile
+
+WORK=$(mktemp -d /tmp/weighbridge-compare.XXXXXX)
+chmod 755 "$WORK"   # nginx workers run as an unprivileged user when started as root
+
+# --------------------------------------------------------------------------------- ports
+# Balancers (not DIRECT) each listen on three ports: bulk (-> iperf3), http (-> nginx HTTP
+# backends), echo (-> echo backends).
+declare -A PORT_BULK PORT_HTTP PORT_ECHO ROOTPID
+n_balancers=$(( ${#SYSTEMS[@]} - 1 ))
+n_ports=$(( 1 + 2 * BACKENDS + 3 * n_balancers ))
+free_ports=$(timeout 10 "${PY[@]}" ports "$n_ports")
+read -r -a FREE <<<"$free_ports"
+(( ${#FREE[@]} == n_ports )) || die "asked for $n_ports free ports, got '${free_ports}'"
+ALL_PORTS=("${FREE[@]}")
+IPERF_PORT=${FREE[0]}
+HTTP_PORTS=("${FREE[@]:1:BACKENDS}")
+ECHO_PORTS=("${FREE[@]:$(( 1 + BACKENDS )):BACKENDS}")
+next=$(( 1 + 2 * BACKENDS ))
+for sys in "${SYSTEMS[@]}"; do
+    if [[ $sys == DIRECT ]]; then
+        # No balancer: the client talks to the (first) backend itself.
+        PORT_BULK[$sys]=$IPERF_PORT
+        PORT_HTTP[$sys]=${HTTP_PORTS[0]}
+        PORT_ECHO[$sys]=${ECHO_PORTS[0]}
+        continue
+    fi
+    PORT_BULK[$sys]=${FREE[next]}
+    PORT_HTTP[$sys]=${FREE[next + 1]}
+    PORT_ECHO[$sys]=${FREE[next + 2]}
+    next=$(( next + 3 ))
+done
+
+# ------------------------------------------------------------------------------------ backends
+# iperf3 needs its control and data connections on the same server, so the bulk listeners
+# balance over this single backend.
+start_bg iperf3 iperf3 -s -B 127.0.0.1 -p "$IPERF_PORT"
+IPERF_PID=$LAST_PID
+
+# HTTP backends: one nginx answering `200 ok` from memory on BACKENDS ports; about the cheapest
+# HTTP server there is, so the balancer rather than the backend limits the request rates.
+mkdir -p "$WORK/http"
+{
+    echo "worker_processes $NPROC;"
+    echo "worker_rlimit_nofile $NOFILE;"
+    echo "pid $WORK/http/nginx.pid;"
+    echo "error_log $WORK/http/error.log error;"
+    echo "daemon off;"
+    echo "events { worker_connections $MAXCONN; }"
+    echo "http {"
+    echo "    access_log off;"
+    # The default (1000) would close each keep-alive connection every 1000 requests.
+    echo "    keepalive_requests 1000000;"
+    for d in client_body proxy fastcgi uwsgi scgi; do
+        echo "    ${d}_temp_path $WORK/http/$d;"
+    done
+    echo "    server {"
+    for p in "${HTTP_PORTS[@]}"; do echo "        listen 127.0.0.1:$p;"; done
+    echo "        location / { return 200 \"ok\\n\"; }"
+    echo "    }"
+    echo "}"
+} >"$WORK/http/nginx.conf"
+timeout 10 nginx -t -q -p "$WORK/http" -c "$WORK/http/nginx.conf" -e "$WORK/http/error.log" >&2
+start_bg http-backend nginx -p "$WORK/http" -c "$WORK/http/nginx.conf" -e "$WORK/http/error.log"
+HTTP_PID=$LAST_PID
+
+# Echo backends (ping-pong and idle connections): one epoll process, BACKENDS ports.
+start_bg echo-backend "${PY[@]}" echo "$(IFS=,; echo "${ECHO_PORTS[*]}")"
+ECHO_PID=$LAST_PID
+
+wait_listening iperf3 "$IPERF_PID" "$IPERF_PORT"
+wait_listening http-backend "$HTTP_PID" "${HTTP_PORTS[@]}"
+wait_listening echo-backend "$ECHO_PID" "${ECHO_PORTS[@]}"
+
+# ----------------------------------------------------------------------------------- balancers
+# Every balancer: round robin over the same backends, NPROC threads/workers, no logging beyond
+# errors, connect timeout 2 s, idle timeout 10 min, connection limit MAXCONN.
+
+write_haproxy() {   # write_haproxy SYSTEM SPLICE(0|1) FILE
+    local sys=$1 splice=$2 f=$3 i
+    {
+        echo "global"
+        echo "    nbthread $NPROC"
+        echo "    maxconn $MAXCONN"
+        echo "    # no 'log' line: HAProxy logs nothing"
+        echo "defaults"
+        echo "    mode tcp"
+        echo "    balance roundrobin"
+        # A frontend's own maxconn is otherwise lower than the global one.
+        echo "    maxconn $MAXCONN"
+        echo "    timeout connect 2s"
+        echo "    timeout client 10m"
+        echo "    timeout server 10m"
+        if (( splice )); then
+            echo "    option splice-request"
+            echo "    option splice-response"
+        fi
+        echo "listen bulk"
+        echo "    bind 127.0.0.1:${PORT_BULK[$sys]}"
+        echo "    server b0 127.0.0.1:$IPERF_PORT"
+        echo "listen http"
+        echo "    bind 127.0.0.1:${PORT_HTTP[$sys]}"
+        for i in "${!HTTP_PORTS[@]}"; do echo "    server h$i 127.0.0.1:${HTTP_PORTS[i]}"; done
+        echo "listen echo"
+        echo "    bind 127.0.0.1:${PORT_ECHO[$sys]}"
+        for i in "${!ECHO_PORTS[@]}"; do echo "    server e$i 127.0.0.1:${ECHO_PORTS[i]}"; done
+    } >"$f"
+}
+
+write_nginx() {     # write_nginx SYSTEM DIR
+    local sys=$1 d=$2 p
+    {
+        [[ -f $NGINX_STREAM_MODULE ]] && echo "load_module $NGINX_STREAM_MODULE;"
+        echo "worker_processes $NPROC;"
+        echo "worker_rlimit_nofile $NOFILE;"
+        echo "pid $d/nginx.pid;"
+        echo "error_log $d/error.log error;"
+        echo "daemon off;"
+        # A proxied connection counts twice against worker_connections (client + upstream).
+        echo "events { worker_connections $(( 2 * MAXCONN < NOFILE ? 2 * MAXCONN : NOFILE )); }"
+        echo "stream {"
+        echo "    proxy_connect_timeout 2s;"
+        echo "    proxy_timeout 10m;"
+        echo "    upstream bulk { server 127.0.0.1:$IPERF_PORT; }"
+        echo "    upstream http {"
+        for p in "${HTTP_PORTS[@]}"; do echo "        server 127.0.0.1:$p;"; done
+        echo "    }"
+        echo "    upstream echo {"
+        for p in "${ECHO_PORTS[@]}"; do echo "        server 127.0.0.1:$p;"; done
+        echo "    }"
+        echo "    server { listen 127.0.0.1:${PORT_BULK[$sys]}; proxy_pass bulk; }"
+        echo "    server { listen 127.0.0.1:${PORT_HTTP[$sys]}; proxy_pass http; }"
+        echo "    server { listen 127.0.0.1:${PORT_ECHO[$sys]}; proxy_pass echo; }"
+        echo "}"
+    } >"$d/nginx.conf"
+}
+
+write_weighbridge() {   # write_weighbridge SYSTEM FILE
+    local sys=$1 f=$2 name port
+    {
+        echo 'shutdown_grace = "1s"'
+        for name in bulk http echo; do
+            case $name in
+                bulk) port=${PORT_BULK[$sys]} ;;
+                http) port=${PORT_HTTP[$sys]} ;;
+                echo) port=${PORT_ECHO[$sys]} ;;
+            esac
+            echo
+            echo "[[listener]]"
+            echo "name = \"$name\""
+            echo "bind = \"127.0.0.1:$port\""
+            echo 'strategy = "weighted_round_robin"'
+            echo 'connect_timeout = "2s"'
+            echo 'idle_timeout = "10m"'
+            echo "max_connections = $MAXCONN"
+            case $name in
+                bulk) printf '[[listener.backend]]\naddr = "127.0.0.1:%s"\n' "$IPERF_PORT" ;;
+                http) for port in "${HTTP_PORTS[@]}"; do
+                          printf '[[listener.backend]]\naddr = "127.0.0.1:%s"\n' "$port"; done ;;
+                echo) for port in "${ECHO_PORTS[@]}"; do
+                          printf '[[listener.backend]]\naddr = "127.0.0.1:%s"\n' "$port"; done ;;
+            esac
+        done
+    } >"$f"
+}
+
+# weighbridge has no thread flag: tokio's runtime runs one worker per core (NPROC) by default.
+# --log-level error matches the others' "errors only"; --no-watch because HAProxy and nginx do
+# not watch their files either. Each is passed only if this build has the flag.
+WB_HELP=$(timeout 10 "$WB" --help)
+WB_FLAGS=()
+if grep -q -- '--log-level' <<<"$WB_HELP"; then WB_FLAGS+=(--log-level error); fi
+if grep -q -- '--no-watch' <<<"$WB_HELP"; then WB_FLAGS+=(--no-watch); fi
+
+for sys in "${SYSTEMS[@]}"; do
+    case $sys in
+        DIRECT) continue ;;
+        HAPROXY | HAPROXY_B | HAPROXY_SPLICE)
+            cfg="$WORK/$sys.cfg"
+            write_haproxy "$sys" "$([[ $sys == HAPROXY_SPLICE ]] && echo 1 || echo 0)" "$cfg"
+            timeout 10 haproxy -c -q -f "$cfg" >&2
+            start_bg "$sys" haproxy -db -f "$cfg"
+            ;;
+        NGINX)
+            mkdir -p "$WORK/$sys"
+            write_nginx "$sys" "$WORK/$sys"
+            timeout 10 nginx -t -q -p "$WORK/$sys" -c "$WORK/$sys/nginx.conf" \
+                -e "$WORK/$sys/error.log" >&2
+            start_bg "$sys" nginx -p "$WORK/$sys" -c "$WORK/$sys/nginx.conf" \
+                -e "$WORK/$sys/error.log"
+            ;;
+        WEIGHBRIDGE)
+            write_weighbridge "$sys" "$WORK/$sys.toml"
+            timeout 10 "$WB" --config "$WORK/$sys.toml" --check >&2
+            start_bg "$sys" "$WB" --config "$WORK/$sys.toml" "${WB_FLAGS[@]}"
+            ;;
+        *) die "unknown system $sys" ;;
+    esac
+    ROOTPID[$sys]=$LAST_PID
+    wait_listening "$sys" "$LAST_PID" "${PORT_BULK[$sys]}" "${PORT_HTTP[$sys]}" "${PORT_ECHO[$sys]}"
+done
+log "all up: systems ${SYSTEMS[*]}; backends iperf3 :$IPERF_PORT, http :${HTTP_PORTS[*]}, echo :${ECHO_PORTS[*]}"
+
+# ----------------------------------------------------------------------------------- workloads
+RESULTS="$WORK/results.tsv"
+: >"$RESULTS"
+record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$RESULTS"; }
+failed() {   # failed REP SYS WHAT LOGFILE: a failed measurement is reported, not fatal
+    FAILURES=$(( FAILURES + 1 ))
+    log "FAILED: rep $1 $2 $3 (see $4)"
+    [[ -f $4 ]] && tail -n 5 "$4" >&2
+    return 0
+}
+calc() { awk "BEGIN { printf \"%.6f\", $1 }"; }
+cpu_of() { timeout 10 "${PY[@]}" cpu --root "${ROOTPID[$1]}"; }
+
+declare -A CPU_S BYTES   # per system, summed over the two bulk runs of the current round
+
+bulk() {     # bulk REP SYS STREAMS: iperf3 client -> balancer -> iperf3 server
+    local rep=$1 sys=$2 streams=$3 out cpu0=0 cpu1=0 parsed bps bytes
+    out="$WORK/iperf-$sys-r$rep-P$streams.json"
+    [[ $sys == DIRECT ]] || cpu0=$(cpu_of "$sys")
+    if ! timeout -k 5 $(( DURATION + 30 )) iperf3 -c 127.0.0.1 -p "${PORT_BULK[$sys]}" \
+        -t "$DURATION" -P "$streams" -J --connect-timeout 3000 >"$out" 2>&1; then
+        failed "$rep" "$sys" "bulk P$streams" "$out"
+        return 0
+    fi
+    [[ $sys == DIRECT ]] || cpu1=$(cpu_of "$sys")
+    parsed=$(timeout 10 "${PY[@]}" parse-iperf "$out") ||
+        { failed "$rep" "$sys" "bulk P$streams" "$out"; return 0; }
+    read -r bps bytes <<<"$parsed"
+    record "$rep" "$sys" "bulk${streams}_gbps" "$(calc "$bps / 1e9")"
+    CPU_S[$sys]=$(calc "${CPU_S[$sys]:-0} + $cpu1 - $cpu0")
+    BYTES[$sys]=$(( ${BYTES[$sys]:-0} + bytes ))
+    log "rep $rep bulk P$streams $sys: $(calc "$bps / 1e9") Gbit/s"
+}
+
+http_load() {   # http_load REP SYS cps|ka: wrk through the balancer to the nginx HTTP backends
+    local rep=$1 sys=$2 kind=$3 out parsed rps p50 p99 errors args
+    out="$WORK/wrk-$sys-r$rep-$kind.txt"
+    if [[ $kind == cps ]]; then
+        # Every request on a new connection: the balancer accepts, connects and tears down each.
+        args=(-c "$CPS_CONNS" -H 'Connection: close')
+    else
+        args=(-c "$KA_CONNS" --latency)
+    fi
+    if ! timeout -k 5 $(( DURATION + 30 )) wrk -t "$NPROC" "${args[@]}" -d "${DURATION}s" \
+        --timeout 5s "http://127.0.0.1:${PORT_HTTP[$sys]}/" >"$out" 2>&1; then
+        failed "$rep" "$sys" "wrk $kind" "$out"
+        return 0
+    fi
+    parsed=$(timeout 10 "${PY[@]}" parse-wrk "$out") ||
+        { failed "$rep" "$sys" "wrk $kind" "$out"; return 0; }
+    read -r rps p50 p99 errors <<<"$parsed"
+    if [[ $kind == cps ]]; then
+        record "$rep" "$sys" cps "$rps"
+    else
+        record "$rep" "$sys" ka_rps "$rps"
+        record "$rep" "$sys" ka_p50_us "$p50"
+        record "$rep" "$sys" ka_p99_us "$p99"
+    fi
+    record "$rep" "$sys" "${kind}_errors" "$errors"
+    log "rep $rep $kind $sys: $rps req/s (p50 ${p50} µs, p99 ${p99} µs, errors $errors)"
+}
+
+pingpong() {    # pingpong REP SYS: 64-byte messages, one in flight, through to the echo backends
+    local rep=$1 sys=$2 out parsed p50 p99
+    out="$WORK/pingpong-$sys-r$rep.txt"
+    if ! timeout -k 5 120 "${PY[@]}" pingpong --port "${PORT_ECHO[$sys]}" --count "$PP_COUNT" \
+        --size 64 --conns $(( 2 * BACKENDS )) >"$out" 2>&1; then
+        failed "$rep" "$sys" pingpong "$out"
+        return 0
+    fi
+    parsed=$(tail -n 1 "$out")
+    read -r p50 p99 <<<"$parsed"
+    record "$rep" "$sys" pp_p50_us "$p50"
+    record "$rep" "$sys" pp_p99_us "$p99"
+    log "rep $rep ping-pong $sys: p50 $p50 µs, p99 $p99 µs"
+}
+
+idle_memory() {   # idle_memory REP SYS: RSS delta of the balancer per idle proxied connection
+    local rep=$1 sys=$2 out kib
+    [[ $sys == DIRECT ]] && return 0
+    out="$WORK/idle-$sys-r$rep.txt"
+    if ! timeout -k 5 180 "${PY[@]}" idle --port "${PORT_ECHO[$sys]}" --root "${ROOTPID[$sys]}" \
+        --conns "$IDLE_CONNS" --timeout 120 >"$out" 2>&1; then
+        failed "$rep" "$sys" idle "$out"
+        return 0
+    fi
+    kib=$(tail -n 1 "$out")
+    record "$rep" "$sys" idle_kib "$kib"
+    log "rep $rep idle $sys: $kib KiB per connection"
+    sleep 1   # let the balancer tear down IDLE_CONNS connections before the next measurement
+}
+
+# --------------------------------------------------------------------------------------- run
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+START=$(date +%s)
+for (( rep = 1; rep <= REPS; rep++ )); do
+    # Rotate the order each round: every system runs in every position, right after a different
+    # neighbour, so warm-up, drift and whoever ran just before cancel out over the rounds.
+    k=$(( (rep - 1) % ${#SYSTEMS[@]} ))
+    ORDER=("${SYSTEMS[@]:k}" "${SYSTEMS[@]:0:k}")
+    log "round $rep/$REPS: order ${ORDER[*]}"
+    CPU_S=()
+    BYTES=()
+    for workload in bulk1 bulk8 cps ka pingpong idle; do
+        for sys in "${ORDER[@]}"; do
+            case $workload in
+                bulk1) bulk "$rep" "$sys" 1 ;;
+                bulk8) bulk "$rep" "$sys" 8 ;;
+                cps) http_load "$rep" "$sys" cps ;;
+                ka) http_load "$rep" "$sys" ka ;;
+                pingpong) pingpong "$rep" "$sys" ;;
+                idle) idle_memory "$rep" "$sys" ;;
+            esac
+            sleep "$GAP"
+        done
+    done
+    # CPU seconds the balancer spent (all its processes and threads, user + system) per GB
+    # (1e9 bytes) the two bulk runs moved through it.
+    for sys in "${SYSTEMS[@]}"; do
+        [[ $sys == DIRECT || ${BYTES[$sys]:-0} == 0 ]] && continue
+        record "$rep" "$sys" cpu_s_per_gb "$(calc "${CPU_S[$sys]} / (${BYTES[$sys]} / 1e9)")"
+    done
+done
+ELAPSED=$(( $(date +%s) - START ))
+LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
+
+# -------------------------------------------------------------------------------------- report
+mkdir -p "$OUT_DIR"
+cp "$RESULTS" "$OUT_DIR/results.tsv"
+cp -r "$WORK"/*.cfg "$WORK"/*.toml "$WORK"/http "$WORK"/NGINX "$OUT_DIR/" 2>/dev/null || true
+rm -rf "$OUT_DIR"/http/{client_body,proxy,fastcgi,uwsgi,scgi} 2>/dev/null || true
+
+REPORT="$OUT_DIR/report.md"
+{
+    echo "### weighbridge vs HAProxy vs nginx: L4 proxy on 127.0.0.1"
+    echo
+    echo "- machine: $NPROC cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), kernel $(uname -r)"
+    echo "- $(haproxy -v | head -n 1 | awk '{print "HAProxy " $3}'), $(nginx -v 2>&1 | sed 's|.*nginx/|nginx |'), $(iperf3 --version | head -n 1 | awk '{print "iperf3 " $2}'), $(wrk -v 2>&1 | head -n 1 | awk '{print "wrk " $2}'), weighbridge $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet HEAD -- src Cargo.toml 2>/dev/null || echo '+dirty')"
+    echo "- REPS=$REPS (median of rounds; ratios are medians of per-round paired ratios), ${DURATION}s per iperf3/wrk run, ping-pong $PP_COUNT msgs, $IDLE_CONNS idle connections, $BACKENDS backends, $NPROC threads/workers per balancer; took ${ELAPSED}s"
+    echo "- load average (1/5/15 min) before: $LOAD_START, after: $LOAD_END (other work on the machine adds noise)"
+    echo
+    timeout 30 "${PY[@]}" report "$RESULTS" --systems "$(IFS=,; echo "${SYSTEMS[*]}")" \
+        --subject "$SUBJECT" --baselines "$BASELINES" $([[ $AA == 1 ]] || echo --targets)
+    (( FAILURES == 0 )) || { echo; echo "**$FAILURES measurement(s) failed; see the log above.**"; }
+} >"$REPORT"
+cat "$REPORT"
+log "report: $REPORT (raw values: $OUT_DIR/results.tsv)"
+(( FAILURES == 0 )) || exit 1
