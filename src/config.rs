@@ -37,6 +37,10 @@ pub const DEFAULT_CONNECT_ATTEMPTS: NonZeroU32 = NonZeroU32::new(3).expect("3 is
 /// Open client connections per listener beyond which new ones are closed at once.
 pub const DEFAULT_MAX_CONNECTIONS: NonZeroUsize = NonZeroUsize::new(10_000).expect("not zero");
 
+/// Whether listeners splice by default. On Linux zero-copy `splice(2)` moves bulk data with a
+/// fraction of the CPU a read/write copy needs; elsewhere the key is accepted and ignored.
+pub const DEFAULT_SPLICE: bool = true;
+
 /// The validated configuration: every value here is usable as it is.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -63,6 +67,8 @@ pub struct ListenerConfig {
     pub connect_attempts: NonZeroU32,
     /// Open client connections beyond this are refused.
     pub max_connections: NonZeroUsize,
+    /// Move bytes with `splice(2)` (zero copy, Linux) rather than through user-space buffers.
+    pub splice: bool,
     /// At least one backend, addresses unique, not every weight zero.
     pub backends: Vec<BackendConfig>,
 }
@@ -375,6 +381,7 @@ impl ListenerConfig {
             idle_timeout: duration(&raw.idle_timeout, "idle_timeout", DEFAULT_IDLE_TIMEOUT)?,
             connect_attempts,
             max_connections,
+            splice: raw.splice.unwrap_or(DEFAULT_SPLICE),
             backends,
         })
     }

@@ -3,32 +3,28 @@
 //! Everything that can go wrong here stays with this connection: errors are logged and end
 //! this task, never the accept loop or another connection.
 
-use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll, ready};
-use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, debug_span, warn};
 
+mod relay;
+#[cfg(target_os = "linux")]
+mod splice;
+
 use crate::backend::{ActiveConn, BackendState, OpenConn};
 use crate::snapshot::Pool;
-
-/// Size of each of the two copy buffers of a connection. 16 KiB moves bulk data in few system
-/// calls while keeping a connection's memory small (tokio's default is 8 KiB).
-const COPY_BUFFER: usize = 16 * 1024;
 
 /// How a relayed connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
-    /// Both directions reached end of stream.
-    Closed,
+    /// Both directions reached end of stream; the client's came first.
+    ClientClosed,
+    /// Both directions reached end of stream; the backend's came first.
+    BackendClosed,
     /// Nothing moved for `idle_timeout`.
     IdleTimeout,
     /// A read or write failed (reset, broken pipe, ...).
@@ -76,15 +72,29 @@ pub(crate) async fn serve(
         // The connection needs nothing more from its snapshot; letting go of it here means a
         // long-lived stream does not keep a replaced snapshot (and its tables) alive.
         let idle_timeout = pool.settings().idle_timeout;
+        let mode = if pool.settings().splice {
+            relay::Mode::Splice
+        } else {
+            relay::Mode::Copy
+        };
         drop(pool);
         let started = Instant::now();
         let stats = active.stats();
-        let (outcome, up, down) = relay(client, upstream, idle_timeout, stats, &stop).await;
+        let (outcome, moved) = relay::relay(
+            &client,
+            &upstream,
+            mode,
+            idle_timeout,
+            &stop,
+            |n| stats.add_bytes_to_backend(n),
+            |n| stats.add_bytes_from_backend(n),
+        )
+        .await;
         debug!(
             %backend,
             ?outcome,
-            bytes_up = up,
-            bytes_down = down,
+            bytes_up = moved.to_backend,
+            bytes_down = moved.to_client,
             duration_ms = started.elapsed().as_millis() as u64,
             "closed"
         );
@@ -125,148 +135,4 @@ async fn connect(pool: &Pool) -> Option<(TcpStream, SocketAddr, ActiveConn)> {
         tried.push(index);
     }
     None
-}
-
-/// Copies both ways until both directions are done, nothing moves for `idle`, or `stop` fires.
-///
-/// Half-close is tokio's: end of stream on one side becomes a write shutdown on the other, and
-/// the opposite direction keeps flowing. Returns the outcome and the bytes moved client→backend
-/// and backend→client (also added to `stats` as they move, so long streams show up live).
-async fn relay(
-    client: TcpStream,
-    upstream: TcpStream,
-    idle: Duration,
-    stats: &BackendState,
-    stop: &CancellationToken,
-) -> (Outcome, u64, u64) {
-    let activity = Activity::new();
-    let mut client = Metered::new(client, &activity, |n| stats.add_bytes_to_backend(n));
-    let mut upstream = Metered::new(upstream, &activity, |n| stats.add_bytes_from_backend(n));
-    let outcome = tokio::select! {
-        result = tokio::io::copy_bidirectional_with_sizes(
-            &mut client, &mut upstream, COPY_BUFFER, COPY_BUFFER,
-        ) => match result {
-            Ok(_) => Outcome::Closed,
-            Err(e) => {
-                debug!(error = %e, "relay ended with an error");
-                Outcome::Error
-            }
-        },
-        () = activity.idle_for(idle) => Outcome::IdleTimeout,
-        () = stop.cancelled() => Outcome::ShutDown,
-    };
-    (outcome, client.read, upstream.read)
-}
-
-/// The time of the last byte moved in either direction of one connection.
-#[derive(Debug)]
-struct Activity {
-    start: Instant,
-    /// Milliseconds after `start`. Atomic only so the two directions can share it by reference;
-    /// both run in the same task, so it is never contended.
-    last_ms: AtomicU64,
-}
-
-impl Activity {
-    fn new() -> Activity {
-        Activity {
-            start: Instant::now(),
-            last_ms: AtomicU64::new(0),
-        }
-    }
-
-    fn touch(&self) {
-        let ms = self.start.elapsed().as_millis() as u64;
-        self.last_ms.store(ms, Ordering::Relaxed);
-    }
-
-    /// Completes once nothing has moved for `idle`.
-    async fn idle_for(&self, idle: Duration) {
-        loop {
-            let last = self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-            let deadline = last + idle;
-            if Instant::now() >= deadline {
-                return;
-            }
-            tokio::time::sleep_until(deadline).await;
-        }
-    }
-}
-
-/// A stream that counts the bytes read from it and marks activity on every read and write.
-struct Metered<'a, S, F> {
-    inner: S,
-    activity: &'a Activity,
-    on_read: F,
-    read: u64,
-}
-
-impl<'a, S, F: Fn(u64)> Metered<'a, S, F> {
-    fn new(inner: S, activity: &'a Activity, on_read: F) -> Self {
-        Metered {
-            inner,
-            activity,
-            on_read,
-            read: 0,
-        }
-    }
-}
-
-impl<S: AsyncRead + Unpin, F: Fn(u64) + Unpin> AsyncRead for Metered<'_, S, F> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
-        let n = (buf.filled().len() - before) as u64;
-        if n > 0 {
-            this.read += n;
-            (this.on_read)(n);
-            this.activity.touch();
-        }
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl<S: AsyncWrite + Unpin, F: Unpin> AsyncWrite for Metered<'_, S, F> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let n = ready!(Pin::new(&mut this.inner).poll_write(cx, buf))?;
-        if n > 0 {
-            this.activity.touch();
-        }
-        Poll::Ready(Ok(n))
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test(start_paused = true)]
-    async fn idle_timer_restarts_on_activity() {
-        let activity = Activity::new();
-        let idle = Duration::from_secs(10);
-        tokio::time::advance(Duration::from_secs(6)).await;
-        activity.touch();
-        let started = Instant::now();
-        activity.idle_for(idle).await;
-        // Fired 10 s after the touch, not 10 s after creation.
-        assert_eq!(started.elapsed(), Duration::from_secs(10));
-    }
 }

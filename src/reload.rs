@@ -128,7 +128,8 @@ impl ReloadSummary {
 fn settings_differ(a: &ListenerConfig, b: &ListenerConfig) -> bool {
     (a.bind, a.strategy, a.connect_timeout, a.idle_timeout)
         != (b.bind, b.strategy, b.connect_timeout, b.idle_timeout)
-        || (a.connect_attempts, a.max_connections) != (b.connect_attempts, b.max_connections)
+        || (a.connect_attempts, a.max_connections, a.splice)
+            != (b.connect_attempts, b.max_connections, b.splice)
 }
 
 impl fmt::Display for ReloadSummary {

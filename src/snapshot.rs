@@ -82,6 +82,8 @@ pub struct ListenerSettings {
     pub connect_attempts: NonZeroU32,
     /// Open client connections beyond this are refused.
     pub max_connections: NonZeroUsize,
+    /// Relay with `splice(2)` where available.
+    pub splice: bool,
 }
 
 /// One backend as a snapshot sees it.
@@ -128,6 +130,7 @@ impl Pool {
                 idle_timeout: listener.idle_timeout,
                 connect_attempts: listener.connect_attempts,
                 max_connections: listener.max_connections,
+                splice: listener.splice,
             },
             strategy: listener.strategy.build(&weights, &live),
             backends,

@@ -1,6 +1,7 @@
 //! The data path end to end: bulk data arrives intact both ways, half-closes travel in either
 //! direction while the other keeps flowing, and the byte counters match what moved.
 
+#[macro_use]
 mod support;
 
 use std::io;
@@ -11,8 +12,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
 use support::{
-    Bulk, LISTENER, Mock, Transfer, bounded, config, connect_identify, eventually_eq, exchange,
-    receive_all, send_random, start_balancer,
+    Bulk, LISTENER, Mock, Transfer, bounded, config, connect_identify, data_path, eventually_eq,
+    exchange, receive_all, send_random, start_balancer,
 };
 
 /// Concurrent connections in the bulk test.
@@ -31,11 +32,14 @@ fn sorted(mut digests: Vec<[u8; 32]>) -> Vec<[u8; 32]> {
     digests
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bulk_random_data_arrives_intact_both_ways_on_concurrent_connections() {
+async fn bulk_random_data_arrives_intact_both_ways_on_concurrent_connections(splice: bool) {
     bounded(BULK_LIMIT, async {
         let mut backend = Bulk::start(BULK, 1_000).await;
-        let lb = start_balancer(&config("weighted_round_robin", "", &[(backend.addr, 1.0)]));
+        let lb = start_balancer(&config(
+            "weighted_round_robin",
+            &data_path(splice),
+            &[(backend.addr, 1.0)],
+        ));
         let addr = lb.addr;
         let clients: Vec<JoinHandle<io::Result<Transfer>>> = (0..STREAMS)
             .map(|seed| {
@@ -104,8 +108,7 @@ const REPLY: u64 = 3 << 19;
 /// Count (8 bytes) and SHA-256 (32 bytes) the reply starts with.
 const HEADER: usize = 40;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn client_half_close_reaches_backend_and_its_reply_still_arrives() {
+async fn client_half_close_reaches_backend_and_its_reply_still_arrives(splice: bool) {
     bounded(LIMIT, async {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
@@ -121,7 +124,11 @@ async fn client_half_close_reaches_backend_and_its_reply_still_arrives() {
             let sent = send_random(&mut stream, 2, REPLY).await?;
             io::Result::Ok((received, len, sent))
         });
-        let lb = start_balancer(&config("weighted_round_robin", "", &[(backend_addr, 1.0)]));
+        let lb = start_balancer(&config(
+            "weighted_round_robin",
+            &data_path(splice),
+            &[(backend_addr, 1.0)],
+        ));
 
         let mut client = TcpStream::connect(lb.addr)
             .await
@@ -168,8 +175,7 @@ const GREETING: u64 = 200 * 1024;
 /// Bytes the client sends after it has seen the backend's end of stream.
 const LATE: u64 = 300 * 1024;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn backend_half_close_reaches_client_which_can_still_send() {
+async fn backend_half_close_reaches_client_which_can_still_send(splice: bool) {
     bounded(LIMIT, async {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
@@ -181,7 +187,11 @@ async fn backend_half_close_reaches_client_which_can_still_send() {
             let (received, len) = receive_all(&mut stream).await?;
             io::Result::Ok((sent, received, len))
         });
-        let lb = start_balancer(&config("weighted_round_robin", "", &[(backend_addr, 1.0)]));
+        let lb = start_balancer(&config(
+            "weighted_round_robin",
+            &data_path(splice),
+            &[(backend_addr, 1.0)],
+        ));
 
         let mut client = TcpStream::connect(lb.addr)
             .await
@@ -226,14 +236,13 @@ async fn backend_half_close_reaches_client_which_can_still_send() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn counters_credit_bytes_to_the_backend_that_moved_them() {
+async fn counters_credit_bytes_to_the_backend_that_moved_them(splice: bool) {
     bounded(LIMIT, async {
         let mocks = Mock::identify_many(2).await;
         let addrs = [mocks[0].addr, mocks[1].addr];
         let lb = start_balancer(&config(
             "weighted_round_robin",
-            "",
+            &data_path(splice),
             &[(addrs[0], 1.0), (addrs[1], 1.0)],
         ));
         let sizes = [1_000_usize, 3_000];
@@ -275,3 +284,10 @@ async fn counters_credit_bytes_to_the_backend_that_moved_them() {
     })
     .await;
 }
+
+on_both_paths!(
+    bulk_random_data_arrives_intact_both_ways_on_concurrent_connections,
+    client_half_close_reaches_backend_and_its_reply_still_arrives,
+    backend_half_close_reaches_client_which_can_still_send,
+    counters_credit_bytes_to_the_backend_that_moved_them,
+);

@@ -1,6 +1,7 @@
 //! What keeps connections away from a backend or closes them: weight 0, refused connects,
 //! idleness and `max_connections`.
 
+#[macro_use]
 mod support;
 
 use std::time::Duration;
@@ -10,8 +11,8 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use support::{
-    Mock, Refusing, assert_closed_without_data, bounded, config, connect_identify, eventually_eq,
-    start_balancer,
+    Mock, Refusing, assert_closed_without_data, bounded, config, connect_identify, data_path,
+    eventually_eq, start_balancer,
 };
 
 /// Limit for every test here.
@@ -145,13 +146,12 @@ async fn client_is_closed_when_every_backend_refuses() {
 /// Idle timeout of the idle tests.
 const IDLE: Duration = Duration::from_millis(300);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn idle_connection_is_closed_on_both_sides() {
+async fn idle_connection_is_closed_on_both_sides(splice: bool) {
     bounded(LIMIT, async {
         let mock = Mock::identify(7).await;
         let lb = start_balancer(&config(
             "weighted_round_robin",
-            "idle_timeout = \"300ms\"",
+            &format!("idle_timeout = \"300ms\"\n{}", data_path(splice)),
             &[(mock.addr, 1.0)],
         ));
         let started = Instant::now();
@@ -177,13 +177,12 @@ async fn idle_connection_is_closed_on_both_sides() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connection_with_steady_traffic_outlives_the_idle_timeout() {
+async fn connection_with_steady_traffic_outlives_the_idle_timeout(splice: bool) {
     bounded(LIMIT, async {
         let mock = Mock::identify(7).await;
         let lb = start_balancer(&config(
             "weighted_round_robin",
-            "idle_timeout = \"300ms\"",
+            &format!("idle_timeout = \"300ms\"\n{}", data_path(splice)),
             &[(mock.addr, 1.0)],
         ));
         let (mut client, _) = connect_identify(lb.addr).await;
@@ -263,3 +262,8 @@ async fn connections_over_max_are_closed_at_once_until_one_frees_up() {
     })
     .await;
 }
+
+on_both_paths!(
+    idle_connection_is_closed_on_both_sides,
+    connection_with_steady_traffic_outlives_the_idle_timeout,
+);

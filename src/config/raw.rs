@@ -30,6 +30,7 @@ pub(crate) struct RawListener {
     pub(crate) idle_timeout: Option<Spanned<String>>,
     pub(crate) connect_attempts: Option<Spanned<u64>>,
     pub(crate) max_connections: Option<Spanned<u64>>,
+    pub(crate) splice: Option<bool>,
     #[serde(default)]
     pub(crate) backend: Vec<Spanned<RawBackend>>,
 }

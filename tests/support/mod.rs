@@ -464,3 +464,27 @@ pub async fn assert_closed_without_data(stream: &mut TcpStream, within: Duration
         ),
     }
 }
+
+/// Runs each named test body (an `async fn(splice: bool)`) once per data path: zero-copy
+/// splice and the portable copy, as `name::splice` and `name::copy`.
+#[allow(unused_macros)]
+macro_rules! on_both_paths {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn splice() {
+                super::$name(true).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn copy() {
+                super::$name(false).await;
+            }
+        }
+    )*};
+}
+
+/// The listener setting that selects the data path.
+pub fn data_path(splice: bool) -> String {
+    format!("splice = {splice}")
+}

@@ -1,0 +1,262 @@
+//! Moving bytes both ways between a client and its backend.
+//!
+//! Each direction is a small loop driven by socket readiness: wait until the source is
+//! readable, move what it has to the destination, repeat; at the source's end of stream, shut
+//! down the destination's write side (half-close) and stop. The two directions run side by side
+//! in the connection's task, so one side's end of stream never stops the other.
+//!
+//! Two ways to move the bytes:
+//! - **splice** (Linux): `splice(2)` from the source socket into a pipe and from the pipe into
+//!   the destination socket. The bytes never enter user space.
+//! - **copy** (portable): `read` into a buffer, `write` from it.
+//!
+//! Either way an *idle* connection holds no buffer and no pipe. The copy path reads into a
+//! per-thread scratch buffer and writes straight on; only when the destination cannot take
+//! everything at once does the remainder move into a buffer of the connection's own, freed as
+//! soon as it is written. The splice path takes a pipe from a per-thread pool when the source
+//! is readable and gives it back as soon as the pipe is empty again. What a connection costs
+//! while it waits is its two sockets and the task's state, nothing per byte.
+
+use std::cell::RefCell;
+use std::io;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::Outcome;
+
+/// Per-thread scratch buffer of the copy path: one read moves at most this much.
+const SCRATCH: usize = 64 * 1024;
+
+thread_local! {
+    static SCRATCH_BUFFER: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH].into_boxed_slice());
+}
+
+/// How bytes are moved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// `splice(2)` through a pipe (Linux only; elsewhere falls back to `Copy`).
+    Splice,
+    /// `read` and `write` through a buffer.
+    Copy,
+}
+
+/// Byte counts of a finished relay.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Moved {
+    /// Client → backend.
+    pub(crate) to_backend: u64,
+    /// Backend → client.
+    pub(crate) to_client: u64,
+}
+
+/// Relays until both directions are done, nothing moves for `idle`, or `stop` fires.
+///
+/// `to_backend` and `to_client` are called with every chunk moved, so long streams are counted
+/// as they go, not only when they end.
+pub(crate) async fn relay(
+    client: &TcpStream,
+    backend: &TcpStream,
+    mode: Mode,
+    idle: Duration,
+    stop: &CancellationToken,
+    to_backend: impl Fn(u64),
+    to_client: impl Fn(u64),
+) -> (Outcome, Moved) {
+    let activity = Activity::new();
+    let up = AtomicU64::new(0);
+    let down = AtomicU64::new(0);
+    // Which side's end of stream came first: 0 none yet, 1 client, 2 backend.
+    let first_eof = AtomicU8::new(0);
+    let count_up = |n| {
+        up.fetch_add(n, Ordering::Relaxed);
+        to_backend(n);
+    };
+    let count_down = |n| {
+        down.fetch_add(n, Ordering::Relaxed);
+        to_client(n);
+    };
+    let both = async {
+        tokio::try_join!(
+            async {
+                one_way(client, backend, mode, &activity, count_up).await?;
+                mark_first(&first_eof, 1);
+                io::Result::Ok(())
+            },
+            async {
+                one_way(backend, client, mode, &activity, count_down).await?;
+                mark_first(&first_eof, 2);
+                io::Result::Ok(())
+            },
+        )
+    };
+    let outcome = tokio::select! {
+        result = both => match result {
+            Ok(_) if first_eof.load(Ordering::Relaxed) == 2 => Outcome::BackendClosed,
+            Ok(_) => Outcome::ClientClosed,
+            Err(e) => {
+                tracing::debug!(error = %e, "relay ended with an error");
+                Outcome::Error
+            }
+        },
+        () = activity.idle_for(idle) => Outcome::IdleTimeout,
+        () = stop.cancelled() => Outcome::ShutDown,
+    };
+    let moved = Moved {
+        to_backend: up.load(Ordering::Relaxed),
+        to_client: down.load(Ordering::Relaxed),
+    };
+    (outcome, moved)
+}
+
+/// Records `side` as the first to finish unless another already is.
+fn mark_first(first: &AtomicU8, side: u8) {
+    // Both directions run in one task, never at the same instant: a plain check is enough.
+    if first.load(Ordering::Relaxed) == 0 {
+        first.store(side, Ordering::Relaxed);
+    }
+}
+
+/// Moves `src`'s bytes to `dst` until `src`'s end of stream, then shuts down `dst`'s writing.
+async fn one_way(
+    src: &TcpStream,
+    dst: &TcpStream,
+    mode: Mode,
+    activity: &Activity,
+    count: impl Fn(u64),
+) -> io::Result<()> {
+    match mode {
+        #[cfg(target_os = "linux")]
+        Mode::Splice => super::splice::one_way(src, dst, activity, count).await?,
+        _ => copy(src, dst, activity, count).await?,
+    }
+    shutdown_write(dst)
+}
+
+/// The portable path (see the module docs).
+async fn copy(
+    src: &TcpStream,
+    dst: &TcpStream,
+    activity: &Activity,
+    count: impl Fn(u64),
+) -> io::Result<()> {
+    // Bytes read but not yet written; empty (and unallocated) except under back-pressure.
+    let mut pending: Vec<u8> = Vec::new();
+    loop {
+        if !pending.is_empty() {
+            write_all(dst, &pending, activity).await?;
+            pending = Vec::new();
+        }
+        src.readable().await?;
+        let read = SCRATCH_BUFFER.with_borrow_mut(|buf| -> io::Result<Option<usize>> {
+            let n = match src.try_read(buf) {
+                Ok(0) => return Ok(Some(0)),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            let written = write_now(dst, &buf[..n])?;
+            pending.extend_from_slice(&buf[written..n]);
+            Ok(Some(n))
+        })?;
+        match read {
+            None => continue,
+            Some(0) => return Ok(()),
+            Some(n) => {
+                count(n as u64);
+                activity.touch();
+            }
+        }
+    }
+}
+
+/// Writes as much of `buf` as `dst` takes without waiting; returns how much that was.
+fn write_now(dst: &TcpStream, buf: &[u8]) -> io::Result<usize> {
+    let mut written = 0;
+    while written < buf.len() {
+        match dst.try_write(&buf[written..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => written += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(written)
+}
+
+/// Writes all of `buf`, waiting for `dst` to become writable as often as needed.
+async fn write_all(dst: &TcpStream, mut buf: &[u8], activity: &Activity) -> io::Result<()> {
+    while !buf.is_empty() {
+        dst.writable().await?;
+        let n = write_now(dst, buf)?;
+        if n > 0 {
+            activity.touch();
+        }
+        buf = &buf[n..];
+    }
+    Ok(())
+}
+
+/// Half-close: tells the peer no more bytes will come, while it may still send.
+fn shutdown_write(stream: &TcpStream) -> io::Result<()> {
+    match rustix::net::shutdown(stream, rustix::net::Shutdown::Write) {
+        // The peer is gone already; there is no one left to tell.
+        Err(rustix::io::Errno::NOTCONN) => Ok(()),
+        other => other.map_err(io::Error::from),
+    }
+}
+
+/// The time of the last byte moved in either direction of one connection.
+#[derive(Debug)]
+pub(crate) struct Activity {
+    start: Instant,
+    /// Milliseconds after `start`. Atomic only so the two directions can share it by reference;
+    /// both run in the same task, so it is never contended.
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    pub(crate) fn new() -> Activity {
+        Activity {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn touch(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Completes once nothing has moved for `idle`.
+    pub(crate) async fn idle_for(&self, idle: Duration) {
+        loop {
+            let last = self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            let deadline = last + idle;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_timer_restarts_on_activity() {
+        let activity = Activity::new();
+        let idle = Duration::from_secs(10);
+        tokio::time::advance(Duration::from_secs(6)).await;
+        activity.touch();
+        let started = Instant::now();
+        activity.idle_for(idle).await;
+        // Fired 10 s after the touch, not 10 s after creation.
+        assert_eq!(started.elapsed(), Duration::from_secs(10));
+    }
+}
