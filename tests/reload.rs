@@ -906,11 +906,14 @@ async fn a_hundred_reloads_leak_no_descriptor() {
         let (a, b) = (backend(1).await, backend(2).await);
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("wb.toml");
-        let small = toml(&[Listener::wrr("main", vec![(a.addr, 1.0)])]);
-        let large = toml(&[
+        // The copy data path: the splice path keeps a bounded per-thread pool of empty pipes for
+        // reuse, which would make descriptor counts depend on which worker thread served what.
+        let copy_path = |text: String| text.replace("strategy = ", "splice = false\nstrategy = ");
+        let small = copy_path(toml(&[Listener::wrr("main", vec![(a.addr, 1.0)])]));
+        let large = copy_path(toml(&[
             Listener::wrr("main", vec![(a.addr, 1.0), (b.addr, 1.0)]),
             Listener::wrr("extra", vec![(b.addr, 1.0)]),
-        ]);
+        ]));
         std::fs::write(&path, &small).expect("write config");
         let mut lb = Process::spawn(&path, &["--no-watch"]);
         let main = lb.bind_of("main").await;

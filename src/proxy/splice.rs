@@ -114,3 +114,20 @@ impl Pipe {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_reuses_pipes_and_keeps_at_most_its_maximum() {
+        let pipes: Vec<Pipe> = (0..POOL_MAX + 6)
+            .map(|_| Pipe::take().expect("create a pipe"))
+            .collect();
+        pipes.into_iter().for_each(Pipe::give_back);
+        assert_eq!(POOL.with_borrow(Vec::len), POOL_MAX);
+        let reused = Pipe::take().expect("a pooled pipe");
+        assert_eq!(POOL.with_borrow(Vec::len), POOL_MAX - 1);
+        reused.give_back();
+    }
+}
