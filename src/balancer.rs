@@ -394,6 +394,9 @@ impl Balancer {
             control.start(bound, config.bind);
         }
 
+        if new.threads != self.config.threads {
+            warn!("`threads` changed: it takes effect at the next restart");
+        }
         self.registry.retain(&new);
         let summary = ReloadSummary::between(&self.config, &new);
         self.config = new;

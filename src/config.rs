@@ -46,6 +46,8 @@ pub const DEFAULT_SPLICE: bool = true;
 pub struct Config {
     /// How long shutdown waits for open connections.
     pub shutdown_grace: Duration,
+    /// Worker threads; `None` means one per CPU core. Read at start only.
+    pub threads: Option<NonZeroUsize>,
     /// At least one listener; names and bind addresses are unique.
     pub listeners: Vec<ListenerConfig>,
 }
@@ -323,8 +325,16 @@ impl Config {
             }
             listeners.push(listener);
         }
+        let threads = match raw.threads {
+            Some(t) if *t.get_ref() == 0 => {
+                return Err((Some(t.span()), ConfigErrorKind::ZeroCount("threads")));
+            }
+            Some(t) => NonZeroUsize::new(usize::try_from(*t.get_ref()).unwrap_or(usize::MAX)),
+            None => None,
+        };
         Ok(Config {
             shutdown_grace,
+            threads,
             listeners,
         })
     }
@@ -463,6 +473,8 @@ addr = "127.0.0.1:9001"
         assert_eq!(l.idle_timeout, DEFAULT_IDLE_TIMEOUT);
         assert_eq!(l.connect_attempts, DEFAULT_CONNECT_ATTEMPTS);
         assert_eq!(l.max_connections, DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(l.splice, DEFAULT_SPLICE);
+        assert_eq!(config.threads, None);
         assert_eq!(l.backends[0].weight, Weight::ONE);
     }
 
@@ -470,6 +482,7 @@ addr = "127.0.0.1:9001"
     fn every_key_is_read() {
         let text = r#"
 shutdown_grace = "5s"
+threads = 3
 [[listener]]
 name = "embed"
 bind = "[::1]:0"
@@ -478,6 +491,7 @@ connect_timeout = "250ms"
 idle_timeout = "1h"
 connect_attempts = 5
 max_connections = 7
+splice = false
 [[listener.backend]]
 addr = "[::1]:9001"
 weight = 2
@@ -487,7 +501,9 @@ weight = 0.5
 "#;
         let config = parse_str(text).expect("valid");
         assert_eq!(config.shutdown_grace, Duration::from_secs(5));
+        assert_eq!(config.threads.map(NonZeroUsize::get), Some(3));
         let l = &config.listeners[0];
+        assert!(!l.splice);
         assert_eq!(l.bind, "[::1]:0".parse::<SocketAddr>().expect("literal"));
         assert_eq!(l.strategy, StrategyKind::CapacityProportional);
         assert_eq!(l.connect_timeout, Duration::from_millis(250));

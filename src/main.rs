@@ -59,7 +59,11 @@ fn run(cli: Cli) -> Result<(), String> {
         return Ok(());
     }
     init_logging(cli.log_level.as_deref())?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = config.threads {
+        runtime.worker_threads(threads.get());
+    }
+    let runtime = runtime
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;

@@ -15,6 +15,7 @@ use crate::strategy::StrategyKind;
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawConfig {
     pub(crate) shutdown_grace: Option<Spanned<String>>,
+    pub(crate) threads: Option<Spanned<u64>>,
     #[serde(default)]
     pub(crate) listener: Vec<Spanned<RawListener>>,
 }
