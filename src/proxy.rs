@@ -3,11 +3,12 @@
 //! Everything that can go wrong here stays with this connection: errors are logged and end
 //! this task, never the accept loop or another connection.
 
+use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -15,7 +16,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, debug_span, warn};
+use tracing::{Instrument, debug, debug_span, info, warn};
 
 use crate::backend::{ActiveConn, BackendState, OpenConn};
 use crate::snapshot::Pool;
@@ -24,17 +25,49 @@ use crate::snapshot::Pool;
 /// calls while keeping a connection's memory small (tokio's default is 8 KiB).
 const COPY_BUFFER: usize = 16 * 1024;
 
-/// How a relayed connection ended.
+/// The `tracing` target of access log lines, so a filter such as `weighbridge::access=off` or a
+/// log shipper can tell them from the balancer's own lines.
+pub const ACCESS_LOG_TARGET: &str = "weighbridge::access";
+
+/// How a client connection ended: the `end` field of its access log line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// Both directions reached end of stream.
-    Closed,
+pub enum End {
+    /// The client finished sending first; then both directions reached end of stream.
+    ClientClosed,
+    /// The backend finished sending first; then both directions reached end of stream.
+    BackendClosed,
     /// Nothing moved for `idle_timeout`.
     IdleTimeout,
-    /// A read or write failed (reset, broken pipe, ...).
-    Error,
+    /// No backend could be reached within `connect_attempts` (the line says how many were
+    /// tried; 0 when every backend has weight 0).
+    ConnectFailed,
+    /// Refused at once because `max_connections` were open.
+    Rejected,
     /// Shutdown's grace period ran out.
     ShutDown,
+    /// A read or write failed (reset, broken pipe, ...).
+    Error,
+}
+
+impl End {
+    /// The name the access log uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            End::ClientClosed => "client_closed",
+            End::BackendClosed => "backend_closed",
+            End::IdleTimeout => "idle_timeout",
+            End::ConnectFailed => "connect_failed",
+            End::Rejected => "rejected",
+            End::ShutDown => "shutdown",
+            End::Error => "error",
+        }
+    }
+}
+
+impl fmt::Display for End {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Serves one accepted client connection until it is done.
@@ -48,71 +81,187 @@ pub(crate) async fn serve(
     open: OpenConn,
     stop: CancellationToken,
 ) {
+    let accepted = Instant::now();
     let span = debug_span!("conn", listener = %pool.name(), client = %peer);
     async move {
         let _open = open;
+        let listener = Arc::clone(pool.name());
+        let listener_stats = Arc::clone(pool.stats());
+        let mut access = AccessLine {
+            client: peer,
+            listener: &listener,
+            backend: None,
+            connect_time: None,
+            attempts: 0,
+            bytes_up: 0,
+            bytes_down: 0,
+            end: End::ShutDown,
+            error: None,
+        };
+        let access_log = pool.settings().access_log;
         if let Err(e) = client.set_nodelay(true) {
             debug!(error = %e, "cannot set TCP_NODELAY on client socket");
         }
         // Shutdown's grace period bounds connects too, not only relays.
         let connected = tokio::select! {
-            connected = connect(&pool) => connected,
+            connected = connect(&pool) => Some(connected),
             () = stop.cancelled() => {
                 debug!("shut down while connecting");
-                return;
+                None
             }
         };
-        let Some((upstream, backend, active)) = connected else {
-            pool.stats().record_no_backend();
-            warn!(
-                listener = %pool.name(),
-                client = %peer,
-                attempts = pool.settings().connect_attempts.get(),
-                "no backend reachable, closing client connection"
-            );
-            return;
-        };
-        debug!(%backend, "connected");
-        // The connection needs nothing more from its snapshot; letting go of it here means a
-        // long-lived stream does not keep a replaced snapshot (and its tables) alive.
-        let idle_timeout = pool.settings().idle_timeout;
-        drop(pool);
-        let started = Instant::now();
-        let stats = active.stats();
-        let (outcome, up, down) = relay(client, upstream, idle_timeout, stats, &stop).await;
-        debug!(
-            %backend,
-            ?outcome,
-            bytes_up = up,
-            bytes_down = down,
-            duration_ms = started.elapsed().as_millis() as u64,
-            "closed"
-        );
-        drop(active);
+        match connected {
+            None => {}
+            Some(Err(attempts)) => {
+                pool.stats().record_no_backend();
+                warn!(
+                    listener = %pool.name(),
+                    client = %peer,
+                    attempts,
+                    "no backend reachable, closing client connection"
+                );
+                access.attempts = attempts;
+                access.end = End::ConnectFailed;
+            }
+            Some(Ok(connected)) => {
+                let Connected {
+                    stream: upstream,
+                    addr: backend,
+                    active,
+                    attempts,
+                } = connected;
+                debug!(%backend, "connected");
+                access.backend = Some(backend);
+                access.attempts = attempts;
+                access.connect_time = Some(accepted.elapsed());
+                // The connection needs nothing more from its snapshot; letting go of it here
+                // means a long-lived stream does not keep a replaced snapshot (and its tables)
+                // alive.
+                let idle_timeout = pool.settings().idle_timeout;
+                drop(pool);
+                let relayed = relay(client, upstream, idle_timeout, active.stats(), &stop).await;
+                debug!(
+                    %backend,
+                    end = %relayed.end,
+                    bytes_up = relayed.up,
+                    bytes_down = relayed.down,
+                    "closed"
+                );
+                drop(active);
+                access.end = relayed.end;
+                access.error = relayed.error;
+                access.bytes_up = relayed.up;
+                access.bytes_down = relayed.down;
+            }
+        }
+        let open_for = accepted.elapsed();
+        listener_stats.record_duration(open_for);
+        if access_log {
+            access.log(open_for);
+        }
     }
     .instrument(span)
     .await;
 }
 
+/// Logs the access line of a client connection refused because `max_connections` were open.
+/// Called by the accept loop, which refuses before a connection task exists.
+pub(crate) fn log_rejected(pool: &Pool, peer: SocketAddr) {
+    if !pool.settings().access_log {
+        return;
+    }
+    let line = AccessLine {
+        client: peer,
+        listener: pool.name(),
+        backend: None,
+        connect_time: None,
+        attempts: 0,
+        bytes_up: 0,
+        bytes_down: 0,
+        end: End::Rejected,
+        error: None,
+    };
+    line.log(Duration::ZERO);
+}
+
+/// What the access log says about one client connection.
+#[derive(Debug)]
+struct AccessLine<'a> {
+    client: SocketAddr,
+    listener: &'a str,
+    backend: Option<SocketAddr>,
+    /// From accept until the backend accepted, retries included: what the client waited.
+    connect_time: Option<Duration>,
+    /// Connects tried (1 unless a backend refused or timed out).
+    attempts: u32,
+    /// Client to backend.
+    bytes_up: u64,
+    /// Backend to client.
+    bytes_down: u64,
+    end: End,
+    error: Option<String>,
+}
+
+impl AccessLine<'_> {
+    /// One info line; times in milliseconds, to the microsecond.
+    fn log(&self, duration: Duration) {
+        let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
+        info!(
+            target: ACCESS_LOG_TARGET,
+            client = %self.client,
+            listener = %self.listener,
+            backend = self.backend.map(tracing::field::display),
+            connect_ms = self.connect_time.map(ms),
+            duration_ms = ms(duration),
+            bytes_up = self.bytes_up,
+            bytes_down = self.bytes_down,
+            end = %self.end,
+            attempts = self.attempts,
+            error = self.error.as_deref().map(tracing::field::display),
+            "connection closed"
+        );
+    }
+}
+
+/// A connection established to a backend.
+#[derive(Debug)]
+struct Connected {
+    stream: TcpStream,
+    addr: SocketAddr,
+    /// Counts the connection as active on the backend.
+    active: ActiveConn,
+    /// Connects tried, this one included.
+    attempts: u32,
+}
+
 /// Connects to a backend picked by the pool's strategy, trying up to `connect_attempts` distinct
-/// backends. The returned guard counts the connection as active on that backend.
-async fn connect(pool: &Pool) -> Option<(TcpStream, SocketAddr, ActiveConn)> {
+/// backends. On failure returns how many connects were tried.
+async fn connect(pool: &Pool) -> Result<Connected, u32> {
     let settings = pool.settings();
     // Allocates only on a retry.
     let mut tried = Vec::new();
     for attempt in 1..=settings.connect_attempts.get() {
-        let (index, backend) = pool.pick(&tried)?;
+        let Some((index, backend)) = pool.pick(&tried) else {
+            return Err(attempt - 1);
+        };
         let active = BackendState::acquire(&backend.stats);
+        pool.stats().record_connect_attempt();
+        let started = Instant::now();
         let error =
             match tokio::time::timeout(settings.connect_timeout, TcpStream::connect(backend.addr))
                 .await
             {
                 Ok(Ok(stream)) => {
-                    backend.stats.record_connected();
+                    backend.stats.record_connected(started.elapsed());
                     if let Err(e) = stream.set_nodelay(true) {
                         debug!(error = %e, "cannot set TCP_NODELAY on backend socket");
                     }
-                    return Some((stream, backend.addr, active));
+                    return Ok(Connected {
+                        stream,
+                        addr: backend.addr,
+                        active,
+                        attempts: attempt,
+                    });
                 }
                 Ok(Err(e)) => e.to_string(),
                 Err(_) => format!(
@@ -121,50 +270,88 @@ async fn connect(pool: &Pool) -> Option<(TcpStream, SocketAddr, ActiveConn)> {
                 ),
             };
         backend.stats.record_connect_failure();
+        pool.stats().record_connect_failure();
         warn!(listener = %pool.name(), backend = %backend.addr, attempt, %error, "connect failed");
         tried.push(index);
     }
-    None
+    Err(settings.connect_attempts.get())
+}
+
+/// The end of a relay.
+#[derive(Debug)]
+struct Relayed {
+    end: End,
+    /// The read or write error that ended it, for [`End::Error`].
+    error: Option<String>,
+    /// Bytes moved client to backend.
+    up: u64,
+    /// Bytes moved backend to client.
+    down: u64,
 }
 
 /// Copies both ways until both directions are done, nothing moves for `idle`, or `stop` fires.
 ///
 /// Half-close is tokio's: end of stream on one side becomes a write shutdown on the other, and
-/// the opposite direction keeps flowing. Returns the outcome and the bytes moved client→backend
-/// and backend→client (also added to `stats` as they move, so long streams show up live).
+/// the opposite direction keeps flowing. Bytes are also added to `stats` as they move, so long
+/// streams show up live.
 async fn relay(
     client: TcpStream,
     upstream: TcpStream,
     idle: Duration,
     stats: &BackendState,
     stop: &CancellationToken,
-) -> (Outcome, u64, u64) {
+) -> Relayed {
     let activity = Activity::new();
-    let mut client = Metered::new(client, &activity, |n| stats.add_bytes_to_backend(n));
-    let mut upstream = Metered::new(upstream, &activity, |n| stats.add_bytes_from_backend(n));
-    let outcome = tokio::select! {
+    let mut client = Metered::new(client, Side::Client, &activity, |n| {
+        stats.add_bytes_to_backend(n)
+    });
+    let mut upstream = Metered::new(upstream, Side::Backend, &activity, |n| {
+        stats.add_bytes_from_backend(n)
+    });
+    let mut error = None;
+    let end = tokio::select! {
         result = tokio::io::copy_bidirectional_with_sizes(
             &mut client, &mut upstream, COPY_BUFFER, COPY_BUFFER,
         ) => match result {
-            Ok(_) => Outcome::Closed,
+            Ok(_) => match activity.first_eof() {
+                Some(Side::Backend) => End::BackendClosed,
+                Some(Side::Client) | None => End::ClientClosed,
+            },
             Err(e) => {
                 debug!(error = %e, "relay ended with an error");
-                Outcome::Error
+                error = Some(e.to_string());
+                End::Error
             }
         },
-        () = activity.idle_for(idle) => Outcome::IdleTimeout,
-        () = stop.cancelled() => Outcome::ShutDown,
+        () = activity.idle_for(idle) => End::IdleTimeout,
+        () = stop.cancelled() => End::ShutDown,
     };
-    (outcome, client.read, upstream.read)
+    Relayed {
+        end,
+        error,
+        up: client.read,
+        down: upstream.read,
+    }
 }
 
-/// The time of the last byte moved in either direction of one connection.
+/// The two ends of a relayed connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Client = 1,
+    Backend = 2,
+}
+
+/// What the two directions of one connection share: the time of the last byte moved either
+/// way, and which side reached end of stream first (to tell "client closed" from "backend
+/// closed"). Atomics only so both directions can share it by reference; both run in the same
+/// task, so they are never contended.
 #[derive(Debug)]
 struct Activity {
     start: Instant,
-    /// Milliseconds after `start`. Atomic only so the two directions can share it by reference;
-    /// both run in the same task, so it is never contended.
+    /// Milliseconds after `start`.
     last_ms: AtomicU64,
+    /// 0 until a side's read returns end of stream, then that [`Side`].
+    first_eof: AtomicU8,
 }
 
 impl Activity {
@@ -172,6 +359,24 @@ impl Activity {
         Activity {
             start: Instant::now(),
             last_ms: AtomicU64::new(0),
+            first_eof: AtomicU8::new(0),
+        }
+    }
+
+    /// Notes that `side` finished sending, unless the other side did so first.
+    fn saw_eof(&self, side: Side) {
+        // Both directions are polled by the connection's one task: no race between the two.
+        if self.first_eof.load(Ordering::Relaxed) == 0 {
+            self.first_eof.store(side as u8, Ordering::Relaxed);
+        }
+    }
+
+    /// The side whose read saw end of stream first, if any has.
+    fn first_eof(&self) -> Option<Side> {
+        match self.first_eof.load(Ordering::Relaxed) {
+            1 => Some(Side::Client),
+            2 => Some(Side::Backend),
+            _ => None,
         }
     }
 
@@ -193,18 +398,21 @@ impl Activity {
     }
 }
 
-/// A stream that counts the bytes read from it and marks activity on every read and write.
+/// A stream that counts the bytes read from it, marks activity on every read and write, and
+/// reports when its read side reaches end of stream.
 struct Metered<'a, S, F> {
     inner: S,
+    side: Side,
     activity: &'a Activity,
     on_read: F,
     read: u64,
 }
 
 impl<'a, S, F: Fn(u64)> Metered<'a, S, F> {
-    fn new(inner: S, activity: &'a Activity, on_read: F) -> Self {
+    fn new(inner: S, side: Side, activity: &'a Activity, on_read: F) -> Self {
         Metered {
             inner,
+            side,
             activity,
             on_read,
             read: 0,
@@ -220,12 +428,15 @@ impl<S: AsyncRead + Unpin, F: Fn(u64) + Unpin> AsyncRead for Metered<'_, S, F> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
+        let had_room = buf.remaining() > 0;
         ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
         let n = (buf.filled().len() - before) as u64;
         if n > 0 {
             this.read += n;
             (this.on_read)(n);
             this.activity.touch();
+        } else if had_room {
+            this.activity.saw_eof(this.side);
         }
         Poll::Ready(Ok(()))
     }
@@ -268,5 +479,14 @@ mod tests {
         activity.idle_for(idle).await;
         // Fired 10 s after the touch, not 10 s after creation.
         assert_eq!(started.elapsed(), Duration::from_secs(10));
+    }
+
+    #[test]
+    fn the_first_side_to_finish_is_the_one_remembered() {
+        let activity = Activity::new();
+        assert_eq!(activity.first_eof(), None);
+        activity.saw_eof(Side::Backend);
+        activity.saw_eof(Side::Client);
+        assert_eq!(activity.first_eof(), Some(Side::Backend));
     }
 }
