@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, rust_2018_idioms, unreachable_pub)]
 
+mod admin;
 pub mod backend;
 mod balancer;
 pub mod config;
@@ -22,6 +23,6 @@ pub mod reload;
 pub mod snapshot;
 pub mod strategy;
 
-pub use balancer::{AdminError, Balancer, Handle, ReloadCounters, Stopped};
+pub use balancer::{AdminError, Balancer, Handle, LastReload, ReloadCounters, StartError, Stopped};
 pub use config::{Config, ConfigError};
 pub use listener::BindError;
