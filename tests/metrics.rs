@@ -219,8 +219,13 @@ async fn metrics_after_known_traffic_equal_what_the_clients_did() {
                     .expect("connect to the balancer"),
             );
         }
+        // A backend may accept before the balancer has counted the connect as done: wait for both.
         eventually(SOON, "3 open connections counted", || {
-            lb.listener().open == 3 && echo_a.open() + echo_b.open() == 3
+            let established =
+                lb.backend(echo_a.addr).connections + lb.backend(echo_b.addr).connections;
+            lb.listener().open == 3
+                && echo_a.open() + echo_b.open() == 3
+                && established == CONNECTIONS as u64 + 3
         })
         .await;
 
