@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 use tracing::{debug, error, info, warn};
 
 use crate::admin;
@@ -260,7 +260,12 @@ impl Balancer {
                 config_path: self.config_path.clone(),
                 shutting_down: shutdown.clone(),
             };
-            tokio::spawn(admin::serve(socket, endpoint, stop_admin.clone()))
+            // Aborted if `run` itself is dropped: the endpoint never outlives its balancer.
+            AbortOnDropHandle::new(tokio::spawn(admin::serve(
+                socket,
+                endpoint,
+                stop_admin.clone(),
+            )))
         });
         let mut control = Control {
             running: HashMap::new(),
