@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! cargo run --release --example demo
+//! cargo run --release --example demo -- --admin 127.0.0.1:9900 --hold 60s
 //! ```
 //!
 //! Starts four mock inference servers with capacities 1.5, 2, 1 and 2.5 (Σ = 7), and a balancer
@@ -10,6 +11,10 @@
 //! connections are held open at once. For each strategy it prints every backend's expected share
 //! (w_i / Σw) next to the share it observed, then shuts the balancer down. Set `RUST_LOG` (e.g.
 //! `RUST_LOG=weighbridge=debug`) to see the balancer's own logs; the default is `warn`.
+//!
+//! `--admin ADDR` also serves the admin endpoint there, and `--hold DURATION` keeps the balancer
+//! running that long after the tables (Ctrl-C ends it sooner), so that
+//! `curl http://ADDR/metrics` and `curl http://ADDR/status` show the traffic the tables count.
 
 use std::error::Error;
 use std::io;
@@ -41,8 +46,47 @@ const IN_FLIGHT: usize = 32;
 /// Longest wait for one client's reply; a stuck demo fails instead of hanging.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// What the command line asks for beyond the tables.
+struct Options {
+    /// Where to serve the admin endpoint.
+    admin: Option<SocketAddr>,
+    /// How long to keep running after the tables.
+    hold: Duration,
+}
+
+impl Options {
+    fn parse() -> Result<Options, String> {
+        const USAGE: &str = "usage: demo [--admin IP:PORT] [--hold DURATION]";
+        let mut options = Options {
+            admin: None,
+            hold: Duration::ZERO,
+        };
+        let mut args = std::env::args().skip(1);
+        while let Some(flag) = args.next() {
+            let value = args
+                .next()
+                .ok_or_else(|| format!("{flag} needs a value; {USAGE}"))?;
+            match flag.as_str() {
+                "--admin" => {
+                    let addr = value
+                        .parse()
+                        .map_err(|_| format!("--admin: `{value}` is not IP:PORT"))?;
+                    options.admin = Some(addr);
+                }
+                "--hold" => {
+                    options.hold = humantime::parse_duration(&value)
+                        .map_err(|e| format!("--hold: `{value}`: {e}"))?;
+                }
+                _ => return Err(format!("unknown argument `{flag}`; {USAGE}")),
+            }
+        }
+        Ok(options)
+    }
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn Error>> {
+    let options = Options::parse()?;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -55,8 +99,9 @@ async fn main() -> Result<(), Box<dyn Error>> {
     for capacity in CAPACITIES {
         backends.push((start_mock().await?, capacity));
     }
-    let config = config::parse(&config_text(&backends), Path::new("<demo>"))?;
+    let config = config::parse(&config_text(&backends, options.admin), Path::new("<demo>"))?;
     let balancer = Balancer::bind(&config)?;
+    let admin = balancer.admin_addr();
     let handle = balancer.handle();
     let shutdown = CancellationToken::new();
     let addr_of = |kind: StrategyKind| {
@@ -98,6 +143,19 @@ async fn main() -> Result<(), Box<dyn Error>> {
     drop(held);
     wait_until_closed(&handle, kind, &backends).await?;
 
+    if !options.hold.is_zero() {
+        if let Some(admin) = admin {
+            println!("admin endpoint: curl http://{admin}/metrics  |  curl http://{admin}/status");
+        }
+        println!(
+            "holding for {} (Ctrl-C to stop sooner)",
+            humantime::format_duration(options.hold)
+        );
+        tokio::select! {
+            () = tokio::time::sleep(options.hold) => {}
+            interrupted = tokio::signal::ctrl_c() => interrupted?,
+        }
+    }
     shutdown.cancel();
     let stopped = running.await?;
     println!(
@@ -143,9 +201,13 @@ async fn answer(mut stream: TcpStream, me: SocketAddr) -> io::Result<()> {
     Ok(())
 }
 
-/// The balancer's configuration: one listener per strategy, all over the same backends.
-fn config_text(backends: &[(SocketAddr, f64)]) -> String {
+/// The balancer's configuration: one listener per strategy, all over the same backends, and the
+/// admin endpoint if asked for.
+fn config_text(backends: &[(SocketAddr, f64)], admin: Option<SocketAddr>) -> String {
     let mut text = String::from("shutdown_grace = \"2s\"\n");
+    if let Some(admin) = admin {
+        text += &format!("\n[admin]\nbind = \"{admin}\"\n");
+    }
     for kind in StrategyKind::ALL {
         text += &format!("\n[[listener]]\nname = \"{kind}\"\nbind = \"127.0.0.1:0\"\n");
         text += &format!("strategy = \"{kind}\"\n");

@@ -13,12 +13,14 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
 
 use crate::config::Config;
+use crate::histogram::{CONNECT_TIME_BOUNDS, CONNECTION_DURATION_BOUNDS, Histogram};
 
 /// Live state of one backend within one listener: its counters, and the states (set by an
 /// operator, later by health checks) that scale its configured weight.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct BackendState {
     drained: AtomicBool,
     active: AtomicU64,
@@ -26,6 +28,41 @@ pub struct BackendState {
     connect_failures: AtomicU64,
     bytes_to_backend: AtomicU64,
     bytes_from_backend: AtomicU64,
+    connect_time: Histogram,
+}
+
+impl Default for BackendState {
+    fn default() -> BackendState {
+        BackendState {
+            drained: AtomicBool::new(false),
+            active: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
+            connect_failures: AtomicU64::new(0),
+            bytes_to_backend: AtomicU64::new(0),
+            bytes_from_backend: AtomicU64::new(0),
+            connect_time: Histogram::new(CONNECT_TIME_BOUNDS),
+        }
+    }
+}
+
+/// What health checking says about a backend, as the admin endpoint reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Health {
+    /// The latest checks found it healthy (always true while no check is configured).
+    pub healthy: bool,
+    /// Passive checks have ejected it for a while (always false while none is configured).
+    pub ejected: bool,
+    /// The latest active check, if one has run.
+    pub last_check: Option<HealthCheck>,
+}
+
+/// The outcome of one active health check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// When it finished.
+    pub at: SystemTime,
+    /// Whether it passed.
+    pub ok: bool,
 }
 
 /// What an operator has said about a backend. Live state: it survives reloads for as long as
@@ -81,9 +118,15 @@ impl BackendState {
         self.active.load(Ordering::Relaxed)
     }
 
-    /// Records a successful connect.
-    pub fn record_connected(&self) {
+    /// Records a successful connect that took `took`.
+    pub fn record_connected(&self, took: Duration) {
         self.connections.fetch_add(1, Ordering::Relaxed);
+        self.connect_time.record(took);
+    }
+
+    /// How long successful connects took.
+    pub fn connect_time(&self) -> &Histogram {
+        &self.connect_time
     }
 
     /// Records a failed connect attempt.
@@ -114,6 +157,17 @@ impl BackendState {
     pub fn set_admin_state(&self, state: AdminState) {
         self.drained
             .store(state == AdminState::Drained, Ordering::Relaxed);
+    }
+
+    /// What health checking says about this backend: the one place the admin endpoint (status
+    /// and metrics) reads health from. Health checks will feed it; until they exist every
+    /// backend is healthy, never ejected, and has no check result.
+    pub fn health(&self) -> Health {
+        Health {
+            healthy: true,
+            ejected: false,
+            last_check: None,
+        }
     }
 
     /// What the live state makes of `configured`, the weight from the file: the effective
@@ -159,12 +213,29 @@ impl Drop for ActiveConn {
 }
 
 /// Counters of one listener.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ListenerStats {
     open: AtomicU64,
     accepted: AtomicU64,
     rejected_max_connections: AtomicU64,
     rejected_no_backend: AtomicU64,
+    connect_attempts: AtomicU64,
+    connect_failures: AtomicU64,
+    duration: Histogram,
+}
+
+impl Default for ListenerStats {
+    fn default() -> ListenerStats {
+        ListenerStats {
+            open: AtomicU64::new(0),
+            accepted: AtomicU64::new(0),
+            rejected_max_connections: AtomicU64::new(0),
+            rejected_no_backend: AtomicU64::new(0),
+            connect_attempts: AtomicU64::new(0),
+            connect_failures: AtomicU64::new(0),
+            duration: Histogram::new(CONNECTION_DURATION_BOUNDS),
+        }
+    }
 }
 
 /// A point-in-time copy of [`ListenerStats`].
@@ -178,6 +249,10 @@ pub struct ListenerCounters {
     pub rejected_max_connections: u64,
     /// Client connections closed because no backend could be reached.
     pub rejected_no_backend: u64,
+    /// Connects to backends started, over all backends (retries included).
+    pub connect_attempts: u64,
+    /// Of those, the ones refused, failed or timed out.
+    pub connect_failures: u64,
 }
 
 impl ListenerStats {
@@ -206,6 +281,26 @@ impl ListenerStats {
         self.rejected_no_backend.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Records the start of one connect to a backend.
+    pub fn record_connect_attempt(&self) {
+        self.connect_attempts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records a connect to a backend that was refused, failed or timed out.
+    pub fn record_connect_failure(&self) {
+        self.connect_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records how long an admitted client connection was open, from accept to close.
+    pub fn record_duration(&self, open_for: Duration) {
+        self.duration.record(open_for);
+    }
+
+    /// How long admitted client connections were open.
+    pub fn duration(&self) -> &Histogram {
+        &self.duration
+    }
+
     /// A copy of every counter.
     pub fn counters(&self) -> ListenerCounters {
         ListenerCounters {
@@ -213,6 +308,8 @@ impl ListenerStats {
             accepted: self.accepted.load(Ordering::Relaxed),
             rejected_max_connections: self.rejected_max_connections.load(Ordering::Relaxed),
             rejected_no_backend: self.rejected_no_backend.load(Ordering::Relaxed),
+            connect_attempts: self.connect_attempts.load(Ordering::Relaxed),
+            connect_failures: self.connect_failures.load(Ordering::Relaxed),
         }
     }
 }

@@ -4,20 +4,27 @@
 //! registry and the accept loops, and it is the only writer of the snapshot: reload requests
 //! (SIGHUP, the file watcher, tests) reach it as messages over a channel and are handled one at a
 //! time, so two writers can never race and a reader never sees half an update.
+//!
+//! The admin endpoint, when configured, is bound together with the listeners and served by a
+//! task that `run` owns: it keeps answering reads while open connections drain after a shutdown
+//! request, and stops when `run` returns.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tracing::{error, info, warn};
+use tokio_util::task::{AbortOnDropHandle, TaskTracker};
+use tracing::{debug, error, info, warn};
 
+use crate::admin;
 use crate::backend::{AdminState, BackendCounters, ListenerCounters, Registry};
 use crate::config::{self, Config, ListenerConfig};
 use crate::listener::{self, BindError, Bound};
@@ -26,11 +33,33 @@ use crate::snapshot::{Snapshot, SnapshotCell};
 
 /// Reload requests waiting for the control task; senders wait when it is full.
 const REQUEST_QUEUE: usize = 16;
+/// How long the admin endpoint may take to finish the requests in progress once the balancer
+/// has stopped, before it is closed anyway.
+const ADMIN_STOP_GRACE: Duration = Duration::from_secs(1);
+
+/// Why a balancer could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// A listener could not bind.
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    /// The admin endpoint could not bind.
+    #[error("[admin] `bind`: cannot bind {addr}: {source}")]
+    AdminBind {
+        /// The address it asked for.
+        addr: SocketAddr,
+        /// Why the kernel refused.
+        #[source]
+        source: std::io::Error,
+    },
+}
 
 /// A balancer whose listeners are bound; [`run`](Balancer::run) starts serving.
 #[derive(Debug)]
 pub struct Balancer {
     bound: Vec<Bound>,
+    admin: Option<TcpListener>,
     config: Config,
     config_path: Option<PathBuf>,
     registry: Registry,
@@ -49,6 +78,8 @@ pub struct Handle {
 struct Shared {
     snapshots: Arc<SnapshotCell>,
     reloads: ReloadStats,
+    /// Where the admin endpoint listens, if there is one.
+    admin_addr: Option<SocketAddr>,
     /// Set by [`Handle::republish`]; the control task rebuilds the snapshot when it finds it set.
     dirty: AtomicBool,
 }
@@ -99,7 +130,8 @@ pub struct Stopped {
 struct ReloadStats {
     succeeded: AtomicU64,
     failed: AtomicU64,
-    last_error: Mutex<Option<String>>,
+    /// Taken by the control task once per reload and by status requests; never by connections.
+    last: Mutex<Option<LastReload>>,
 }
 
 /// A copy of the reload outcomes since start.
@@ -111,6 +143,19 @@ pub struct ReloadCounters {
     pub failed: u64,
     /// The error of the latest reload, if it failed.
     pub last_error: Option<String>,
+    /// The latest reload, if there has been one.
+    pub last: Option<LastReload>,
+}
+
+/// The outcome of the latest reload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LastReload {
+    /// When it finished.
+    pub at: SystemTime,
+    /// Whether it was applied.
+    pub ok: bool,
+    /// What changed if it was applied, else why it was refused (the text `--check` prints).
+    pub message: String,
 }
 
 /// An accept loop the control task runs.
@@ -125,8 +170,23 @@ struct Running {
 }
 
 impl Balancer {
-    /// Binds every listener of `config`, all or nothing. Must be called inside a tokio runtime.
-    pub fn bind(config: &Config) -> Result<Balancer, BindError> {
+    /// Binds every listener of `config` and its admin endpoint, all or nothing. Must be called
+    /// inside a tokio runtime.
+    pub fn bind(config: &Config) -> Result<Balancer, StartError> {
+        // The admin endpoint first: when it cannot bind, nothing has been logged as listening.
+        let admin = match &config.admin {
+            None => None,
+            Some(admin) => {
+                Some(
+                    admin::bind(admin.bind).map_err(|source| StartError::AdminBind {
+                        addr: admin.bind,
+                        source,
+                    })?,
+                )
+            }
+        };
+        let admin_addr = admin.as_ref().map(|(_, addr)| *addr);
+        let admin = admin.map(|(socket, _)| socket);
         let bound = config
             .listeners
             .iter()
@@ -138,12 +198,17 @@ impl Balancer {
             .map(|b| (b.name.clone(), b.local_addr))
             .collect();
         let snapshot = Snapshot::build(config, &registry, &addrs);
+        if let Some(addr) = admin_addr {
+            let token = config.admin.as_ref().is_some_and(|a| a.token.is_some());
+            info!(bind = %addr, token, "admin endpoint listening");
+        }
         for listener in &config.listeners {
             log_listening(listener, addrs[&listener.name]);
         }
         let (sender, requests) = mpsc::channel(REQUEST_QUEUE);
         Ok(Balancer {
             bound,
+            admin,
             config: config.clone(),
             config_path: None,
             registry,
@@ -152,6 +217,7 @@ impl Balancer {
                 shared: Arc::new(Shared {
                     snapshots: Arc::new(ArcSwap::from_pointee(snapshot)),
                     reloads: ReloadStats::default(),
+                    admin_addr,
                     dirty: AtomicBool::new(false),
                 }),
                 requests: sender,
@@ -170,6 +236,12 @@ impl Balancer {
         self.handle.local_addr(name)
     }
 
+    /// The address the admin endpoint is bound to, if `[admin]` is configured (useful with
+    /// port 0).
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.handle.admin_addr()
+    }
+
     /// A handle on the live state.
     pub fn handle(&self) -> Handle {
         self.handle.clone()
@@ -177,8 +249,24 @@ impl Balancer {
 
     /// Serves and handles reloads until `shutdown` is cancelled; then stops accepting (the
     /// listening sockets are closed at once), waits up to `shutdown_grace` for open connections
-    /// to finish, closes the rest and returns.
+    /// to finish, closes the rest and returns. The admin endpoint answers reads until then;
+    /// actions and reloads asked for after `shutdown` are refused.
     pub async fn run(mut self, shutdown: CancellationToken) -> Stopped {
+        let stop_admin = CancellationToken::new();
+        let admin = self.admin.take().map(|socket| {
+            let endpoint = admin::Endpoint {
+                handle: self.handle.clone(),
+                token: self.config.admin.as_ref().and_then(|a| a.token.clone()),
+                config_path: self.config_path.clone(),
+                shutting_down: shutdown.clone(),
+            };
+            // Aborted if `run` itself is dropped: the endpoint never outlives its balancer.
+            AbortOnDropHandle::new(tokio::spawn(admin::serve(
+                socket,
+                endpoint,
+                stop_admin.clone(),
+            )))
+        });
         let mut control = Control {
             running: HashMap::new(),
             shutdown: shutdown.clone(),
@@ -229,15 +317,41 @@ impl Balancer {
                 self.republish(&control);
             }
         }
+        // Requests from now on (SIGHUP, the watcher, the admin endpoint) are answered "shutting
+        // down" at once instead of waiting for a control task that no longer listens.
+        self.requests.close();
+        while let Ok(request) = self.requests.try_recv() {
+            drop(request);
+        }
         control.stop_accepting().await;
-        control.drain(self.config.shutdown_grace).await
+        let stopped = control.drain(self.config.shutdown_grace).await;
+        stop_admin.cancel();
+        if let Some(mut task) = admin {
+            match tokio::time::timeout(ADMIN_STOP_GRACE, &mut task).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!(error = %e, "admin endpoint ended abnormally"),
+                Err(_) => {
+                    debug!("admin requests still in progress; closing them");
+                    task.abort();
+                }
+            }
+        }
+        stopped
     }
 
     /// Records, logs and answers a reload's outcome.
     fn finish_reload(&self, result: Result<ReloadSummary, ReloadError>, reply: Reply) {
         self.handle.shared.reloads.record(&result);
         match &result {
-            Ok(summary) => info!(changes = %summary, "reload applied"),
+            Ok(summary) => {
+                info!(changes = %summary, "reload applied");
+                if !summary.needs_restart.is_empty() {
+                    warn!(
+                        settings = %summary.needs_restart.join(", "),
+                        "changed in the file but applied only at the next restart; the values in force stay"
+                    );
+                }
+            }
             Err(e) => error!(error = %e, "reload failed; the running configuration stays in force"),
         }
         // The requester may have given up waiting; the reload happened all the same.
@@ -293,7 +407,7 @@ impl Balancer {
     /// Switches to `new`: all or nothing (see the `reload` module).
     async fn apply(
         &mut self,
-        new: Config,
+        mut new: Config,
         control: &mut Control,
     ) -> Result<ReloadSummary, ReloadError> {
         // 1. Decide what happens to each listener, and bind every new socket. A failure here
@@ -399,6 +513,10 @@ impl Balancer {
         }
         self.registry.retain(&new);
         let summary = ReloadSummary::between(&self.config, &new);
+        // The admin endpoint and the log format are set up once, at start. Keeping the values in
+        // force here means the next reload still reports them as waiting for a restart.
+        new.admin = self.config.admin.clone();
+        new.log.format = self.config.log.format;
         self.config = new;
         Ok(summary)
     }
@@ -507,11 +625,15 @@ impl ReloadStats {
             Err(_) => &self.failed,
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        let mut last = self
-            .last_error
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        *last = result.as_ref().err().map(ToString::to_string);
+        let outcome = LastReload {
+            at: SystemTime::now(),
+            ok: result.is_ok(),
+            message: match result {
+                Ok(summary) => summary.to_string(),
+                Err(e) => e.to_string(),
+            },
+        };
+        *self.last.lock().unwrap_or_else(PoisonError::into_inner) = Some(outcome);
     }
 }
 
@@ -542,15 +664,22 @@ impl Handle {
     /// Reload outcomes since start.
     pub fn reload_counters(&self) -> ReloadCounters {
         let reloads = &self.shared.reloads;
+        let last = reloads
+            .last
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         ReloadCounters {
             succeeded: reloads.succeeded.load(Ordering::Relaxed),
             failed: reloads.failed.load(Ordering::Relaxed),
-            last_error: reloads
-                .last_error
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .clone(),
+            last_error: last.as_ref().filter(|l| !l.ok).map(|l| l.message.clone()),
+            last,
         }
+    }
+
+    /// Where the admin endpoint listens, if `[admin]` is configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.shared.admin_addr
     }
 
     /// Re-reads the configuration file and applies it, all or nothing (as SIGHUP does).

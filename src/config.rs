@@ -15,10 +15,11 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use serde::Deserialize;
 use toml::Spanned;
 
 use crate::strategy::StrategyKind;
-use raw::{RawBackend, RawConfig, RawListener};
+use raw::{RawAdmin, RawBackend, RawConfig, RawListener, RawLog};
 
 /// Path read when `--config` is not given, relative to the working directory.
 pub const DEFAULT_CONFIG_PATH: &str = "conf/weighbridge.toml";
@@ -48,8 +49,87 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Worker threads; `None` means one per CPU core. Read at start only.
     pub threads: Option<NonZeroUsize>,
+    /// The admin HTTP endpoint, if the file has an `[admin]` table.
+    pub admin: Option<AdminConfig>,
+    /// Log format and the access log.
+    pub log: LogConfig,
     /// At least one listener; names and bind addresses are unique.
     pub listeners: Vec<ListenerConfig>,
+}
+
+/// The `[admin]` table: where the admin HTTP endpoint listens and who may use it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    /// Address of the endpoint; no listener binds the same one.
+    pub bind: SocketAddr,
+    /// Bearer token every request but `GET /healthz` must carry. Always set when `bind` is not
+    /// a loopback address: whoever reaches the port could otherwise drain every backend.
+    pub token: Option<Token>,
+}
+
+/// A bearer token: non-empty visible ASCII, since it travels in an HTTP header.
+///
+/// `Debug` does not show it, so a logged or printed configuration never leaks it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token(String);
+
+impl Token {
+    /// Returns the token if `value` can be sent in an `Authorization` header as it is.
+    pub fn new(value: &str) -> Option<Token> {
+        (!value.is_empty() && value.bytes().all(|b| b.is_ascii_graphic()))
+            .then(|| Token(value.to_owned()))
+    }
+
+    /// True when `presented` is this token. The comparison takes the same time wherever the
+    /// first differing byte is, so response times do not reveal how much of a guess was right.
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        let expected = self.0.as_bytes();
+        if expected.len() != presented.len() {
+            return false;
+        }
+        let difference = expected
+            .iter()
+            .zip(presented)
+            .fold(0_u8, |acc, (a, b)| std::hint::black_box(acc | (a ^ b)));
+        difference == 0
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
+}
+
+/// The `[log]` table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LogConfig {
+    /// How every log line is written.
+    pub format: LogFormat,
+    /// One info line per closed client connection (target `weighbridge::access`). Off by
+    /// default: at thousands of short connections a second it is most of the log.
+    pub access_log: bool,
+}
+
+/// How log lines are written; the `format` key of `[log]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// `tracing`'s human-readable lines: time, level, target, message, `key=value` fields.
+    #[default]
+    Text,
+    /// One JSON object per line, fields at the top level, for log shippers.
+    Json,
+}
+
+impl LogFormat {
+    /// `text` or `json`, as written in the file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
 }
 
 /// One listening socket, its backends and how it spreads connections over them.
@@ -243,6 +323,23 @@ pub enum ConfigErrorKind {
     /// Every weight of a listener is zero.
     #[error("listener `{0}`: every backend has weight 0, so no connection could be routed")]
     AllWeightsZero(String),
+    /// An admin endpoint reachable from other hosts without a token.
+    #[error(
+        "[admin] `bind` = {0} is not a loopback address, so [admin] `token` is required: \
+         without it anyone who reaches the port could drain every backend"
+    )]
+    AdminTokenRequired(SocketAddr),
+    /// A token that cannot travel in an HTTP header.
+    #[error("[admin] `token` must be non-empty visible ASCII without spaces")]
+    BadToken,
+    /// The admin endpoint on a listener's address.
+    #[error("[admin] `bind` {addr} is already used by listener `{listener}`")]
+    AdminBindTaken {
+        /// The listener.
+        listener: String,
+        /// The address both name.
+        addr: SocketAddr,
+    },
 }
 
 /// Reads and validates the config file at `path`.
@@ -298,6 +395,7 @@ impl Config {
         if raw.listener.is_empty() {
             return Err((None, ConfigErrorKind::NoListeners));
         }
+        let log = raw.log.map(LogConfig::from_raw).unwrap_or_default();
         let mut listeners: Vec<ListenerConfig> = Vec::with_capacity(raw.listener.len());
         for spanned in raw.listener {
             let span = spanned.span();
@@ -332,11 +430,57 @@ impl Config {
             Some(t) => NonZeroUsize::new(usize::try_from(*t.get_ref()).unwrap_or(usize::MAX)),
             None => None,
         };
+        let admin = match raw.admin {
+            None => None,
+            Some(admin) => Some(AdminConfig::from_raw(admin.into_inner(), &listeners)?),
+        };
         Ok(Config {
             shutdown_grace,
             threads,
+            admin,
+            log,
             listeners,
         })
+    }
+}
+
+impl AdminConfig {
+    fn from_raw(raw: RawAdmin, listeners: &[ListenerConfig]) -> Result<AdminConfig, Invalid> {
+        let bind = address(&raw.bind, "bind")?;
+        let token = match &raw.token {
+            None => None,
+            Some(t) => {
+                Some(Token::new(t.get_ref()).ok_or((Some(t.span()), ConfigErrorKind::BadToken))?)
+            }
+        };
+        if token.is_none() && !bind.ip().is_loopback() {
+            return Err((
+                Some(raw.bind.span()),
+                ConfigErrorKind::AdminTokenRequired(bind),
+            ));
+        }
+        if let Some(listener) = listeners
+            .iter()
+            .find(|l| l.bind == bind && bind.port() != 0)
+        {
+            return Err((
+                Some(raw.bind.span()),
+                ConfigErrorKind::AdminBindTaken {
+                    listener: listener.name.clone(),
+                    addr: bind,
+                },
+            ));
+        }
+        Ok(AdminConfig { bind, token })
+    }
+}
+
+impl LogConfig {
+    fn from_raw(raw: RawLog) -> LogConfig {
+        LogConfig {
+            format: raw.format.unwrap_or_default(),
+            access_log: raw.access_log.unwrap_or(false),
+        }
     }
 }
 
@@ -476,6 +620,37 @@ addr = "127.0.0.1:9001"
         assert_eq!(l.splice, DEFAULT_SPLICE);
         assert_eq!(config.threads, None);
         assert_eq!(l.backends[0].weight, Weight::ONE);
+        assert_eq!(config.admin, None);
+        assert_eq!(config.log, LogConfig::default());
+        assert_eq!(config.log.format, LogFormat::Text);
+        assert!(!config.log.access_log);
+    }
+
+    #[test]
+    fn admin_and_log_tables_are_read() {
+        let text = format!(
+            "[admin]\nbind = \"0.0.0.0:9900\"\ntoken = \"s3cret-Token\"\n\
+             [log]\nformat = \"json\"\naccess_log = true\n{MINIMAL}"
+        );
+        let config = parse_str(&text).expect("valid");
+        let admin = config.admin.expect("[admin] given");
+        assert_eq!(admin.bind, "0.0.0.0:9900".parse().expect("literal"));
+        let token = admin.token.expect("token given");
+        assert!(token.matches(b"s3cret-Token"));
+        assert!(!token.matches(b"s3cret-Tokem"));
+        assert!(!token.matches(b"s3cret"));
+        assert_eq!(format!("{token:?}"), "Token(<redacted>)");
+        assert_eq!(config.log.format, LogFormat::Json);
+        assert!(config.log.access_log);
+        // On loopback the token is optional.
+        let text = format!("[admin]\nbind = \"[::1]:0\"\n{MINIMAL}");
+        assert_eq!(
+            parse_str(&text).expect("valid").admin,
+            Some(AdminConfig {
+                bind: "[::1]:0".parse().expect("literal"),
+                token: None
+            })
+        );
     }
 
     #[test]
@@ -627,6 +802,56 @@ weight = 0.5
                 "[[listener]]\nbind = \"127.0.0.1:1\"\n".into(),
                 Some(1),
                 "missing field `name`",
+            ),
+            (
+                format!("[admin]\nbind = \"0.0.0.0:9900\"\n{listener}{backend}"),
+                Some(2),
+                "[admin] `bind` = 0.0.0.0:9900 is not a loopback address, so [admin] `token` is required",
+            ),
+            (
+                format!("[admin]\nbind = \"10.1.2.3:9900\"\ntoken = \"\"\n{listener}{backend}"),
+                Some(3),
+                "[admin] `token` must be non-empty visible ASCII",
+            ),
+            (
+                format!("[admin]\nbind = \"127.0.0.1:9900\"\ntoken = \"a b\"\n{listener}{backend}"),
+                Some(3),
+                "[admin] `token` must be non-empty visible ASCII",
+            ),
+            (
+                format!("[admin]\nbind = \"localhost\"\n{listener}{backend}"),
+                Some(2),
+                "`bind`: invalid address `localhost`",
+            ),
+            (
+                format!("[admin]\nbind = \"127.0.0.1:1\"\n{listener}{backend}"),
+                Some(2),
+                "[admin] `bind` 127.0.0.1:1 is already used by listener `a`",
+            ),
+            (
+                format!("[admin]\ntoken = \"t\"\n{listener}{backend}"),
+                Some(1),
+                "missing field `bind`",
+            ),
+            (
+                format!("[admin]\nbind = \"127.0.0.1:9\"\nport = 1\n{listener}{backend}"),
+                Some(3),
+                "unknown field `port`",
+            ),
+            (
+                format!("[log]\nformat = \"xml\"\n{listener}{backend}"),
+                Some(2),
+                "unknown variant `xml`, expected `text` or `json`",
+            ),
+            (
+                format!("[log]\naccess_log = \"yes\"\n{listener}{backend}"),
+                Some(2),
+                "`access_log`: invalid type",
+            ),
+            (
+                format!("[log]\nlevel = \"info\"\n{listener}{backend}"),
+                Some(2),
+                "unknown field `level`",
             ),
         ];
         for (text, line, needle) in cases {

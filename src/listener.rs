@@ -126,6 +126,7 @@ pub(crate) async fn accept_loop(
         let max = pool.settings().max_connections.get() as u64;
         let Some(open) = ListenerStats::admit(pool.stats(), max) else {
             debug!(listener = %name, client = %peer, max, "max_connections reached, closing");
+            proxy::log_rejected(&pool, peer);
             continue;
         };
         connections.spawn(proxy::serve(stream, peer, pool, open, stop.clone()));

@@ -13,7 +13,7 @@ use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
 use tokio::signal::unix::{Signal, SignalKind, signal};
-use weighbridge::config::{self, DEFAULT_CONFIG_PATH};
+use weighbridge::config::{self, DEFAULT_CONFIG_PATH, LogFormat};
 use weighbridge::{Balancer, Handle, listener, reload};
 
 /// A Layer-4 TCP load balancer for AI inference servers.
@@ -58,7 +58,7 @@ fn run(cli: Cli) -> Result<(), String> {
         );
         return Ok(());
     }
-    init_logging(cli.log_level.as_deref())?;
+    init_logging(cli.log_level.as_deref(), config.log.format)?;
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Some(threads) = config.threads {
         runtime.worker_threads(threads.get());
@@ -92,18 +92,22 @@ fn run(cli: Cli) -> Result<(), String> {
     })
 }
 
-/// Sets up `tracing` to stderr: `--log-level`, else RUST_LOG, else info.
-fn init_logging(level: Option<&str>) -> Result<(), String> {
+/// Sets up `tracing` to stderr: `--log-level`, else RUST_LOG, else info; lines as `[log]
+/// format` says. Set once: a reload cannot change the format of a running process.
+fn init_logging(level: Option<&str>, format: LogFormat) -> Result<(), String> {
     let filter = match level {
         Some(level) => EnvFilter::try_new(level)
             .map_err(|e| format!("--log-level: invalid filter `{level}`: {e}"))?,
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        // Fields at the top level of each object, where log shippers look for them.
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
     Ok(())
 }
 

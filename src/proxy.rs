@@ -3,34 +3,66 @@
 //! Everything that can go wrong here stays with this connection: errors are logged and end
 //! this task, never the accept loop or another connection.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-
-use tokio::net::TcpStream;
-use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, debug_span, warn};
-
 mod relay;
 #[cfg(target_os = "linux")]
 mod splice;
 
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, debug_span, info, warn};
+
 use crate::backend::{ActiveConn, BackendState, OpenConn};
 use crate::snapshot::Pool;
 
-/// How a relayed connection ended.
+/// The `tracing` target of access log lines, so a filter such as `weighbridge::access=off` or a
+/// log shipper can tell them from the balancer's own lines.
+pub const ACCESS_LOG_TARGET: &str = "weighbridge::access";
+
+/// How a client connection ended: the `end` field of its access log line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// Both directions reached end of stream; the client's came first.
+pub enum End {
+    /// The client finished sending first; then both directions reached end of stream.
     ClientClosed,
-    /// Both directions reached end of stream; the backend's came first.
+    /// The backend finished sending first; then both directions reached end of stream.
     BackendClosed,
     /// Nothing moved for `idle_timeout`.
     IdleTimeout,
-    /// A read or write failed (reset, broken pipe, ...).
-    Error,
+    /// No backend could be reached within `connect_attempts` (the line says how many were
+    /// tried; 0 when every backend has weight 0).
+    ConnectFailed,
+    /// Refused at once because `max_connections` were open.
+    Rejected,
     /// Shutdown's grace period ran out.
     ShutDown,
+    /// A read or write failed (reset, broken pipe, ...).
+    Error,
+}
+
+impl End {
+    /// The name the access log uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            End::ClientClosed => "client_closed",
+            End::BackendClosed => "backend_closed",
+            End::IdleTimeout => "idle_timeout",
+            End::ConnectFailed => "connect_failed",
+            End::Rejected => "rejected",
+            End::ShutDown => "shutdown",
+            End::Error => "error",
+        }
+    }
+}
+
+impl fmt::Display for End {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Serves one accepted client connection until it is done.
@@ -44,85 +76,202 @@ pub(crate) async fn serve(
     open: OpenConn,
     stop: CancellationToken,
 ) {
+    let accepted = Instant::now();
     let span = debug_span!("conn", listener = %pool.name(), client = %peer);
     async move {
         let _open = open;
+        let listener = Arc::clone(pool.name());
+        let listener_stats = Arc::clone(pool.stats());
+        let mut access = AccessLine {
+            client: peer,
+            listener: &listener,
+            backend: None,
+            connect_time: None,
+            attempts: 0,
+            bytes_up: 0,
+            bytes_down: 0,
+            end: End::ShutDown,
+            error: None,
+        };
+        let access_log = pool.settings().access_log;
         if let Err(e) = client.set_nodelay(true) {
             debug!(error = %e, "cannot set TCP_NODELAY on client socket");
         }
         // Shutdown's grace period bounds connects too, not only relays.
         let connected = tokio::select! {
-            connected = connect(&pool) => connected,
+            connected = connect(&pool) => Some(connected),
             () = stop.cancelled() => {
                 debug!("shut down while connecting");
-                return;
+                None
             }
         };
-        let Some((upstream, backend, active)) = connected else {
-            pool.stats().record_no_backend();
-            warn!(
-                listener = %pool.name(),
-                client = %peer,
-                attempts = pool.settings().connect_attempts.get(),
-                "no backend reachable, closing client connection"
-            );
-            return;
-        };
-        debug!(%backend, "connected");
-        // The connection needs nothing more from its snapshot; letting go of it here means a
-        // long-lived stream does not keep a replaced snapshot (and its tables) alive.
-        let idle_timeout = pool.settings().idle_timeout;
-        let mode = if pool.settings().splice {
-            relay::Mode::Splice
-        } else {
-            relay::Mode::Copy
-        };
-        drop(pool);
-        let started = Instant::now();
-        let stats = active.stats();
-        let (outcome, moved) = relay::relay(
-            &client,
-            &upstream,
-            mode,
-            idle_timeout,
-            &stop,
-            |n| stats.add_bytes_to_backend(n),
-            |n| stats.add_bytes_from_backend(n),
-        )
-        .await;
-        debug!(
-            %backend,
-            ?outcome,
-            bytes_up = moved.to_backend,
-            bytes_down = moved.to_client,
-            duration_ms = started.elapsed().as_millis() as u64,
-            "closed"
-        );
-        drop(active);
+        match connected {
+            None => {}
+            Some(Err(attempts)) => {
+                pool.stats().record_no_backend();
+                warn!(
+                    listener = %pool.name(),
+                    client = %peer,
+                    attempts,
+                    "no backend reachable, closing client connection"
+                );
+                access.attempts = attempts;
+                access.end = End::ConnectFailed;
+            }
+            Some(Ok(connected)) => {
+                let Connected {
+                    stream: upstream,
+                    addr: backend,
+                    active,
+                    attempts,
+                } = connected;
+                debug!(%backend, "connected");
+                access.backend = Some(backend);
+                access.attempts = attempts;
+                access.connect_time = Some(accepted.elapsed());
+                // The connection needs nothing more from its snapshot; letting go of it here
+                // means a long-lived stream does not keep a replaced snapshot (and its tables)
+                // alive.
+                let idle_timeout = pool.settings().idle_timeout;
+                let mode = if pool.settings().splice {
+                    relay::Mode::Splice
+                } else {
+                    relay::Mode::Copy
+                };
+                drop(pool);
+                let stats = active.stats();
+                let relayed = relay::relay(
+                    &client,
+                    &upstream,
+                    mode,
+                    idle_timeout,
+                    &stop,
+                    |n| stats.add_bytes_to_backend(n),
+                    |n| stats.add_bytes_from_backend(n),
+                )
+                .await;
+                debug!(
+                    %backend,
+                    end = %relayed.end,
+                    bytes_up = relayed.up,
+                    bytes_down = relayed.down,
+                    "closed"
+                );
+                drop(active);
+                access.end = relayed.end;
+                access.error = relayed.error;
+                access.bytes_up = relayed.up;
+                access.bytes_down = relayed.down;
+            }
+        }
+        let open_for = accepted.elapsed();
+        listener_stats.record_duration(open_for);
+        if access_log {
+            access.log(open_for);
+        }
     }
     .instrument(span)
     .await;
 }
 
+/// Logs the access line of a client connection refused because `max_connections` were open.
+/// Called by the accept loop, which refuses before a connection task exists.
+pub(crate) fn log_rejected(pool: &Pool, peer: SocketAddr) {
+    if !pool.settings().access_log {
+        return;
+    }
+    let line = AccessLine {
+        client: peer,
+        listener: pool.name(),
+        backend: None,
+        connect_time: None,
+        attempts: 0,
+        bytes_up: 0,
+        bytes_down: 0,
+        end: End::Rejected,
+        error: None,
+    };
+    line.log(Duration::ZERO);
+}
+
+/// What the access log says about one client connection.
+#[derive(Debug)]
+struct AccessLine<'a> {
+    client: SocketAddr,
+    listener: &'a str,
+    backend: Option<SocketAddr>,
+    /// From accept until the backend accepted, retries included: what the client waited.
+    connect_time: Option<Duration>,
+    /// Connects tried (1 unless a backend refused or timed out).
+    attempts: u32,
+    /// Client to backend.
+    bytes_up: u64,
+    /// Backend to client.
+    bytes_down: u64,
+    end: End,
+    error: Option<String>,
+}
+
+impl AccessLine<'_> {
+    /// One info line; times in milliseconds, to the microsecond.
+    fn log(&self, duration: Duration) {
+        let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
+        info!(
+            target: ACCESS_LOG_TARGET,
+            client = %self.client,
+            listener = %self.listener,
+            backend = self.backend.map(tracing::field::display),
+            connect_ms = self.connect_time.map(ms),
+            duration_ms = ms(duration),
+            bytes_up = self.bytes_up,
+            bytes_down = self.bytes_down,
+            end = %self.end,
+            attempts = self.attempts,
+            error = self.error.as_deref().map(tracing::field::display),
+            "connection closed"
+        );
+    }
+}
+
+/// A connection established to a backend.
+#[derive(Debug)]
+struct Connected {
+    stream: TcpStream,
+    addr: SocketAddr,
+    /// Counts the connection as active on the backend.
+    active: ActiveConn,
+    /// Connects tried, this one included.
+    attempts: u32,
+}
+
 /// Connects to a backend picked by the pool's strategy, trying up to `connect_attempts` distinct
-/// backends. The returned guard counts the connection as active on that backend.
-async fn connect(pool: &Pool) -> Option<(TcpStream, SocketAddr, ActiveConn)> {
+/// backends. On failure returns how many connects were tried.
+async fn connect(pool: &Pool) -> Result<Connected, u32> {
     let settings = pool.settings();
     // Allocates only on a retry.
     let mut tried = Vec::new();
     for attempt in 1..=settings.connect_attempts.get() {
-        let (index, backend) = pool.pick(&tried)?;
+        let Some((index, backend)) = pool.pick(&tried) else {
+            return Err(attempt - 1);
+        };
         let active = BackendState::acquire(&backend.stats);
+        pool.stats().record_connect_attempt();
+        let started = Instant::now();
         let error =
             match tokio::time::timeout(settings.connect_timeout, TcpStream::connect(backend.addr))
                 .await
             {
                 Ok(Ok(stream)) => {
-                    backend.stats.record_connected();
+                    backend.stats.record_connected(started.elapsed());
                     if let Err(e) = stream.set_nodelay(true) {
                         debug!(error = %e, "cannot set TCP_NODELAY on backend socket");
                     }
-                    return Some((stream, backend.addr, active));
+                    return Ok(Connected {
+                        stream,
+                        addr: backend.addr,
+                        active,
+                        attempts: attempt,
+                    });
                 }
                 Ok(Err(e)) => e.to_string(),
                 Err(_) => format!(
@@ -131,8 +280,9 @@ async fn connect(pool: &Pool) -> Option<(TcpStream, SocketAddr, ActiveConn)> {
                 ),
             };
         backend.stats.record_connect_failure();
+        pool.stats().record_connect_failure();
         warn!(listener = %pool.name(), backend = %backend.addr, attempt, %error, "connect failed");
         tried.push(index);
     }
-    None
+    Err(settings.connect_attempts.get())
 }

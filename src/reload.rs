@@ -59,12 +59,18 @@ pub struct ReloadSummary {
     pub backends_removed: Vec<String>,
     /// Backends whose weight changed, as `listener/address old->new`.
     pub weights_changed: Vec<String>,
+    /// Top-level and `[log]` settings applied by this reload, as `key old->new`.
+    pub settings_changed: Vec<String>,
+    /// Settings changed in the file that only a restart applies (`[admin]`, `[log] format`);
+    /// the values in force stay as they were.
+    pub needs_restart: Vec<String>,
 }
 
 impl ReloadSummary {
     /// Compares two configurations.
     pub fn between(old: &Config, new: &Config) -> ReloadSummary {
         let mut summary = ReloadSummary::default();
+        summary.compare_settings(old, new);
         let old_by_name: HashMap<&str, &ListenerConfig> =
             old.listeners.iter().map(|l| (l.name.as_str(), l)).collect();
         for listener in &new.listeners {
@@ -118,6 +124,44 @@ impl ReloadSummary {
         summary
     }
 
+    /// Compares what lies outside the listeners.
+    fn compare_settings(&mut self, old: &Config, new: &Config) {
+        if old.shutdown_grace != new.shutdown_grace {
+            self.settings_changed.push(format!(
+                "shutdown_grace {}->{}",
+                humantime::format_duration(old.shutdown_grace),
+                humantime::format_duration(new.shutdown_grace)
+            ));
+        }
+        if old.log.access_log != new.log.access_log {
+            self.settings_changed.push(format!(
+                "[log] access_log {}->{}",
+                old.log.access_log, new.log.access_log
+            ));
+        }
+        if old.log.format != new.log.format {
+            self.needs_restart.push(format!(
+                "[log] format {}->{}",
+                old.log.format.as_str(),
+                new.log.format.as_str()
+            ));
+        }
+        let bind = |c: &Config| c.admin.as_ref().map(|a| a.bind);
+        if bind(old) != bind(new) {
+            let show = |b: Option<SocketAddr>| b.map_or("none".to_owned(), |b| b.to_string());
+            self.needs_restart.push(format!(
+                "[admin] bind {}->{}",
+                show(bind(old)),
+                show(bind(new))
+            ));
+        }
+        let token = |c: &Config| c.admin.as_ref().and_then(|a| a.token.clone());
+        if token(old) != token(new) {
+            // Never the values: they are secrets.
+            self.needs_restart.push("[admin] token".to_owned());
+        }
+    }
+
     /// True when the new configuration is the same as the old one.
     pub fn is_empty(&self) -> bool {
         *self == ReloadSummary::default()
@@ -144,6 +188,8 @@ impl fmt::Display for ReloadSummary {
             ("backends added", &self.backends_added),
             ("backends removed", &self.backends_removed),
             ("weights changed", &self.weights_changed),
+            ("settings changed", &self.settings_changed),
+            ("needs a restart", &self.needs_restart),
         ];
         let mut first = true;
         for (label, items) in parts.into_iter().filter(|(_, items)| !items.is_empty()) {
@@ -275,5 +321,34 @@ mod tests {
                 .starts_with("listeners added: new; listeners removed: gone")
         );
         assert_eq!(ReloadSummary::between(&new, &new).to_string(), "no changes");
+    }
+
+    #[test]
+    fn summary_tells_live_settings_from_restart_only_ones() {
+        let listener = "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\n\
+                        [[listener.backend]]\naddr = \"127.0.0.1:10\"\n";
+        let old = config(&format!(
+            "[admin]\nbind = \"127.0.0.1:9900\"\ntoken = \"old-secret\"\n{listener}"
+        ));
+        let new = config(&format!(
+            "shutdown_grace = \"5s\"\n[admin]\nbind = \"127.0.0.1:9901\"\ntoken = \"new-secret\"\n\
+             [log]\nformat = \"json\"\naccess_log = true\n{listener}"
+        ));
+        let summary = ReloadSummary::between(&old, &new);
+        assert_eq!(
+            summary.settings_changed,
+            ["shutdown_grace 30s->5s", "[log] access_log false->true"]
+        );
+        assert_eq!(
+            summary.needs_restart,
+            [
+                "[log] format text->json",
+                "[admin] bind 127.0.0.1:9900->127.0.0.1:9901",
+                "[admin] token"
+            ]
+        );
+        let line = summary.to_string();
+        assert!(!line.contains("secret"), "{line}");
+        assert!(line.contains("needs a restart: [log] format"), "{line}");
     }
 }

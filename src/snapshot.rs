@@ -24,7 +24,9 @@ pub type SnapshotCell = ArcSwap<Snapshot>;
 /// Every listener's pool, as of one configuration and one set of effective weights.
 #[derive(Debug)]
 pub struct Snapshot {
-    pools: HashMap<String, Arc<Pool>>,
+    /// In configuration order, so status output reads like the file.
+    pools: Vec<Arc<Pool>>,
+    by_name: HashMap<String, usize>,
 }
 
 impl Snapshot {
@@ -35,26 +37,32 @@ impl Snapshot {
         registry: &Registry,
         local_addrs: &HashMap<String, SocketAddr>,
     ) -> Snapshot {
-        let pools = config
+        let pools: Vec<Arc<Pool>> = config
             .listeners
             .iter()
             .map(|listener| {
                 let local_addr = local_addrs.get(&listener.name).copied();
-                let pool = Pool::build(listener, registry, local_addr);
-                (listener.name.clone(), Arc::new(pool))
+                let pool = Pool::build(listener, registry, local_addr, config.log.access_log);
+                Arc::new(pool)
             })
             .collect();
-        Snapshot { pools }
+        let by_name = config
+            .listeners
+            .iter()
+            .enumerate()
+            .map(|(index, listener)| (listener.name.clone(), index))
+            .collect();
+        Snapshot { pools, by_name }
     }
 
     /// The pool of listener `name`.
     pub fn pool(&self, name: &str) -> Option<&Arc<Pool>> {
-        self.pools.get(name)
+        self.pools.get(*self.by_name.get(name)?)
     }
 
-    /// Every pool, in no particular order.
+    /// Every pool, in configuration order.
     pub fn pools(&self) -> impl Iterator<Item = &Arc<Pool>> {
-        self.pools.values()
+        self.pools.iter()
     }
 }
 
@@ -84,6 +92,8 @@ pub struct ListenerSettings {
     pub max_connections: NonZeroUsize,
     /// Relay with `splice(2)` where available.
     pub splice: bool,
+    /// Whether each closed (or refused) client connection is logged; `[log] access_log`.
+    pub access_log: bool,
 }
 
 /// One backend as a snapshot sees it.
@@ -105,6 +115,7 @@ impl Pool {
         listener: &ListenerConfig,
         registry: &Registry,
         local_addr: Option<SocketAddr>,
+        access_log: bool,
     ) -> Pool {
         let backends: Box<[Backend]> = listener
             .backends
@@ -131,6 +142,7 @@ impl Pool {
                 connect_attempts: listener.connect_attempts,
                 max_connections: listener.max_connections,
                 splice: listener.splice,
+                access_log,
             },
             strategy: listener.strategy.build(&weights, &live),
             backends,

@@ -160,3 +160,35 @@ fn bad_log_level_exits_1() {
     let output = run(&["--config", path, "--log-level", "loud=[["]);
     assert_fails_with(&output, &["--log-level"]);
 }
+
+#[test]
+fn admin_on_a_public_address_without_token_exits_1_naming_key_and_line() {
+    let file = config_file(&format!("[admin]\nbind = \"0.0.0.0:0\"\n{VALID}"));
+    let path = file.path().to_str().expect("utf-8 temp path");
+    for args in [vec!["--config", path, "--check"], vec!["--config", path]] {
+        let output = run(&args);
+        assert_fails_with(
+            &output,
+            &[
+                &format!("{path}:2:"),
+                "[admin] `bind`",
+                "[admin] `token` is required",
+            ],
+        );
+    }
+}
+
+#[test]
+fn admin_bind_failure_exits_1_naming_admin_bind_and_address() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port to occupy");
+    let addr = taken.local_addr().expect("local addr").to_string();
+    let file = config_file(&format!("[admin]\nbind = \"{addr}\"\n{VALID}"));
+    let path = file.path().to_str().expect("utf-8 temp path");
+    let output = run(&["--config", path, "--log-level", "error"]);
+    assert_fails_with(&output, &["[admin] `bind`", &addr, "cannot bind"]);
+    // Bound before the listeners: nothing was announced as listening.
+    let output = run(&["--config", path, "--log-level", "info"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(!stderr.contains("listening"), "{stderr}");
+}

@@ -27,7 +27,7 @@ use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 
 use weighbridge::reload::ReloadError;
-use weighbridge::{Balancer, BindError, Config, Handle, Stopped};
+use weighbridge::{Balancer, Config, Handle, StartError, Stopped};
 
 const BIN: &str = env!("CARGO_BIN_EXE_weighbridge");
 /// Upper bound on one socket operation; nothing here should take more than milliseconds.
@@ -273,7 +273,7 @@ impl InProcess {
         InProcess::try_start(config, path).expect("bind the balancer's listeners")
     }
 
-    fn try_start(config: &Config, path: Option<&Path>) -> Result<InProcess, BindError> {
+    fn try_start(config: &Config, path: Option<&Path>) -> Result<InProcess, StartError> {
         let mut balancer = Balancer::bind(config)?;
         if let Some(path) = path {
             balancer = balancer.with_config_path(path);

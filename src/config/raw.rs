@@ -8,6 +8,7 @@
 use serde::Deserialize;
 use toml::Spanned;
 
+use super::LogFormat;
 use crate::strategy::StrategyKind;
 
 /// The whole file.
@@ -16,8 +17,26 @@ use crate::strategy::StrategyKind;
 pub(crate) struct RawConfig {
     pub(crate) shutdown_grace: Option<Spanned<String>>,
     pub(crate) threads: Option<Spanned<u64>>,
+    pub(crate) admin: Option<Spanned<RawAdmin>>,
+    pub(crate) log: Option<RawLog>,
     #[serde(default)]
     pub(crate) listener: Vec<Spanned<RawListener>>,
+}
+
+/// The `[admin]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAdmin {
+    pub(crate) bind: Spanned<String>,
+    pub(crate) token: Option<Spanned<String>>,
+}
+
+/// The `[log]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawLog {
+    pub(crate) format: Option<LogFormat>,
+    pub(crate) access_log: Option<bool>,
 }
 
 /// One `[[listener]]` table.

@@ -26,7 +26,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::Outcome;
+use super::End;
 
 /// Per-thread scratch buffer of the copy path: one read moves at most this much.
 const SCRATCH: usize = 64 * 1024;
@@ -44,13 +44,17 @@ pub(crate) enum Mode {
     Copy,
 }
 
-/// Byte counts of a finished relay.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct Moved {
-    /// Client → backend.
-    pub(crate) to_backend: u64,
-    /// Backend → client.
-    pub(crate) to_client: u64,
+/// How a relay ended and what it moved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Relayed {
+    /// Which side ended it, or why it was ended.
+    pub(crate) end: End,
+    /// The read or write error that ended it, for [`End::Error`].
+    pub(crate) error: Option<String>,
+    /// Bytes moved client → backend.
+    pub(crate) up: u64,
+    /// Bytes moved backend → client.
+    pub(crate) down: u64,
 }
 
 /// Relays until both directions are done, nothing moves for `idle`, or `stop` fires.
@@ -65,7 +69,7 @@ pub(crate) async fn relay(
     stop: &CancellationToken,
     to_backend: impl Fn(u64),
     to_client: impl Fn(u64),
-) -> (Outcome, Moved) {
+) -> Relayed {
     let activity = Activity::new();
     let up = AtomicU64::new(0);
     let down = AtomicU64::new(0);
@@ -93,23 +97,26 @@ pub(crate) async fn relay(
             },
         )
     };
-    let outcome = tokio::select! {
+    let mut error = None;
+    let end = tokio::select! {
         result = both => match result {
-            Ok(_) if first_eof.load(Ordering::Relaxed) == 2 => Outcome::BackendClosed,
-            Ok(_) => Outcome::ClientClosed,
+            Ok(_) if first_eof.load(Ordering::Relaxed) == 2 => End::BackendClosed,
+            Ok(_) => End::ClientClosed,
             Err(e) => {
                 tracing::debug!(error = %e, "relay ended with an error");
-                Outcome::Error
+                error = Some(e.to_string());
+                End::Error
             }
         },
-        () = activity.idle_for(idle) => Outcome::IdleTimeout,
-        () = stop.cancelled() => Outcome::ShutDown,
+        () = activity.idle_for(idle) => End::IdleTimeout,
+        () = stop.cancelled() => End::ShutDown,
     };
-    let moved = Moved {
-        to_backend: up.load(Ordering::Relaxed),
-        to_client: down.load(Ordering::Relaxed),
-    };
-    (outcome, moved)
+    Relayed {
+        end,
+        error,
+        up: up.load(Ordering::Relaxed),
+        down: down.load(Ordering::Relaxed),
+    }
 }
 
 /// Records `side` as the first to finish unless another already is.
@@ -247,6 +254,14 @@ impl Activity {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_first_side_to_finish_is_the_one_remembered() {
+        let first = AtomicU8::new(0);
+        mark_first(&first, 2);
+        mark_first(&first, 1);
+        assert_eq!(first.load(Ordering::Relaxed), 2);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn idle_timer_restarts_on_activity() {

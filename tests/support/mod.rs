@@ -488,3 +488,125 @@ macro_rules! on_both_paths {
 pub fn data_path(splice: bool) -> String {
     format!("splice = {splice}")
 }
+
+/// An HTTP answer from the admin endpoint.
+#[derive(Debug)]
+pub struct HttpResponse {
+    /// The status code.
+    pub status: u16,
+    /// Header lines, names lowercased.
+    pub headers: Vec<(String, String)>,
+    /// The body, as text.
+    pub body: String,
+}
+
+impl HttpResponse {
+    /// The body parsed as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", self.body))
+    }
+
+    /// The value of header `name` (lowercase), if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Sends one HTTP/1.1 request to `addr` (with `Connection: close`) and reads the whole answer.
+/// `token` adds `Authorization: Bearer <token>`. Fails the test after 10 s.
+pub async fn http(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> HttpResponse {
+    let exchange = async {
+        let mut stream = TcpStream::connect(addr)
+            .await
+            .expect("connect to the admin endpoint");
+        let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .expect("send the request");
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await.expect("read the answer");
+        raw
+    };
+    let raw = tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .unwrap_or_else(|_| panic!("{method} {path}: no answer within 10 s"));
+    let text = String::from_utf8(raw).expect("the answer is UTF-8");
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no end of headers in {text:?}"));
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().expect("a status line");
+    let status = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    assert!(
+        !headers
+            .iter()
+            .any(|(n, v)| n == "transfer-encoding" && v.contains("chunked")),
+        "this helper reads only length-delimited bodies"
+    );
+    HttpResponse {
+        status,
+        headers,
+        body: body.to_owned(),
+    }
+}
+
+/// [`config`] with an `[admin]` table on an ephemeral loopback port (and `token`, if given).
+pub fn config_with_admin(
+    strategy: &str,
+    settings: &str,
+    backends: &[(SocketAddr, f64)],
+    token: Option<&str>,
+) -> String {
+    let mut text = config(strategy, settings, backends);
+    text.push_str("\n[admin]\nbind = \"127.0.0.1:0\"\n");
+    if let Some(token) = token {
+        text.push_str(&format!("token = \"{token}\"\n"));
+    }
+    text
+}
+
+impl Running {
+    /// Where the admin endpoint listens; the config must have an `[admin]` table.
+    pub fn admin(&self) -> SocketAddr {
+        self.handle
+            .admin_addr()
+            .expect("the config has an [admin] table")
+    }
+}
+
+/// Like [`start_balancer`], from a file that [`Handle::reload`] (and `POST /reload`) re-read.
+pub fn start_balancer_from_file(path: &Path) -> Running {
+    let config = weighbridge::config::load(path)
+        .unwrap_or_else(|e| panic!("test config must be valid: {e}"));
+    let balancer = Balancer::bind(&config)
+        .expect("bind the balancer on loopback")
+        .with_config_path(path);
+    let addr = balancer
+        .local_addr(LISTENER)
+        .expect("the config has listener `lb`");
+    let handle = balancer.handle();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(balancer.run(shutdown.clone()));
+    Running {
+        addr,
+        handle,
+        shutdown,
+        task,
+    }
+}

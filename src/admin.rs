@@ -1,0 +1,321 @@
+//! The admin HTTP endpoint: Prometheus metrics, JSON status, drain and enable, reload, and a
+//! liveness probe.
+//!
+//! | method | path | what |
+//! |---|---|---|
+//! | GET | `/metrics` | Prometheus text exposition (see [`metrics`]) |
+//! | GET | `/status` | JSON: listeners, backends, live state, last reload (see [`status`]) |
+//! | GET | `/healthz` | `{"status":"ok"}`, or 503 once shutdown has begun; never needs the token |
+//! | POST | `/reload` | re-reads the file, as SIGHUP does, and answers with the outcome |
+//! | POST | `/listeners/{listener}/backends/{addr}/drain` | no new connections for that backend |
+//! | POST | `/listeners/{listener}/backends/{addr}/enable` | undoes a drain |
+//!
+//! Every error is JSON, `{"error": "..."}`, with its status: 400 for an address that is not
+//! `IP:port`, 401 for a missing or wrong bearer token, 404 for an unknown path, listener or
+//! backend, 405 for a wrong method, 422 for a reload the file's content refuses, 503 while
+//! shutting down.
+//!
+//! The endpoint stays off the data path: reads load the snapshot and atomics, as connections
+//! do, and take no lock a connection takes; actions and reloads are messages to the control
+//! task, which stays the only writer of the snapshot.
+
+mod metrics;
+mod status;
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use prometheus_client::registry::Registry;
+use serde_json::json;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use crate::AdminError;
+use crate::backend::AdminState;
+use crate::balancer::Handle;
+use crate::config::Token;
+use crate::reload::ReloadError;
+
+/// Listen backlog of the admin socket: a scraper and an operator or two, never a crowd.
+const BACKLOG: u32 = 64;
+
+/// Binds the admin endpoint's socket and returns it with the address it got.
+pub(crate) fn bind(addr: SocketAddr) -> io::Result<(TcpListener, SocketAddr)> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    // A restarted balancer can bind again while old admin connections are in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    let listener = socket.listen(BACKLOG)?;
+    let local_addr = listener.local_addr()?;
+    Ok((listener, local_addr))
+}
+
+/// What the endpoint serves from.
+#[derive(Debug, Clone)]
+pub(crate) struct Endpoint {
+    /// Live state, actions and reloads.
+    pub(crate) handle: Handle,
+    /// The bearer token every request but `/healthz` must carry, if one is configured.
+    pub(crate) token: Option<Token>,
+    /// The file reloads read, shown in `/status`.
+    pub(crate) config_path: Option<PathBuf>,
+    /// Cancelled when shutdown begins; `/healthz` then answers 503.
+    pub(crate) shutting_down: CancellationToken,
+}
+
+/// The endpoint and its metrics registry, shared by every request.
+#[derive(Debug)]
+struct Shared {
+    endpoint: Endpoint,
+    registry: Registry,
+}
+
+type AppState = Arc<Shared>;
+
+/// Serves the admin endpoint on `socket` until `stop` is cancelled, then lets the requests in
+/// progress finish.
+pub(crate) async fn serve(socket: TcpListener, endpoint: Endpoint, stop: CancellationToken) {
+    let registry = metrics::registry(endpoint.handle.clone());
+    let app = router(Arc::new(Shared { endpoint, registry }));
+    let served = axum::serve(socket, app)
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await;
+    if let Err(e) = served {
+        error!(error = %e, "admin endpoint failed");
+    }
+}
+
+fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(get_metrics))
+        .route("/status", get(get_status))
+        .route("/healthz", get(get_healthz))
+        .route("/reload", post(post_reload))
+        .route(
+            "/listeners/{listener}/backends/{addr}/drain",
+            post(post_drain),
+        )
+        .route(
+            "/listeners/{listener}/backends/{addr}/enable",
+            post(post_enable),
+        )
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        // A layer (not a route layer): unknown paths need the token too, so that a client
+        // without it learns nothing about what is served.
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            authorize,
+        ))
+        .with_state(state)
+}
+
+/// An error answer: a status and a one-line message, sent as `{"error": message}`.
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response =
+            (self.status, axum::Json(json!({ "error": self.message }))).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"weighbridge\""),
+            );
+        }
+        response
+    }
+}
+
+impl From<AdminError> for ApiError {
+    fn from(e: AdminError) -> ApiError {
+        let status = match e {
+            AdminError::UnknownListener(_) | AdminError::UnknownBackend(..) => {
+                StatusCode::NOT_FOUND
+            }
+            AdminError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+/// Lets a request through when no token is configured, when it asks for `/healthz` (probes
+/// rarely carry secrets, and the answer reveals nothing), or when it carries
+/// `Authorization: Bearer <token>`.
+async fn authorize(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let Some(token) = &state.endpoint.token else {
+        return next.run(request).await;
+    };
+    if request.uri().path() == "/healthz" {
+        return next.run(request).await;
+    }
+    let Some(value) = request.headers().get(header::AUTHORIZATION) else {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing bearer token: send `Authorization: Bearer <token>`",
+        )
+        .into_response();
+    };
+    if bearer(value.as_bytes()).is_some_and(|presented| token.matches(presented)) {
+        next.run(request).await
+    } else {
+        ApiError::new(StatusCode::UNAUTHORIZED, "invalid bearer token").into_response()
+    }
+}
+
+/// The credentials of an `Authorization: Bearer ...` header value (the scheme is
+/// case-insensitive, RFC 9110 §11.1).
+fn bearer(value: &[u8]) -> Option<&[u8]> {
+    const SCHEME: &[u8] = b"bearer ";
+    let (scheme, rest) = value.split_at_checked(SCHEME.len())?;
+    scheme
+        .eq_ignore_ascii_case(SCHEME)
+        .then(|| rest.trim_ascii())
+}
+
+async fn get_metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let mut body = String::new();
+    prometheus_client::encoding::prometheus_text::encode(&mut body, &state.registry)
+        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "cannot encode metrics"))?;
+    let content_type = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+    Ok(([(header::CONTENT_TYPE, content_type)], body).into_response())
+}
+
+async fn get_status(State(state): State<AppState>) -> Response {
+    axum::Json(status::Status::of(&state.endpoint)).into_response()
+}
+
+async fn get_healthz(State(state): State<AppState>) -> Response {
+    if state.endpoint.shutting_down.is_cancelled() {
+        let body = axum::Json(json!({ "status": "shutting_down" }));
+        (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
+    } else {
+        axum::Json(json!({ "status": "ok" })).into_response()
+    }
+}
+
+async fn post_reload(State(state): State<AppState>) -> Result<Response, ApiError> {
+    info!("reload requested through the admin endpoint");
+    match state.endpoint.handle.reload().await {
+        Ok(summary) => Ok(axum::Json(json!({
+            "ok": true,
+            "changes": summary.to_string(),
+            "needs_restart": summary.needs_restart,
+        }))
+        .into_response()),
+        Err(e) => {
+            let status = match e {
+                ReloadError::Config(_) | ReloadError::Bind(_) => StatusCode::UNPROCESSABLE_ENTITY,
+                ReloadError::NoConfigFile => StatusCode::CONFLICT,
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            let body = axum::Json(json!({ "ok": false, "error": e.to_string() }));
+            Ok((status, body).into_response())
+        }
+    }
+}
+
+async fn post_drain(
+    State(state): State<AppState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> Result<Response, ApiError> {
+    set_admin_state(&state, path, AdminState::Drained).await
+}
+
+async fn post_enable(
+    State(state): State<AppState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> Result<Response, ApiError> {
+    set_admin_state(&state, path, AdminState::Ready).await
+}
+
+/// Drains or enables the backend a path names, and answers with its state afterwards.
+async fn set_admin_state(
+    state: &Shared,
+    path: Result<Path<(String, String)>, PathRejection>,
+    admin_state: AdminState,
+) -> Result<Response, ApiError> {
+    let Path((listener, addr)) =
+        path.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let addr: SocketAddr = addr.trim().parse().map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "invalid backend address `{addr}`: expected IP:port such as 127.0.0.1:9001 or [::1]:9001"
+            ),
+        )
+    })?;
+    let handle = &state.endpoint.handle;
+    handle
+        .set_admin_state(&listener, addr, admin_state)
+        .await
+        .map_err(ApiError::from)?;
+    let counters = handle
+        .backend_counters(&listener, addr)
+        .ok_or_else(|| ApiError::from(AdminError::UnknownBackend(listener.clone(), addr)))?;
+    Ok(axum::Json(json!({
+        "listener": listener,
+        "backend": addr.to_string(),
+        "admin_state": admin_state.as_str(),
+        "active_connections": counters.active,
+    }))
+    .into_response())
+}
+
+async fn not_found(request: Request) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("no such endpoint: {}", request.uri().path()),
+    )
+}
+
+async fn method_not_allowed(request: Request) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!(
+            "{} is not allowed on {}",
+            request.method(),
+            request.uri().path()
+        ),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive_and_required() {
+        assert_eq!(bearer(b"Bearer abc"), Some(&b"abc"[..]));
+        assert_eq!(bearer(b"bearer  abc "), Some(&b"abc"[..]));
+        assert_eq!(bearer(b"Basic abc"), None);
+        assert_eq!(bearer(b"abc"), None);
+        assert_eq!(bearer(b""), None);
+    }
+}

@@ -1,0 +1,302 @@
+//! `GET /metrics`: Prometheus metrics, read from the snapshot and the live atomics at scrape
+//! time.
+//!
+//! Nothing is kept twice: the connection path counts into `ListenerStats` and `BackendState` as
+//! it always does, and a [`Collector`] turns those into metric families when Prometheus asks.
+//! Series exist for the listeners and backends of the running configuration; a backend removed
+//! by a reload disappears from the next scrape.
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `weighbridge_connections_accepted_total` | counter | listener |
+//! | `weighbridge_connections_active` | gauge | listener |
+//! | `weighbridge_connections_rejected_total` | counter | listener, reason |
+//! | `weighbridge_connect_attempts_total` | counter | listener |
+//! | `weighbridge_connect_failures_total` | counter | listener |
+//! | `weighbridge_connection_duration_seconds` | histogram | listener |
+//! | `weighbridge_backend_connections_active` | gauge | listener, backend |
+//! | `weighbridge_backend_connections_total` | counter | listener, backend |
+//! | `weighbridge_backend_connect_failures_total` | counter | listener, backend |
+//! | `weighbridge_backend_bytes_total` | counter | listener, backend, direction |
+//! | `weighbridge_backend_connect_duration_seconds` | histogram | listener, backend |
+//! | `weighbridge_backend_weight` | gauge | listener, backend |
+//! | `weighbridge_backend_effective_weight` | gauge | listener, backend |
+//! | `weighbridge_backend_healthy` | gauge | listener, backend |
+//! | `weighbridge_backend_ejected` | gauge | listener, backend |
+//! | `weighbridge_backend_drained` | gauge | listener, backend |
+//! | `weighbridge_reloads_total` | counter | result |
+//! | `weighbridge_build_info` | gauge | version |
+
+use std::fmt;
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeGaugeValue, EncodeLabelSet, NoLabelSet,
+};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+use crate::backend::{AdminState, BackendCounters, Health, ListenerCounters};
+use crate::balancer::Handle;
+use crate::histogram::HistogramSnapshot;
+use crate::snapshot::Pool;
+
+/// A registry holding the one collector that reads `handle` at each scrape.
+pub(super) fn registry(handle: Handle) -> Registry {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Metrics { handle }));
+    registry
+}
+
+/// Reads the balancer's live state when a scrape encodes it.
+#[derive(Debug)]
+struct Metrics {
+    handle: Handle,
+}
+
+/// One listener's values, read once per scrape so that every family agrees.
+struct ListenerSample {
+    name: Arc<str>,
+    counters: ListenerCounters,
+    duration: HistogramSnapshot,
+    backends: Vec<BackendSample>,
+}
+
+/// One backend's values, read once per scrape.
+struct BackendSample {
+    addr: String,
+    weight: f64,
+    effective_weight: f64,
+    counters: BackendCounters,
+    connect_time: HistogramSnapshot,
+    health: Health,
+    drained: bool,
+}
+
+impl ListenerSample {
+    fn of(pool: &Pool) -> ListenerSample {
+        ListenerSample {
+            name: Arc::clone(pool.name()),
+            counters: pool.stats().counters(),
+            duration: pool.stats().duration().snapshot(),
+            backends: pool
+                .backends()
+                .iter()
+                .map(|b| BackendSample {
+                    addr: b.addr.to_string(),
+                    weight: b.weight.get(),
+                    effective_weight: b.effective_weight,
+                    counters: b.stats.counters(),
+                    connect_time: b.stats.connect_time().snapshot(),
+                    health: b.stats.health(),
+                    drained: b.stats.admin_state() == AdminState::Drained,
+                })
+                .collect(),
+        }
+    }
+
+    fn labels(&self) -> [(&'static str, &str); 1] {
+        [("listener", &self.name)]
+    }
+
+    /// Every backend with its `listener` and `backend` labels.
+    fn backends(&self) -> impl Iterator<Item = ([(&'static str, &str); 2], &BackendSample)> {
+        self.backends
+            .iter()
+            .map(|b| ([("listener", &*self.name), ("backend", b.addr.as_str())], b))
+    }
+}
+
+impl Collector for Metrics {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
+        let snapshot = self.handle.snapshot();
+        let listeners: Vec<ListenerSample> =
+            snapshot.pools().map(|p| ListenerSample::of(p)).collect();
+        drop(snapshot);
+        let e = &mut encoder;
+
+        counter(
+            e,
+            "weighbridge_connections_accepted",
+            "Client connections accepted, including ones then rejected.",
+            listeners.iter().map(|l| (l.labels(), l.counters.accepted)),
+        )?;
+        gauge(
+            e,
+            "weighbridge_connections_active",
+            "Client connections open now.",
+            listeners.iter().map(|l| (l.labels(), l.counters.open)),
+        )?;
+        counter(
+            e,
+            "weighbridge_connections_rejected",
+            "Client connections closed without being relayed, by reason: max_connections were open, or no backend could be reached.",
+            listeners.iter().flat_map(|l| {
+                [
+                    ("max_connections", l.counters.rejected_max_connections),
+                    ("no_backend", l.counters.rejected_no_backend),
+                ]
+                .map(|(reason, n)| ([("listener", &*l.name), ("reason", reason)], n))
+            }),
+        )?;
+        counter(
+            e,
+            "weighbridge_connect_attempts",
+            "Connects to backends started, retries included.",
+            listeners
+                .iter()
+                .map(|l| (l.labels(), l.counters.connect_attempts)),
+        )?;
+        counter(
+            e,
+            "weighbridge_connect_failures",
+            "Connects to backends refused, failed or timed out.",
+            listeners
+                .iter()
+                .map(|l| (l.labels(), l.counters.connect_failures)),
+        )?;
+        histogram(
+            e,
+            "weighbridge_connection_duration_seconds",
+            "How long client connections were open, from accept to close.",
+            listeners.iter().map(|l| (l.labels(), &l.duration)),
+        )?;
+
+        let backends = || listeners.iter().flat_map(ListenerSample::backends);
+        gauge(
+            e,
+            "weighbridge_backend_connections_active",
+            "Connections assigned to the backend and not yet closed (connects in progress included).",
+            backends().map(|(labels, b)| (labels, b.counters.active)),
+        )?;
+        counter(
+            e,
+            "weighbridge_backend_connections",
+            "Connections established to the backend.",
+            backends().map(|(labels, b)| (labels, b.counters.connections)),
+        )?;
+        counter(
+            e,
+            "weighbridge_backend_connect_failures",
+            "Connects to the backend refused, failed or timed out.",
+            backends().map(|(labels, b)| (labels, b.counters.connect_failures)),
+        )?;
+        counter(
+            e,
+            "weighbridge_backend_bytes",
+            "Bytes relayed: to_backend is read from clients and sent to the backend, from_backend the answer.",
+            backends().flat_map(|([listener, backend], b)| {
+                [
+                    ("to_backend", b.counters.bytes_to_backend),
+                    ("from_backend", b.counters.bytes_from_backend),
+                ]
+                .map(|(direction, n)| ([listener, backend, ("direction", direction)], n))
+            }),
+        )?;
+        histogram(
+            e,
+            "weighbridge_backend_connect_duration_seconds",
+            "How long successful connects to the backend took.",
+            backends().map(|(labels, b)| (labels, &b.connect_time)),
+        )?;
+        gauge(
+            e,
+            "weighbridge_backend_weight",
+            "Weight (capacity under capacity_proportional) from the configuration file.",
+            backends().map(|(labels, b)| (labels, b.weight)),
+        )?;
+        gauge(
+            e,
+            "weighbridge_backend_effective_weight",
+            "Weight the strategy uses now: 0 while drained, unhealthy or ejected.",
+            backends().map(|(labels, b)| (labels, b.effective_weight)),
+        )?;
+        gauge(
+            e,
+            "weighbridge_backend_healthy",
+            "1 if health checks find the backend healthy (always 1 without health checks).",
+            backends().map(|(labels, b)| (labels, flag(b.health.healthy))),
+        )?;
+        gauge(
+            e,
+            "weighbridge_backend_ejected",
+            "1 while passive health checks have ejected the backend.",
+            backends().map(|(labels, b)| (labels, flag(b.health.ejected))),
+        )?;
+        gauge(
+            e,
+            "weighbridge_backend_drained",
+            "1 while an operator has drained the backend.",
+            backends().map(|(labels, b)| (labels, flag(b.drained))),
+        )?;
+
+        let reloads = self.handle.reload_counters();
+        counter(
+            e,
+            "weighbridge_reloads",
+            "Configuration reloads, by result.",
+            [
+                ([("result", "success")], reloads.succeeded),
+                ([("result", "failure")], reloads.failed),
+            ],
+        )?;
+        gauge(
+            e,
+            "weighbridge_build_info",
+            "Always 1; the version label says which weighbridge runs.",
+            [([("version", env!("CARGO_PKG_VERSION"))], 1_u64)],
+        )?;
+        Ok(())
+    }
+}
+
+fn flag(on: bool) -> u64 {
+    u64::from(on)
+}
+
+/// Encodes a counter family; the encoder appends `_total` to `name`.
+fn counter<L: EncodeLabelSet>(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (L, u64)>,
+) -> fmt::Result {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, value) in samples {
+        family
+            .encode_family(&labels)?
+            .encode_counter::<NoLabelSet, _, u64>(&value, None)?;
+    }
+    Ok(())
+}
+
+/// Encodes a gauge family.
+fn gauge<L: EncodeLabelSet, V: EncodeGaugeValue>(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (L, V)>,
+) -> fmt::Result {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, value) in samples {
+        family.encode_family(&labels)?.encode_gauge(&value)?;
+    }
+    Ok(())
+}
+
+/// Encodes a histogram family.
+fn histogram<'h, L: EncodeLabelSet>(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (L, &'h HistogramSnapshot)>,
+) -> fmt::Result {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
+    for (labels, h) in samples {
+        family
+            .encode_family(&labels)?
+            .encode_histogram::<NoLabelSet>(h.sum, h.count, &h.buckets, None)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,192 @@
+//! `GET /status`: the running snapshot and its live state as JSON.
+//!
+//! Built per request from one snapshot load and the atomics behind it; nothing is cached, so the
+//! answer is as fresh as a connection's view.
+
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+use super::Endpoint;
+use crate::backend::{BackendCounters, Health, ListenerCounters};
+use crate::snapshot::{Backend, Pool};
+
+/// The whole answer.
+#[derive(Debug, Serialize)]
+pub(super) struct Status {
+    /// The balancer's version.
+    version: &'static str,
+    /// The file reloads read, if the balancer was started from one.
+    config_file: Option<String>,
+    reloads: Reloads,
+    listeners: Vec<ListenerStatus>,
+}
+
+#[derive(Debug, Serialize)]
+struct Reloads {
+    succeeded: u64,
+    failed: u64,
+    /// The latest reload; `null` before the first.
+    last: Option<LastReload>,
+}
+
+#[derive(Debug, Serialize)]
+struct LastReload {
+    ok: bool,
+    /// RFC 3339, UTC.
+    at: String,
+    /// What changed, or why the file was refused.
+    message: String,
+}
+
+#[derive(Debug, Serialize)]
+struct ListenerStatus {
+    name: String,
+    /// The address actually bound (port 0 resolved).
+    bind: Option<String>,
+    strategy: &'static str,
+    max_connections: usize,
+    connections: ListenerConnections,
+    backends: Vec<BackendStatus>,
+}
+
+#[derive(Debug, Serialize)]
+struct BackendStatus {
+    addr: String,
+    /// From the file.
+    weight: f64,
+    /// What the strategy uses: 0 while drained (or, with health checks, unhealthy).
+    effective_weight: f64,
+    /// `ready` or `drained`.
+    admin_state: &'static str,
+    health: HealthStatus,
+    active_connections: u64,
+    #[serde(flatten)]
+    counters: BackendTotals,
+}
+
+#[derive(Debug, Serialize)]
+struct BackendTotals {
+    connections_total: u64,
+    connect_failures: u64,
+    bytes_to_backend: u64,
+    bytes_from_backend: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct HealthStatus {
+    healthy: bool,
+    ejected: bool,
+    /// `passed` or `failed`; `null` until an active check has run.
+    last_check: Option<&'static str>,
+    /// RFC 3339, UTC; `null` until an active check has run.
+    last_check_at: Option<String>,
+}
+
+/// A listener's counters since start.
+#[derive(Debug, Serialize)]
+struct ListenerConnections {
+    /// Client connections open now.
+    open: u64,
+    accepted: u64,
+    rejected_max_connections: u64,
+    rejected_no_backend: u64,
+    connect_attempts: u64,
+    connect_failures: u64,
+}
+
+impl From<ListenerCounters> for ListenerConnections {
+    fn from(c: ListenerCounters) -> ListenerConnections {
+        ListenerConnections {
+            open: c.open,
+            accepted: c.accepted,
+            rejected_max_connections: c.rejected_max_connections,
+            rejected_no_backend: c.rejected_no_backend,
+            connect_attempts: c.connect_attempts,
+            connect_failures: c.connect_failures,
+        }
+    }
+}
+
+impl Status {
+    /// The status as of now.
+    pub(super) fn of(endpoint: &Endpoint) -> Status {
+        let handle = &endpoint.handle;
+        let snapshot = handle.snapshot();
+        let reloads = handle.reload_counters();
+        Status {
+            version: env!("CARGO_PKG_VERSION"),
+            config_file: endpoint
+                .config_path
+                .as_ref()
+                .map(|p| p.display().to_string()),
+            reloads: Reloads {
+                succeeded: reloads.succeeded,
+                failed: reloads.failed,
+                last: reloads.last.map(|last| LastReload {
+                    ok: last.ok,
+                    at: rfc3339(last.at),
+                    message: last.message,
+                }),
+            },
+            listeners: snapshot.pools().map(|p| ListenerStatus::of(p)).collect(),
+        }
+    }
+}
+
+impl ListenerStatus {
+    fn of(pool: &Pool) -> ListenerStatus {
+        ListenerStatus {
+            name: pool.name().to_string(),
+            bind: pool.local_addr().map(|a| a.to_string()),
+            strategy: pool.settings().strategy.as_str(),
+            max_connections: pool.settings().max_connections.get(),
+            connections: pool.stats().counters().into(),
+            backends: pool.backends().iter().map(BackendStatus::of).collect(),
+        }
+    }
+}
+
+impl BackendStatus {
+    fn of(backend: &Backend) -> BackendStatus {
+        let BackendCounters {
+            active,
+            connections,
+            connect_failures,
+            bytes_to_backend,
+            bytes_from_backend,
+        } = backend.stats.counters();
+        BackendStatus {
+            addr: backend.addr.to_string(),
+            weight: backend.weight.get(),
+            effective_weight: backend.effective_weight,
+            admin_state: backend.stats.admin_state().as_str(),
+            health: HealthStatus::of(backend.stats.health()),
+            active_connections: active,
+            counters: BackendTotals {
+                connections_total: connections,
+                connect_failures,
+                bytes_to_backend,
+                bytes_from_backend,
+            },
+        }
+    }
+}
+
+impl HealthStatus {
+    fn of(health: Health) -> HealthStatus {
+        HealthStatus {
+            healthy: health.healthy,
+            ejected: health.ejected,
+            last_check: health
+                .last_check
+                .map(|c| if c.ok { "passed" } else { "failed" }),
+            last_check_at: health.last_check.map(|c| rfc3339(c.at)),
+        }
+    }
+}
+
+/// `2025-01-02T03:04:05Z`: seconds are precise enough for an operator reading status.
+fn rfc3339(at: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(at).to_string()
+}

@@ -1,0 +1,350 @@
+//! The access log as a user sees it: run the binary, make connections end in every way, and
+//! read its stderr. One line per closed client connection, with the same fields in `text` and
+//! `json` format; in `json` format every line of the log is one JSON object.
+
+mod support;
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::process::{Child, Command};
+
+use support::{Mock, Refusing, assert_closed_without_data, bounded, eventually};
+
+const BIN: &str = env!("CARGO_BIN_EXE_weighbridge");
+const LIMIT: Duration = Duration::from_secs(30);
+const SOON: Duration = Duration::from_secs(10);
+/// The `idle_timeout` of listener `echo`.
+const IDLE_MS: f64 = 300.0;
+
+/// The balancer as a child process, with every stderr line collected as it comes.
+struct Balancer {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    json: bool,
+}
+
+impl Balancer {
+    fn spawn(config: &std::path::Path, json: bool) -> Balancer {
+        let mut child = Command::new(BIN)
+            .args(["--no-watch", "--log-level", "info", "--config"])
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn weighbridge");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&lines);
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                sink.lock().expect("lines lock").push(line);
+            }
+        });
+        Balancer { child, lines, json }
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.lines.lock().expect("lines lock").clone()
+    }
+
+    /// The fields of every line so far, as text.
+    fn events(&self) -> Vec<HashMap<String, String>> {
+        self.lines()
+            .iter()
+            .map(|line| fields(line, self.json))
+            .collect()
+    }
+
+    /// Where listener `name` is bound, from its `listening` line.
+    async fn listener(&self, name: &str) -> SocketAddr {
+        let mut found = None;
+        eventually(SOON, &format!("listener {name} to be listening"), || {
+            found = self.events().into_iter().find_map(|f| {
+                (f.get("message").map(String::as_str) == Some("listening")
+                    && f.get("listener").map(String::as_str) == Some(name))
+                .then(|| f.get("bind").cloned())
+                .flatten()
+            });
+            found.is_some()
+        })
+        .await;
+        found
+            .expect("found above")
+            .parse()
+            .expect("bind is an address")
+    }
+
+    /// Access log lines so far.
+    fn access(&self) -> Vec<HashMap<String, String>> {
+        self.events()
+            .into_iter()
+            .filter(|f| f.get("target").map(String::as_str) == Some("weighbridge::access"))
+            .collect()
+    }
+}
+
+/// The message, target and fields of one log line. Text lines look like
+/// `TIME  INFO target: message key=value key=value`; JSON lines are objects whose fields sit
+/// at the top level.
+fn fields(line: &str, json: bool) -> HashMap<String, String> {
+    if json {
+        let value: Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("log line is not JSON ({e}): {line}"));
+        let object = value.as_object().expect("each log line is a JSON object");
+        return object
+            .iter()
+            .map(|(k, v)| {
+                let text = match v {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                (k.clone(), text)
+            })
+            .collect();
+    }
+    let mut fields = HashMap::new();
+    let Some((head, rest)) = line.split_once(": ") else {
+        return fields;
+    };
+    let mut head = head.split_whitespace().rev();
+    if let (Some(target), Some(level)) = (head.next(), head.next()) {
+        fields.insert("target".to_owned(), target.to_owned());
+        fields.insert("level".to_owned(), level.to_owned());
+    }
+    let mut message = Vec::new();
+    for word in rest.split(' ') {
+        match word.split_once('=') {
+            Some((key, value)) => {
+                fields.insert(key.to_owned(), value.trim_matches('"').to_owned());
+            }
+            None => message.push(word),
+        }
+    }
+    fields.insert("message".to_owned(), message.join(" "));
+    fields
+}
+
+/// A backend that says `hello` and closes at once: the backend ends the conversation.
+async fn greeter() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind greeter");
+    let addr = listener.local_addr().expect("greeter address");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            if let Err(e) = stream.write_all(b"hello").await {
+                eprintln!("greeter: {e}");
+            }
+        }
+    });
+    addr
+}
+
+/// Makes connections end in every way the access log names, then checks the lines.
+async fn every_ending_is_logged(json: bool) {
+    let echo = Mock::echo().await;
+    let greeter = greeter().await;
+    let refusing = Refusing::new();
+    let format = if json { "json" } else { "text" };
+    let text = format!(
+        "shutdown_grace = \"200ms\"\n\
+         [log]\nformat = \"{format}\"\naccess_log = true\n\
+         [[listener]]\nname = \"echo\"\nbind = \"127.0.0.1:0\"\nidle_timeout = \"{IDLE_MS}ms\"\n\
+         [[listener.backend]]\naddr = \"{echo}\"\n\
+         [[listener]]\nname = \"greeter\"\nbind = \"127.0.0.1:0\"\n\
+         [[listener.backend]]\naddr = \"{greeter}\"\n\
+         [[listener]]\nname = \"dead\"\nbind = \"127.0.0.1:0\"\n\
+         [[listener.backend]]\naddr = \"{refusing}\"\n\
+         [[listener]]\nname = \"one\"\nbind = \"127.0.0.1:0\"\nmax_connections = 1\n\
+         [[listener.backend]]\naddr = \"{echo}\"\n",
+        echo = echo.addr,
+        refusing = refusing.addr,
+    );
+    let mut file = tempfile::Builder::new()
+        .suffix(".toml")
+        .tempfile()
+        .expect("create temp config");
+    file.write_all(text.as_bytes()).expect("write temp config");
+    let mut lb = Balancer::spawn(file.path(), json);
+    let mut clients: HashMap<&str, SocketAddr> = HashMap::new();
+
+    // The client finishes first.
+    let mut stream = TcpStream::connect(lb.listener("echo").await)
+        .await
+        .expect("connect to echo");
+    clients.insert(
+        "client_closed",
+        stream.local_addr().expect("client address"),
+    );
+    stream.write_all(&[7; 100]).await.expect("send 100 bytes");
+    stream.shutdown().await.expect("half-close");
+    let mut echoed = Vec::new();
+    stream
+        .read_to_end(&mut echoed)
+        .await
+        .expect("read the echo");
+    assert_eq!(echoed.len(), 100);
+    drop(stream);
+
+    // The backend finishes first.
+    let mut stream = TcpStream::connect(lb.listener("greeter").await)
+        .await
+        .expect("connect to greeter");
+    clients.insert(
+        "backend_closed",
+        stream.local_addr().expect("client address"),
+    );
+    let mut greeting = Vec::new();
+    stream
+        .read_to_end(&mut greeting)
+        .await
+        .expect("read the greeting");
+    assert_eq!(greeting, b"hello");
+    drop(stream);
+
+    // Nothing moves.
+    let mut stream = TcpStream::connect(lb.listener("echo").await)
+        .await
+        .expect("connect to echo");
+    clients.insert("idle_timeout", stream.local_addr().expect("client address"));
+    assert_closed_without_data(&mut stream, SOON).await;
+
+    // The only backend refuses.
+    let mut stream = TcpStream::connect(lb.listener("dead").await)
+        .await
+        .expect("connect to dead");
+    clients.insert(
+        "connect_failed",
+        stream.local_addr().expect("client address"),
+    );
+    assert_closed_without_data(&mut stream, SOON).await;
+
+    // One connection open on a listener that takes one; the next is refused.
+    let one = lb.listener("one").await;
+    let mut held = TcpStream::connect(one).await.expect("connect to one");
+    clients.insert("shutdown", held.local_addr().expect("client address"));
+    held.write_all(b"x").await.expect("send a byte");
+    let mut byte = [0_u8; 1];
+    held.read_exact(&mut byte).await.expect("read its echo");
+    let mut refused = TcpStream::connect(one).await.expect("connect to one again");
+    clients.insert("rejected", refused.local_addr().expect("client address"));
+    assert_closed_without_data(&mut refused, SOON).await;
+
+    // Shutdown cuts the held one once the 200 ms grace period is over.
+    let pid = lb.child.id().expect("the balancer runs").to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("run kill");
+    assert!(killed.success());
+    let status = tokio::time::timeout(SOON, lb.child.wait())
+        .await
+        .expect("the balancer exits after its grace period")
+        .expect("wait for the balancer");
+    assert!(status.success(), "{status:?}");
+    eventually(SOON, "six access log lines", || lb.access().len() == 6).await;
+    drop(held);
+
+    let access = lb.access();
+    for line in &access {
+        assert_eq!(line["message"], "connection closed", "{line:?}");
+        assert_eq!(line["level"], "INFO", "{line:?}");
+    }
+    let by_end = |end: &str| -> HashMap<String, String> {
+        let mut matching = access.iter().filter(|f| f["end"] == end);
+        let line = matching
+            .next()
+            .unwrap_or_else(|| panic!("no line with end={end} in {access:#?}"))
+            .clone();
+        assert!(matching.next().is_none(), "two lines with end={end}");
+        assert_eq!(line["client"], clients[end].to_string(), "{line:?}");
+        line
+    };
+    let number = |line: &HashMap<String, String>, key: &str| -> f64 {
+        line.get(key)
+            .unwrap_or_else(|| panic!("no {key} in {line:?}"))
+            .parse()
+            .unwrap_or_else(|_| panic!("{key} is not a number in {line:?}"))
+    };
+
+    let line = by_end("client_closed");
+    assert_eq!(line["listener"], "echo");
+    assert_eq!(line["backend"], echo.addr.to_string());
+    assert_eq!(
+        (number(&line, "bytes_up"), number(&line, "bytes_down")),
+        (100.0, 100.0)
+    );
+    assert_eq!(number(&line, "attempts"), 1.0);
+    assert!(
+        number(&line, "connect_ms") <= number(&line, "duration_ms"),
+        "{line:?}"
+    );
+
+    let line = by_end("backend_closed");
+    assert_eq!(line["listener"], "greeter");
+    assert_eq!(line["backend"], greeter.to_string());
+    assert_eq!(
+        (number(&line, "bytes_up"), number(&line, "bytes_down")),
+        (0.0, 5.0)
+    );
+
+    let line = by_end("idle_timeout");
+    assert_eq!(line["listener"], "echo");
+    assert!(number(&line, "duration_ms") >= IDLE_MS, "{line:?}");
+    assert_eq!(
+        (number(&line, "bytes_up"), number(&line, "bytes_down")),
+        (0.0, 0.0)
+    );
+
+    let line = by_end("connect_failed");
+    assert_eq!(line["listener"], "dead");
+    assert_eq!(number(&line, "attempts"), 1.0);
+    assert!(
+        !line.contains_key("backend") && !line.contains_key("connect_ms"),
+        "{line:?}"
+    );
+
+    let line = by_end("rejected");
+    assert_eq!(line["listener"], "one");
+    assert!(!line.contains_key("backend"), "{line:?}");
+
+    let line = by_end("shutdown");
+    assert_eq!(line["listener"], "one");
+    assert_eq!(line["backend"], echo.addr.to_string());
+    assert_eq!(
+        (number(&line, "bytes_up"), number(&line, "bytes_down")),
+        (1.0, 1.0)
+    );
+
+    if json {
+        // Every line, not only the access log, is one JSON object.
+        for line in lb.lines() {
+            let value: Value = serde_json::from_str(&line)
+                .unwrap_or_else(|e| panic!("log line is not JSON ({e}): {line}"));
+            assert!(
+                value.get("timestamp").is_some() && value.get("level").is_some(),
+                "{line}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn text_access_log_names_every_ending() {
+    bounded(LIMIT, every_ending_is_logged(false)).await;
+}
+
+#[tokio::test]
+async fn json_access_log_names_every_ending_and_every_line_parses() {
+    bounded(LIMIT, every_ending_is_logged(true)).await;
+}

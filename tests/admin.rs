@@ -1,0 +1,459 @@
+//! The admin endpoint as an operator uses it: drain and enable over HTTP, reload, the bearer
+//! token, and the JSON errors for requests it cannot serve.
+
+mod support;
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use support::{
+    HttpResponse, LISTENER, Mock, Running, bounded, config_with_admin, connect_identify,
+    eventually_async, http, start_balancer, start_balancer_from_file,
+};
+
+const LIMIT: Duration = Duration::from_secs(30);
+const SOON: Duration = Duration::from_secs(10);
+
+/// Writes `text` to a temporary config file.
+fn config_file(text: &str) -> tempfile::NamedTempFile {
+    let mut file = tempfile::Builder::new()
+        .suffix(".toml")
+        .tempfile()
+        .expect("create temp config");
+    file.write_all(text.as_bytes()).expect("write temp config");
+    file
+}
+
+/// Backend `addr` of listener `lb` in a `/status` answer.
+fn backend_status(status: &Value, addr: SocketAddr) -> Value {
+    status["listeners"]
+        .as_array()
+        .expect("listeners is an array")
+        .iter()
+        .find(|l| l["name"] == LISTENER)
+        .expect("listener lb in status")["backends"]
+        .as_array()
+        .expect("backends is an array")
+        .iter()
+        .find(|b| b["addr"] == addr.to_string())
+        .unwrap_or_else(|| panic!("backend {addr} in status"))
+        .clone()
+}
+
+/// The value of the metric line `name{listener="lb",backend="addr"}` in a `/metrics` answer.
+fn backend_metric(metrics: &str, name: &str, addr: SocketAddr) -> f64 {
+    let prefix = format!("{name}{{listener=\"{LISTENER}\",backend=\"{addr}\"}} ");
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no {prefix:?} in:\n{metrics}"))
+        .parse()
+        .expect("a number")
+}
+
+async fn status(lb: &Running) -> Value {
+    let answer = http(lb.admin(), "GET", "/status", None).await;
+    assert_eq!(answer.status, 200, "{answer:?}");
+    answer.json()
+}
+
+async fn post(lb: &Running, path: &str) -> HttpResponse {
+    http(lb.admin(), "POST", path, None).await
+}
+
+#[tokio::test]
+async fn drain_over_http_moves_new_connections_away_and_lets_open_ones_finish() {
+    bounded(LIMIT, async {
+        let mocks = Mock::identify_many(2).await;
+        let (a, b) = (mocks[0].addr, mocks[1].addr);
+        let file = config_file(&config_with_admin(
+            "weighted_round_robin",
+            "",
+            &[(a, 1.0), (b, 1.0)],
+            None,
+        ));
+        let lb = start_balancer_from_file(file.path());
+
+        // Two open connections on each backend (round robin alternates).
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            held.push(connect_identify(lb.addr).await);
+        }
+        assert_eq!(held.iter().filter(|(_, id)| *id == 1).count(), 2);
+
+        let drain = format!("/listeners/{LISTENER}/backends/{b}/drain");
+        let answer = post(&lb, &drain).await;
+        assert_eq!(answer.status, 200, "{answer:?}");
+        let body = answer.json();
+        assert_eq!(body["admin_state"], "drained");
+        assert_eq!(body["active_connections"], 2);
+
+        for _ in 0..20 {
+            assert_eq!(
+                connect_identify(lb.addr).await.1,
+                0,
+                "drained backend got one"
+            );
+        }
+        // The open ones keep flowing.
+        for (stream, id) in held.iter_mut().filter(|(_, id)| *id == 1) {
+            stream
+                .write_all(b"ping")
+                .await
+                .expect("write to drained backend");
+            let mut echo = [0_u8; 4];
+            stream
+                .read_exact(&mut echo)
+                .await
+                .expect("echo from drained backend");
+            assert_eq!(&echo, b"ping", "backend {id}");
+        }
+        let shown = backend_status(&status(&lb).await, b);
+        assert_eq!(shown["admin_state"], "drained");
+        assert_eq!(shown["effective_weight"], 0.0);
+        assert_eq!(shown["weight"], 1.0);
+        assert_eq!(shown["active_connections"], 2);
+        let metrics = http(lb.admin(), "GET", "/metrics", None).await.body;
+        assert_eq!(
+            backend_metric(&metrics, "weighbridge_backend_drained", b),
+            1.0
+        );
+        assert_eq!(
+            backend_metric(&metrics, "weighbridge_backend_drained", a),
+            0.0
+        );
+        assert_eq!(
+            backend_metric(&metrics, "weighbridge_backend_effective_weight", b),
+            0.0
+        );
+        assert_eq!(
+            backend_metric(&metrics, "weighbridge_backend_connections_active", b),
+            2.0
+        );
+
+        // A reload keeps the drain.
+        let answer = post(&lb, "/reload").await;
+        assert_eq!(answer.status, 200, "{answer:?}");
+        assert_eq!(answer.json()["ok"], true);
+        assert_eq!(
+            backend_status(&status(&lb).await, b)["admin_state"],
+            "drained"
+        );
+        for _ in 0..10 {
+            assert_eq!(connect_identify(lb.addr).await.1, 0, "drain lost on reload");
+        }
+
+        // As the open connections close, the active count falls to 0.
+        held.retain(|(_, id)| *id == 0);
+        eventually_async(
+            SOON,
+            "drained backend's active count to reach 0",
+            || async { backend_status(&status(&lb).await, b)["active_connections"] == 0 },
+        )
+        .await;
+        let metrics = http(lb.admin(), "GET", "/metrics", None).await.body;
+        assert_eq!(
+            backend_metric(&metrics, "weighbridge_backend_connections_active", b),
+            0.0
+        );
+
+        let enable = format!("/listeners/{LISTENER}/backends/{b}/enable");
+        let answer = post(&lb, &enable).await;
+        assert_eq!(answer.status, 200, "{answer:?}");
+        assert_eq!(answer.json()["admin_state"], "ready");
+        let mut ids = Vec::new();
+        for _ in 0..4 {
+            ids.push(connect_identify(lb.addr).await.1);
+        }
+        assert!(
+            ids.contains(&1),
+            "enabled backend gets connections again: {ids:?}"
+        );
+        assert_eq!(
+            backend_status(&status(&lb).await, b)["effective_weight"],
+            1.0
+        );
+        drop(held);
+        lb.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_configured_token_guards_everything_but_healthz() {
+    bounded(LIMIT, async {
+        let mock = Mock::identify(0).await;
+        let token = "correct-horse";
+        let lb = start_balancer(&config_with_admin(
+            "weighted_round_robin",
+            "",
+            &[(mock.addr, 1.0)],
+            Some(token),
+        ));
+        let admin = lb.admin();
+        let drain = format!("/listeners/{LISTENER}/backends/{}/drain", mock.addr);
+        for (method, path) in [
+            ("GET", "/status"),
+            ("GET", "/metrics"),
+            ("POST", "/reload"),
+            ("POST", drain.as_str()),
+            ("GET", "/no-such-path"),
+        ] {
+            for presented in [
+                None,
+                Some("wrong"),
+                Some("correct-hors"),
+                Some("correct-horse2"),
+            ] {
+                let answer = http(admin, method, path, presented).await;
+                assert_eq!(
+                    answer.status, 401,
+                    "{method} {path} with {presented:?}: {answer:?}"
+                );
+                assert!(answer.json()["error"].is_string(), "{answer:?}");
+                assert_eq!(
+                    answer.header("www-authenticate"),
+                    Some("Bearer realm=\"weighbridge\"")
+                );
+            }
+        }
+        // Nothing was drained by the refused requests.
+        assert_eq!(connect_identify(lb.addr).await.1, 0);
+
+        assert_eq!(http(admin, "GET", "/status", Some(token)).await.status, 200);
+        assert_eq!(
+            http(admin, "GET", "/metrics", Some(token)).await.status,
+            200
+        );
+        let answer = http(admin, "GET", "/healthz", None).await;
+        assert_eq!(answer.status, 200, "{answer:?}");
+        assert_eq!(answer.json()["status"], "ok");
+        lb.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn requests_it_cannot_serve_get_json_errors_with_their_status() {
+    bounded(LIMIT, async {
+        let mock = Mock::identify(0).await;
+        let lb = start_balancer(&config_with_admin(
+            "weighted_round_robin",
+            "",
+            &[(mock.addr, 1.0)],
+            None,
+        ));
+        let backend = mock.addr;
+        let cases: Vec<(&str, String, u16, &str)> = vec![
+            ("GET", "/nope".into(), 404, "no such endpoint: /nope"),
+            (
+                "GET",
+                "/listeners/lb/backends".into(),
+                404,
+                "no such endpoint",
+            ),
+            (
+                "GET",
+                "/reload".into(),
+                405,
+                "GET is not allowed on /reload",
+            ),
+            (
+                "POST",
+                "/metrics".into(),
+                405,
+                "POST is not allowed on /metrics",
+            ),
+            ("DELETE", "/status".into(), 405, "DELETE is not allowed"),
+            (
+                "GET",
+                format!("/listeners/lb/backends/{backend}/drain"),
+                405,
+                "GET is not allowed",
+            ),
+            (
+                "POST",
+                "/listeners/lb/backends/not-an-address/drain".into(),
+                400,
+                "invalid backend address `not-an-address`",
+            ),
+            (
+                "POST",
+                "/listeners/lb/backends/127.0.0.1/enable".into(),
+                400,
+                "invalid backend address `127.0.0.1`",
+            ),
+            (
+                "POST",
+                format!("/listeners/nope/backends/{backend}/drain"),
+                404,
+                "no listener named `nope`",
+            ),
+            (
+                "POST",
+                "/listeners/lb/backends/127.0.0.1:9/drain".into(),
+                404,
+                "listener `lb` has no backend 127.0.0.1:9",
+            ),
+            (
+                "POST",
+                "/reload".into(),
+                409,
+                "no configuration file to reload from",
+            ),
+        ];
+        for (method, path, status, needle) in cases {
+            let answer = http(lb.admin(), method, &path, None).await;
+            assert_eq!(answer.status, status, "{method} {path}: {answer:?}");
+            assert_eq!(
+                answer.header("content-type"),
+                Some("application/json"),
+                "{method} {path}"
+            );
+            let error = answer.json()["error"].as_str().map(str::to_owned);
+            let error = error.unwrap_or_else(|| panic!("{method} {path}: no error in {answer:?}"));
+            assert!(
+                error.contains(needle),
+                "{method} {path}: {error:?} lacks {needle:?}"
+            );
+        }
+        // IPv6 backend addresses are written [::1]:port, percent-encoded or not.
+        let answer = http(
+            lb.admin(),
+            "POST",
+            "/listeners/lb/backends/%5B::1%5D:9/drain",
+            None,
+        )
+        .await;
+        assert_eq!(answer.status, 404, "{answer:?}");
+        assert!(answer.body.contains("[::1]:9"), "{answer:?}");
+        // The backend is still in service after all that.
+        assert_eq!(connect_identify(lb.addr).await.1, 0);
+        lb.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn reload_over_http_answers_with_the_summary_or_the_check_error() {
+    bounded(LIMIT, async {
+        let mocks = Mock::identify_many(2).await;
+        let (a, b) = (mocks[0].addr, mocks[1].addr);
+        let text =
+            |wb: f64| config_with_admin("weighted_round_robin", "", &[(a, 1.0), (b, wb)], None);
+        let file = config_file(&text(1.0));
+        let lb = start_balancer_from_file(file.path());
+
+        std::fs::write(file.path(), text(3.0)).expect("rewrite config");
+        let answer = post(&lb, "/reload").await;
+        assert_eq!(answer.status, 200, "{answer:?}");
+        let body = answer.json();
+        assert_eq!(body["ok"], true);
+        let changes = body["changes"].as_str().expect("changes is text");
+        assert!(
+            changes.contains(&format!("weights changed: lb/{b} 1->3")),
+            "{changes}"
+        );
+        assert_eq!(backend_status(&status(&lb).await, b)["weight"], 3.0);
+
+        let broken = text(3.0).replace("weight = 3.0", "weight = -3");
+        std::fs::write(file.path(), &broken).expect("rewrite config");
+        let check = weighbridge::config::load(file.path()).expect_err("the file is invalid");
+        let answer = post(&lb, "/reload").await;
+        assert_eq!(answer.status, 422, "{answer:?}");
+        let body = answer.json();
+        assert_eq!(body["ok"], false);
+        assert_eq!(body["error"], check.to_string(), "same text as --check");
+
+        let shown = status(&lb).await;
+        assert_eq!(shown["config_file"], file.path().display().to_string());
+        assert_eq!(shown["reloads"]["succeeded"], 1);
+        assert_eq!(shown["reloads"]["failed"], 1);
+        assert_eq!(shown["reloads"]["last"]["ok"], false);
+        assert_eq!(shown["reloads"]["last"]["message"], check.to_string());
+        assert!(
+            shown["reloads"]["last"]["at"]
+                .as_str()
+                .is_some_and(|t| t.ends_with('Z'))
+        );
+        // The running configuration stays in force.
+        assert_eq!(backend_status(&shown, b)["weight"], 3.0);
+        let metrics = http(lb.admin(), "GET", "/metrics", None).await.body;
+        assert!(
+            metrics.contains("weighbridge_reloads_total{result=\"success\"} 1\n"),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains("weighbridge_reloads_total{result=\"failure\"} 1\n"),
+            "{metrics}"
+        );
+
+        // [admin] applies at restart: the reload says so and the endpoint stays where it was.
+        let moved = text(3.0).replace(
+            "[admin]\nbind = \"127.0.0.1:0\"",
+            "[admin]\nbind = \"127.0.0.1:1\"\ntoken = \"new-token\"",
+        );
+        assert_ne!(moved, text(3.0));
+        std::fs::write(file.path(), &moved).expect("rewrite config");
+        let answer = post(&lb, "/reload").await;
+        assert_eq!(answer.status, 200, "{answer:?}");
+        assert_eq!(
+            answer.json()["needs_restart"],
+            serde_json::json!(["[admin] bind 127.0.0.1:0->127.0.0.1:1", "[admin] token"])
+        );
+        assert!(!answer.body.contains("new-token"), "{answer:?}");
+        // Still no token needed, still on the same port.
+        assert_eq!(http(lb.admin(), "GET", "/status", None).await.status, 200);
+        lb.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn healthz_fails_once_shutdown_begins_while_reads_still_work() {
+    bounded(LIMIT, async {
+        let mock = Mock::identify(0).await;
+        let lb = start_balancer(&config_with_admin(
+            "weighted_round_robin",
+            "",
+            &[(mock.addr, 1.0)],
+            None,
+        ));
+        let admin = lb.admin();
+        assert_eq!(http(admin, "GET", "/healthz", None).await.status, 200);
+        // An open connection keeps the balancer in its grace period.
+        let (held, _) = connect_identify(lb.addr).await;
+        lb.shutdown.cancel();
+        eventually_async(SOON, "/healthz to answer 503", || async {
+            http(admin, "GET", "/healthz", None).await.status == 503
+        })
+        .await;
+        let answer = http(admin, "GET", "/status", None).await;
+        assert_eq!(answer.status, 200, "{answer:?}");
+        let drain = format!("/listeners/{LISTENER}/backends/{}/drain", mock.addr);
+        let answer = http(admin, "POST", &drain, None).await;
+        assert_eq!(answer.status, 503, "{answer:?}");
+        assert!(
+            answer.json()["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("shutting down"))
+        );
+        drop(held);
+        let stopped = tokio::time::timeout(SOON, lb.task)
+            .await
+            .expect("the balancer stops once its connection closed")
+            .expect("no panic");
+        assert_eq!(stopped.cut_connections, 0);
+        // The admin endpoint stopped with it.
+        eventually_async(SOON, "the admin port to close", || async {
+            TcpStream::connect(admin).await.is_err()
+        })
+        .await;
+    })
+    .await;
+}
