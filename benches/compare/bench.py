@@ -4,9 +4,11 @@
 Subcommands:
   ports N                      print N free TCP ports on 127.0.0.1 (asked of the kernel)
   echo PORT[,PORT...]          echo server on each port (epoll, one thread), until SIGTERM
-  pingpong --port P            round-trip latency of small messages: prints "p50_us p99_us"
+  pingpong --labels --ports    round-trip latency of small messages, systems interleaved:
+                               prints "LABEL p50_us p99_us" per system
   idle --port P --root PID     opens N idle proxied connections, prints RSS KiB per connection
   cpu --root PID               prints utime+stime seconds of PID's descendants
+  busy --root PID              prints machine busy CPU seconds and those of PID's process tree
   parse-iperf FILE             prints "bits_per_second bytes" from iperf3 -J output
   parse-wrk FILE               prints "req_per_s p50_us p99_us errors" from wrk --latency output
   report RESULTS --systems ... prints the markdown table (and target checks)
@@ -128,35 +130,60 @@ def percentile(sorted_values, q):
 def cmd_pingpong(args):
     """One message in flight at a time: send SIZE bytes, wait for the SIZE-byte echo.
 
-    Spread over CONNS sequential connections so round robin visits every backend.
+    All systems are measured in one process, interleaved in short blocks (rotating which goes
+    first), so a change of machine state during the run (another job starting, the scheduler
+    moving processes between cores) hits every system alike instead of whichever ran then.
+    Each system gets CONNS connections, so round robin visits every backend.
+    Prints one line per system: "LABEL p50_us p99_us".
     """
+    labels = args.labels.split(",")
+    ports = [int(p) for p in args.ports.split(",")]
+    if len(labels) != len(ports):
+        raise SystemExit("pingpong: --labels and --ports differ in length")
     msg = os.urandom(args.size)
     buf = bytearray(args.size)
     view = memoryview(buf)
-    samples = []
-    per_conn = max(1, args.count // args.conns)
-    gc.disable()  # a collection in the middle of a sample would show up as a p99 outlier
-    clock = time.perf_counter_ns
-    for _ in range(args.conns):
-        s = socket.create_connection(("127.0.0.1", args.port), timeout=args.timeout)
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        for i in range(args.warmup + per_conn):
+    conns = {}
+    for label, port in zip(labels, ports):
+        conns[label] = []
+        for _ in range(args.conns):
+            s = socket.create_connection(("127.0.0.1", port), timeout=args.timeout)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conns[label].append(s)
+
+    def exchange(s, n, out):
+        for _ in range(n):
             t0 = clock()
             s.sendall(msg)
             recv_exact(s, view, args.size)
             t1 = clock()
-            if i >= args.warmup:
-                samples.append(t1 - t0)
+            if out is not None:
+                out.append(t1 - t0)
+
+    clock = time.perf_counter_ns
+    gc.disable()  # a collection in the middle of a sample would show up as a p99 outlier
+    for label in labels:  # warm every path up (connect done, caches and branch predictors warm)
+        for s in conns[label]:
+            exchange(s, args.warmup, None)
+    samples = {label: [] for label in labels}
+    per_block = max(1, args.count // (args.blocks * args.conns))
+    for b in range(args.blocks):
+        k = b % len(labels)
+        for label in labels[k:] + labels[:k]:
+            for s in conns[label]:
+                exchange(s, per_block, samples[label])
+    for label in labels:
+        for s in conns[label]:
+            s.close()
         if bytes(buf) != msg:
             raise SystemExit("ping-pong: echo does not match what was sent")
-        s.close()
-    samples.sort()
-    print(f"{percentile(samples, 50) / 1000:.2f} {percentile(samples, 99) / 1000:.2f}")
+        xs = sorted(samples[label])
+        print(f"{label} {percentile(xs, 50) / 1000:.2f} {percentile(xs, 99) / 1000:.2f}")
 
 
 # ----------------------------------------------------------------------------- /proc
 
-def descendants(root):
+def descendants(root, allow_none=False):
     """PIDs of all descendants of ROOT (not ROOT itself: that is run.sh's `timeout` wrapper)."""
     children = {}
     for d in os.listdir("/proc"):
@@ -175,7 +202,7 @@ def descendants(root):
         for c in children.get(todo.pop(), []):
             out.append(c)
             todo.append(c)
-    if not out:
+    if not out and not allow_none:
         raise SystemExit(f"no process under pid {root}")
     return out
 
@@ -199,6 +226,31 @@ def cpu_seconds(pids):
         fields = stat[stat.rindex(")") + 2:].split()
         total += int(fields[11]) + int(fields[12])  # utime, stime: all threads of the process
     return total / tick
+
+
+def cmd_busy(args):
+    """Machine-wide busy CPU seconds and the part of it spent by ROOT and its descendants.
+
+    Busy = user + nice + system from /proc/stat (interrupt time is left out: loopback traffic
+    is processed there and belongs to no process). Ours = utime + stime + cutime + cstime of
+    ROOT and every live descendant: whatever a process started and reaped is in its c*time, so
+    finished clients and stopped balancers are counted once. Busy minus ours is the CPU time
+    other work on the machine took, the noise that a shared machine adds.
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+    with open("/proc/stat") as f:
+        cpu = f.readline().split()
+    busy = (int(cpu[1]) + int(cpu[2]) + int(cpu[3])) / tick
+    ours = 0
+    for p in [args.root] + descendants(args.root, allow_none=True):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        ours += sum(int(x) for x in fields[11:15])
+    print(f"{busy:.2f} {ours / tick:.2f}")
 
 
 def cmd_cpu(args):
@@ -414,10 +466,12 @@ def main():
     a.add_argument("ports")
     a.set_defaults(fn=cmd_echo)
     a = sub.add_parser("pingpong")
-    a.add_argument("--port", type=int, required=True)
-    a.add_argument("--count", type=int, default=20000)
+    a.add_argument("--labels", required=True, help="comma-separated system names")
+    a.add_argument("--ports", required=True, help="comma-separated ports, one per label")
+    a.add_argument("--count", type=int, default=20000, help="messages per system")
     a.add_argument("--size", type=int, default=64)
-    a.add_argument("--conns", type=int, default=4)
+    a.add_argument("--conns", type=int, default=4, help="connections per system")
+    a.add_argument("--blocks", type=int, default=20, help="interleaving blocks")
     a.add_argument("--warmup", type=int, default=200)
     a.add_argument("--timeout", type=float, default=5.0)
     a.set_defaults(fn=cmd_pingpong)
@@ -428,6 +482,9 @@ def main():
     a.add_argument("--settle", type=float, default=1.0)
     a.add_argument("--timeout", type=float, default=60.0)
     a.set_defaults(fn=cmd_idle)
+    a = sub.add_parser("busy")
+    a.add_argument("--root", type=int, required=True)
+    a.set_defaults(fn=cmd_busy)
     a = sub.add_parser("cpu")
     a.add_argument("--root", type=int, required=True)
     a.set_defaults(fn=cmd_cpu)

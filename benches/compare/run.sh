@@ -76,6 +76,11 @@ FAILURES=0
 group_alive() {    # does process group $1 still have a live (non-zombie) member?
     ps -e -o pgid=,stat= | awk -v g="$1" '$1 == g && $2 !~ /^Z/ { f = 1 } END { exit !f }'
 }
+pid_alive() {      # is process $1 alive (not a zombie)? Right after start its group may not exist yet.
+    local st
+    st=$(ps -o stat= -p "$1" 2>/dev/null) || return 1
+    [[ $st != Z* ]]
+}
 
 cleanup() {
     local rc=$? pid i any p
@@ -83,17 +88,17 @@ cleanup() {
     set +e
     # `timeout` puts itself and its command in a new process group: signal the whole group so
     # nginx workers and any other children go too.
-    for pid in "${PIDS[@]}"; do kill -TERM -- "-$pid" 2>/dev/null; done
+    for pid in "${PIDS[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null; done
     for (( i = 0; i < 100; i++ )); do            # at most 10 s for a graceful stop
         any=0
-        for pid in "${PIDS[@]}"; do group_alive "$pid" && any=1; done
+        for pid in "${PIDS[@]}"; do { group_alive "$pid" || pid_alive "$pid"; } && any=1; done
         (( any )) || break
         sleep 0.1
     done
     for pid in "${PIDS[@]}"; do
-        if group_alive "$pid"; then
+        if group_alive "$pid" || pid_alive "$pid"; then
             log "process group $pid did not stop on SIGTERM; killing it"
-            kill -KILL -- "-$pid" 2>/dev/null
+            kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null
         fi
         wait "$pid" 2>/dev/null
     done
@@ -131,7 +136,7 @@ wait_listening() {
     local name=$1 pid=$2 i p missing
     shift 2
     for (( i = 0; i < 100; i++ )); do
-        group_alive "$pid" || { tail -n 20 "$WORK/$name.log" >&2; die "$name exited at start"; }
+        pid_alive "$pid" || { tail -n 20 "$WORK/$name.log" >&2; die "$name exited at start"; }
         missing=0
         for p in "$@"; do
             [[ -n $(ss -Hltn "sport = :$p") ]] || missing=1
@@ -200,7 +205,10 @@ raise_nofile() {
 
 install_missing
 command -v cargo >/dev/null || die "cargo not found: install a Rust toolchain (https://rustup.rs)"
-log "building weighbridge (release)"
+# The revision measured, taken when it is built (the tree may move on while the run goes).
+WB_REV="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')"
+git -C "$ROOT" diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || WB_REV+="+dirty"
+log "building weighbridge $WB_REV (release)"
 ( cd "$ROOT" && timeout 1800 cargo build --release >&2 )
 WB="$ROOT/target/release/weighbridge"
 [[ -x $WB ]] || die "$WB not built"
@@ -210,11 +218,11 @@ WORK=$(mktemp -d /tmp/weighbridge-compare.XXXXXX)
 chmod 755 "$WORK"   # nginx workers run as an unprivileged user when started as root
 
 # --------------------------------------------------------------------------------- ports
-# Balancers (not DIRECT) each listen on three ports: bulk (-> iperf3), http (-> nginx HTTP
-# backends), echo (-> echo backends).
-declare -A PORT_BULK PORT_HTTP PORT_ECHO ROOTPID
+# Each balancer listens on four ports: bulk (-> iperf3), http (-> the nginx HTTP backends), echo
+# (-> the echo backends) and idle (-> the echo backends, for a fresh instance per idle test).
+declare -A PORT_BULK PORT_HTTP PORT_ECHO PORT_IDLE ROOTPID
 n_balancers=$(( ${#SYSTEMS[@]} - 1 ))
-n_ports=$(( 1 + 2 * BACKENDS + 3 * n_balancers ))
+n_ports=$(( 1 + 2 * BACKENDS + 4 * n_balancers ))
 free_ports=$(timeout 10 "${PY[@]}" ports "$n_ports")
 read -r -a FREE <<<"$free_ports"
 (( ${#FREE[@]} == n_ports )) || die "asked for $n_ports free ports, got '${free_ports}'"
@@ -234,7 +242,8 @@ for sys in "${SYSTEMS[@]}"; do
     PORT_BULK[$sys]=${FREE[next]}
     PORT_HTTP[$sys]=${FREE[next + 1]}
     PORT_ECHO[$sys]=${FREE[next + 2]}
-    next=$(( next + 3 ))
+    PORT_IDLE[$sys]=${FREE[next + 3]}
+    next=$(( next + 4 ))
 done
 
 # ------------------------------------------------------------------------------------ backends
@@ -262,7 +271,8 @@ mkdir -p "$WORK/http"
     done
     echo "    server {"
     for p in "${HTTP_PORTS[@]}"; do echo "        listen 127.0.0.1:$p;"; done
-    echo "        location / { return 200 \"ok\\n\"; }"
+    # shellcheck disable=SC2028  # the \n is nginx's, written literally
+    echo '        location / { return 200 "ok\n"; }'
     echo "    }"
     echo "}"
 } >"$WORK/http/nginx.conf"
@@ -281,9 +291,19 @@ wait_listening echo-backend "$ECHO_PID" "${ECHO_PORTS[@]}"
 # ----------------------------------------------------------------------------------- balancers
 # Every balancer: round robin over the same backends, NPROC threads/workers, no logging beyond
 # errors, connect timeout 2 s, idle timeout 10 min, connection limit MAXCONN.
+# A balancer instance is given listeners as KIND:PORT, KIND one of bulk, http, echo.
 
-write_haproxy() {   # write_haproxy SYSTEM SPLICE(0|1) FILE
-    local sys=$1 splice=$2 f=$3 i
+backend_ports() {   # the backend ports behind a listener kind
+    case $1 in
+        bulk) echo "$IPERF_PORT" ;;
+        http) echo "${HTTP_PORTS[*]}" ;;
+        echo) echo "${ECHO_PORTS[*]}" ;;
+    esac
+}
+
+write_haproxy() {   # write_haproxy FILE SPLICE(0|1) KIND:PORT...
+    local f=$1 splice=$2 l kind port b i
+    shift 2
     {
         echo "global"
         echo "    nbthread $NPROC"
@@ -301,22 +321,23 @@ write_haproxy() {   # write_haproxy SYSTEM SPLICE(0|1) FILE
             echo "    option splice-request"
             echo "    option splice-response"
         fi
-        echo "listen bulk"
-        echo "    bind 127.0.0.1:${PORT_BULK[$sys]}"
-        echo "    server b0 127.0.0.1:$IPERF_PORT"
-        echo "listen http"
-        echo "    bind 127.0.0.1:${PORT_HTTP[$sys]}"
-        for i in "${!HTTP_PORTS[@]}"; do echo "    server h$i 127.0.0.1:${HTTP_PORTS[i]}"; done
-        echo "listen echo"
-        echo "    bind 127.0.0.1:${PORT_ECHO[$sys]}"
-        for i in "${!ECHO_PORTS[@]}"; do echo "    server e$i 127.0.0.1:${ECHO_PORTS[i]}"; done
+        for l in "$@"; do
+            kind=${l%%:*} port=${l#*:} i=0
+            echo "listen $kind"
+            echo "    bind 127.0.0.1:$port"
+            for b in $(backend_ports "$kind"); do
+                echo "    server s$i 127.0.0.1:$b"
+                i=$(( i + 1 ))
+            done
+        done
     } >"$f"
 }
 
-write_nginx() {     # write_nginx SYSTEM DIR
-    local sys=$1 d=$2 p
+write_nginx() {     # write_nginx DIR KIND:PORT...
+    local d=$1 l kind port b
+    shift
     {
-        [[ -f $NGINX_STREAM_MODULE ]] && echo "load_module $NGINX_STREAM_MODULE;"
+        if [[ -f $NGINX_STREAM_MODULE ]]; then echo "load_module $NGINX_STREAM_MODULE;"; fi
         echo "worker_processes $NPROC;"
         echo "worker_rlimit_nofile $NOFILE;"
         echo "pid $d/nginx.pid;"
@@ -327,45 +348,36 @@ write_nginx() {     # write_nginx SYSTEM DIR
         echo "stream {"
         echo "    proxy_connect_timeout 2s;"
         echo "    proxy_timeout 10m;"
-        echo "    upstream bulk { server 127.0.0.1:$IPERF_PORT; }"
-        echo "    upstream http {"
-        for p in "${HTTP_PORTS[@]}"; do echo "        server 127.0.0.1:$p;"; done
-        echo "    }"
-        echo "    upstream echo {"
-        for p in "${ECHO_PORTS[@]}"; do echo "        server 127.0.0.1:$p;"; done
-        echo "    }"
-        echo "    server { listen 127.0.0.1:${PORT_BULK[$sys]}; proxy_pass bulk; }"
-        echo "    server { listen 127.0.0.1:${PORT_HTTP[$sys]}; proxy_pass http; }"
-        echo "    server { listen 127.0.0.1:${PORT_ECHO[$sys]}; proxy_pass echo; }"
+        for l in "$@"; do
+            kind=${l%%:*} port=${l#*:}
+            echo "    upstream $kind {"
+            for b in $(backend_ports "$kind"); do echo "        server 127.0.0.1:$b;"; done
+            echo "    }"
+            echo "    server { listen 127.0.0.1:$port; proxy_pass $kind; }"
+        done
         echo "}"
     } >"$d/nginx.conf"
 }
 
-write_weighbridge() {   # write_weighbridge SYSTEM FILE
-    local sys=$1 f=$2 name port
+write_weighbridge() {   # write_weighbridge FILE KIND:PORT...
+    local f=$1 l kind port b
+    shift
     {
         echo 'shutdown_grace = "1s"'
-        for name in bulk http echo; do
-            case $name in
-                bulk) port=${PORT_BULK[$sys]} ;;
-                http) port=${PORT_HTTP[$sys]} ;;
-                echo) port=${PORT_ECHO[$sys]} ;;
-            esac
+        if (( WB_THREADS )); then echo "threads = $NPROC"; fi
+        for l in "$@"; do
+            kind=${l%%:*} port=${l#*:}
             echo
             echo "[[listener]]"
-            echo "name = \"$name\""
+            echo "name = \"$kind\""
             echo "bind = \"127.0.0.1:$port\""
             echo 'strategy = "weighted_round_robin"'
             echo 'connect_timeout = "2s"'
             echo 'idle_timeout = "10m"'
             echo "max_connections = $MAXCONN"
-            case $name in
-                bulk) printf '[[listener.backend]]\naddr = "127.0.0.1:%s"\n' "$IPERF_PORT" ;;
-                http) for port in "${HTTP_PORTS[@]}"; do
-                          printf '[[listener.backend]]\naddr = "127.0.0.1:%s"\n' "$port"; done ;;
-                echo) for port in "${ECHO_PORTS[@]}"; do
-                          printf '[[listener.backend]]\naddr = "127.0.0.1:%s"\n' "$port"; done ;;
-            esac
+            for b in $(backend_ports "$kind"); do
+                printf '[[listener.backend]]\naddr = "127.0.0.1:%s"\n' "$b"
+            done
         done
     } >"$f"
 }
@@ -377,33 +389,64 @@ WB_HELP=$(timeout 10 "$WB" --help)
 WB_FLAGS=()
 if grep -q -- '--log-level' <<<"$WB_HELP"; then WB_FLAGS+=(--log-level error); fi
 if grep -q -- '--no-watch' <<<"$WB_HELP"; then WB_FLAGS+=(--no-watch); fi
+# Worker threads = NPROC like the others: explicit where the build has the `threads` key (it
+# rejects unknown keys, so ask --check); tokio's default is one per core anyway. Everything else,
+# `splice` included, stays at weighbridge's defaults.
+WB_THREADS=0
+printf 'threads = %s\n[[listener]]\nname = "p"\nbind = "127.0.0.1:0"\n[[listener.backend]]\naddr = "127.0.0.1:9"\n' \
+    "$NPROC" >"$WORK/threads-probe.toml"
+if timeout 10 "$WB" --config "$WORK/threads-probe.toml" --check >/dev/null 2>&1; then WB_THREADS=1; fi
 
-for sys in "${SYSTEMS[@]}"; do
+# start_balancer INSTANCE SYSTEM KIND:PORT...: config in $WORK/INSTANCE/, validated, started,
+# listening; sets LAST_PID (the `timeout` wrapper leading the instance's process group).
+start_balancer() {
+    local inst=$1 sys=$2 d="$WORK/$1" l
+    shift 2
+    mkdir -p "$d"
     case $sys in
-        DIRECT) continue ;;
         HAPROXY | HAPROXY_B | HAPROXY_SPLICE)
-            cfg="$WORK/$sys.cfg"
-            write_haproxy "$sys" "$([[ $sys == HAPROXY_SPLICE ]] && echo 1 || echo 0)" "$cfg"
-            timeout 10 haproxy -c -q -f "$cfg" >&2
-            start_bg "$sys" haproxy -db -f "$cfg"
+            write_haproxy "$d/haproxy.cfg" "$([[ $sys == HAPROXY_SPLICE ]] && echo 1 || echo 0)" "$@"
+            timeout 10 haproxy -c -q -f "$d/haproxy.cfg" >&2
+            start_bg "$inst" haproxy -db -f "$d/haproxy.cfg"
             ;;
         NGINX)
-            mkdir -p "$WORK/$sys"
-            write_nginx "$sys" "$WORK/$sys"
-            timeout 10 nginx -t -q -p "$WORK/$sys" -c "$WORK/$sys/nginx.conf" \
-                -e "$WORK/$sys/error.log" >&2
-            start_bg "$sys" nginx -p "$WORK/$sys" -c "$WORK/$sys/nginx.conf" \
-                -e "$WORK/$sys/error.log"
+            write_nginx "$d" "$@"
+            timeout 10 nginx -t -q -p "$d" -c "$d/nginx.conf" -e "$d/error.log" >&2
+            start_bg "$inst" nginx -p "$d" -c "$d/nginx.conf" -e "$d/error.log"
             ;;
         WEIGHBRIDGE)
-            write_weighbridge "$sys" "$WORK/$sys.toml"
-            timeout 10 "$WB" --config "$WORK/$sys.toml" --check >&2
-            start_bg "$sys" "$WB" --config "$WORK/$sys.toml" "${WB_FLAGS[@]}"
+            write_weighbridge "$d/weighbridge.toml" "$@"
+            timeout 10 "$WB" --config "$d/weighbridge.toml" --check >/dev/null
+            start_bg "$inst" "$WB" --config "$d/weighbridge.toml" "${WB_FLAGS[@]}"
             ;;
         *) die "unknown system $sys" ;;
     esac
+    local pid=$LAST_PID ports=()
+    for l in "$@"; do ports+=("${l#*:}"); done
+    wait_listening "$inst" "$pid" "${ports[@]}"
+    LAST_PID=$pid
+}
+
+# stop_group PID: SIGTERM to the process group, at most 10 s to exit, then SIGKILL.
+stop_group() {
+    local pid=$1 i
+    kill -TERM -- "-$pid" 2>/dev/null || true
+    for (( i = 0; i < 100; i++ )); do
+        group_alive "$pid" || break
+        sleep 0.1
+    done
+    if group_alive "$pid"; then kill -KILL -- "-$pid" 2>/dev/null || true; fi
+    wait "$pid" 2>/dev/null || true
+    local keep=() p
+    for p in "${PIDS[@]}"; do [[ $p == "$pid" ]] || keep+=("$p"); done
+    PIDS=("${keep[@]}")
+}
+
+for sys in "${SYSTEMS[@]}"; do
+    [[ $sys == DIRECT ]] && continue
+    start_balancer "$sys" "$sys" "bulk:${PORT_BULK[$sys]}" "http:${PORT_HTTP[$sys]}" \
+        "echo:${PORT_ECHO[$sys]}"
     ROOTPID[$sys]=$LAST_PID
-    wait_listening "$sys" "$LAST_PID" "${PORT_BULK[$sys]}" "${PORT_HTTP[$sys]}" "${PORT_ECHO[$sys]}"
 done
 log "all up: systems ${SYSTEMS[*]}; backends iperf3 :$IPERF_PORT, http :${HTTP_PORTS[*]}, echo :${ECHO_PORTS[*]}"
 
@@ -460,49 +503,67 @@ http_load() {   # http_load REP SYS cps|ka: wrk through the balancer to the ngin
     read -r rps p50 p99 errors <<<"$parsed"
     if [[ $kind == cps ]]; then
         record "$rep" "$sys" cps "$rps"
+        log "rep $rep cps $sys: $rps conn/s (errors $errors)"
     else
         record "$rep" "$sys" ka_rps "$rps"
         record "$rep" "$sys" ka_p50_us "$p50"
         record "$rep" "$sys" ka_p99_us "$p99"
+        log "rep $rep ka $sys: $rps req/s (p50 ${p50} µs, p99 ${p99} µs, errors $errors)"
     fi
     record "$rep" "$sys" "${kind}_errors" "$errors"
-    log "rep $rep $kind $sys: $rps req/s (p50 ${p50} µs, p99 ${p99} µs, errors $errors)"
 }
 
-pingpong() {    # pingpong REP SYS: 64-byte messages, one in flight, through to the echo backends
-    local rep=$1 sys=$2 out parsed p50 p99
-    out="$WORK/pingpong-$sys-r$rep.txt"
-    if ! timeout -k 5 120 "${PY[@]}" pingpong --port "${PORT_ECHO[$sys]}" --count "$PP_COUNT" \
-        --size 64 --conns $(( 2 * BACKENDS )) >"$out" 2>&1; then
-        failed "$rep" "$sys" pingpong "$out"
+pingpong() {    # pingpong REP: 64-byte messages, one in flight, through to the echo backends
+    # All systems in one client, interleaved in short blocks (see bench.py), so that a change in
+    # the machine's state (a compile starting, processes moving between cores) does not land on
+    # one system only: that is what makes the DIRECT-relative "added" latency meaningful.
+    local rep=$1 out sys p50 p99 labels ports
+    out="$WORK/pingpong-r$rep.txt"
+    labels=$(IFS=,; echo "${ORDER[*]}")
+    ports=$(for sys in "${ORDER[@]}"; do echo "${PORT_ECHO[$sys]}"; done | paste -sd,)
+    if ! timeout -k 5 300 "${PY[@]}" pingpong --labels "$labels" --ports "$ports" \
+        --count "$PP_COUNT" --size 64 --conns $(( 2 * BACKENDS )) >"$out" 2>&1; then
+        failed "$rep" all pingpong "$out"
         return 0
     fi
-    parsed=$(tail -n 1 "$out")
-    read -r p50 p99 <<<"$parsed"
-    record "$rep" "$sys" pp_p50_us "$p50"
-    record "$rep" "$sys" pp_p99_us "$p99"
-    log "rep $rep ping-pong $sys: p50 $p50 µs, p99 $p99 µs"
+    while read -r sys p50 p99; do
+        record "$rep" "$sys" pp_p50_us "$p50"
+        record "$rep" "$sys" pp_p99_us "$p99"
+        log "rep $rep ping-pong $sys: p50 $p50 µs, p99 $p99 µs"
+    done <"$out"
 }
 
 idle_memory() {   # idle_memory REP SYS: RSS delta of the balancer per idle proxied connection
-    local rep=$1 sys=$2 out kib
+    # On a fresh instance with only the idle listener: a process that already served other
+    # workloads may reuse freed memory it kept (HAProxy's pools do), which would hide the cost.
+    local rep=$1 sys=$2 out kib inst pid
     [[ $sys == DIRECT ]] && return 0
+    inst="$sys-idle-r$rep"
     out="$WORK/idle-$sys-r$rep.txt"
-    if ! timeout -k 5 180 "${PY[@]}" idle --port "${PORT_ECHO[$sys]}" --root "${ROOTPID[$sys]}" \
-        --conns "$IDLE_CONNS" --timeout 120 >"$out" 2>&1; then
+    start_balancer "$inst" "$sys" "echo:${PORT_IDLE[$sys]}"
+    pid=$LAST_PID
+    sleep 0.5   # let workers finish starting before the baseline RSS is read
+    if timeout -k 5 180 "${PY[@]}" idle --port "${PORT_IDLE[$sys]}" --root "$pid" \
+        --conns "$IDLE_CONNS" --settle 0.5 --timeout 120 >"$out" 2>&1; then
+        kib=$(tail -n 1 "$out")
+        record "$rep" "$sys" idle_kib "$kib"
+        log "rep $rep idle $sys: $kib KiB per connection"
+    else
         failed "$rep" "$sys" idle "$out"
-        return 0
     fi
-    kib=$(tail -n 1 "$out")
-    record "$rep" "$sys" idle_kib "$kib"
-    log "rep $rep idle $sys: $kib KiB per connection"
-    sleep 1   # let the balancer tear down IDLE_CONNS connections before the next measurement
+    stop_group "$pid"   # also gives the next measurement an unloaded machine
 }
 
 # --------------------------------------------------------------------------------------- run
+# How much CPU other work took while we measured, per round: a number for the noise on a shared
+# machine (another build running alongside lowers and scatters every result).
+busy_now() { timeout 10 "${PY[@]}" busy --root $$; }
+FOREIGN=()
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 START=$(date +%s)
 for (( rep = 1; rep <= REPS; rep++ )); do
+    read -r busy0 ours0 <<<"$(busy_now)"
+    t0=$(date +%s.%N)
     # Rotate the order each round: every system runs in every position, right after a different
     # neighbour, so warm-up, drift and whoever ran just before cancel out over the rounds.
     k=$(( (rep - 1) % ${#SYSTEMS[@]} ))
@@ -511,16 +572,20 @@ for (( rep = 1; rep <= REPS; rep++ )); do
     CPU_S=()
     BYTES=()
     for workload in bulk1 bulk8 cps ka pingpong idle; do
+        if [[ $workload == pingpong ]]; then   # one client measures every system, interleaved
+            pingpong "$rep"
+            sleep "$GAP"
+            continue
+        fi
         for sys in "${ORDER[@]}"; do
             case $workload in
                 bulk1) bulk "$rep" "$sys" 1 ;;
                 bulk8) bulk "$rep" "$sys" 8 ;;
                 cps) http_load "$rep" "$sys" cps ;;
                 ka) http_load "$rep" "$sys" ka ;;
-                pingpong) pingpong "$rep" "$sys" ;;
                 idle) idle_memory "$rep" "$sys" ;;
             esac
-            sleep "$GAP"
+            sleep "$GAP"   # let sockets and CPU settle so one run does not spill into the next
         done
     done
     # CPU seconds the balancer spent (all its processes and threads, user + system) per GB
@@ -529,6 +594,13 @@ for (( rep = 1; rep <= REPS; rep++ )); do
         [[ $sys == DIRECT || ${BYTES[$sys]:-0} == 0 ]] && continue
         record "$rep" "$sys" cpu_s_per_gb "$(calc "${CPU_S[$sys]} / (${BYTES[$sys]} / 1e9)")"
     done
+    read -r busy1 ours1 <<<"$(busy_now)"
+    t1=$(date +%s.%N)
+    share=$(awk -v b="$(calc "$busy1 - $busy0")" -v o="$(calc "$ours1 - $ours0")" \
+        -v w="$(calc "$t1 - $t0")" -v n="$NPROC" \
+        'BEGIN { f = (b - o) / (w * n) * 100; if (f < 0) f = 0; printf "%.0f%%", f }')
+    FOREIGN+=("$share")
+    log "round $rep: other processes used $share of the machine's CPU"
 done
 ELAPSED=$(( $(date +%s) - START ))
 LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -536,20 +608,31 @@ LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
 # -------------------------------------------------------------------------------------- report
 mkdir -p "$OUT_DIR"
 cp "$RESULTS" "$OUT_DIR/results.tsv"
-cp -r "$WORK"/*.cfg "$WORK"/*.toml "$WORK"/http "$WORK"/NGINX "$OUT_DIR/" 2>/dev/null || true
-rm -rf "$OUT_DIR"/http/{client_body,proxy,fastcgi,uwsgi,scgi} 2>/dev/null || true
+mkdir -p "$OUT_DIR/configs"
+for sys in "${SYSTEMS[@]}" http; do
+    [[ -d $WORK/$sys ]] || continue
+    for f in "$WORK/$sys"/*.cfg "$WORK/$sys"/*.conf "$WORK/$sys"/*.toml; do
+        if [[ -f $f ]]; then cp "$f" "$OUT_DIR/configs/$sys-$(basename "$f")"; fi
+    done
+done
 
 REPORT="$OUT_DIR/report.md"
 {
     echo "### weighbridge vs HAProxy vs nginx: L4 proxy on 127.0.0.1"
     echo
     echo "- machine: $NPROC cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), kernel $(uname -r)"
-    echo "- $(haproxy -v | head -n 1 | awk '{print "HAProxy " $3}'), $(nginx -v 2>&1 | sed 's|.*nginx/|nginx |'), $(iperf3 --version | head -n 1 | awk '{print "iperf3 " $2}'), $(wrk -v 2>&1 | head -n 1 | awk '{print "wrk " $2}'), weighbridge $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet HEAD -- src Cargo.toml 2>/dev/null || echo '+dirty')"
+    echo "- $(haproxy -v | head -n 1 | awk '{print "HAProxy " $3}'), $(nginx -v 2>&1 | sed 's|.*nginx/|nginx |'), $(iperf3 --version | head -n 1 | awk '{print "iperf3 " $2}'), $(wrk -v 2>&1 | head -n 1 | awk '{print "wrk " $2}'), weighbridge $WB_REV"
     echo "- REPS=$REPS (median of rounds; ratios are medians of per-round paired ratios), ${DURATION}s per iperf3/wrk run, ping-pong $PP_COUNT msgs, $IDLE_CONNS idle connections, $BACKENDS backends, $NPROC threads/workers per balancer; took ${ELAPSED}s"
-    echo "- load average (1/5/15 min) before: $LOAD_START, after: $LOAD_END (other work on the machine adds noise)"
+    echo "- other processes used ${FOREIGN[*]} of the machine's CPU during rounds 1..$REPS; load average (1/5/15 min) before: $LOAD_START, after: $LOAD_END"
+    if printf '%s\n' "${FOREIGN[@]}" | tr -d % | awk '$1 > 10 { f = 1 } END { exit !f }'; then
+        echo
+        echo "**Warning: other work used more than 10% of the CPU in some round; it lowers and scatters every result, latencies most. Compare only runs made on a quiet machine, and see AA=1 for the noise floor.**"
+    fi
     echo
+    TARGETS=(--targets)   # the targets are weighbridge's; an A/A run has none
+    [[ $AA == 1 ]] && TARGETS=()
     timeout 30 "${PY[@]}" report "$RESULTS" --systems "$(IFS=,; echo "${SYSTEMS[*]}")" \
-        --subject "$SUBJECT" --baselines "$BASELINES" $([[ $AA == 1 ]] || echo --targets)
+        --subject "$SUBJECT" --baselines "$BASELINES" "${TARGETS[@]}"
     (( FAILURES == 0 )) || { echo; echo "**$FAILURES measurement(s) failed; see the log above.**"; }
 } >"$REPORT"
 cat "$REPORT"
