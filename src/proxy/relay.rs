@@ -10,6 +10,10 @@
 //!   the destination socket. The bytes never enter user space.
 //! - **copy** (portable): `read` into a buffer, `write` from it.
 //!
+//! With splice on, each direction starts on the copy path and switches to splice at its first
+//! read that fills the whole buffer, so request/response traffic of small messages keeps the
+//! cheaper path and bulk streams get zero copy.
+//!
 //! Either way an *idle* connection holds no buffer and no pipe. The copy path reads into a
 //! per-thread scratch buffer and writes straight on; only when the destination cannot take
 //! everything at once does the remainder move into a buffer of the connection's own, freed as
@@ -137,19 +141,39 @@ async fn one_way(
 ) -> io::Result<()> {
     match mode {
         #[cfg(target_os = "linux")]
-        Mode::Splice => super::splice::one_way(src, dst, activity, count).await?,
-        _ => copy(src, dst, activity, count).await?,
+        Mode::Splice => {
+            // Small messages (requests, tokens) cost the same two system calls either way, and
+            // splice's pipe handling makes them slower; so a direction starts on the copy path
+            // and moves to splice once one read fills the whole buffer: a bulk stream.
+            if copy(src, dst, activity, &count, true).await? == Copied::Bulk {
+                super::splice::one_way(src, dst, activity, count).await?;
+            }
+        }
+        _ => {
+            copy(src, dst, activity, &count, false).await?;
+        }
     }
     shutdown_write(dst)
 }
 
-/// The portable path (see the module docs).
+/// Why [`copy`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Copied {
+    /// The source's end of stream.
+    Eof,
+    /// A read filled the whole buffer (only when asked to stop there).
+    Bulk,
+}
+
+/// The portable path (see the module docs). With `stop_at_bulk`, returns once a read has filled
+/// the whole scratch buffer and everything read has been written.
 async fn copy(
     src: &TcpStream,
     dst: &TcpStream,
     activity: &Activity,
     count: impl Fn(u64),
-) -> io::Result<()> {
+    stop_at_bulk: bool,
+) -> io::Result<Copied> {
     // Bytes read but not yet written; empty (and unallocated) except under back-pressure.
     let mut pending: Vec<u8> = Vec::new();
     loop {
@@ -171,10 +195,14 @@ async fn copy(
         })?;
         match read {
             None => continue,
-            Some(0) => return Ok(()),
+            Some(0) => return Ok(Copied::Eof),
             Some(n) => {
                 count(n as u64);
                 activity.touch();
+                if stop_at_bulk && n == SCRATCH {
+                    write_all(dst, &pending, activity).await?;
+                    return Ok(Copied::Bulk);
+                }
             }
         }
     }
