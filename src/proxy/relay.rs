@@ -189,6 +189,9 @@ async fn copy(
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
                 Err(e) => return Err(e),
             };
+            if n < buf.len() {
+                assume_drained(src);
+            }
             let written = write_now(dst, &buf[..n])?;
             pending.extend_from_slice(&buf[written..n]);
             Ok(Some(n))
@@ -206,6 +209,19 @@ async fn copy(
             }
         }
     }
+}
+
+/// Marks `src` as having nothing more to read, without asking the kernel.
+///
+/// A read that returned less than it asked for has emptied the socket's receive queue, so the
+/// next read would only fail with "would block": one wasted system call per message, a third of
+/// a small message's cost. Readiness is edge-triggered, so bytes arriving after that read mark
+/// the socket readable again. (tokio's own `AsyncRead` for sockets does the same.)
+fn assume_drained(src: &TcpStream) {
+    let cleared = src.try_io(tokio::io::Interest::READABLE, || {
+        Err::<(), _>(io::ErrorKind::WouldBlock.into())
+    });
+    debug_assert!(cleared.is_err());
 }
 
 /// Writes as much of `buf` as `dst` takes without waiting; returns how much that was.

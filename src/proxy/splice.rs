@@ -47,6 +47,8 @@ pub(super) async fn one_way(
                 pipe.give_back();
                 return Ok(());
             }
+            // No "short read means drained" shortcut here: a splice may also stop early when the
+            // pipe runs out of slots, with bytes still queued on the socket.
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 pipe.give_back();
