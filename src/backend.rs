@@ -8,24 +8,36 @@
 //!
 //! The registry's map is touched only when a snapshot is built, never per connection: the data
 //! path reaches counters through the snapshot's `Arc`s and updates them with relaxed atomics.
+//! Health state sits behind a mutex of its own, which checkers, the control task and status
+//! readers take; the connection path never does (its only health input, the consecutive
+//! connect-failure count, is an atomic).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::time::Instant;
+
 use crate::config::Config;
+use crate::health::{Health, HealthState};
 
 /// Live state of one backend within one listener: its counters, and the states (set by an
-/// operator, later by health checks) that scale its configured weight.
+/// operator, by health checks, by passive ejection, by reported load) that scale its configured
+/// weight.
 #[derive(Debug, Default)]
 pub struct BackendState {
     drained: AtomicBool,
     active: AtomicU64,
     connections: AtomicU64,
     connect_failures: AtomicU64,
+    /// Failed connects since the last successful one: passive ejection's input.
+    consecutive_failures: AtomicU64,
     bytes_to_backend: AtomicU64,
     bytes_from_backend: AtomicU64,
+    health: Mutex<HealthState>,
 }
 
 /// What an operator has said about a backend. Live state: it survives reloads for as long as
@@ -81,14 +93,38 @@ impl BackendState {
         self.active.load(Ordering::Relaxed)
     }
 
-    /// Records a successful connect.
+    /// Records a successful connect; ends a streak of failures.
     pub fn record_connected(&self) {
         self.connections.fetch_add(1, Ordering::Relaxed);
+        self.consecutive_failures.store(0, Ordering::Relaxed);
     }
 
-    /// Records a failed connect attempt.
-    pub fn record_connect_failure(&self) {
+    /// Records a failed connect attempt and returns the failures in a row it makes.
+    pub fn record_connect_failure(&self) -> u64 {
         self.connect_failures.fetch_add(1, Ordering::Relaxed);
+        self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Failed connects since the last successful one.
+    pub fn consecutive_connect_failures(&self) -> u64 {
+        self.consecutive_failures.load(Ordering::Relaxed)
+    }
+
+    /// Starts a new streak (the backend was just ejected for the current one).
+    pub(crate) fn reset_consecutive_failures(&self) {
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+    }
+
+    /// A copy of the backend's health: status, ejection, latest probe, load, slow start.
+    pub fn health(&self) -> Health {
+        let now = Instant::now();
+        self.with_health(|h| h.snapshot(now, self.consecutive_connect_failures()))
+    }
+
+    /// Runs `f` on the health state. Never called on the connection path.
+    pub(crate) fn with_health<R>(&self, f: impl FnOnce(&mut HealthState) -> R) -> R {
+        let mut health = self.health.lock().unwrap_or_else(PoisonError::into_inner);
+        f(&mut health)
     }
 
     /// Adds bytes moved from a client to this backend.
@@ -117,12 +153,42 @@ impl BackendState {
     }
 
     /// What the live state makes of `configured`, the weight from the file: the effective
-    /// weight strategies use. An operator's drain wins over everything.
+    /// weight strategies use.
+    ///
+    /// configured × (0 if unhealthy, starting or ejected) × slow-start ramp × load factor.
+    /// Precedence: an operator's drain wins over everything; then health and ejection (a broken
+    /// backend gets nothing, however idle it says it is); then the load factor, which only ever
+    /// scales down to its floor and never to zero; then the configured weight.
     pub fn effective_weight(&self, configured: f64) -> f64 {
+        self.effective_weight_at(configured, Instant::now())
+    }
+
+    /// [`effective_weight`](BackendState::effective_weight) as of `now`.
+    pub fn effective_weight_at(&self, configured: f64, now: Instant) -> f64 {
+        if self.admin_state() == AdminState::Drained {
+            return 0.0;
+        }
+        self.with_health(|h| {
+            if h.in_rotation(now) {
+                configured * h.weight_factor(now)
+            } else {
+                0.0
+            }
+        })
+    }
+
+    /// The weight with only the operator's say applied: what `all_unhealthy = "route_anyway"`
+    /// uses when no backend is healthy.
+    pub fn admin_weight(&self, configured: f64) -> f64 {
         match self.admin_state() {
             AdminState::Drained => 0.0,
             AdminState::Ready => configured,
         }
+    }
+
+    /// True when health and passive ejection let the backend take connections at `now`.
+    pub fn in_rotation_at(&self, now: Instant) -> bool {
+        self.with_health(|h| h.in_rotation(now))
     }
 
     /// A copy of every counter.
@@ -165,6 +231,10 @@ pub struct ListenerStats {
     accepted: AtomicU64,
     rejected_max_connections: AtomicU64,
     rejected_no_backend: AtomicU64,
+    all_unhealthy: AtomicBool,
+    all_unhealthy_episodes: AtomicU64,
+    routed_all_unhealthy: AtomicU64,
+    rejected_all_unhealthy: AtomicU64,
 }
 
 /// A point-in-time copy of [`ListenerStats`].
@@ -178,6 +248,14 @@ pub struct ListenerCounters {
     pub rejected_max_connections: u64,
     /// Client connections closed because no backend could be reached.
     pub rejected_no_backend: u64,
+    /// True while no backend is healthy (or every one is ejected).
+    pub all_unhealthy: bool,
+    /// Times the listener entered that state.
+    pub all_unhealthy_episodes: u64,
+    /// Client connections routed while no backend was healthy (`all_unhealthy = "route_anyway"`).
+    pub routed_all_unhealthy: u64,
+    /// Client connections closed because no backend was healthy (`all_unhealthy = "reject"`).
+    pub rejected_all_unhealthy: u64,
 }
 
 impl ListenerStats {
@@ -206,6 +284,26 @@ impl ListenerStats {
         self.rejected_no_backend.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Records whether no backend is healthy now; true when that changed. Only snapshot builds
+    /// (the control task) call it, so each change is seen, logged and counted once.
+    pub(crate) fn set_all_unhealthy(&self, all_unhealthy: bool) -> bool {
+        let before = self.all_unhealthy.swap(all_unhealthy, Ordering::Relaxed);
+        if all_unhealthy && !before {
+            self.all_unhealthy_episodes.fetch_add(1, Ordering::Relaxed);
+        }
+        before != all_unhealthy
+    }
+
+    /// Records a client routed while no backend was healthy.
+    pub fn record_routed_all_unhealthy(&self) {
+        self.routed_all_unhealthy.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records a client closed because no backend was healthy.
+    pub fn record_rejected_all_unhealthy(&self) {
+        self.rejected_all_unhealthy.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// A copy of every counter.
     pub fn counters(&self) -> ListenerCounters {
         ListenerCounters {
@@ -213,6 +311,10 @@ impl ListenerStats {
             accepted: self.accepted.load(Ordering::Relaxed),
             rejected_max_connections: self.rejected_max_connections.load(Ordering::Relaxed),
             rejected_no_backend: self.rejected_no_backend.load(Ordering::Relaxed),
+            all_unhealthy: self.all_unhealthy.load(Ordering::Relaxed),
+            all_unhealthy_episodes: self.all_unhealthy_episodes.load(Ordering::Relaxed),
+            routed_all_unhealthy: self.routed_all_unhealthy.load(Ordering::Relaxed),
+            rejected_all_unhealthy: self.rejected_all_unhealthy.load(Ordering::Relaxed),
         }
     }
 }
@@ -230,6 +332,45 @@ impl Drop for OpenConn {
     }
 }
 
+/// Asks the control task to rebuild the snapshot because live state changed.
+///
+/// A flag plus a wake-up on a channel of capacity one: both lock-free and never waiting, so the
+/// connection path may call it (passive ejection does). No change is lost: when the channel is
+/// full a wake-up is already pending, and the control task reads the flag when it wakes.
+#[derive(Debug, Clone, Default)]
+pub struct Republisher {
+    dirty: Arc<AtomicBool>,
+    wake: Option<mpsc::Sender<()>>,
+}
+
+impl Republisher {
+    /// A republisher and the receiver its wake-ups arrive on.
+    pub(crate) fn new() -> (Republisher, mpsc::Receiver<()>) {
+        let (wake, woken) = mpsc::channel(1);
+        let republisher = Republisher {
+            dirty: Arc::new(AtomicBool::new(false)),
+            wake: Some(wake),
+        };
+        (republisher, woken)
+    }
+
+    /// Marks live state as changed and wakes the control task.
+    pub fn republish(&self) {
+        self.dirty.store(true, Ordering::Release);
+        if let Some(wake) = &self.wake {
+            match wake.try_send(()) {
+                // Full: a wake-up is pending already. Closed: the balancer has stopped.
+                Ok(()) | Err(TrySendError::Full(())) | Err(TrySendError::Closed(())) => {}
+            }
+        }
+    }
+
+    /// True (once) if a republish was asked for since the last call.
+    pub(crate) fn take(&self) -> bool {
+        self.dirty.swap(false, Ordering::AcqRel)
+    }
+}
+
 /// Where live state is found by name when a snapshot is built.
 ///
 /// Holds a mutex, but only snapshot builds (start, reload, health changes) take it; the
@@ -237,6 +378,7 @@ impl Drop for OpenConn {
 #[derive(Debug, Default)]
 pub struct Registry {
     inner: Mutex<RegistryInner>,
+    republisher: Republisher,
 }
 
 #[derive(Debug, Default)]
@@ -246,6 +388,19 @@ struct RegistryInner {
 }
 
 impl Registry {
+    /// A registry whose snapshots' pools can wake the control task through `republisher`.
+    pub(crate) fn with_republisher(republisher: Republisher) -> Registry {
+        Registry {
+            inner: Mutex::default(),
+            republisher,
+        }
+    }
+
+    /// The republisher pools hand to the connection path.
+    pub fn republisher(&self) -> &Republisher {
+        &self.republisher
+    }
+
     /// The stats of listener `name`, created on first use.
     pub fn listener(&self, name: &str) -> Arc<ListenerStats> {
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);

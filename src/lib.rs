@@ -13,6 +13,7 @@
 pub mod backend;
 mod balancer;
 pub mod config;
+pub mod health;
 pub mod listener;
 pub mod proxy;
 pub mod reload;

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, debug_span, warn};
 
 use crate::backend::{ActiveConn, BackendState, OpenConn};
+use crate::config::AllUnhealthy;
 use crate::snapshot::Pool;
 
 /// Size of each of the two copy buffers of a connection. 16 KiB moves bulk data in few system
@@ -51,6 +52,17 @@ pub(crate) async fn serve(
     let span = debug_span!("conn", listener = %pool.name(), client = %peer);
     async move {
         let _open = open;
+        // No backend is healthy: the pool was built for it, and the transition was logged
+        // once; each connection is only counted here.
+        match pool.all_unhealthy() {
+            Some(AllUnhealthy::Reject) => {
+                pool.stats().record_rejected_all_unhealthy();
+                debug!("no backend is healthy; closing (all_unhealthy = \"reject\")");
+                return;
+            }
+            Some(AllUnhealthy::RouteAnyway) => pool.stats().record_routed_all_unhealthy(),
+            None => {}
+        }
         if let Err(e) = client.set_nodelay(true) {
             debug!(error = %e, "cannot set TCP_NODELAY on client socket");
         }
@@ -120,8 +132,17 @@ async fn connect(pool: &Pool) -> Option<(TcpStream, SocketAddr, ActiveConn)> {
                     humantime::format_duration(settings.connect_timeout)
                 ),
             };
-        backend.stats.record_connect_failure();
+        let streak = backend.stats.record_connect_failure();
         warn!(listener = %pool.name(), backend = %backend.addr, attempt, %error, "connect failed");
+        // Passive ejection: the failure that completes the streak asks the control task to
+        // eject (exactly one connection sees the count reach the threshold). Atomics and a
+        // non-blocking wake-up only: no lock on the connection path.
+        if settings
+            .max_connect_failures
+            .is_some_and(|max| streak == u64::from(max.get()))
+        {
+            pool.republish();
+        }
         tried.push(index);
     }
     None
