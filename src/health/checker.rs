@@ -1,9 +1,11 @@
 //! One backend's active checks: the probe schedule, the rise/fall state machine with startup
 //! grace ([`Tracker`]), and the task that runs them together with the load scraper.
 //!
-//! Schedule: the first probe comes at a random point within the first interval, and each next
-//! one `interval` ± 10 % after the previous one started (HAProxy's `spread-checks`), so a fleet's
-//! probes never line up, however many backends start at once. A probe that outlasts the
+//! Schedule: the first probe comes at a random point within the first tenth of an interval (a new
+//! backend is presumed healthy until then, so that presumption is checked soon), and each next one
+//! `interval` ± 10 % after the previous one started (HAProxy's `spread-checks`): the random walk
+//! spreads a fleet's probes within a few rounds, so they never stay lined up, however many
+//! backends start at once. A probe that outlasts the
 //! interval delays the next one rather than overlapping it. Detection of a dead backend therefore
 //! takes about fall × interval, plus up to one timeout when probes hang rather than fail fast.
 //!
@@ -256,9 +258,9 @@ async fn load_loop(target: &Target, config: &LoadConfig, timeout: Duration) {
     }
 }
 
-/// A random point within the first interval, so that checks started together spread out.
+/// A random point within the first [`JITTER`] of an interval.
 fn first_delay(interval: Duration) -> Duration {
-    interval.mul_f64(rand::rng().random_range(0.0..1.0))
+    interval.mul_f64(rand::rng().random_range(0.0..JITTER))
 }
 
 /// `interval` ± [`JITTER`].
@@ -439,7 +441,7 @@ mod tests {
                 j >= Duration::from_millis(1800) && j <= Duration::from_millis(2200),
                 "{j:?}"
             );
-            assert!(first_delay(interval) < interval);
+            assert!(first_delay(interval) < interval / 10);
         }
     }
 }
