@@ -469,6 +469,67 @@ mod tests {
         assert_eq!(state.effective_weight(2.5), 2.5);
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn effective_weight_applies_drain_then_health_then_ramp_and_load() {
+        use crate::health::HealthStatus;
+        use std::time::Duration;
+
+        let state = BackendState::default();
+        let now = Instant::now();
+        // A new backend is presumed healthy: full weight.
+        assert_eq!(state.effective_weight_at(2.0, now), 2.0);
+        state.with_health(|h| h.load_factor = 0.5);
+        assert_eq!(state.effective_weight_at(2.0, now), 1.0);
+        state.with_health(|h| h.start_ramp(now, Some(Duration::from_secs(20))));
+        assert_eq!(state.effective_weight_at(2.0, now), 2.0 * 0.05 * 0.5);
+        assert_eq!(
+            state.effective_weight_at(2.0, now + Duration::from_secs(20)),
+            1.0
+        );
+        // Unhealthy beats load and ramp; ejected likewise.
+        state.with_health(|h| h.status = HealthStatus::Unhealthy);
+        assert_eq!(state.effective_weight_at(2.0, now), 0.0);
+        assert!(!state.in_rotation_at(now));
+        state.with_health(|h| h.status = HealthStatus::Healthy);
+        let ejected_for = state.with_health(|h| h.ejections.eject(now, Duration::from_secs(10)));
+        assert_eq!(ejected_for, Duration::from_secs(10));
+        assert_eq!(state.effective_weight_at(2.0, now), 0.0);
+        assert!(state.health().ejected);
+        // Ejection over: back (the ramp set above is over too).
+        let later = now + Duration::from_secs(30);
+        assert_eq!(state.effective_weight_at(2.0, later), 1.0);
+        // Drain beats everything, and route_anyway's weight only knows drain.
+        state.set_admin_state(AdminState::Drained);
+        assert_eq!(state.effective_weight_at(2.0, later), 0.0);
+        assert_eq!(state.admin_weight(2.0), 0.0);
+        state.set_admin_state(AdminState::Ready);
+        state.with_health(|h| h.status = HealthStatus::Unhealthy);
+        assert_eq!(state.admin_weight(2.0), 2.0);
+    }
+
+    #[test]
+    fn consecutive_failures_count_a_streak_that_a_connect_ends() {
+        let state = BackendState::default();
+        assert_eq!(state.record_connect_failure(), 1);
+        assert_eq!(state.record_connect_failure(), 2);
+        state.record_connected();
+        assert_eq!(state.consecutive_connect_failures(), 0);
+        assert_eq!(state.record_connect_failure(), 1);
+        assert_eq!(state.counters().connect_failures, 3);
+    }
+
+    #[test]
+    fn all_unhealthy_transitions_are_counted_once() {
+        let stats = ListenerStats::default();
+        assert!(!stats.set_all_unhealthy(false));
+        assert!(stats.set_all_unhealthy(true));
+        assert!(!stats.set_all_unhealthy(true));
+        assert!(stats.set_all_unhealthy(false));
+        assert!(stats.set_all_unhealthy(true));
+        let c = stats.counters();
+        assert_eq!((c.all_unhealthy, c.all_unhealthy_episodes), (true, 2));
+    }
+
     #[test]
     fn admit_stops_at_the_limit_and_counts_rejections() {
         let stats = Arc::new(ListenerStats::default());

@@ -255,3 +255,85 @@ fn forget(h: &mut HealthState, old: &Spec, next: Option<&Spec>) {
         h.ejections.clear();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+    use std::time::Duration;
+
+    fn config(tables: &str) -> Config {
+        let text = format!(
+            "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:0\"\n{tables}\n\
+             [[listener.backend]]\naddr = \"127.0.0.1:9001\"\n\
+             [[listener.backend]]\naddr = \"127.0.0.1:9002\"\n"
+        );
+        crate::config::parse(&text, Path::new("t.toml")).expect("valid test config")
+    }
+
+    fn supervisor() -> Supervisor {
+        Supervisor::new(
+            TaskTracker::new(),
+            CancellationToken::new(),
+            Republisher::default(),
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn connect_failures_eject_and_the_deadline_brings_the_backend_back() {
+        let registry = Registry::default();
+        let mut s = supervisor();
+        s.sync(
+            &config("[listener.passive]\nmax_connect_failures = 2\neject_for = \"10s\""),
+            &registry,
+        );
+        let addr: SocketAddr = "127.0.0.1:9001".parse().expect("literal");
+        let state = registry.backend("a", addr);
+        let now = Instant::now();
+        assert!(!s.update(now));
+        assert_eq!(s.next_deadline(now), None);
+        state.record_connect_failure();
+        assert!(!s.update(now), "one failure is not enough");
+        state.record_connect_failure();
+        assert!(s.update(now), "two eject");
+        assert!(!state.in_rotation_at(now));
+        assert_eq!(
+            state.consecutive_connect_failures(),
+            0,
+            "a new streak starts"
+        );
+        let back = now + Duration::from_secs(10);
+        assert_eq!(s.next_deadline(now), Some(back));
+        assert!(s.update(back), "the ejection ends at its deadline");
+        assert!(state.in_rotation_at(back));
+        assert_eq!(s.next_deadline(back), None);
+        // No active checks, so no checker task.
+        assert_eq!(s.tasks.len(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn checkers_follow_the_configuration_and_turning_checks_off_forgets_their_verdicts() {
+        let registry = Registry::default();
+        let mut s = supervisor();
+        let checked =
+            config("[listener.health]\nkind = \"tcp\"\ninterval = \"1h\"\nslow_start = \"10s\"");
+        s.sync(&checked, &registry);
+        assert_eq!(s.tasks.len(), 2);
+        let addr: SocketAddr = "127.0.0.1:9002".parse().expect("literal");
+        let state = registry.backend("a", addr);
+        // New backends ramp: the deadline is the ramp's next step.
+        let now = Instant::now();
+        assert_eq!(s.next_deadline(now), Some(now + Duration::from_secs(1)));
+        state.with_health(|h| h.status = HealthStatus::Unhealthy);
+        // The same configuration again changes nothing.
+        s.sync(&checked, &registry);
+        assert_eq!(s.tasks.len(), 2);
+        assert!(!state.in_rotation_at(now));
+        // Checks switched off: tasks end and the backend is presumed healthy again.
+        s.sync(&config(""), &registry);
+        tokio::task::yield_now().await;
+        assert_eq!(s.tasks.len(), 0);
+        assert!(state.in_rotation_at(now));
+        s.shutdown().await;
+    }
+}
