@@ -121,6 +121,13 @@ impl BackendState {
         self.with_health(|h| h.snapshot(now, self.consecutive_connect_failures()))
     }
 
+    /// Holds the health mutex until the guard drops: lets a test prove the connection path
+    /// never waits for it.
+    #[cfg(test)]
+    pub(crate) fn lock_health(&self) -> std::sync::MutexGuard<'_, HealthState> {
+        self.health.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Runs `f` on the health state. Never called on the connection path.
     pub(crate) fn with_health<R>(&self, f: impl FnOnce(&mut HealthState) -> R) -> R {
         let mut health = self.health.lock().unwrap_or_else(PoisonError::into_inner);

@@ -668,3 +668,101 @@ impl Handle {
         answer.await.map_err(|_| ReloadError::ShuttingDown)?
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+    /// How long the health locks are held while connections go through.
+    const HOLD: Duration = Duration::from_millis(1500);
+
+    /// The connection path, passive ejection's part included, must never wait for a backend's
+    /// health mutex: with every one of them held by another thread, connections (and connect
+    /// failures that reach `max_connect_failures`) still go through at once.
+    #[test]
+    fn connections_go_through_while_every_health_lock_is_held() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(4)
+            .enable_all()
+            .build()
+            .expect("a test runtime");
+        runtime.block_on(async {
+            let echo = TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind a backend");
+            let echo_addr = echo.local_addr().expect("backend address");
+            tokio::spawn(async move {
+                while let Ok((mut stream, _)) = echo.accept().await {
+                    tokio::spawn(async move {
+                        if let Err(e) = stream.write_all(b"x").await {
+                            eprintln!("test backend: {e}");
+                        }
+                    });
+                }
+            });
+            let refusing = TcpSocket::new_v4().expect("a socket");
+            refusing
+                .bind("127.0.0.1:0".parse().expect("literal"))
+                .expect("bind a refusing port");
+            let refusing_addr = refusing.local_addr().expect("refusing address");
+            let text = format!(
+                "[[listener]]\nname = \"lb\"\nbind = \"127.0.0.1:0\"\nconnect_attempts = 2\n\
+                 [listener.passive]\nmax_connect_failures = 2\n\
+                 [[listener.backend]]\naddr = \"{echo_addr}\"\n\
+                 [[listener.backend]]\naddr = \"{refusing_addr}\"\n"
+            );
+            let config = config::parse(&text, Path::new("t.toml")).expect("valid");
+            let balancer = Balancer::bind(&config).expect("bind on loopback");
+            let addr = balancer.local_addr("lb").expect("listener lb");
+            let handle = balancer.handle();
+            let shutdown = CancellationToken::new();
+            let running = tokio::spawn(balancer.run(shutdown.clone()));
+
+            let snapshot = handle.snapshot();
+            let states: Vec<_> = snapshot
+                .pool("lb")
+                .expect("listener lb")
+                .backends()
+                .iter()
+                .map(|b| Arc::clone(&b.stats))
+                .collect();
+            let (locked, is_locked) = std::sync::mpsc::channel();
+            let holder = std::thread::spawn(move || {
+                let guards: Vec<_> = states.iter().map(|s| s.lock_health()).collect();
+                locked.send(()).expect("the test waits for the locks");
+                std::thread::sleep(HOLD);
+                drop(guards);
+            });
+            is_locked.recv().expect("the holder thread locks");
+            let started = Instant::now();
+            for _ in 0..20 {
+                let mut stream = TcpStream::connect(addr)
+                    .await
+                    .expect("connect to the balancer");
+                let mut byte = [0_u8; 1];
+                tokio::time::timeout(Duration::from_secs(1), stream.read_exact(&mut byte))
+                    .await
+                    .expect("answered without waiting for a lock")
+                    .expect("read the backend's byte");
+            }
+            let elapsed = started.elapsed();
+            assert!(
+                elapsed < HOLD,
+                "20 connections took {elapsed:?} while locks were held"
+            );
+            let failures = handle
+                .backend_counters("lb", refusing_addr)
+                .expect("configured")
+                .connect_failures;
+            assert!(failures >= 2, "the passive threshold was reached meanwhile");
+            holder.join().expect("the holder thread ends");
+            shutdown.cancel();
+            running.await.expect("the balancer stops");
+        });
+    }
+}
