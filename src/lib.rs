@@ -2,6 +2,8 @@
 //!
 //! Clients connect to a listener; the listener's [`strategy`] picks a backend by weight from the
 //! current [`snapshot`]; the [`proxy`] relays bytes both ways until both sides are done.
+//! [`health`] checks, passive ejection, slow start and reported load move the effective weights
+//! while it runs.
 //!
 //! The library holds all of it; the `weighbridge` binary is a thin command line over
 //! [`config::load`], [`Balancer::bind`] and [`Balancer::run`]. See `ARCHITECTURE` in the README

@@ -7,7 +7,7 @@
 //! - [`passive`]: ejection on consecutive connect failures of live traffic, doubling.
 //! - [`slow_start`]: the linear weight ramp after a backend comes (back) into rotation.
 //! - [`load`]: a Prometheus gauge, smoothed, turned into a load factor.
-//! - [`supervisor`]: owns every checker task and every ejection and ramp deadline; lives in the
+//! - `supervisor`: owns every checker task and every ejection and ramp deadline; lives in the
 //!   control task, which is the only writer of snapshots.
 //!
 //! All results land in the backend's [`BackendState`](crate::backend::BackendState), where
