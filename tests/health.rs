@@ -261,6 +261,7 @@ async fn http_probes_fail_on_status_body_hang_and_refusal_and_pass_on_200() {
         let lb = start_balancer(&config_text("weighted_round_robin", &tables, &backends));
         until_confirmed(&lb, &addrs).await;
 
+        let broken = Instant::now();
         servers[0].state().set_health_status(Some(503));
         servers[1]
             .state()
@@ -275,6 +276,7 @@ async fn http_probes_fail_on_status_body_hang_and_refusal_and_pass_on_200() {
         ];
         for (i, want) in expected.iter().enumerate() {
             until_status(&lb, addrs[i], HealthStatus::Unhealthy).await;
+            eprintln!("{want}: unhealthy within {:?}", broken.elapsed());
             let last = health_of(&lb, addrs[i]).last_check.expect("probed");
             assert_eq!(last.result, Err(*want), "backend {i}");
             until_out(&lb, addrs[i]).await;
