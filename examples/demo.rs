@@ -9,12 +9,22 @@
 //! with one listener per strategy over them. Short request/reply connections go through
 //! `weighted_round_robin` and `weighted_random`; for `capacity_proportional` long-lived
 //! connections are held open at once. For each strategy it prints every backend's expected share
-//! (w_i / Σw) next to the share it observed, then shuts the balancer down. Set `RUST_LOG` (e.g.
-//! `RUST_LOG=weighbridge=debug`) to see the balancer's own logs; the default is `warn`.
+//! (w_i / Σw) next to the share it observed.
+//!
+//! Then health checks at work: four mock inference servers (`examples/mock_inference.rs`) behind
+//! a listener with HTTP health checks and a slow start, under steady client traffic. One server
+//! dies mid-run and comes back; every half second a row shows each server's share of the
+//! requests in that half second, so you see its traffic leave, return and ramp up. Then the
+//! balancer shuts down. The whole demo takes about 15 s. The balancer's health transitions are
+//! logged (stderr) as they happen; set `RUST_LOG` (e.g. `RUST_LOG=weighbridge=debug`) to see
+//! more of its logs.
 //!
 //! `--admin ADDR` also serves the admin endpoint there, and `--hold DURATION` keeps the balancer
 //! running that long after the tables (Ctrl-C ends it sooner), so that
 //! `curl http://ADDR/metrics` and `curl http://ADDR/status` show the traffic the tables count.
+
+#[allow(dead_code)] // The demo uses the mock server, not the example's own `main`.
+mod mock_inference;
 
 use std::error::Error;
 use std::io;
@@ -23,15 +33,18 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 use tracing_subscriber::EnvFilter;
+use weighbridge::health::HealthStatus;
 use weighbridge::strategy::StrategyKind;
 use weighbridge::{Balancer, Handle, config, listener};
+
+use mock_inference::{Mock, MockOptions};
 
 /// Capacities (weights) of the four mock servers.
 const CAPACITIES: [f64; 4] = [1.5, 2.0, 1.0, 2.5];
@@ -45,6 +58,20 @@ const HELD_CONNECTIONS: usize = 700;
 const IN_FLIGHT: usize = 32;
 /// Longest wait for one client's reply; a stuck demo fails instead of hanging.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Name of the health-checked listener.
+const HEALTH_LISTENER: &str = "health";
+/// Its health checks: probe every 200 ms, out after 2 failures, back after 2 passes, then a 3 s
+/// ramp.
+const HEALTH_TABLE: &str = "[listener.health]\nkind = \"http\"\npath = \"/health\"\n\
+    interval = \"200ms\"\ntimeout = \"200ms\"\nfall = 2\nrise = 2\nslow_start = \"3s\"\n";
+/// How long the health phase runs, and when its victim dies and comes back.
+const HEALTH_RUN: Duration = Duration::from_secs(9);
+const DIES_AT: Duration = Duration::from_millis(1500);
+const RETURNS_AT: Duration = Duration::from_millis(4000);
+/// Length of one row of the health table.
+const ROW: Duration = Duration::from_millis(500);
+/// Clients sending requests back to back during the health phase.
+const HEALTH_CLIENTS: usize = 4;
 
 /// What the command line asks for beyond the tables.
 struct Options {
@@ -87,7 +114,11 @@ impl Options {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn Error>> {
     let options = Options::parse()?;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    // Health transitions as they happen; not the connect failure of every request that meets
+    // the dying server before the checks take it out (each is retried on another server).
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new("warn,weighbridge::proxy=error,weighbridge::health=info")
+    });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(io::stderr)
@@ -99,7 +130,19 @@ async fn main() -> Result<(), Box<dyn Error>> {
     for capacity in CAPACITIES {
         backends.push((start_mock().await?, capacity));
     }
-    let config = config::parse(&config_text(&backends, options.admin), Path::new("<demo>"))?;
+    let mut inference = Vec::with_capacity(4);
+    for _ in 0..4 {
+        inference.push(
+            Mock::start(
+                SocketAddr::from(([127, 0, 0, 1], 0)),
+                MockOptions::default(),
+            )
+            .await?,
+        );
+    }
+    let inference_addrs: Vec<SocketAddr> = inference.iter().map(Mock::addr).collect();
+    let text = config_text(&backends, options.admin) + &health_config_text(&inference_addrs);
+    let config = config::parse(&text, Path::new("<demo>"))?;
     let balancer = Balancer::bind(&config)?;
     let admin = balancer.admin_addr();
     let handle = balancer.handle();
@@ -110,6 +153,9 @@ async fn main() -> Result<(), Box<dyn Error>> {
             .expect("the config has one listener per strategy")
     };
     let [round_robin, random, capacity] = StrategyKind::ALL.map(addr_of);
+    let health_addr = balancer
+        .local_addr(HEALTH_LISTENER)
+        .expect("the config has the health listener");
     let running = tokio::spawn(balancer.run(shutdown.clone()));
 
     let started = Instant::now();
@@ -142,6 +188,8 @@ async fn main() -> Result<(), Box<dyn Error>> {
     show(&handle, kind, &backends, &held, Count::Open, started)?;
     drop(held);
     wait_until_closed(&handle, kind, &backends).await?;
+
+    health_phase(&handle, health_addr, &mut inference).await?;
 
     if !options.hold.is_zero() {
         if let Some(admin) = admin {
@@ -367,4 +415,151 @@ async fn wait_until_closed(
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// The health-checked listener over the mock inference servers.
+fn health_config_text(servers: &[SocketAddr]) -> String {
+    let mut text = format!(
+        "\n[[listener]]\nname = \"{HEALTH_LISTENER}\"\nbind = \"127.0.0.1:0\"\n\
+         strategy = \"weighted_random\"\n{HEALTH_TABLE}"
+    );
+    for addr in servers {
+        text += &format!("[[listener.backend]]\naddr = \"{addr}\"\n");
+    }
+    text
+}
+
+/// Steady traffic through `balancer` while server 2 dies and comes back; prints one row per
+/// [`ROW`] with each server's share of that row's requests and server 2's state.
+async fn health_phase(
+    handle: &Handle,
+    balancer: SocketAddr,
+    servers: &mut [Mock],
+) -> Result<(), Box<dyn Error>> {
+    let addrs: Vec<SocketAddr> = servers.iter().map(Mock::addr).collect();
+    let victim = 2;
+    println!(
+        "health checks: 4 mock inference servers, equal weights, weighted_random; {} dies at \
+         {:.1} s and comes back at {:.1} s",
+        addrs[victim],
+        DIES_AT.as_secs_f64(),
+        RETURNS_AT.as_secs_f64()
+    );
+    println!(
+        "  probes every 200 ms; out after 2 failures, back after 2 passes, then a 3 s slow start"
+    );
+    let header: Vec<String> = addrs
+        .iter()
+        .map(|a| format!("{:>17}", a.to_string()))
+        .collect();
+    println!(
+        "  {:>6} {}  state of the dying server",
+        "time",
+        header.join(" ")
+    );
+
+    let stop = CancellationToken::new();
+    let mut clients = JoinSet::new();
+    for _ in 0..HEALTH_CLIENTS {
+        let stop = stop.clone();
+        clients.spawn(async move {
+            let mut failed = 0_u64;
+            while !stop.is_cancelled() {
+                if tokio::time::timeout(REPLY_TIMEOUT, get(balancer))
+                    .await
+                    .map_or(true, |r| r.is_err())
+                {
+                    failed += 1;
+                }
+            }
+            failed
+        });
+    }
+    let started = Instant::now();
+    let counts = |handle: &Handle| -> Vec<u64> {
+        addrs
+            .iter()
+            .map(|&a| {
+                handle
+                    .backend_counters(HEALTH_LISTENER, a)
+                    .map_or(0, |c| c.connections)
+            })
+            .collect()
+    };
+    let mut last = counts(handle);
+    let mut died = false;
+    let mut returned = false;
+    let mut row_end = started + ROW;
+    while started.elapsed() < HEALTH_RUN {
+        let next_event = if !died {
+            started + DIES_AT
+        } else if !returned {
+            started + RETURNS_AT
+        } else {
+            row_end
+        };
+        tokio::time::sleep_until(row_end.min(next_event).into()).await;
+        if !died && started.elapsed() >= DIES_AT {
+            servers[victim].kill().await;
+            died = true;
+            println!("  -- {} dies", addrs[victim]);
+        }
+        if !returned && started.elapsed() >= RETURNS_AT {
+            servers[victim] = Mock::start(addrs[victim], MockOptions::default()).await?;
+            returned = true;
+            println!("  -- {} is back", addrs[victim]);
+        }
+        if Instant::now() < row_end {
+            continue;
+        }
+        let now = counts(handle);
+        let delta: Vec<u64> = now.iter().zip(&last).map(|(n, l)| n - l).collect();
+        let total = delta.iter().sum::<u64>().max(1) as f64;
+        let shares: Vec<String> = delta
+            .iter()
+            .map(|&d| format!("{:>16.1}%", 100.0 * d as f64 / total))
+            .collect();
+        let state = match handle.backend_health(HEALTH_LISTENER, addrs[victim]) {
+            Some(h) if h.status != HealthStatus::Healthy => format!(
+                "{} ({})",
+                h.status,
+                h.last_check
+                    .and_then(|c| c.result.err())
+                    .map_or(String::new(), |e| e.to_string())
+            ),
+            Some(h) => match h.slow_start {
+                Some(ramp) => format!("healthy, slow start at {:.0}% of its weight", ramp * 100.0),
+                None => "healthy".to_owned(),
+            },
+            None => "not configured".to_owned(),
+        };
+        println!(
+            "  {:>5.1}s {}  {state}",
+            started.elapsed().as_secs_f64(),
+            shares.join(" ")
+        );
+        last = now;
+        row_end += ROW;
+    }
+    stop.cancel();
+    let mut failed = 0;
+    while let Some(joined) = clients.join_next().await {
+        failed += joined?;
+    }
+    println!("  {failed} request(s) failed: the few cut when the server died, if any\n");
+    Ok(())
+}
+
+/// One HTTP request through the balancer to a mock inference server.
+async fn get(balancer: SocketAddr) -> io::Result<()> {
+    let mut stream = TcpStream::connect(balancer).await?;
+    stream
+        .write_all(b"GET /v1/completions HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await?;
+    if !answer.windows(10).any(|w| w == b"served by ") {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "no answer"));
+    }
+    Ok(())
 }

@@ -8,27 +8,39 @@
 //!
 //! The registry's map is touched only when a snapshot is built, never per connection: the data
 //! path reaches counters through the snapshot's `Arc`s and updates them with relaxed atomics.
+//! Health state sits behind a mutex of its own, which checkers, the control task and status
+//! readers take; the connection path never does (its only health input, the consecutive
+//! connect-failure count, is an atomic).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::time::Instant;
 
 use crate::config::Config;
+use crate::health::{Health, HealthState};
 use crate::histogram::{CONNECT_TIME_BOUNDS, CONNECTION_DURATION_BOUNDS, Histogram};
 
 /// Live state of one backend within one listener: its counters, and the states (set by an
-/// operator, later by health checks) that scale its configured weight.
+/// operator, by health checks, by passive ejection, by reported load) that scale its configured
+/// weight.
 #[derive(Debug)]
 pub struct BackendState {
     drained: AtomicBool,
     active: AtomicU64,
     connections: AtomicU64,
     connect_failures: AtomicU64,
+    /// Failed connects since the last successful one: passive ejection's input.
+    consecutive_failures: AtomicU64,
     bytes_to_backend: AtomicU64,
     bytes_from_backend: AtomicU64,
     connect_time: Histogram,
+    health: Mutex<HealthState>,
 }
 
 impl Default for BackendState {
@@ -38,31 +50,13 @@ impl Default for BackendState {
             active: AtomicU64::new(0),
             connections: AtomicU64::new(0),
             connect_failures: AtomicU64::new(0),
+            consecutive_failures: AtomicU64::new(0),
             bytes_to_backend: AtomicU64::new(0),
             bytes_from_backend: AtomicU64::new(0),
             connect_time: Histogram::new(CONNECT_TIME_BOUNDS),
+            health: Mutex::default(),
         }
     }
-}
-
-/// What health checking says about a backend, as the admin endpoint reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Health {
-    /// The latest checks found it healthy (always true while no check is configured).
-    pub healthy: bool,
-    /// Passive checks have ejected it for a while (always false while none is configured).
-    pub ejected: bool,
-    /// The latest active check, if one has run.
-    pub last_check: Option<HealthCheck>,
-}
-
-/// The outcome of one active health check.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HealthCheck {
-    /// When it finished.
-    pub at: SystemTime,
-    /// Whether it passed.
-    pub ok: bool,
 }
 
 /// What an operator has said about a backend. Live state: it survives reloads for as long as
@@ -118,9 +112,10 @@ impl BackendState {
         self.active.load(Ordering::Relaxed)
     }
 
-    /// Records a successful connect that took `took`.
+    /// Records a successful connect that took `took`; ends a streak of failures.
     pub fn record_connected(&self, took: Duration) {
         self.connections.fetch_add(1, Ordering::Relaxed);
+        self.consecutive_failures.store(0, Ordering::Relaxed);
         self.connect_time.record(took);
     }
 
@@ -129,9 +124,39 @@ impl BackendState {
         &self.connect_time
     }
 
-    /// Records a failed connect attempt.
-    pub fn record_connect_failure(&self) {
+    /// Records a failed connect attempt and returns the failures in a row it makes.
+    pub fn record_connect_failure(&self) -> u64 {
         self.connect_failures.fetch_add(1, Ordering::Relaxed);
+        self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Failed connects since the last successful one.
+    pub fn consecutive_connect_failures(&self) -> u64 {
+        self.consecutive_failures.load(Ordering::Relaxed)
+    }
+
+    /// Starts a new streak (the backend was just ejected for the current one).
+    pub(crate) fn reset_consecutive_failures(&self) {
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+    }
+
+    /// A copy of the backend's health: status, ejection, latest probe, load, slow start.
+    pub fn health(&self) -> Health {
+        let now = Instant::now();
+        self.with_health(|h| h.snapshot(now, self.consecutive_connect_failures()))
+    }
+
+    /// Holds the health mutex until the guard drops: lets a test prove the connection path
+    /// never waits for it.
+    #[cfg(test)]
+    pub(crate) fn lock_health(&self) -> std::sync::MutexGuard<'_, HealthState> {
+        self.health.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs `f` on the health state. Never called on the connection path.
+    pub(crate) fn with_health<R>(&self, f: impl FnOnce(&mut HealthState) -> R) -> R {
+        let mut health = self.health.lock().unwrap_or_else(PoisonError::into_inner);
+        f(&mut health)
     }
 
     /// Adds bytes moved from a client to this backend.
@@ -159,24 +184,43 @@ impl BackendState {
             .store(state == AdminState::Drained, Ordering::Relaxed);
     }
 
-    /// What health checking says about this backend: the one place the admin endpoint (status
-    /// and metrics) reads health from. Health checks will feed it; until they exist every
-    /// backend is healthy, never ejected, and has no check result.
-    pub fn health(&self) -> Health {
-        Health {
-            healthy: true,
-            ejected: false,
-            last_check: None,
-        }
+    /// What the live state makes of `configured`, the weight from the file: the effective
+    /// weight strategies use.
+    ///
+    /// configured × (0 if unhealthy, starting or ejected) × slow-start ramp × load factor.
+    /// Precedence: an operator's drain wins over everything; then health and ejection (a broken
+    /// backend gets nothing, however idle it says it is); then the load factor, which only ever
+    /// scales down to its floor and never to zero; then the configured weight.
+    pub fn effective_weight(&self, configured: f64) -> f64 {
+        self.effective_weight_at(configured, Instant::now())
     }
 
-    /// What the live state makes of `configured`, the weight from the file: the effective
-    /// weight strategies use. An operator's drain wins over everything.
-    pub fn effective_weight(&self, configured: f64) -> f64 {
+    /// [`effective_weight`](BackendState::effective_weight) as of `now`.
+    pub fn effective_weight_at(&self, configured: f64, now: Instant) -> f64 {
+        if self.admin_state() == AdminState::Drained {
+            return 0.0;
+        }
+        self.with_health(|h| {
+            if h.in_rotation(now) {
+                configured * h.weight_factor(now)
+            } else {
+                0.0
+            }
+        })
+    }
+
+    /// The weight with only the operator's say applied: what `all_unhealthy = "route_anyway"`
+    /// uses when no backend is healthy.
+    pub fn admin_weight(&self, configured: f64) -> f64 {
         match self.admin_state() {
             AdminState::Drained => 0.0,
             AdminState::Ready => configured,
         }
+    }
+
+    /// True when health and passive ejection let the backend take connections at `now`.
+    pub fn in_rotation_at(&self, now: Instant) -> bool {
+        self.with_health(|h| h.in_rotation(now))
     }
 
     /// A copy of every counter.
@@ -222,6 +266,10 @@ pub struct ListenerStats {
     connect_attempts: AtomicU64,
     connect_failures: AtomicU64,
     duration: Histogram,
+    all_unhealthy: AtomicBool,
+    all_unhealthy_episodes: AtomicU64,
+    routed_all_unhealthy: AtomicU64,
+    rejected_all_unhealthy: AtomicU64,
 }
 
 impl Default for ListenerStats {
@@ -234,6 +282,10 @@ impl Default for ListenerStats {
             connect_attempts: AtomicU64::new(0),
             connect_failures: AtomicU64::new(0),
             duration: Histogram::new(CONNECTION_DURATION_BOUNDS),
+            all_unhealthy: AtomicBool::new(false),
+            all_unhealthy_episodes: AtomicU64::new(0),
+            routed_all_unhealthy: AtomicU64::new(0),
+            rejected_all_unhealthy: AtomicU64::new(0),
         }
     }
 }
@@ -253,6 +305,14 @@ pub struct ListenerCounters {
     pub connect_attempts: u64,
     /// Of those, the ones refused, failed or timed out.
     pub connect_failures: u64,
+    /// True while no backend is healthy (or every one is ejected).
+    pub all_unhealthy: bool,
+    /// Times the listener entered that state.
+    pub all_unhealthy_episodes: u64,
+    /// Client connections routed while no backend was healthy (`all_unhealthy = "route_anyway"`).
+    pub routed_all_unhealthy: u64,
+    /// Client connections closed because no backend was healthy (`all_unhealthy = "reject"`).
+    pub rejected_all_unhealthy: u64,
 }
 
 impl ListenerStats {
@@ -301,6 +361,26 @@ impl ListenerStats {
         &self.duration
     }
 
+    /// Records whether no backend is healthy now; true when that changed. Only snapshot builds
+    /// (the control task) call it, so each change is seen, logged and counted once.
+    pub(crate) fn set_all_unhealthy(&self, all_unhealthy: bool) -> bool {
+        let before = self.all_unhealthy.swap(all_unhealthy, Ordering::Relaxed);
+        if all_unhealthy && !before {
+            self.all_unhealthy_episodes.fetch_add(1, Ordering::Relaxed);
+        }
+        before != all_unhealthy
+    }
+
+    /// Records a client routed while no backend was healthy.
+    pub fn record_routed_all_unhealthy(&self) {
+        self.routed_all_unhealthy.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records a client closed because no backend was healthy.
+    pub fn record_rejected_all_unhealthy(&self) {
+        self.rejected_all_unhealthy.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// A copy of every counter.
     pub fn counters(&self) -> ListenerCounters {
         ListenerCounters {
@@ -310,6 +390,10 @@ impl ListenerStats {
             rejected_no_backend: self.rejected_no_backend.load(Ordering::Relaxed),
             connect_attempts: self.connect_attempts.load(Ordering::Relaxed),
             connect_failures: self.connect_failures.load(Ordering::Relaxed),
+            all_unhealthy: self.all_unhealthy.load(Ordering::Relaxed),
+            all_unhealthy_episodes: self.all_unhealthy_episodes.load(Ordering::Relaxed),
+            routed_all_unhealthy: self.routed_all_unhealthy.load(Ordering::Relaxed),
+            rejected_all_unhealthy: self.rejected_all_unhealthy.load(Ordering::Relaxed),
         }
     }
 }
@@ -327,6 +411,45 @@ impl Drop for OpenConn {
     }
 }
 
+/// Asks the control task to rebuild the snapshot because live state changed.
+///
+/// A flag plus a wake-up on a channel of capacity one: both lock-free and never waiting, so the
+/// connection path may call it (passive ejection does). No change is lost: when the channel is
+/// full a wake-up is already pending, and the control task reads the flag when it wakes.
+#[derive(Debug, Clone, Default)]
+pub struct Republisher {
+    dirty: Arc<AtomicBool>,
+    wake: Option<mpsc::Sender<()>>,
+}
+
+impl Republisher {
+    /// A republisher and the receiver its wake-ups arrive on.
+    pub(crate) fn new() -> (Republisher, mpsc::Receiver<()>) {
+        let (wake, woken) = mpsc::channel(1);
+        let republisher = Republisher {
+            dirty: Arc::new(AtomicBool::new(false)),
+            wake: Some(wake),
+        };
+        (republisher, woken)
+    }
+
+    /// Marks live state as changed and wakes the control task.
+    pub fn republish(&self) {
+        self.dirty.store(true, Ordering::Release);
+        if let Some(wake) = &self.wake {
+            match wake.try_send(()) {
+                // Full: a wake-up is pending already. Closed: the balancer has stopped.
+                Ok(()) | Err(TrySendError::Full(())) | Err(TrySendError::Closed(())) => {}
+            }
+        }
+    }
+
+    /// True (once) if a republish was asked for since the last call.
+    pub(crate) fn take(&self) -> bool {
+        self.dirty.swap(false, Ordering::AcqRel)
+    }
+}
+
 /// Where live state is found by name when a snapshot is built.
 ///
 /// Holds a mutex, but only snapshot builds (start, reload, health changes) take it; the
@@ -334,6 +457,7 @@ impl Drop for OpenConn {
 #[derive(Debug, Default)]
 pub struct Registry {
     inner: Mutex<RegistryInner>,
+    republisher: Republisher,
 }
 
 #[derive(Debug, Default)]
@@ -343,6 +467,19 @@ struct RegistryInner {
 }
 
 impl Registry {
+    /// A registry whose snapshots' pools can wake the control task through `republisher`.
+    pub(crate) fn with_republisher(republisher: Republisher) -> Registry {
+        Registry {
+            inner: Mutex::default(),
+            republisher,
+        }
+    }
+
+    /// The republisher pools hand to the connection path.
+    pub fn republisher(&self) -> &Republisher {
+        &self.republisher
+    }
+
     /// The stats of listener `name`, created on first use.
     pub fn listener(&self, name: &str) -> Arc<ListenerStats> {
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
@@ -409,6 +546,67 @@ mod tests {
         assert_eq!(state.effective_weight(2.5), 0.0);
         state.set_admin_state(AdminState::Ready);
         assert_eq!(state.effective_weight(2.5), 2.5);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn effective_weight_applies_drain_then_health_then_ramp_and_load() {
+        use crate::health::HealthStatus;
+        use std::time::Duration;
+
+        let state = BackendState::default();
+        let now = Instant::now();
+        // A new backend is presumed healthy: full weight.
+        assert_eq!(state.effective_weight_at(2.0, now), 2.0);
+        state.with_health(|h| h.load_factor = 0.5);
+        assert_eq!(state.effective_weight_at(2.0, now), 1.0);
+        state.with_health(|h| h.start_ramp(now, Some(Duration::from_secs(20))));
+        assert_eq!(state.effective_weight_at(2.0, now), 2.0 * 0.05 * 0.5);
+        assert_eq!(
+            state.effective_weight_at(2.0, now + Duration::from_secs(20)),
+            1.0
+        );
+        // Unhealthy beats load and ramp; ejected likewise.
+        state.with_health(|h| h.status = HealthStatus::Unhealthy);
+        assert_eq!(state.effective_weight_at(2.0, now), 0.0);
+        assert!(!state.in_rotation_at(now));
+        state.with_health(|h| h.status = HealthStatus::Healthy);
+        let ejected_for = state.with_health(|h| h.ejections.eject(now, Duration::from_secs(10)));
+        assert_eq!(ejected_for, Duration::from_secs(10));
+        assert_eq!(state.effective_weight_at(2.0, now), 0.0);
+        assert!(state.health().ejected);
+        // Ejection over: back (the ramp set above is over too).
+        let later = now + Duration::from_secs(30);
+        assert_eq!(state.effective_weight_at(2.0, later), 1.0);
+        // Drain beats everything, and route_anyway's weight only knows drain.
+        state.set_admin_state(AdminState::Drained);
+        assert_eq!(state.effective_weight_at(2.0, later), 0.0);
+        assert_eq!(state.admin_weight(2.0), 0.0);
+        state.set_admin_state(AdminState::Ready);
+        state.with_health(|h| h.status = HealthStatus::Unhealthy);
+        assert_eq!(state.admin_weight(2.0), 2.0);
+    }
+
+    #[test]
+    fn consecutive_failures_count_a_streak_that_a_connect_ends() {
+        let state = BackendState::default();
+        assert_eq!(state.record_connect_failure(), 1);
+        assert_eq!(state.record_connect_failure(), 2);
+        state.record_connected(Duration::ZERO);
+        assert_eq!(state.consecutive_connect_failures(), 0);
+        assert_eq!(state.record_connect_failure(), 1);
+        assert_eq!(state.counters().connect_failures, 3);
+    }
+
+    #[test]
+    fn all_unhealthy_transitions_are_counted_once() {
+        let stats = ListenerStats::default();
+        assert!(!stats.set_all_unhealthy(false));
+        assert!(stats.set_all_unhealthy(true));
+        assert!(!stats.set_all_unhealthy(true));
+        assert!(stats.set_all_unhealthy(false));
+        assert!(stats.set_all_unhealthy(true));
+        let c = stats.counters();
+        assert_eq!((c.all_unhealthy, c.all_unhealthy_episodes), (true, 2));
     }
 
     #[test]

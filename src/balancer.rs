@@ -8,11 +8,16 @@
 //! The admin endpoint, when configured, is bound together with the listeners and served by a
 //! task that `run` owns: it keeps answering reads while open connections drain after a shutdown
 //! request, and stops when `run` returns.
+//!
+//! Health results reach it the same way: checkers and the connection path (passive ejection)
+//! only mark live state as changed and wake it; the health supervisor it owns applies ejections
+//! and tells it when the next weight change falls due (an ejection's end, a slow-start step), and
+//! it sleeps until then.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -20,13 +25,16 @@ use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 use tracing::{debug, error, info, warn};
 
 use crate::admin;
-use crate::backend::{AdminState, BackendCounters, ListenerCounters, Registry};
+use crate::backend::{AdminState, BackendCounters, ListenerCounters, Registry, Republisher};
 use crate::config::{self, Config, ListenerConfig};
+use crate::health::Health;
+use crate::health::supervisor::Supervisor;
 use crate::listener::{self, BindError, Bound};
 use crate::reload::{ReloadError, ReloadSummary};
 use crate::snapshot::{Snapshot, SnapshotCell};
@@ -64,6 +72,8 @@ pub struct Balancer {
     config_path: Option<PathBuf>,
     registry: Registry,
     requests: mpsc::Receiver<Request>,
+    /// Wake-ups from [`Republisher`]s (checkers, passive ejection, [`Handle::republish`]).
+    woken: mpsc::Receiver<()>,
     handle: Handle,
 }
 
@@ -80,8 +90,10 @@ struct Shared {
     reloads: ReloadStats,
     /// Where the admin endpoint listens, if there is one.
     admin_addr: Option<SocketAddr>,
-    /// Set by [`Handle::republish`]; the control task rebuilds the snapshot when it finds it set.
-    dirty: AtomicBool,
+    /// Marks live state as changed and wakes the control task, which then rebuilds.
+    republisher: Republisher,
+    /// The health checker tasks.
+    checkers: TaskTracker,
 }
 
 type Reply = oneshot::Sender<Result<ReloadSummary, ReloadError>>;
@@ -99,8 +111,6 @@ enum Request {
         state: AdminState,
         reply: oneshot::Sender<Result<(), AdminError>>,
     },
-    /// Live state changed: rebuild the snapshot from the configuration in force.
-    Republish,
 }
 
 /// Why an operator action was refused.
@@ -192,7 +202,8 @@ impl Balancer {
             .iter()
             .map(listener::bind)
             .collect::<Result<Vec<_>, _>>()?;
-        let registry = Registry::default();
+        let (republisher, woken) = Republisher::new();
+        let registry = Registry::with_republisher(republisher.clone());
         let addrs = bound
             .iter()
             .map(|b| (b.name.clone(), b.local_addr))
@@ -213,12 +224,14 @@ impl Balancer {
             config_path: None,
             registry,
             requests,
+            woken,
             handle: Handle {
                 shared: Arc::new(Shared {
                     snapshots: Arc::new(ArcSwap::from_pointee(snapshot)),
                     reloads: ReloadStats::default(),
                     admin_addr,
-                    dirty: AtomicBool::new(false),
+                    republisher,
+                    checkers: TaskTracker::new(),
                 }),
                 requests: sender,
             },
@@ -273,6 +286,11 @@ impl Balancer {
             connections: TaskTracker::new(),
             stop: CancellationToken::new(),
             snapshots: Arc::clone(&self.handle.shared.snapshots),
+            health: Supervisor::new(
+                self.handle.shared.checkers.clone(),
+                shutdown.child_token(),
+                self.registry.republisher().clone(),
+            ),
         };
         let binds: HashMap<&str, SocketAddr> = self
             .config
@@ -284,39 +302,36 @@ impl Balancer {
             let bind = binds[bound.name.as_str()];
             control.start(bound, bind);
         }
+        control.health.sync(&self.config, &self.registry);
+        // New backends may have started slow-start ramps.
+        self.registry.republisher().republish();
         loop {
+            let deadline = control.health.next_deadline(Instant::now());
+            let mut due = false;
             let request = tokio::select! {
                 () = shutdown.cancelled() => break,
-                request = self.requests.recv() => request,
+                request = self.requests.recv() => match request {
+                    Some(request) => Some(request),
+                    None => break,
+                },
+                Some(()) = self.woken.recv() => None,
+                () = sleep_until(deadline) => {
+                    due = true;
+                    None
+                }
             };
-            let Some(request) = request else { break };
-            match request {
-                Request::ReloadFile(reply) => {
-                    let result = self.reload_file(&mut control).await;
-                    self.finish_reload(result, reply);
-                }
-                Request::Apply(config, reply) => {
-                    let result = self.apply(*config, &mut control).await;
-                    self.finish_reload(result, reply);
-                }
-                Request::SetAdmin {
-                    listener,
-                    addr,
-                    state,
-                    reply,
-                } => {
-                    let result = self.set_admin(&listener, addr, state, &control);
-                    // The requester may have given up waiting; the change stands all the same.
-                    drop(reply.send(result));
-                }
-                Request::Republish => {}
+            if let Some(request) = request {
+                self.handle_request(request, &mut control).await;
             }
-            // Live state changed since the last build (a health result, ...): rebuild once,
-            // however many changes and wake-ups came in meanwhile.
-            if self.handle.shared.dirty.swap(false, Ordering::AcqRel) {
+            // Live state changed since the last build (a health result, a passive ejection, a
+            // ramp step, ...): apply what is due, then rebuild once, however many changes and
+            // wake-ups came in meanwhile.
+            let changed = control.health.update(Instant::now());
+            if self.registry.republisher().take() || changed || due {
                 self.republish(&control);
             }
         }
+        control.health.shutdown().await;
         // Requests from now on (SIGHUP, the watcher, the admin endpoint) are answered "shutting
         // down" at once instead of waiting for a control task that no longer listens.
         self.requests.close();
@@ -337,6 +352,30 @@ impl Balancer {
             }
         }
         stopped
+    }
+
+    /// Handles one request from a [`Handle`].
+    async fn handle_request(&mut self, request: Request, control: &mut Control) {
+        match request {
+            Request::ReloadFile(reply) => {
+                let result = self.reload_file(control).await;
+                self.finish_reload(result, reply);
+            }
+            Request::Apply(config, reply) => {
+                let result = self.apply(*config, control).await;
+                self.finish_reload(result, reply);
+            }
+            Request::SetAdmin {
+                listener,
+                addr,
+                state,
+                reply,
+            } => {
+                let result = self.set_admin(&listener, addr, state, control);
+                // The requester may have given up waiting; the change stands all the same.
+                drop(reply.send(result));
+            }
+        }
     }
 
     /// Records, logs and answers a reload's outcome.
@@ -456,7 +495,10 @@ impl Balancer {
             }
         }
 
-        // 3. Publish the new snapshot: from here on, new connections follow the new file.
+        // 3. Start checkers for new backends, stop those of removed ones, restart those whose
+        //    health settings changed; then publish the new snapshot: from here on, new
+        //    connections follow the new file.
+        control.health.sync(&new, &self.registry);
         let current = control.snapshots.load();
         let addrs: HashMap<String, SocketAddr> = new
             .listeners
@@ -530,6 +572,15 @@ struct Control {
     connections: TaskTracker,
     stop: CancellationToken,
     snapshots: Arc<SnapshotCell>,
+    health: Supervisor,
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
 }
 
 impl Control {
@@ -656,6 +707,20 @@ impl Handle {
         Some(backend.stats.counters())
     }
 
+    /// Health of backend `addr` in listener `listener`, if it is configured.
+    pub fn backend_health(&self, listener: &str, addr: SocketAddr) -> Option<Health> {
+        let snapshot = self.shared.snapshots.load();
+        let pool = snapshot.pool(listener)?;
+        let backend = pool.backends().iter().find(|b| b.addr == addr)?;
+        Some(backend.stats.health())
+    }
+
+    /// Health checker tasks running now: one per backend of every listener with
+    /// `[listener.health]`.
+    pub fn health_checkers(&self) -> usize {
+        self.shared.checkers.len()
+    }
+
     /// Counters of listener `name`, if it is configured.
     pub fn listener_counters(&self, name: &str) -> Option<ListenerCounters> {
         Some(self.shared.snapshots.load().pool(name)?.stats().counters())
@@ -720,8 +785,7 @@ impl Handle {
     /// and never loses a change: the request is a flag plus a wake-up, and when the queue is full
     /// the requests already in it wake the control task, which then sees the flag.
     pub fn republish(&self) {
-        self.shared.dirty.store(true, Ordering::Release);
-        drop(self.requests.try_send(Request::Republish));
+        self.shared.republisher.republish();
     }
 
     async fn request(

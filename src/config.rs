@@ -6,6 +6,7 @@
 //! gets, and holds only values that are valid by construction. Nothing here touches the network:
 //! binding a listener is the listener module's job, so `--check` cannot fail on a busy port.
 
+mod health;
 mod raw;
 
 use std::fmt;
@@ -20,6 +21,14 @@ use toml::Spanned;
 
 use crate::strategy::StrategyKind;
 use raw::{RawAdmin, RawBackend, RawConfig, RawListener, RawLog};
+
+pub use health::{
+    AllUnhealthy, DEFAULT_EJECT_FOR, DEFAULT_FALL, DEFAULT_HEALTH_PATH, DEFAULT_INTERVAL,
+    DEFAULT_LOAD_INTERVAL, DEFAULT_MAX_CONNECT_FAILURES, DEFAULT_METRICS_PATH,
+    DEFAULT_MIN_WEIGHT_PERCENT, DEFAULT_RISE, DEFAULT_SATURATION, DEFAULT_STARTUP_GRACE,
+    DEFAULT_TIMEOUT, ExpectStatus, HealthConfig, HttpProbe, LoadConfig, LoadPreset, MAX_EJECTION,
+    PassiveConfig, Probe, ProbeKind,
+};
 
 /// Path read when `--config` is not given, relative to the working directory.
 pub const DEFAULT_CONFIG_PATH: &str = "conf/weighbridge.toml";
@@ -151,6 +160,10 @@ pub struct ListenerConfig {
     pub max_connections: NonZeroUsize,
     /// Move bytes with `splice(2)` (zero copy, Linux) rather than through user-space buffers.
     pub splice: bool,
+    /// Active health checks (and load-following weights), if configured.
+    pub health: Option<HealthConfig>,
+    /// Passive ejection on connect failures of live traffic, if configured.
+    pub passive: Option<PassiveConfig>,
     /// At least one backend, addresses unique, not every weight zero.
     pub backends: Vec<BackendConfig>,
 }
@@ -162,6 +175,15 @@ pub struct BackendConfig {
     pub addr: SocketAddr,
     /// Configured weight (capacity for `capacity_proportional`).
     pub weight: Weight,
+    /// Where health probes and load scrapes go instead of `addr`, if set.
+    pub health_addr: Option<SocketAddr>,
+}
+
+impl BackendConfig {
+    /// The address health probes (and load scrapes) go to: `health_addr`, else `addr`.
+    pub fn probe_addr(&self) -> SocketAddr {
+        self.health_addr.unwrap_or(self.addr)
+    }
 }
 
 /// A backend weight: a finite number ≥ 0. Zero means "drained": no new connections.
@@ -340,6 +362,48 @@ pub enum ConfigErrorKind {
         /// The address both name.
         addr: SocketAddr,
     },
+    /// An HTTP-only health key on a TCP probe.
+    #[error("`{0}` applies only to kind = \"http\"; remove it or set kind = \"http\"")]
+    HttpOnly(&'static str),
+    /// A value that must not be empty is.
+    #[error("`{0}` must not be empty")]
+    Empty(&'static str),
+    /// An HTTP path that does not start with `/` or is not a valid request target.
+    #[error("`{key}`: invalid path `{value}`: expected an absolute path such as \"/health\"")]
+    BadPath {
+        /// The key.
+        key: &'static str,
+        /// What was written.
+        value: String,
+    },
+    /// A header value with spaces or control characters.
+    #[error("`{key}`: invalid value `{value}`: only visible ASCII characters are allowed")]
+    BadHeader {
+        /// The key.
+        key: &'static str,
+        /// What was written.
+        value: String,
+    },
+    /// An HTTP status outside 100..=599.
+    #[error("`expect_status`: invalid status {0}: expected a number from 100 to 599")]
+    BadStatus(i64),
+    /// A port outside 1..=65535.
+    #[error("`port`: invalid port {0}: expected a number from 1 to 65535")]
+    BadPort(u64),
+    /// A load block that names no metric.
+    #[error(
+        "[listener.health.load] needs `preset` (vllm, sglang, tgi, triton, llamacpp) or `metric`"
+    )]
+    NoLoadMetric,
+    /// A metric name Prometheus would not accept.
+    #[error("`metric`: invalid metric name `{0}`: expected letters, digits, `_` and `:`")]
+    BadMetric(String),
+    /// A saturation that is not a finite number above 0.
+    #[error("`saturation`: invalid value {0}: must be a finite number > 0")]
+    BadSaturation(f64),
+    /// A percentage outside 0..=100.
+    #[error("`min_weight_percent`: invalid value {0}: must be from 0 to 100")]
+    BadPercent(f64),
 }
 
 /// Reads and validates the config file at `path`.
@@ -491,17 +555,27 @@ impl ListenerConfig {
             return Err((Some(raw.name.span()), ConfigErrorKind::EmptyName));
         }
         let bind = address(&raw.bind, "bind")?;
-        let count = |value: &Option<Spanned<u64>>, key| match value {
-            Some(v) if *v.get_ref() == 0 => Err((Some(v.span()), ConfigErrorKind::ZeroCount(key))),
-            Some(v) => Ok(Some(*v.get_ref())),
-            None => Ok(None),
+        let connect_attempts =
+            count(&raw.connect_attempts, "connect_attempts")?.unwrap_or(DEFAULT_CONNECT_ATTEMPTS);
+        let max_connections = match &raw.max_connections {
+            Some(v) if *v.get_ref() == 0 => {
+                return Err((
+                    Some(v.span()),
+                    ConfigErrorKind::ZeroCount("max_connections"),
+                ));
+            }
+            Some(v) => NonZeroUsize::new(usize::try_from(*v.get_ref()).unwrap_or(usize::MAX))
+                .unwrap_or(DEFAULT_MAX_CONNECTIONS),
+            None => DEFAULT_MAX_CONNECTIONS,
         };
-        let connect_attempts = count(&raw.connect_attempts, "connect_attempts")?
-            .and_then(|n| NonZeroU32::new(u32::try_from(n).unwrap_or(u32::MAX)))
-            .unwrap_or(DEFAULT_CONNECT_ATTEMPTS);
-        let max_connections = count(&raw.max_connections, "max_connections")?
-            .and_then(|n| NonZeroUsize::new(usize::try_from(n).unwrap_or(usize::MAX)))
-            .unwrap_or(DEFAULT_MAX_CONNECTIONS);
+        let health = match &raw.health {
+            Some(h) => Some(HealthConfig::from_raw(h.get_ref())?),
+            None => None,
+        };
+        let passive = match &raw.passive {
+            Some(p) => Some(PassiveConfig::from_raw(p.get_ref())?),
+            None => None,
+        };
         if raw.backend.is_empty() {
             return Err((Some(span), ConfigErrorKind::NoBackends(name)));
         }
@@ -536,6 +610,8 @@ impl ListenerConfig {
             connect_attempts,
             max_connections,
             splice: raw.splice.unwrap_or(DEFAULT_SPLICE),
+            health,
+            passive,
             backends,
         })
     }
@@ -549,7 +625,15 @@ impl BackendConfig {
             Some(w) => Weight::new(*w.get_ref())
                 .ok_or((Some(w.span()), ConfigErrorKind::BadWeight(*w.get_ref())))?,
         };
-        Ok(BackendConfig { addr, weight })
+        let health_addr = match &raw.health_addr {
+            Some(value) => Some(address(value, "health_addr")?),
+            None => None,
+        };
+        Ok(BackendConfig {
+            addr,
+            weight,
+            health_addr,
+        })
     }
 }
 
@@ -563,13 +647,32 @@ fn address(value: &Spanned<String>, key: &'static str) -> Result<SocketAddr, Inv
     })
 }
 
+/// A count of at least 1; values beyond `u32::MAX` saturate.
+fn count(value: &Option<Spanned<u64>>, key: &'static str) -> Result<Option<NonZeroU32>, Invalid> {
+    match value {
+        Some(v) => NonZeroU32::new(u32::try_from(*v.get_ref()).unwrap_or(u32::MAX))
+            .map(Some)
+            .ok_or((Some(v.span()), ConfigErrorKind::ZeroCount(key))),
+        None => Ok(None),
+    }
+}
+
 fn duration(
     value: &Option<Spanned<String>>,
     key: &'static str,
     default: Duration,
 ) -> Result<Duration, Invalid> {
+    Ok(optional_duration(value, key, false)?.unwrap_or(default))
+}
+
+/// A duration if one is written; zero is refused unless `zero_ok`.
+fn optional_duration(
+    value: &Option<Spanned<String>>,
+    key: &'static str,
+    zero_ok: bool,
+) -> Result<Option<Duration>, Invalid> {
     let Some(value) = value else {
-        return Ok(default);
+        return Ok(None);
     };
     let parsed = humantime::parse_duration(value.get_ref().trim()).map_err(|e| {
         let kind = ConfigErrorKind::BadDuration {
@@ -579,10 +682,10 @@ fn duration(
         };
         (Some(value.span()), kind)
     })?;
-    if parsed.is_zero() {
+    if parsed.is_zero() && !zero_ok {
         return Err((Some(value.span()), ConfigErrorKind::ZeroDuration(key)));
     }
-    Ok(parsed)
+    Ok(Some(parsed))
 }
 
 #[cfg(test)]
@@ -686,12 +789,143 @@ weight = 0.5
         assert_eq!((l.connect_attempts.get(), l.max_connections.get()), (5, 7));
         let weights: Vec<f64> = l.backends.iter().map(|b| b.weight.get()).collect();
         assert_eq!(weights, [2.0, 0.5]);
+        assert_eq!((l.health.as_ref(), l.passive), (None, None));
+        assert_eq!(l.backends[0].health_addr, None);
+    }
+
+    #[test]
+    fn every_health_key_is_read() {
+        let text = r#"
+[[listener]]
+name = "chat"
+bind = "127.0.0.1:0"
+[listener.health]
+kind = "http"
+path = "/v2/health/ready"
+host = "models.internal"
+expect_status = [200, 204]
+expect_body = "ok"
+interval = "500ms"
+timeout = "250ms"
+rise = 4
+fall = 5
+startup_grace = "0s"
+slow_start = "1m"
+all_unhealthy = "reject"
+[listener.health.load]
+preset = "triton"
+path = "/custom"
+port = 9002
+metric = "my_queue"
+saturation = 8.5
+min_weight_percent = 25
+interval = "3s"
+[listener.passive]
+max_connect_failures = 2
+eject_for = "1s"
+[[listener.backend]]
+addr = "127.0.0.1:9001"
+health_addr = "127.0.0.1:9101"
+"#;
+        let config = parse_str(text).expect("valid");
+        let l = &config.listeners[0];
+        let h = l.health.as_ref().expect("health configured");
+        assert_eq!(
+            h.probe,
+            Probe::Http(HttpProbe {
+                path: "/v2/health/ready".into(),
+                host: Some("models.internal".into()),
+                expect_status: ExpectStatus::AnyOf(vec![200, 204]),
+                expect_body: Some("ok".into()),
+            })
+        );
+        assert_eq!(
+            (h.interval, h.timeout),
+            (Duration::from_millis(500), Duration::from_millis(250))
+        );
+        assert_eq!((h.rise.get(), h.fall.get()), (4, 5));
+        assert_eq!(h.startup_grace, Duration::ZERO);
+        assert_eq!(h.slow_start, Some(Duration::from_secs(60)));
+        assert_eq!(h.all_unhealthy, AllUnhealthy::Reject);
+        let load = h.load.as_ref().expect("load configured");
+        assert_eq!(
+            *load,
+            LoadConfig {
+                path: "/custom".into(),
+                port: Some(9002),
+                metric: "my_queue".into(),
+                saturation: 8.5,
+                min_factor: 0.25,
+                interval: Duration::from_secs(3),
+            }
+        );
+        let passive = l.passive.expect("passive configured");
+        assert_eq!(passive.max_connect_failures.get(), 2);
+        assert_eq!(passive.eject_for, Duration::from_secs(1));
+        let backend = l.backends[0];
+        assert_eq!(
+            backend.probe_addr(),
+            "127.0.0.1:9101".parse::<SocketAddr>().expect("literal")
+        );
+    }
+
+    #[test]
+    fn empty_health_tables_get_every_default() {
+        let text = format!(
+            "{MINIMAL}[listener.health]\n[listener.health.load]\npreset = \"vllm\"\n[listener.passive]\n"
+        );
+        let config = parse_str(&text).expect("valid");
+        let l = &config.listeners[0];
+        let h = l.health.as_ref().expect("health configured");
+        let Probe::Http(http) = &h.probe else {
+            panic!("http is the default probe: {:?}", h.probe)
+        };
+        assert_eq!(http.path, DEFAULT_HEALTH_PATH);
+        assert_eq!(
+            (http.host.as_ref(), http.expect_body.as_ref()),
+            (None, None)
+        );
+        assert_eq!(http.expect_status, ExpectStatus::Success);
+        assert_eq!((h.interval, h.timeout), (DEFAULT_INTERVAL, DEFAULT_TIMEOUT));
+        assert_eq!((h.rise, h.fall), (DEFAULT_RISE, DEFAULT_FALL));
+        assert_eq!(h.startup_grace, DEFAULT_STARTUP_GRACE);
+        assert_eq!(h.slow_start, None);
+        assert_eq!(h.all_unhealthy, AllUnhealthy::RouteAnyway);
+        let load = h.load.as_ref().expect("load configured");
+        assert_eq!(load.metric, "vllm:num_requests_waiting");
+        assert_eq!(
+            (load.path.as_str(), load.port),
+            (DEFAULT_METRICS_PATH, None)
+        );
+        assert_eq!(load.saturation, DEFAULT_SATURATION);
+        assert_eq!(load.min_factor, DEFAULT_MIN_WEIGHT_PERCENT / 100.0);
+        assert_eq!(load.interval, DEFAULT_LOAD_INTERVAL);
+        let passive = l.passive.expect("passive configured");
+        assert_eq!(passive.max_connect_failures, DEFAULT_MAX_CONNECT_FAILURES);
+        assert_eq!(passive.eject_for, DEFAULT_EJECT_FOR);
+        // Triton's metrics live on their own port unless told otherwise.
+        let triton = format!("{MINIMAL}[listener.health.load]\npreset = \"triton\"\n");
+        let config = parse_str(&triton).expect("valid");
+        let load = config.listeners[0]
+            .health
+            .as_ref()
+            .and_then(|h| h.load.as_ref());
+        assert_eq!(load.map(|l| l.port), Some(Some(8002)));
+        // A TCP probe carries no HTTP settings.
+        let tcp = format!("{MINIMAL}[listener.health]\nkind = \"tcp\"\n");
+        let config = parse_str(&tcp).expect("valid");
+        assert_eq!(
+            config.listeners[0].health.as_ref().map(|h| &h.probe),
+            Some(&Probe::Tcp)
+        );
     }
 
     #[test]
     fn errors_name_the_line_and_the_problem() {
         let listener = "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\n";
         let backend = "[[listener.backend]]\naddr = \"127.0.0.1:2\"\n";
+        let health = "[listener.health]\n";
+        let load = "[listener.health.load]\n";
         let cases: Vec<(String, Option<usize>, &str)> = vec![
             ("[[listener]\n".into(), Some(1), "expected `]`"),
             (
@@ -852,6 +1086,131 @@ weight = 0.5
                 format!("[log]\nlevel = \"info\"\n{listener}{backend}"),
                 Some(2),
                 "unknown field `level`",
+            ),
+            (
+                format!("{listener}{backend}health_addr = \"h:1\"\n"),
+                Some(6),
+                "`health_addr`: invalid address `h:1`",
+            ),
+            (
+                format!("{listener}{health}kind = \"tcp\"\npath = \"/x\"\n{backend}"),
+                Some(6),
+                "`path` applies only to kind = \"http\"",
+            ),
+            (
+                format!("{listener}{health}kind = \"grpc\"\n{backend}"),
+                Some(5),
+                "unknown variant `grpc`, expected `tcp` or `http`",
+            ),
+            (
+                format!("{listener}{health}colour = 1\n{backend}"),
+                Some(5),
+                "unknown field `colour`",
+            ),
+            (
+                format!("{listener}{health}interval = \"0s\"\n{backend}"),
+                Some(5),
+                "`interval` must be longer than 0",
+            ),
+            (
+                format!("{listener}{health}timeout = \"fast\"\n{backend}"),
+                Some(5),
+                "`timeout`: invalid duration `fast`",
+            ),
+            (
+                format!("{listener}{health}rise = 0\n{backend}"),
+                Some(5),
+                "`rise` must be at least 1",
+            ),
+            (
+                format!("{listener}{health}fall = 0\n{backend}"),
+                Some(5),
+                "`fall` must be at least 1",
+            ),
+            (
+                format!("{listener}{health}slow_start = \"0s\"\n{backend}"),
+                Some(5),
+                "`slow_start` must be longer than 0",
+            ),
+            (
+                format!("{listener}{health}expect_status = [200,\n 700]\n{backend}"),
+                Some(6),
+                "`expect_status`: invalid status 700",
+            ),
+            (
+                format!("{listener}{health}expect_status = []\n{backend}"),
+                Some(5),
+                "`expect_status` must not be empty",
+            ),
+            (
+                format!("{listener}{health}path = \"health\"\n{backend}"),
+                Some(5),
+                "`path`: invalid path `health`",
+            ),
+            (
+                format!("{listener}{health}host = \"a b\"\n{backend}"),
+                Some(5),
+                "`host`: invalid value `a b`",
+            ),
+            (
+                format!("{listener}{health}expect_body = \"\"\n{backend}"),
+                Some(5),
+                "`expect_body` must not be empty",
+            ),
+            (
+                format!("{listener}{health}all_unhealthy = \"panic\"\n{backend}"),
+                Some(5),
+                "unknown variant `panic`, expected `route_anyway` or `reject`",
+            ),
+            (
+                format!("{listener}{load}interval = \"1s\"\n{backend}"),
+                Some(4),
+                "needs `preset`",
+            ),
+            (
+                format!("{listener}{load}preset = \"ollama\"\n{backend}"),
+                Some(5),
+                "unknown variant `ollama`",
+            ),
+            (
+                format!("{listener}{load}preset = \"vllm\"\nsaturation = 0\n{backend}"),
+                Some(6),
+                "`saturation`: invalid value 0",
+            ),
+            (
+                format!("{listener}{load}preset = \"vllm\"\nmin_weight_percent = 150\n{backend}"),
+                Some(6),
+                "`min_weight_percent`: invalid value 150",
+            ),
+            (
+                format!("{listener}{load}preset = \"triton\"\nport = 70000\n{backend}"),
+                Some(6),
+                "`port`: invalid port 70000",
+            ),
+            (
+                format!("{listener}{load}metric = \"queue depth\"\n{backend}"),
+                Some(5),
+                "`metric`: invalid metric name `queue depth`",
+            ),
+            (
+                format!("{listener}{load}preset = \"vllm\"\npath = \"metrics\"\n{backend}"),
+                Some(6),
+                "`path`: invalid path `metrics`",
+            ),
+            (
+                format!("{listener}[listener.passive]\nmax_connect_failures = 0\n{backend}"),
+                Some(5),
+                "`max_connect_failures` must be at least 1",
+            ),
+            (
+                format!("{listener}[listener.passive]\neject_for = \"soon\"\n{backend}"),
+                Some(5),
+                "`eject_for`: invalid duration `soon`",
+            ),
+            (
+                format!("{listener}[listener.passive]\neject_after = 3\n{backend}"),
+                Some(5),
+                "unknown field `eject_after`, expected `max_connect_failures` or `eject_for`",
             ),
         ];
         for (text, line, needle) in cases {

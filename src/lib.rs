@@ -4,6 +4,8 @@
 //! current [`snapshot`]; the [`proxy`] relays bytes both ways until both sides are done. An
 //! optional admin HTTP endpoint (`[admin]` in the file) serves Prometheus metrics and status and
 //! takes drain, enable and reload requests.
+//! [`health`] checks, passive ejection, slow start and reported load move the effective weights
+//! while it runs.
 //!
 //! The library holds all of it; the `weighbridge` binary is a thin command line over
 //! [`config::load`], [`Balancer::bind`] and [`Balancer::run`]. See `ARCHITECTURE` in the README
@@ -16,6 +18,7 @@ mod admin;
 pub mod backend;
 mod balancer;
 pub mod config;
+pub mod health;
 pub mod histogram;
 pub mod listener;
 pub mod proxy;

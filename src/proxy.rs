@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, debug_span, info, warn};
 
 use crate::backend::{ActiveConn, BackendState, OpenConn};
+use crate::config::AllUnhealthy;
 use crate::snapshot::Pool;
 
 /// The `tracing` target of access log lines, so a filter such as `weighbridge::access=off` or a
@@ -94,6 +95,17 @@ pub(crate) async fn serve(
             error: None,
         };
         let access_log = pool.settings().access_log;
+        // No backend is healthy: the pool was built for it, and the transition was logged
+        // once; each connection is only counted here.
+        match pool.all_unhealthy() {
+            Some(AllUnhealthy::Reject) => {
+                pool.stats().record_rejected_all_unhealthy();
+                debug!("no backend is healthy; closing (all_unhealthy = \"reject\")");
+                return;
+            }
+            Some(AllUnhealthy::RouteAnyway) => pool.stats().record_routed_all_unhealthy(),
+            None => {}
+        }
         if let Err(e) = client.set_nodelay(true) {
             debug!(error = %e, "cannot set TCP_NODELAY on client socket");
         }
@@ -279,10 +291,118 @@ async fn connect(pool: &Pool) -> Result<Connected, u32> {
                     humantime::format_duration(settings.connect_timeout)
                 ),
             };
-        backend.stats.record_connect_failure();
+        let streak = backend.stats.record_connect_failure();
         pool.stats().record_connect_failure();
         warn!(listener = %pool.name(), backend = %backend.addr, attempt, %error, "connect failed");
+        // Passive ejection: the failure that completes the streak asks the control task to
+        // eject (exactly one connection sees the count reach the threshold). Atomics and a
+        // non-blocking wake-up only: no lock on the connection path.
+        if settings
+            .max_connect_failures
+            .is_some_and(|max| streak == u64::from(max.get()))
+        {
+            pool.republish();
+        }
         tried.push(index);
     }
     Err(settings.connect_attempts.get())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::path::Path;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpSocket};
+
+    use crate::backend::{ListenerStats, Registry, Republisher};
+    use crate::snapshot::Snapshot;
+
+    /// How long the health locks are held while connections are served.
+    const HOLD: Duration = Duration::from_millis(1000);
+
+    /// The connection path, passive ejection's part included, never waits for a backend's health
+    /// mutex: with every one of them held by another thread, connections are served at once,
+    /// and the connect failures that reach `max_connect_failures` ask for a republish without
+    /// waiting either. No control task runs here, so nothing but the connection path could be
+    /// the one waiting.
+    #[tokio::test]
+    async fn connections_are_served_while_every_health_lock_is_held() {
+        let backend = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a backend");
+        let backend_addr = backend.local_addr().expect("backend address");
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = backend.accept().await {
+                tokio::spawn(async move {
+                    if let Err(e) = stream.write_all(b"x").await {
+                        eprintln!("test backend: {e}");
+                    }
+                });
+            }
+        });
+        let refusing = TcpSocket::new_v4().expect("a socket");
+        refusing
+            .bind("127.0.0.1:0".parse().expect("literal"))
+            .expect("bind a refusing port");
+        let refusing_addr = refusing.local_addr().expect("refusing address");
+        let text = format!(
+            "[[listener]]\nname = \"lb\"\nbind = \"127.0.0.1:0\"\nconnect_attempts = 2\n\
+             [listener.passive]\nmax_connect_failures = 2\n\
+             [[listener.backend]]\naddr = \"{backend_addr}\"\n\
+             [[listener.backend]]\naddr = \"{refusing_addr}\"\n"
+        );
+        let config = crate::config::parse(&text, Path::new("t.toml")).expect("valid");
+        let (republisher, mut woken) = Republisher::new();
+        let registry = Registry::with_republisher(republisher);
+        let snapshot = Snapshot::build(&config, &registry, &HashMap::new());
+        let pool = Arc::clone(snapshot.pool("lb").expect("listener lb"));
+        let states: Vec<_> = pool
+            .backends()
+            .iter()
+            .map(|b| Arc::clone(&b.stats))
+            .collect();
+
+        let (locked, is_locked) = std::sync::mpsc::channel();
+        let holder = std::thread::spawn(move || {
+            let guards: Vec<_> = states.iter().map(|s| s.lock_health()).collect();
+            locked.send(()).expect("the test waits for the locks");
+            std::thread::sleep(HOLD);
+            drop(guards);
+        });
+        is_locked.recv().expect("the holder thread locks");
+
+        let clients = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a client side");
+        let clients_addr = clients.local_addr().expect("client side address");
+        let stop = CancellationToken::new();
+        let started = Instant::now();
+        for _ in 0..20 {
+            let mut client = TcpStream::connect(clients_addr).await.expect("connect");
+            let (accepted, peer) = clients.accept().await.expect("accept");
+            let open = ListenerStats::admit(pool.stats(), 100).expect("under the limit");
+            tokio::spawn(serve(accepted, peer, Arc::clone(&pool), open, stop.clone()));
+            let mut byte = [0_u8; 1];
+            tokio::time::timeout(Duration::from_secs(1), client.read_exact(&mut byte))
+                .await
+                .expect("served without waiting for a lock")
+                .expect("read the backend's byte");
+        }
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed < HOLD,
+            "20 connections took {elapsed:?} while the locks were held"
+        );
+        let refusing_state = &pool.backends()[1].stats;
+        assert!(refusing_state.counters().connect_failures >= 2);
+        assert!(
+            woken.try_recv().is_ok(),
+            "the threshold asked for a republish"
+        );
+        stop.cancel();
+        holder.join().expect("the holder thread ends");
+    }
 }

@@ -168,12 +168,14 @@ impl ReloadSummary {
     }
 }
 
-/// True when anything but the backends differs.
+/// True when anything but the backends differs (health and passive settings included).
 fn settings_differ(a: &ListenerConfig, b: &ListenerConfig) -> bool {
     (a.bind, a.strategy, a.connect_timeout, a.idle_timeout)
         != (b.bind, b.strategy, b.connect_timeout, b.idle_timeout)
         || (a.connect_attempts, a.max_connections, a.splice)
             != (b.connect_attempts, b.max_connections, b.splice)
+        || a.health != b.health
+        || a.passive != b.passive
 }
 
 impl fmt::Display for ReloadSummary {

@@ -13,9 +13,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use tokio::time::Instant;
+use tracing::{info, warn};
 
-use crate::backend::{BackendState, ListenerStats, Registry};
-use crate::config::{Config, ListenerConfig, Weight};
+use crate::backend::{BackendState, ListenerStats, Registry, Republisher};
+use crate::config::{AllUnhealthy, Config, ListenerConfig, Weight};
 use crate::strategy::{Strategy, StrategyKind};
 
 /// The one place the current snapshot is published.
@@ -75,6 +77,10 @@ pub struct Pool {
     backends: Box<[Backend]>,
     strategy: Box<dyn Strategy>,
     stats: Arc<ListenerStats>,
+    /// What the listener does now because no backend is healthy; `None` while one is.
+    all_unhealthy: Option<AllUnhealthy>,
+    /// Wakes the control task when passive ejection needs it.
+    republisher: Republisher,
 }
 
 /// The per-connection settings of a listener.
@@ -94,6 +100,8 @@ pub struct ListenerSettings {
     pub splice: bool,
     /// Whether each closed (or refused) client connection is logged; `[log] access_log`.
     pub access_log: bool,
+    /// Consecutive connect failures that eject a backend, if passive checks are on.
+    pub max_connect_failures: Option<NonZeroU32>,
 }
 
 /// One backend as a snapshot sees it.
@@ -103,8 +111,8 @@ pub struct Backend {
     pub addr: SocketAddr,
     /// The weight the configuration gives it.
     pub weight: Weight,
-    /// The weight strategies use: the configured weight as live state (drain, ...) makes it
-    /// when this snapshot was built.
+    /// The weight strategies use: the configured weight as live state (drain, health,
+    /// ejection, slow start, load) made it when this snapshot was built.
     pub effective_weight: f64,
     /// Its live counters, shared with every other snapshot.
     pub stats: Arc<BackendState>,
@@ -117,19 +125,57 @@ impl Pool {
         local_addr: Option<SocketAddr>,
         access_log: bool,
     ) -> Pool {
-        let backends: Box<[Backend]> = listener
+        let now = Instant::now();
+        let states: Vec<Arc<BackendState>> = listener
             .backends
             .iter()
-            .map(|b| {
-                let stats = registry.backend(&listener.name, b.addr);
+            .map(|b| registry.backend(&listener.name, b.addr))
+            .collect();
+        // Backends the operator lets take traffic, and whether any of them is also healthy.
+        let admitted: Vec<bool> = (listener.backends.iter().zip(&states))
+            .map(|(b, s)| s.admin_weight(b.weight.get()) > 0.0)
+            .collect();
+        let none_healthy = admitted.contains(&true)
+            && !(admitted.iter().zip(&states)).any(|(&a, s)| a && s.in_rotation_at(now));
+        let all_unhealthy = none_healthy.then(|| {
+            listener
+                .health
+                .as_ref()
+                .map_or(AllUnhealthy::default(), |h| h.all_unhealthy)
+        });
+        let backends: Box<[Backend]> = (listener.backends.iter().zip(states))
+            .map(|(b, stats)| {
+                let configured = b.weight.get();
+                let effective_weight = match all_unhealthy {
+                    None => stats.effective_weight_at(configured, now),
+                    Some(AllUnhealthy::RouteAnyway) => stats.admin_weight(configured),
+                    Some(AllUnhealthy::Reject) => 0.0,
+                };
                 Backend {
                     addr: b.addr,
                     weight: b.weight,
-                    effective_weight: stats.effective_weight(b.weight.get()),
+                    effective_weight,
                     stats,
                 }
             })
             .collect();
+        let stats = registry.listener(&listener.name);
+        if stats.set_all_unhealthy(all_unhealthy.is_some()) {
+            match all_unhealthy {
+                Some(policy) => warn!(
+                    listener = %listener.name,
+                    all_unhealthy = policy.as_str(),
+                    "no backend is healthy; {}",
+                    match policy {
+                        AllUnhealthy::RouteAnyway => "routing to every backend anyway",
+                        AllUnhealthy::Reject => "closing new client connections",
+                    }
+                ),
+                None => {
+                    info!(listener = %listener.name, "a backend is healthy again; routing by health resumes")
+                }
+            }
+        }
         let weights: Vec<f64> = backends.iter().map(|b| b.effective_weight).collect();
         let live: Vec<Arc<BackendState>> = backends.iter().map(|b| Arc::clone(&b.stats)).collect();
         Pool {
@@ -143,11 +189,24 @@ impl Pool {
                 max_connections: listener.max_connections,
                 splice: listener.splice,
                 access_log,
+                max_connect_failures: listener.passive.map(|p| p.max_connect_failures),
             },
             strategy: listener.strategy.build(&weights, &live),
             backends,
-            stats: registry.listener(&listener.name),
+            stats,
+            all_unhealthy,
+            republisher: registry.republisher().clone(),
         }
+    }
+
+    /// What the listener does because no backend is healthy, or `None` while one is.
+    pub fn all_unhealthy(&self) -> Option<AllUnhealthy> {
+        self.all_unhealthy
+    }
+
+    /// Asks the control task to rebuild the snapshot (lock-free; see [`Republisher`]).
+    pub fn republish(&self) {
+        self.republisher.republish();
     }
 
     /// The listener's name.

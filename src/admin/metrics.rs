@@ -37,8 +37,9 @@ use prometheus_client::encoding::{
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-use crate::backend::{AdminState, BackendCounters, Health, ListenerCounters};
+use crate::backend::{AdminState, BackendCounters, ListenerCounters};
 use crate::balancer::Handle;
+use crate::health::Health;
 use crate::histogram::HistogramSnapshot;
 use crate::snapshot::Pool;
 
@@ -216,7 +217,7 @@ impl Collector for Metrics {
             e,
             "weighbridge_backend_healthy",
             "1 if health checks find the backend healthy (always 1 without health checks).",
-            backends().map(|(labels, b)| (labels, flag(b.health.healthy))),
+            backends().map(|(labels, b)| (labels, flag(b.health.in_rotation()))),
         )?;
         gauge(
             e,

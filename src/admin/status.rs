@@ -8,7 +8,8 @@ use std::time::SystemTime;
 use serde::Serialize;
 
 use super::Endpoint;
-use crate::backend::{BackendCounters, Health, ListenerCounters};
+use crate::backend::{BackendCounters, ListenerCounters};
+use crate::health::Health;
 use crate::snapshot::{Backend, Pool};
 
 /// The whole answer.
@@ -75,12 +76,20 @@ struct BackendTotals {
 
 #[derive(Debug, Serialize)]
 struct HealthStatus {
+    /// In rotation: the checks pass and passive ejection does not keep it out.
     healthy: bool,
+    /// `healthy`, `starting` or `unhealthy`: what the active checks say.
+    status: &'static str,
     ejected: bool,
-    /// `passed` or `failed`; `null` until an active check has run.
-    last_check: Option<&'static str>,
+    /// `passed`, or why the check failed (`http 503`, `timeout after 2s`, ...); `null` until
+    /// an active check has run.
+    last_check: Option<String>,
     /// RFC 3339, UTC; `null` until an active check has run.
     last_check_at: Option<String>,
+    /// The load factor in force (1 without `[listener.health.load]`).
+    load_factor: f64,
+    /// Share of the weight while a slow-start ramp runs; `null` otherwise.
+    slow_start: Option<f64>,
 }
 
 /// A listener's counters since start.
@@ -175,13 +184,21 @@ impl BackendStatus {
 
 impl HealthStatus {
     fn of(health: Health) -> HealthStatus {
+        // Health keeps monotonic instants; status shows wall-clock time.
+        let (now, wall) = (tokio::time::Instant::now(), SystemTime::now());
         HealthStatus {
-            healthy: health.healthy,
+            healthy: health.in_rotation(),
+            status: health.status.as_str(),
             ejected: health.ejected,
-            last_check: health
+            last_check: health.last_check.map(|c| match c.result {
+                Ok(()) => "passed".to_owned(),
+                Err(e) => e.to_string(),
+            }),
+            last_check_at: health
                 .last_check
-                .map(|c| if c.ok { "passed" } else { "failed" }),
-            last_check_at: health.last_check.map(|c| rfc3339(c.at)),
+                .map(|c| rfc3339(wall - now.saturating_duration_since(c.at))),
+            load_factor: health.load_factor,
+            slow_start: health.slow_start,
         }
     }
 }

@@ -9,6 +9,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::LogFormat;
+use crate::config::{AllUnhealthy, LoadPreset, ProbeKind};
 use crate::strategy::StrategyKind;
 
 /// The whole file.
@@ -51,8 +52,50 @@ pub(crate) struct RawListener {
     pub(crate) connect_attempts: Option<Spanned<u64>>,
     pub(crate) max_connections: Option<Spanned<u64>>,
     pub(crate) splice: Option<bool>,
+    pub(crate) health: Option<Spanned<RawHealth>>,
+    pub(crate) passive: Option<Spanned<RawPassive>>,
     #[serde(default)]
     pub(crate) backend: Vec<Spanned<RawBackend>>,
+}
+
+/// The `[listener.health]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawHealth {
+    pub(crate) kind: Option<Spanned<ProbeKind>>,
+    pub(crate) path: Option<Spanned<String>>,
+    pub(crate) host: Option<Spanned<String>>,
+    pub(crate) expect_status: Option<Spanned<Vec<Spanned<i64>>>>,
+    pub(crate) expect_body: Option<Spanned<String>>,
+    pub(crate) interval: Option<Spanned<String>>,
+    pub(crate) timeout: Option<Spanned<String>>,
+    pub(crate) rise: Option<Spanned<u64>>,
+    pub(crate) fall: Option<Spanned<u64>>,
+    pub(crate) startup_grace: Option<Spanned<String>>,
+    pub(crate) slow_start: Option<Spanned<String>>,
+    pub(crate) all_unhealthy: Option<Spanned<AllUnhealthy>>,
+    pub(crate) load: Option<Spanned<RawLoad>>,
+}
+
+/// The `[listener.health.load]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawLoad {
+    pub(crate) preset: Option<Spanned<LoadPreset>>,
+    pub(crate) path: Option<Spanned<String>>,
+    pub(crate) port: Option<Spanned<u64>>,
+    pub(crate) metric: Option<Spanned<String>>,
+    pub(crate) saturation: Option<Spanned<f64>>,
+    pub(crate) min_weight_percent: Option<Spanned<f64>>,
+    pub(crate) interval: Option<Spanned<String>>,
+}
+
+/// The `[listener.passive]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPassive {
+    pub(crate) max_connect_failures: Option<Spanned<u64>>,
+    pub(crate) eject_for: Option<Spanned<String>>,
 }
 
 /// One `[[listener.backend]]` table.
@@ -61,4 +104,5 @@ pub(crate) struct RawListener {
 pub(crate) struct RawBackend {
     pub(crate) addr: Spanned<String>,
     pub(crate) weight: Option<Spanned<f64>>,
+    pub(crate) health_addr: Option<Spanned<String>>,
 }

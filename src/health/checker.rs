@@ -1,0 +1,447 @@
+//! One backend's active checks: the probe schedule, the rise/fall state machine with startup
+//! grace ([`Tracker`]), and the task that runs them together with the load scraper.
+//!
+//! Schedule: the first probe comes at a random point within the first tenth of an interval (a new
+//! backend is presumed healthy until then, so that presumption is checked soon), and each next one
+//! `interval` ± 10 % after the previous one started (HAProxy's `spread-checks`): the random walk
+//! spreads a fleet's probes within a few rounds, so they never stay lined up, however many
+//! backends start at once. A probe that outlasts the
+//! interval delays the next one rather than overlapping it. Detection of a dead backend therefore
+//! takes about fall × interval, plus up to one timeout when probes hang rather than fail fast.
+//!
+//! The task only writes the backend's health state and asks the control task to republish; the
+//! snapshot itself is never touched here.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::RngExt;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use super::load::{self, HOLD_SCRAPES, LoadTracker};
+use super::probe::{self, ProbeError};
+use super::{HealthStatus, LastCheck};
+use crate::backend::{BackendState, Republisher};
+use crate::config::{HealthConfig, LoadConfig};
+
+/// Largest deviation of one probe interval from the configured one, as a fraction.
+const JITTER: f64 = 0.1;
+
+/// A change of health status and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    /// Status before.
+    pub from: HealthStatus,
+    /// Status after.
+    pub to: HealthStatus,
+    /// Why, for the log line: "http 503 (3 in a row)", "2 passes in a row"...
+    pub reason: String,
+}
+
+/// The rise/fall state machine of one backend.
+///
+/// - A backend starts [`HealthStatus::Healthy`] but unconfirmed. Its first probe decides: a pass
+///   confirms it; a failure takes it out at once, as *starting* while `startup_grace` (counted
+///   from when checks began) runs, as *unhealthy* after it.
+/// - Confirmed and healthy: `fall` failures in a row make it unhealthy.
+/// - Starting or unhealthy: `rise` passes in a row make it healthy (and confirmed).
+/// - Starting: a failure after `startup_grace` is over makes it unhealthy.
+///
+/// Every kind of failure (refused, timeout, status, body) counts the same.
+#[derive(Debug, Clone)]
+pub struct Tracker {
+    status: HealthStatus,
+    confirmed: bool,
+    passes: u32,
+    failures: u32,
+    rise: u32,
+    fall: u32,
+    startup_grace: Duration,
+    grace_until: Instant,
+}
+
+impl Tracker {
+    /// A tracker picking up from `status` (kept across checker restarts) at `now`.
+    pub fn new(
+        status: HealthStatus,
+        confirmed: bool,
+        config: &HealthConfig,
+        now: Instant,
+    ) -> Tracker {
+        Tracker {
+            status,
+            confirmed,
+            passes: 0,
+            failures: 0,
+            rise: config.rise.get(),
+            fall: config.fall.get(),
+            startup_grace: config.startup_grace,
+            grace_until: now + config.startup_grace,
+        }
+    }
+
+    /// The current status.
+    pub fn status(&self) -> HealthStatus {
+        self.status
+    }
+
+    /// True once the backend has passed a probe (or been brought back by `rise` passes).
+    pub fn confirmed(&self) -> bool {
+        self.confirmed
+    }
+
+    /// Takes in one probe result at `now`; returns the transition it causes, if any.
+    pub fn observe(&mut self, result: Result<(), ProbeError>, now: Instant) -> Option<Transition> {
+        let from = self.status;
+        let (to, reason) = match result {
+            Ok(()) => {
+                self.failures = 0;
+                self.passes = self.passes.saturating_add(1);
+                match self.status {
+                    HealthStatus::Healthy => {
+                        self.confirmed = true;
+                        return None;
+                    }
+                    _ if self.passes >= self.rise => {
+                        self.confirmed = true;
+                        let reason = match self.passes {
+                            1 => "passed".to_owned(),
+                            n => format!("{n} passes in a row"),
+                        };
+                        (HealthStatus::Healthy, reason)
+                    }
+                    _ => return None,
+                }
+            }
+            Err(error) => {
+                self.passes = 0;
+                self.failures = self.failures.saturating_add(1);
+                let in_grace = now < self.grace_until;
+                match self.status {
+                    HealthStatus::Healthy if !self.confirmed && in_grace => {
+                        (HealthStatus::Starting, format!("first check: {error}"))
+                    }
+                    HealthStatus::Healthy if !self.confirmed => {
+                        (HealthStatus::Unhealthy, format!("first check: {error}"))
+                    }
+                    HealthStatus::Healthy if self.failures >= self.fall => {
+                        let reason = match self.failures {
+                            1 => error.to_string(),
+                            n => format!("{error} ({n} in a row)"),
+                        };
+                        (HealthStatus::Unhealthy, reason)
+                    }
+                    HealthStatus::Starting if !in_grace => {
+                        let grace = humantime::format_duration(self.startup_grace);
+                        let reason = format!("no pass within startup_grace {grace}; last: {error}");
+                        (HealthStatus::Unhealthy, reason)
+                    }
+                    _ => return None,
+                }
+            }
+        };
+        self.status = to;
+        self.passes = 0;
+        self.failures = 0;
+        Some(Transition { from, to, reason })
+    }
+}
+
+/// The backend a checker task works for.
+#[derive(Debug, Clone)]
+pub(crate) struct Target {
+    pub(crate) listener: Arc<str>,
+    /// The backend's address (for logs).
+    pub(crate) addr: SocketAddr,
+    /// Where probes go: `health_addr`, else `addr`.
+    pub(crate) probe_addr: SocketAddr,
+    pub(crate) state: Arc<BackendState>,
+    pub(crate) republisher: Republisher,
+}
+
+/// Probes (and scrapes, when load is configured) `target` forever; the supervisor ends it by
+/// dropping the future, which closes any probe socket at once.
+pub(crate) async fn run(target: Target, config: HealthConfig) {
+    let probes = probe_loop(&target, &config);
+    match &config.load {
+        Some(load) => {
+            tokio::join!(probes, load_loop(&target, load, config.timeout));
+        }
+        None => probes.await,
+    }
+}
+
+async fn probe_loop(target: &Target, config: &HealthConfig) {
+    let (status, confirmed) = target.state.with_health(|h| (h.status, h.confirmed));
+    let mut tracker = Tracker::new(status, confirmed, config, Instant::now());
+    let mut next = Instant::now() + first_delay(config.interval);
+    loop {
+        tokio::time::sleep_until(next).await;
+        let started = Instant::now();
+        let result = probe::run(&config.probe, target.probe_addr, config.timeout).await;
+        let now = Instant::now();
+        if let Err(e) = result {
+            debug!(listener = %target.listener, backend = %target.addr, reason = %e, "probe failed");
+        }
+        let transition = tracker.observe(result, now);
+        target.state.with_health(|h| {
+            h.last_check = Some(LastCheck { at: now, result });
+            h.confirmed = tracker.confirmed();
+            if let Some(t) = &transition {
+                h.status = t.to;
+                match t.to {
+                    HealthStatus::Healthy => h.start_ramp(now, config.slow_start),
+                    _ => h.ramp = None,
+                }
+            }
+        });
+        if let Some(t) = transition {
+            info!(
+                listener = %target.listener,
+                backend = %target.addr,
+                from = t.from.as_str(),
+                to = t.to.as_str(),
+                reason = %t.reason,
+                "backend health changed"
+            );
+            target.republisher.republish();
+        }
+        next = (started + jittered(config.interval)).max(now);
+    }
+}
+
+async fn load_loop(target: &Target, config: &LoadConfig, timeout: Duration) {
+    let addr = config.port.map_or(target.probe_addr, |port| {
+        SocketAddr::new(target.probe_addr.ip(), port)
+    });
+    let mut tracker = LoadTracker::new(config);
+    let mut next = Instant::now() + first_delay(config.interval);
+    loop {
+        tokio::time::sleep_until(next).await;
+        let started = Instant::now();
+        match load::scrape(addr, config, timeout).await {
+            Ok(value) => {
+                if tracker.failures() >= HOLD_SCRAPES {
+                    info!(listener = %target.listener, backend = %target.addr, value, "load reported again");
+                }
+                tracker.observe(value);
+            }
+            Err(e) => {
+                if tracker.fail() {
+                    warn!(
+                        listener = %target.listener,
+                        backend = %target.addr,
+                        scrape = %addr,
+                        reason = %e,
+                        failures = HOLD_SCRAPES,
+                        "load scrapes failing; load factor back to 1"
+                    );
+                } else {
+                    debug!(listener = %target.listener, backend = %target.addr, reason = %e, "load scrape failed");
+                }
+            }
+        }
+        let (value, factor) = (tracker.smoothed(), tracker.factor());
+        let changed = target.state.with_health(|h| {
+            h.load_value = value;
+            let changed = h.load_factor != factor;
+            h.load_factor = factor;
+            changed
+        });
+        if changed {
+            debug!(listener = %target.listener, backend = %target.addr, factor, ?value, "load factor changed");
+            target.republisher.republish();
+        }
+        next = (started + jittered(config.interval)).max(Instant::now());
+    }
+}
+
+/// A random point within the first [`JITTER`] of an interval.
+fn first_delay(interval: Duration) -> Duration {
+    interval.mul_f64(rand::rng().random_range(0.0..JITTER))
+}
+
+/// `interval` ± [`JITTER`].
+fn jittered(interval: Duration) -> Duration {
+    interval.mul_f64(rand::rng().random_range(1.0 - JITTER..=1.0 + JITTER))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io;
+    use std::num::NonZeroU32;
+
+    use crate::config::{AllUnhealthy, Probe};
+
+    fn config(rise: u32, fall: u32, grace: Duration) -> HealthConfig {
+        HealthConfig {
+            probe: Probe::Tcp,
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(2),
+            rise: NonZeroU32::new(rise).expect("test rise"),
+            fall: NonZeroU32::new(fall).expect("test fall"),
+            startup_grace: grace,
+            slow_start: None,
+            all_unhealthy: AllUnhealthy::RouteAnyway,
+            load: None,
+        }
+    }
+
+    const FAIL: Result<(), ProbeError> = Err(ProbeError::Status(503));
+    const PASS: Result<(), ProbeError> = Ok(());
+
+    fn statuses(
+        tracker: &mut Tracker,
+        results: &[Result<(), ProbeError>],
+        now: Instant,
+    ) -> Vec<&'static str> {
+        results
+            .iter()
+            .map(|&r| {
+                tracker.observe(r, now);
+                tracker.status().as_str()
+            })
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn confirmed_backend_falls_after_fall_failures_and_rises_after_rise_passes() {
+        let now = Instant::now();
+        let mut t = Tracker::new(
+            HealthStatus::Healthy,
+            false,
+            &config(2, 3, Duration::ZERO),
+            now,
+        );
+        let seen = statuses(
+            &mut t,
+            &[
+                PASS, FAIL, FAIL, PASS, FAIL, FAIL, FAIL, PASS, FAIL, PASS, PASS,
+            ],
+            now,
+        );
+        assert_eq!(
+            seen,
+            [
+                "healthy",
+                "healthy",
+                "healthy",
+                "healthy",
+                "healthy",
+                "healthy",
+                "unhealthy",
+                "unhealthy",
+                "unhealthy",
+                "unhealthy",
+                "healthy"
+            ]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn transitions_say_why() {
+        let now = Instant::now();
+        let mut t = Tracker::new(
+            HealthStatus::Healthy,
+            true,
+            &config(2, 3, Duration::ZERO),
+            now,
+        );
+        assert_eq!(
+            t.observe(Err(ProbeError::Timeout(Duration::from_secs(2))), now),
+            None
+        );
+        assert_eq!(t.observe(FAIL, now), None);
+        let down = t.observe(
+            Err(ProbeError::Connect(io::ErrorKind::ConnectionRefused)),
+            now,
+        );
+        assert_eq!(
+            down,
+            Some(Transition {
+                from: HealthStatus::Healthy,
+                to: HealthStatus::Unhealthy,
+                reason: "connection refused (3 in a row)".into(),
+            })
+        );
+        assert_eq!(t.observe(PASS, now), None);
+        let up = t.observe(PASS, now).expect("rise reached");
+        assert_eq!(
+            (up.to, up.reason.as_str()),
+            (HealthStatus::Healthy, "2 passes in a row")
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unconfirmed_backend_is_out_at_its_first_failure_as_starting_during_grace() {
+        let now = Instant::now();
+        let grace = Duration::from_secs(60);
+        let mut t = Tracker::new(HealthStatus::Healthy, false, &config(2, 3, grace), now);
+        let first = t.observe(FAIL, now).expect("out at once");
+        assert_eq!(
+            (first.to, first.reason.as_str()),
+            (HealthStatus::Starting, "first check: http 503")
+        );
+        // Failing on within the grace is still starting, no new transition.
+        assert_eq!(t.observe(FAIL, now + Duration::from_secs(30)), None);
+        // A pass is not enough with rise = 2; two are.
+        assert_eq!(t.observe(PASS, now + Duration::from_secs(31)), None);
+        let up = t
+            .observe(PASS, now + Duration::from_secs(32))
+            .expect("rise reached");
+        assert_eq!(up.from, HealthStatus::Starting);
+        assert!(t.confirmed());
+        // Now confirmed: it takes `fall` failures again.
+        assert_eq!(t.observe(FAIL, now + Duration::from_secs(100)), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn starting_turns_unhealthy_once_the_grace_is_over() {
+        let now = Instant::now();
+        let mut t = Tracker::new(
+            HealthStatus::Healthy,
+            false,
+            &config(2, 3, Duration::from_secs(60)),
+            now,
+        );
+        t.observe(FAIL, now);
+        let late = t
+            .observe(FAIL, now + Duration::from_secs(61))
+            .expect("grace over");
+        assert_eq!(
+            (late.from, late.to),
+            (HealthStatus::Starting, HealthStatus::Unhealthy)
+        );
+        assert_eq!(
+            late.reason,
+            "no pass within startup_grace 1m; last: http 503"
+        );
+        // Without a grace, the first failure is unhealthy straight away.
+        let mut t = Tracker::new(
+            HealthStatus::Healthy,
+            false,
+            &config(2, 3, Duration::ZERO),
+            now,
+        );
+        assert_eq!(
+            t.observe(FAIL, now).map(|t| t.to),
+            Some(HealthStatus::Unhealthy)
+        );
+    }
+
+    #[test]
+    fn jitter_stays_within_ten_percent() {
+        let interval = Duration::from_secs(2);
+        for _ in 0..1000 {
+            let j = jittered(interval);
+            assert!(
+                j >= Duration::from_millis(1800) && j <= Duration::from_millis(2200),
+                "{j:?}"
+            );
+            assert!(first_delay(interval) < interval / 10);
+        }
+    }
+}

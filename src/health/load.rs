@@ -1,0 +1,290 @@
+//! Weights that follow the load servers report: scrape a Prometheus gauge (a queue length), smooth
+//! it, and turn it into a load factor between `min_weight_percent` and 1.
+//!
+//! *Health* and *load* stay apart: a busy server is never ejected for being busy (that would
+//! pile its load onto the others); it gets a smaller share of new connections instead. So a
+//! scrape that fails never marks a server unhealthy; it only stops the weight from following
+//! load: the last factor is held for [`HOLD_SCRAPES`] scrapes, then the factor returns to 1.
+//!
+//! The formula, on the smoothed value v: `factor = max(min_weight_percent / 100, 1 − v /
+//! saturation)`.
+//!
+//! Smoothing: an exponentially weighted moving average, `v ← v + α (x − v)` with α =
+//! [`SMOOTHING`] per scrape (the first scrape is taken as it is), because instantaneous queue
+//! lengths are too coarse when few requests are in flight (HAProxy#1393). Each scrape may then
+//! move the factor by at most [`MAX_FACTOR_STEP`], so one odd scrape cannot swing a server's
+//! weight from full to its floor. The published factor is rounded to 1 % ([`FACTOR_RESOLUTION`]), and
+//! the snapshot is rebuilt only when that rounded value changes, so a steady server costs no
+//! rebuilds.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use prom_text_format_parser::{Type, ValueType};
+
+use super::probe::{self, ProbeError};
+use crate::config::LoadConfig;
+
+/// Weight α of each new scrape in the moving average; 0.5 halves the distance to a new level at
+/// every scrape, so a real change shows within 2–3 intervals while a one-scrape blip counts half.
+pub const SMOOTHING: f64 = 0.5;
+/// Largest change of the load factor from one scrape to the next (a quarter of full weight).
+pub const MAX_FACTOR_STEP: f64 = 0.25;
+/// Failed scrapes in a row during which the last factor is held; at this many it returns to 1.
+pub const HOLD_SCRAPES: u32 = 3;
+/// Resolution of the published load factor: steps per unit, so 1 % of the weight.
+pub const FACTOR_RESOLUTION: f64 = 100.0;
+/// Largest metrics page read. vLLM's is a few hundred KiB with all its histograms.
+const SCRAPE_LIMIT: usize = 8 * 1024 * 1024;
+
+/// The load factor for a (smoothed) metric value.
+pub fn factor_for(value: f64, config: &LoadConfig) -> f64 {
+    (1.0 - value / config.saturation).clamp(config.min_factor, 1.0)
+}
+
+/// Smoothing and hold/reset state of one backend's load.
+#[derive(Debug, Clone)]
+pub struct LoadTracker {
+    saturation: f64,
+    min_factor: f64,
+    smoothed: Option<f64>,
+    factor: f64,
+    failures: u32,
+}
+
+impl LoadTracker {
+    /// A tracker with no scrape yet: factor 1.
+    pub fn new(config: &LoadConfig) -> LoadTracker {
+        LoadTracker {
+            saturation: config.saturation,
+            min_factor: config.min_factor,
+            smoothed: None,
+            factor: 1.0,
+            failures: 0,
+        }
+    }
+
+    /// Takes in one scraped value (negative values count as 0).
+    pub fn observe(&mut self, value: f64) {
+        let value = value.max(0.0);
+        let smoothed = match self.smoothed {
+            None => value,
+            Some(previous) => previous + SMOOTHING * (value - previous),
+        };
+        self.smoothed = Some(smoothed);
+        let target = (1.0 - smoothed / self.saturation).clamp(self.min_factor, 1.0);
+        let step = (target - self.factor).clamp(-MAX_FACTOR_STEP, MAX_FACTOR_STEP);
+        self.factor = (self.factor + step).clamp(self.min_factor, 1.0);
+        self.failures = 0;
+    }
+
+    /// Takes in a failed scrape; true when this one ended the hold (the factor went back to 1).
+    pub fn fail(&mut self) -> bool {
+        self.failures = self.failures.saturating_add(1);
+        if self.failures == HOLD_SCRAPES {
+            self.smoothed = None;
+            self.factor = 1.0;
+            return true;
+        }
+        false
+    }
+
+    /// The smoothed value, if the latest scrapes gave one.
+    pub fn smoothed(&self) -> Option<f64> {
+        self.smoothed
+    }
+
+    /// Failed scrapes in a row.
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+
+    /// The factor to publish, rounded to 1 % ([`FACTOR_RESOLUTION`]).
+    pub fn factor(&self) -> f64 {
+        ((self.factor * FACTOR_RESOLUTION).round() / FACTOR_RESOLUTION).clamp(self.min_factor, 1.0)
+    }
+}
+
+/// Why a scrape gave no value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ScrapeError {
+    /// The request failed or answered with a non-2xx status.
+    Http(ProbeError),
+    /// The page is not UTF-8 Prometheus text.
+    Parse(String),
+    /// The page has no sample of the metric (or only NaN ones).
+    Missing,
+    /// The metric is not a gauge.
+    NotAGauge(String),
+}
+
+impl fmt::Display for ScrapeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ScrapeError::Http(e) => e.fmt(f),
+            ScrapeError::Parse(e) => write!(f, "not Prometheus text: {e}"),
+            ScrapeError::Missing => f.write_str("metric missing"),
+            ScrapeError::NotAGauge(kind) => write!(f, "metric is a {kind}, not a gauge"),
+        }
+    }
+}
+
+/// Scrapes `config.metric` from `addr`, bounded by `timeout`.
+pub(crate) async fn scrape(
+    addr: SocketAddr,
+    config: &LoadConfig,
+    timeout: Duration,
+) -> Result<f64, ScrapeError> {
+    let fetched = tokio::time::timeout(timeout, probe::get(addr, None, &config.path, SCRAPE_LIMIT))
+        .await
+        .unwrap_or(Err(ProbeError::Timeout(timeout)));
+    let (status, body) = fetched.map_err(ScrapeError::Http)?;
+    if !status.is_success() {
+        return Err(ScrapeError::Http(ProbeError::Status(status.as_u16())));
+    }
+    let text = std::str::from_utf8(&body).map_err(|e| ScrapeError::Parse(e.to_string()))?;
+    metric_value(text, &config.metric)
+}
+
+/// The sum over label sets of gauge `metric` in Prometheus text `text`.
+pub fn metric_value(text: &str, metric: &str) -> Result<f64, ScrapeError> {
+    let (metrics, error) = prom_text_format_parser::parse_scrape(text);
+    if let Some(error) = error {
+        let message = format!("{error:?}");
+        return Err(ScrapeError::Parse(
+            message.lines().next().unwrap_or("").to_owned(),
+        ));
+    }
+    let Some(family) = metrics.iter().find(|m| m.name == metric) else {
+        return Err(ScrapeError::Missing);
+    };
+    if !matches!(family.kind, Type::Gauge | Type::Untyped) {
+        return Err(ScrapeError::NotAGauge(family.kind.to_string()));
+    }
+    let values: Vec<f64> = family
+        .samples
+        .iter()
+        .filter(|s| s.value.value_type == ValueType::Sample)
+        .filter_map(|s| s.value.value.parse::<f64>().ok())
+        .filter(|v| !v.is_nan())
+        .collect();
+    if values.is_empty() {
+        return Err(ScrapeError::Missing);
+    }
+    Ok(values.iter().sum())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(saturation: f64, min_percent: f64) -> LoadConfig {
+        LoadConfig {
+            path: "/metrics".into(),
+            port: None,
+            metric: "vllm:num_requests_waiting".into(),
+            saturation,
+            min_factor: min_percent / 100.0,
+            interval: Duration::from_secs(1),
+        }
+    }
+
+    const VLLM: &str = r#"# HELP python_gc_objects_collected_total Objects collected during gc
+# TYPE python_gc_objects_collected_total counter
+python_gc_objects_collected_total{generation="0"} 12345.0
+# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="meta-llama/Llama-3.1-8B-Instruct"} 2.0
+# HELP vllm:num_requests_waiting Number of requests waiting to be processed.
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="meta-llama/Llama-3.1-8B-Instruct"} 5.0
+vllm:num_requests_waiting{engine="1",model_name="meta-llama/Llama-3.1-8B-Instruct"} 1.0
+# HELP vllm:time_to_first_token_seconds Histogram of time to first token in seconds.
+# TYPE vllm:time_to_first_token_seconds histogram
+vllm:time_to_first_token_seconds_bucket{engine="0",le="0.001",model_name="m"} 0.0
+vllm:time_to_first_token_seconds_bucket{engine="0",le="+Inf",model_name="m"} 3.0
+vllm:time_to_first_token_seconds_count{engine="0",model_name="m"} 3.0
+vllm:time_to_first_token_seconds_sum{engine="0",model_name="m"} 0.25
+# TYPE nv_inference_pending_request_count gauge
+nv_inference_pending_request_count{model="simple",version="1"} 4
+"#;
+
+    #[test]
+    fn gauges_with_colons_are_summed_over_label_sets() {
+        assert_eq!(metric_value(VLLM, "vllm:num_requests_waiting"), Ok(6.0));
+        assert_eq!(metric_value(VLLM, "vllm:num_requests_running"), Ok(2.0));
+        assert_eq!(
+            metric_value(VLLM, "nv_inference_pending_request_count"),
+            Ok(4.0)
+        );
+        assert_eq!(
+            metric_value(VLLM, "tgi_queue_size"),
+            Err(ScrapeError::Missing)
+        );
+        assert!(matches!(
+            metric_value(VLLM, "vllm:time_to_first_token_seconds"),
+            Err(ScrapeError::NotAGauge(_))
+        ));
+        assert!(matches!(
+            metric_value("<html>busy</html>", "x"),
+            Err(ScrapeError::Parse(_))
+        ));
+        assert_eq!(metric_value("x NaN\n", "x"), Err(ScrapeError::Missing));
+    }
+
+    #[test]
+    fn factor_follows_the_formula_with_a_floor() {
+        let c = config(32.0, 10.0);
+        assert_eq!(factor_for(0.0, &c), 1.0);
+        assert_eq!(factor_for(8.0, &c), 0.75);
+        assert_eq!(factor_for(16.0, &c), 0.5);
+        assert_eq!(factor_for(32.0, &c), 0.1);
+        assert_eq!(factor_for(1000.0, &c), 0.1);
+    }
+
+    #[test]
+    fn steps_are_bounded_and_smoothing_converges() {
+        let c = config(32.0, 10.0);
+        let mut t = LoadTracker::new(&c);
+        assert_eq!(t.factor(), 1.0);
+        // A first scrape at saturation: the factor may only move a quarter per scrape.
+        t.observe(32.0);
+        assert_eq!(t.factor(), 0.75);
+        t.observe(32.0);
+        assert_eq!(t.factor(), 0.5);
+        t.observe(32.0);
+        t.observe(32.0);
+        assert_eq!(t.factor(), 0.1);
+        // The queue empties: the average halves its distance each scrape.
+        t.observe(0.0);
+        assert_eq!(t.smoothed(), Some(16.0));
+        assert_eq!(t.factor(), 0.35);
+        for _ in 0..20 {
+            t.observe(0.0);
+        }
+        assert_eq!(t.factor(), 1.0);
+        // A one-scrape blip moves the factor by at most one step.
+        t.observe(64.0);
+        assert_eq!(t.factor(), 0.75);
+    }
+
+    #[test]
+    fn failed_scrapes_hold_the_factor_then_reset_it() {
+        let c = config(10.0, 10.0);
+        let mut t = LoadTracker::new(&c);
+        t.observe(5.0);
+        t.observe(5.0);
+        assert_eq!(t.factor(), 0.5);
+        assert!(!t.fail());
+        assert!(!t.fail());
+        assert_eq!(t.factor(), 0.5, "held for the first failures");
+        assert!(t.fail(), "the third failure ends the hold");
+        assert_eq!(t.factor(), 1.0);
+        assert_eq!(t.smoothed(), None);
+        assert!(!t.fail(), "the reset is reported once");
+        // The next success starts afresh from its own value.
+        t.observe(5.0);
+        assert_eq!(t.smoothed(), Some(5.0));
+    }
+}

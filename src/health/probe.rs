@@ -1,0 +1,221 @@
+//! One probe: a TCP connect, or an HTTP/1.1 GET judged by status and body; and the HTTP GET the
+//! load scraper shares.
+//!
+//! HTTP is hyper's client over one fresh TCP connection per probe, with `Connection: close`: a
+//! probe must see what a new client would see, and a pooled connection would hide a server that
+//! no longer accepts. The connection is driven inside the probe's own future, never in a spawned
+//! task, so cancelling a probe (a removed backend, a reload) closes its socket at once and leaves
+//! nothing behind.
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::StatusCode;
+use hyper::header::{ACCEPT, CONNECTION, HOST, HeaderValue, USER_AGENT};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use crate::config::{HttpProbe, Probe};
+
+/// Largest health-check body read; a health endpoint answers in bytes, and `expect_body` only
+/// needs to find a short substring.
+pub(crate) const HEALTH_BODY_LIMIT: usize = 64 * 1024;
+
+/// The `User-Agent` of every probe and scrape, so a server's access log tells them apart from
+/// client traffic.
+const USER_AGENT_VALUE: &str = concat!("weighbridge/", env!("CARGO_PKG_VERSION"), " health-check");
+
+/// Why a probe failed. Small and `Copy`, so the last one can be kept in live state and read by
+/// anyone; its `Display` is the reason in the transition log line ("http 503", "timeout after
+/// 2s").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeError {
+    /// The connect failed (refused, unreachable, reset...).
+    Connect(io::ErrorKind),
+    /// No complete answer within the probe timeout.
+    Timeout(Duration),
+    /// The server broke HTTP/1.1 (or closed the connection mid-answer).
+    Protocol,
+    /// An HTTP status the probe does not accept.
+    Status(u16),
+    /// The body lacks the expected substring.
+    BodyMismatch,
+    /// The body is longer than the probe reads.
+    BodyTooLarge(usize),
+}
+
+impl fmt::Display for ProbeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProbeError::Connect(io::ErrorKind::ConnectionRefused) => {
+                f.write_str("connection refused")
+            }
+            ProbeError::Connect(kind) => write!(f, "connect failed: {kind}"),
+            ProbeError::Timeout(after) => {
+                write!(f, "timeout after {}", humantime::format_duration(*after))
+            }
+            ProbeError::Protocol => f.write_str("invalid or incomplete http answer"),
+            ProbeError::Status(status) => write!(f, "http {status}"),
+            ProbeError::BodyMismatch => f.write_str("body lacks the expected text"),
+            ProbeError::BodyTooLarge(limit) => write!(f, "body larger than {limit} bytes"),
+        }
+    }
+}
+
+impl std::error::Error for ProbeError {}
+
+/// Runs one probe of `probe` against `addr`, bounded by `timeout` as a whole.
+pub(crate) async fn run(
+    probe: &Probe,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<(), ProbeError> {
+    let outcome = tokio::time::timeout(timeout, async {
+        match probe {
+            Probe::Tcp => connect(addr).await.map(drop),
+            Probe::Http(http) => check_http(http, addr).await,
+        }
+    })
+    .await;
+    outcome.unwrap_or(Err(ProbeError::Timeout(timeout)))
+}
+
+async fn check_http(probe: &HttpProbe, addr: SocketAddr) -> Result<(), ProbeError> {
+    let (status, body) = get(addr, probe.host.as_deref(), &probe.path, HEALTH_BODY_LIMIT).await?;
+    if !probe.expect_status.matches(status.as_u16()) {
+        return Err(ProbeError::Status(status.as_u16()));
+    }
+    match &probe.expect_body {
+        Some(expected) if !contains(&body, expected.as_bytes()) => Err(ProbeError::BodyMismatch),
+        _ => Ok(()),
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    needle.is_empty() || haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+async fn connect(addr: SocketAddr) -> Result<TcpStream, ProbeError> {
+    TcpStream::connect(addr).await.map_err(|e| {
+        debug!(%addr, error = %e, "probe connect failed");
+        ProbeError::Connect(e.kind())
+    })
+}
+
+/// GETs `path` from `addr` over a new connection and returns the status and up to `limit` bytes
+/// of body. Not bounded in time: callers wrap it in their timeout.
+pub(crate) async fn get(
+    addr: SocketAddr,
+    host: Option<&str>,
+    path: &str,
+    limit: usize,
+) -> Result<(StatusCode, Bytes), ProbeError> {
+    let stream = connect(addr).await?;
+    let protocol = |e: hyper::Error| {
+        debug!(%addr, error = %e, "probe: http error");
+        ProbeError::Protocol
+    };
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+            .await
+            .map_err(protocol)?;
+    let host = match host {
+        Some(host) => HeaderValue::from_str(host),
+        None => HeaderValue::from_str(&addr.to_string()),
+    }
+    .map_err(|_| ProbeError::Protocol)?;
+    let request = hyper::Request::get(path)
+        .header(HOST, host)
+        .header(USER_AGENT, USER_AGENT_VALUE)
+        .header(ACCEPT, "text/plain, */*")
+        .header(CONNECTION, "close")
+        .body(Empty::new())
+        .map_err(|e| {
+            debug!(%addr, path, error = %e, "probe: cannot build the request");
+            ProbeError::Protocol
+        })?;
+    let exchange = async {
+        let response = sender.send_request(request).await.map_err(protocol)?;
+        let status = response.status();
+        let body = Limited::new(response.into_body(), limit)
+            .collect()
+            .await
+            .map_err(|e| match e.downcast::<hyper::Error>() {
+                Ok(e) => protocol(*e),
+                Err(_) => ProbeError::BodyTooLarge(limit),
+            })?;
+        Ok((status, body.to_bytes()))
+    };
+    tokio::pin!(connection, exchange);
+    // The connection future moves the bytes; it is polled here, beside the exchange, so that
+    // dropping this future (timeout, cancellation) drops the socket with it.
+    tokio::select! {
+        biased;
+        result = &mut exchange => result,
+        ended = &mut connection => match ended {
+            // The server answered and closed: what it sent is already in the body.
+            Ok(()) => exchange.await,
+            Err(e) => Err(protocol(e)),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_read_like_the_log_line() {
+        assert_eq!(ProbeError::Status(503).to_string(), "http 503");
+        assert_eq!(
+            ProbeError::Timeout(Duration::from_secs(2)).to_string(),
+            "timeout after 2s"
+        );
+        assert_eq!(
+            ProbeError::Connect(io::ErrorKind::ConnectionRefused).to_string(),
+            "connection refused"
+        );
+    }
+
+    #[test]
+    fn body_match_is_a_substring_search() {
+        assert!(contains(b"{\"status\":\"ok\"}", b"ok"));
+        assert!(!contains(b"Loading model", b"ok"));
+        assert!(contains(b"", b""));
+    }
+
+    #[tokio::test]
+    async fn refused_and_timed_out_probes_say_so() {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind("127.0.0.1:0".parse().expect("literal"))
+            .expect("bind");
+        let refusing = socket.local_addr().expect("address");
+        assert_eq!(
+            run(&Probe::Tcp, refusing, Duration::from_secs(5)).await,
+            Err(ProbeError::Connect(io::ErrorKind::ConnectionRefused))
+        );
+        // A listener that never answers HTTP: the probe times out.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = silent.local_addr().expect("address");
+        let http = Probe::Http(HttpProbe {
+            path: "/health".into(),
+            host: None,
+            expect_status: crate::config::ExpectStatus::Success,
+            expect_body: None,
+        });
+        let timeout = Duration::from_millis(50);
+        assert_eq!(
+            run(&http, addr, timeout).await,
+            Err(ProbeError::Timeout(timeout))
+        );
+        assert_eq!(run(&Probe::Tcp, addr, timeout).await, Ok(()));
+    }
+}
