@@ -158,29 +158,25 @@ async fn main() -> Result<(), Box<dyn Error>> {
         .expect("the config has the health listener");
     let running = tokio::spawn(balancer.run(shutdown.clone()));
 
-    let started = Instant::now();
-    let replies = clients(round_robin, ROUND_ROBIN_CONNECTIONS, false).await?;
-    let kind = StrategyKind::WeightedRoundRobin;
-    show(
-        &handle,
-        kind,
-        &backends,
-        &replies,
-        Count::Established,
-        started,
-    )?;
-
-    let started = Instant::now();
-    let replies = clients(random, RANDOM_CONNECTIONS, false).await?;
-    let kind = StrategyKind::WeightedRandom;
-    show(
-        &handle,
-        kind,
-        &backends,
-        &replies,
-        Count::Established,
-        started,
-    )?;
+    for (kind, addr, connections) in [
+        (
+            StrategyKind::WeightedRoundRobin,
+            round_robin,
+            ROUND_ROBIN_CONNECTIONS,
+        ),
+        (StrategyKind::WeightedRandom, random, RANDOM_CONNECTIONS),
+    ] {
+        let started = Instant::now();
+        let replies = clients(addr, connections, false).await?;
+        show(
+            &handle,
+            kind,
+            &backends,
+            &replies,
+            Count::Established,
+            started,
+        )?;
+    }
 
     let started = Instant::now();
     let held = clients(capacity, HELD_CONNECTIONS, true).await?;

@@ -392,7 +392,11 @@ pub fn start_balancer(toml: &str) -> Running {
     }
     let config = weighbridge::config::parse(toml, Path::new("test.toml"))
         .unwrap_or_else(|e| panic!("test config must be valid: {e}\n{toml}"));
-    let balancer = Balancer::bind(&config).expect("bind the balancer on loopback");
+    run(Balancer::bind(&config).expect("bind the balancer on loopback"))
+}
+
+/// Spawns `balancer`'s run in the test's runtime.
+fn run(balancer: Balancer) -> Running {
     let addr = balancer
         .local_addr(LISTENER)
         .expect("the config has listener `lb`");
@@ -594,19 +598,7 @@ impl Running {
 pub fn start_balancer_from_file(path: &Path) -> Running {
     let config = weighbridge::config::load(path)
         .unwrap_or_else(|e| panic!("test config must be valid: {e}"));
-    let balancer = Balancer::bind(&config)
+    run(Balancer::bind(&config)
         .expect("bind the balancer on loopback")
-        .with_config_path(path);
-    let addr = balancer
-        .local_addr(LISTENER)
-        .expect("the config has listener `lb`");
-    let handle = balancer.handle();
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(balancer.run(shutdown.clone()));
-    Running {
-        addr,
-        handle,
-        shutdown,
-        task,
-    }
+        .with_config_path(path))
 }
