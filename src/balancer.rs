@@ -208,7 +208,7 @@ impl Balancer {
             .iter()
             .map(|b| (b.name.clone(), b.local_addr))
             .collect();
-        let snapshot = Snapshot::build(config, &registry, &addrs);
+        let snapshot = Snapshot::build(config, &registry, &addrs, None);
         if let Some(addr) = admin_addr {
             let token = config.admin.as_ref().is_some_and(|a| a.token.is_some());
             info!(bind = %addr, token, "admin endpoint listening");
@@ -427,13 +427,13 @@ impl Balancer {
     /// Rebuilds the snapshot from the configuration in force, so that changed live state
     /// (admin state, ...) reaches the strategies.
     fn republish(&self, control: &Control) {
-        let addrs: HashMap<String, SocketAddr> = control
-            .snapshots
-            .load()
+        let current = control.snapshots.load();
+        let addrs: HashMap<String, SocketAddr> = current
             .pools()
             .filter_map(|p| Some((p.name().to_string(), p.local_addr()?)))
             .collect();
-        let snapshot = Snapshot::build(&self.config, &self.registry, &addrs);
+        let snapshot = Snapshot::build(&self.config, &self.registry, &addrs, Some(&current));
+        drop(current);
         control.snapshots.store(Arc::new(snapshot));
     }
 
@@ -517,9 +517,12 @@ impl Balancer {
             })
             .collect();
         drop(current);
-        control
-            .snapshots
-            .store(Arc::new(Snapshot::build(&new, &self.registry, &addrs)));
+        control.snapshots.store(Arc::new(Snapshot::build(
+            &new,
+            &self.registry,
+            &addrs,
+            None,
+        )));
 
         // 4. Stop the accept loops that are neither kept nor handed over (removed or moved
         //    listeners): their sockets close, their open connections go on.

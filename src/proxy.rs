@@ -357,7 +357,7 @@ mod tests {
         let config = crate::config::parse(&text, Path::new("t.toml")).expect("valid");
         let (republisher, mut woken) = Republisher::new();
         let registry = Registry::with_republisher(republisher);
-        let snapshot = Snapshot::build(&config, &registry, &HashMap::new());
+        let snapshot = Snapshot::build(&config, &registry, &HashMap::new(), None);
         let pool = Arc::clone(snapshot.pool("lb").expect("listener lb"));
         let states: Vec<_> = pool
             .backends()

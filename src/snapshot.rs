@@ -33,18 +33,30 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Builds a snapshot; live counters come from (and are created in) `registry`, and
-    /// `local_addrs` tells where each listener is bound.
+    /// `local_addrs` tells where each listener is bound. With `previous`, round robins carry on
+    /// from where that snapshot's were (a rebuild for live state); without, they start over (a
+    /// new configuration).
     pub fn build(
         config: &Config,
         registry: &Registry,
         local_addrs: &HashMap<String, SocketAddr>,
+        previous: Option<&Snapshot>,
     ) -> Snapshot {
         let pools: Vec<Arc<Pool>> = config
             .listeners
             .iter()
             .map(|listener| {
                 let local_addr = local_addrs.get(&listener.name).copied();
-                let pool = Pool::build(listener, registry, local_addr, config.log.access_log);
+                let cursor = previous
+                    .and_then(|p| p.pool(&listener.name))
+                    .map_or(0, |p| p.strategy.cursor());
+                let pool = Pool::build(
+                    listener,
+                    registry,
+                    local_addr,
+                    config.log.access_log,
+                    cursor,
+                );
                 Arc::new(pool)
             })
             .collect();
@@ -124,6 +136,7 @@ impl Pool {
         registry: &Registry,
         local_addr: Option<SocketAddr>,
         access_log: bool,
+        cursor: usize,
     ) -> Pool {
         let now = Instant::now();
         let states: Vec<Arc<BackendState>> = listener
@@ -191,7 +204,7 @@ impl Pool {
                 access_log,
                 max_connect_failures: listener.passive.map(|p| p.max_connect_failures),
             },
-            strategy: listener.strategy.build(&weights, &live),
+            strategy: listener.strategy.build_resuming(&weights, &live, cursor),
             backends,
             stats,
             all_unhealthy,
@@ -265,8 +278,8 @@ mod tests {
     fn rebuilt_snapshots_share_live_state() {
         let config = crate::config::parse(TWO_LISTENERS, Path::new("t.toml")).expect("valid");
         let registry = Registry::default();
-        let first = Snapshot::build(&config, &registry, &HashMap::new());
-        let second = Snapshot::build(&config, &registry, &HashMap::new());
+        let first = Snapshot::build(&config, &registry, &HashMap::new(), None);
+        let second = Snapshot::build(&config, &registry, &HashMap::new(), None);
         let a1 = &first.pool("a").expect("a").backends()[0];
         let a2 = &second.pool("a").expect("a").backends()[0];
         let b1 = &first.pool("b").expect("b").backends()[0];
@@ -277,9 +290,29 @@ mod tests {
     }
 
     #[test]
+    fn a_rebuild_for_live_state_carries_the_round_robin_on_and_a_new_config_restarts_it() {
+        let text = "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:0\"\n\
+                    [[listener.backend]]\naddr = \"127.0.0.1:9001\"\n\
+                    [[listener.backend]]\naddr = \"127.0.0.1:9002\"\n";
+        let config = crate::config::parse(text, Path::new("t.toml")).expect("valid");
+        let registry = Registry::default();
+        let first = Snapshot::build(&config, &registry, &HashMap::new(), None);
+        let pick = |s: &Snapshot| s.pool("a").expect("a").pick(&[]).expect("a pick").0;
+        assert_eq!(pick(&first), 0);
+        let rebuilt = Snapshot::build(&config, &registry, &HashMap::new(), Some(&first));
+        assert_eq!(pick(&rebuilt), 1, "carries on after backend 0");
+        let reloaded = Snapshot::build(&config, &registry, &HashMap::new(), None);
+        assert_eq!(
+            pick(&reloaded),
+            0,
+            "a new configuration starts the cycle over"
+        );
+    }
+
+    #[test]
     fn pool_picks_through_its_strategy() {
         let config = crate::config::parse(TWO_LISTENERS, Path::new("t.toml")).expect("valid");
-        let snapshot = Snapshot::build(&config, &Registry::default(), &HashMap::new());
+        let snapshot = Snapshot::build(&config, &Registry::default(), &HashMap::new(), None);
         let pool = snapshot.pool("b").expect("b");
         let (index, backend) = pool.pick(&[]).expect("one backend");
         assert_eq!((index, backend.addr.port()), (0, 9001));

@@ -35,6 +35,12 @@ pub trait Strategy: Send + Sync + fmt::Debug {
     /// backend is left. `tried` is empty for a connection's first attempt and holds the
     /// backends already tried (at most `connect_attempts - 1`) on retries.
     fn pick(&self, tried: &[usize]) -> Option<usize>;
+
+    /// Where a stateful strategy is in its sequence, for a rebuild to carry on from (see
+    /// [`StrategyKind::build_resuming`]); 0 for the stateless ones.
+    fn cursor(&self) -> usize {
+        0
+    }
 }
 
 /// The strategies a listener can use; the `strategy` key of `[[listener]]`.
@@ -72,9 +78,24 @@ impl StrategyKind {
     /// `weights[i]` is backend i's effective weight (finite, ≥ 0); `live[i]` its live counters,
     /// read by load-aware strategies. Both slices have one entry per backend.
     pub fn build(self, weights: &[f64], live: &[Arc<BackendState>]) -> Box<dyn Strategy> {
+        self.build_resuming(weights, live, 0)
+    }
+
+    /// Like [`build`](StrategyKind::build), but a round robin carries on from `cursor` (a
+    /// previous build's [`Strategy::cursor`]) instead of starting its cycle over. Rebuilds for
+    /// live state (a slow-start step, a load change) can come many times a second; starting
+    /// over each time would hand the first backends of the cycle more than their share.
+    pub fn build_resuming(
+        self,
+        weights: &[f64],
+        live: &[Arc<BackendState>],
+        cursor: usize,
+    ) -> Box<dyn Strategy> {
         debug_assert_eq!(weights.len(), live.len());
         match self {
-            StrategyKind::WeightedRoundRobin => Box::new(WeightedRoundRobin::new(weights)),
+            StrategyKind::WeightedRoundRobin => {
+                Box::new(WeightedRoundRobin::resuming(weights, cursor))
+            }
             StrategyKind::WeightedRandom => Box::new(WeightedRandom::new(weights)),
             StrategyKind::CapacityProportional => {
                 Box::new(CapacityProportional::new(weights, live))

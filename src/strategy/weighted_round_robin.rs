@@ -52,10 +52,15 @@ struct CachePadded(AtomicUsize);
 impl WeightedRoundRobin {
     /// Builds the cycle for `weights` (finite, ≥ 0).
     pub fn new(weights: &[f64]) -> WeightedRoundRobin {
+        WeightedRoundRobin::resuming(weights, 0)
+    }
+
+    /// Builds the cycle for `weights`, the first pick at position `cursor` (modulo its length).
+    pub fn resuming(weights: &[f64], cursor: usize) -> WeightedRoundRobin {
         let units = integer_weights(weights);
         WeightedRoundRobin {
             cycle: smooth_cycle(&units).into_boxed_slice(),
-            next: CachePadded::default(),
+            next: CachePadded(AtomicUsize::new(cursor)),
         }
     }
 
@@ -80,6 +85,10 @@ impl Strategy for WeightedRoundRobin {
         (0..len)
             .map(|offset| self.cycle[(start + offset) % len] as usize)
             .find(|&index| eligible(1.0, index, tried))
+    }
+
+    fn cursor(&self) -> usize {
+        self.next.0.load(Ordering::Relaxed)
     }
 }
 
@@ -186,6 +195,14 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_resumed_cycle_carries_on_where_the_last_one_was() {
+        let first = WeightedRoundRobin::new(&[1.0, 1.0, 1.0]);
+        assert_eq!(picks(&first, 2), [0, 1]);
+        let resumed = WeightedRoundRobin::resuming(&[1.0, 1.0, 1.0], first.cursor());
+        assert_eq!(picks(&resumed, 3), [2, 0, 1]);
     }
 
     #[test]
