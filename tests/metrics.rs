@@ -249,7 +249,9 @@ async fn metrics_after_known_traffic_equal_what_the_clients_did() {
         assert_eq!(get(&m, "weighbridge_connections_active", &lb_), 3.0);
         assert_eq!(get(&m, "weighbridge_connect_attempts_total", &lb_), n + 3.0);
         assert_eq!(get(&m, "weighbridge_connect_failures_total", &lb_), 0.0);
-        for reason in ["max_connections", "no_backend"] {
+        assert_eq!(get(&m, "weighbridge_all_unhealthy", &lb_), 0.0);
+        assert_eq!(get(&m, "weighbridge_routed_all_unhealthy_total", &lb_), 0.0);
+        for reason in ["max_connections", "no_backend", "all_unhealthy"] {
             let labels = [("listener", LISTENER), ("reason", reason)];
             assert_eq!(
                 get(&m, "weighbridge_connections_rejected_total", &labels),

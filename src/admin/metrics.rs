@@ -132,11 +132,12 @@ impl Collector for Metrics {
         counter(
             e,
             "weighbridge_connections_rejected",
-            "Client connections closed without being relayed, by reason: max_connections were open, or no backend could be reached.",
+            "Client connections closed without being relayed, by reason: max_connections were open, no backend could be reached, or none was healthy under all_unhealthy = \"reject\".",
             listeners.iter().flat_map(|l| {
                 [
                     ("max_connections", l.counters.rejected_max_connections),
                     ("no_backend", l.counters.rejected_no_backend),
+                    ("all_unhealthy", l.counters.rejected_all_unhealthy),
                 ]
                 .map(|(reason, n)| ([("listener", &*l.name), ("reason", reason)], n))
             }),
@@ -156,6 +157,22 @@ impl Collector for Metrics {
             listeners
                 .iter()
                 .map(|l| (l.labels(), l.counters.connect_failures)),
+        )?;
+        gauge(
+            e,
+            "weighbridge_all_unhealthy",
+            "1 while no backend of the listener is healthy (all_unhealthy applies), else 0.",
+            listeners
+                .iter()
+                .map(|l| (l.labels(), u64::from(l.counters.all_unhealthy))),
+        )?;
+        counter(
+            e,
+            "weighbridge_routed_all_unhealthy",
+            "Client connections routed while no backend was healthy (all_unhealthy = \"route_anyway\").",
+            listeners
+                .iter()
+                .map(|l| (l.labels(), l.counters.routed_all_unhealthy)),
         )?;
         histogram(
             e,
