@@ -80,7 +80,7 @@ impl ReloadSummary {
                     listener
                         .backends
                         .iter()
-                        .map(|b| format!("{}/{}", listener.name, b.addr)),
+                        .map(|b| backend_key(listener, b.addr)),
                 );
                 continue;
             };
@@ -93,7 +93,7 @@ impl ReloadSummary {
                 .map(|b| (b.addr, b.weight.get()))
                 .collect();
             for backend in &listener.backends {
-                let key = format!("{}/{}", listener.name, backend.addr);
+                let key = backend_key(listener, backend.addr);
                 match old_weights.get(&backend.addr) {
                     None => summary.backends_added.push(key),
                     Some(&w) if w != backend.weight.get() => summary
@@ -106,7 +106,7 @@ impl ReloadSummary {
                 if !listener.backends.iter().any(|b| b.addr == backend.addr) {
                     summary
                         .backends_removed
-                        .push(format!("{}/{}", listener.name, backend.addr));
+                        .push(backend_key(listener, backend.addr));
                 }
             }
         }
@@ -117,7 +117,7 @@ impl ReloadSummary {
                     listener
                         .backends
                         .iter()
-                        .map(|b| format!("{}/{}", listener.name, b.addr)),
+                        .map(|b| backend_key(listener, b.addr)),
                 );
             }
         }
@@ -166,6 +166,11 @@ impl ReloadSummary {
     pub fn is_empty(&self) -> bool {
         *self == ReloadSummary::default()
     }
+}
+
+/// How the summary names a backend: `listener/address`.
+fn backend_key(listener: &ListenerConfig, addr: SocketAddr) -> String {
+    format!("{}/{addr}", listener.name)
 }
 
 /// True when anything but the backends differs (health and passive settings included).
