@@ -7,14 +7,17 @@
 //! ```
 //!
 //! `pick/<strategy>/<backends>` is one first-attempt pick (`tried` empty), the work done on every
-//! new connection; `build/<strategy>/<backends>` is building the strategy, done whenever a
+//! new connection; `pick_2_threads/<strategy>/<backends>` is the same pick made by two threads at
+//! once on one strategy, reported as wall time per pick per thread: it equals the one-thread
+//! figure when picking scales across cores, and grows when the threads fight over a cache line;
+//! `build/<strategy>/<backends>` is building the strategy, done whenever a
 //! snapshot is built. Weights are uneven so round robin's cycle and random's cumulative table are
 //! not the trivial ones, and capacity-proportional sees uneven open counts, so its minimum is not
 //! always a tie.
 
 use std::hint::black_box;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use weighbridge::backend::{ActiveConn, BackendState};
@@ -70,7 +73,57 @@ fn pick(c: &mut Criterion) {
             group.bench_with_input(
                 BenchmarkId::from_parameter(backends),
                 &strategy,
-                |b, strategy| b.iter(|| strategy.pick(black_box(&[]))),
+                |b, strategy| {
+                    let mut turn = 0_u64;
+                    b.iter(|| {
+                        turn += 1;
+                        strategy.pick(black_box(turn), black_box(&[]))
+                    })
+                },
+            );
+        }
+        group.finish();
+    }
+}
+
+/// Threads picking at once in `pick_2_threads`.
+const PICKING_THREADS: usize = 2;
+
+fn pick_concurrently(c: &mut Criterion) {
+    for kind in StrategyKind::ALL {
+        let mut group = c.benchmark_group(format!("pick_{PICKING_THREADS}_threads/{kind}"));
+        for backends in BACKEND_COUNTS {
+            let weights = weights(backends);
+            let live = live(backends);
+            let _open = hold_connections(&live);
+            let strategy = kind.build(&weights, &live);
+            group.bench_with_input(
+                BenchmarkId::from_parameter(backends),
+                &strategy,
+                |b, strategy| {
+                    b.iter_custom(|iters| {
+                        let start = Barrier::new(PICKING_THREADS);
+                        std::thread::scope(|scope| {
+                            let pickers: Vec<_> = (0..PICKING_THREADS)
+                                .map(|_| {
+                                    scope.spawn(|| {
+                                        start.wait();
+                                        let began = Instant::now();
+                                        for turn in 0..iters {
+                                            black_box(strategy.pick(turn, black_box(&[])));
+                                        }
+                                        began.elapsed()
+                                    })
+                                })
+                                .collect();
+                            pickers
+                                .into_iter()
+                                .map(|p| p.join().expect("picker thread"))
+                                .max()
+                                .unwrap_or_default()
+                        })
+                    })
+                },
             );
         }
         group.finish();
@@ -98,6 +151,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = pick, build
+    targets = pick, pick_concurrently, build
 }
 criterion_main!(benches);

@@ -74,6 +74,7 @@ pub(crate) async fn serve(
     client: TcpStream,
     peer: SocketAddr,
     pool: Arc<Pool>,
+    turn: u64,
     open: OpenConn,
     stop: CancellationToken,
 ) {
@@ -111,7 +112,7 @@ pub(crate) async fn serve(
         }
         // Shutdown's grace period bounds connects too, not only relays.
         let connected = tokio::select! {
-            connected = connect(&pool) => Some(connected),
+            connected = connect(&pool, turn) => Some(connected),
             () = stop.cancelled() => {
                 debug!("shut down while connecting");
                 None
@@ -256,14 +257,14 @@ struct Connected {
     attempts: u32,
 }
 
-/// Connects to a backend picked by the pool's strategy, trying up to `connect_attempts` distinct
-/// backends. On failure returns how many connects were tried.
-async fn connect(pool: &Pool) -> Result<Connected, u32> {
+/// Connects to a backend picked by the pool's strategy for the connection numbered `turn`, trying
+/// up to `connect_attempts` distinct backends. On failure returns how many connects were tried.
+async fn connect(pool: &Pool, turn: u64) -> Result<Connected, u32> {
     let settings = pool.settings();
     // Allocates only on a retry.
     let mut tried = Vec::new();
     for attempt in 1..=settings.connect_attempts.get() {
-        let Some((index, backend)) = pool.pick(&tried) else {
+        let Some((index, backend)) = pool.pick(turn, &tried) else {
             return Err(attempt - 1);
         };
         let active = BackendState::acquire(&backend.stats);
@@ -380,11 +381,18 @@ mod tests {
         let clients_addr = clients.local_addr().expect("client side address");
         let stop = CancellationToken::new();
         let started = Instant::now();
-        for _ in 0..20 {
+        for turn in 0..20 {
             let mut client = TcpStream::connect(clients_addr).await.expect("connect");
             let (accepted, peer) = clients.accept().await.expect("accept");
             let open = ListenerStats::admit(pool.stats(), 100).expect("under the limit");
-            tokio::spawn(serve(accepted, peer, Arc::clone(&pool), open, stop.clone()));
+            tokio::spawn(serve(
+                accepted,
+                peer,
+                Arc::clone(&pool),
+                turn,
+                open,
+                stop.clone(),
+            ));
             let mut byte = [0_u8; 1];
             tokio::time::timeout(Duration::from_secs(1), client.read_exact(&mut byte))
                 .await

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -33,9 +34,11 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Builds a snapshot; live counters come from (and are created in) `registry`, and
-    /// `local_addrs` tells where each listener is bound. With `previous`, round robins carry on
-    /// from where that snapshot's were (a rebuild for live state); without, they start over (a
-    /// new configuration).
+    /// `local_addrs` tells where each listener is bound. With `previous`, each pool keeps that
+    /// snapshot's turn sequence, so round robins carry on where they were (a rebuild for live
+    /// state, which can come many times a second: starting over each time would hand the first
+    /// backends of the cycle more than their share); without, every pool starts a new sequence
+    /// and its cycle over (a new configuration).
     pub fn build(
         config: &Config,
         registry: &Registry,
@@ -47,15 +50,15 @@ impl Snapshot {
             .iter()
             .map(|listener| {
                 let local_addr = local_addrs.get(&listener.name).copied();
-                let cursor = previous
+                let sequence = previous
                     .and_then(|p| p.pool(&listener.name))
-                    .map_or(0, |p| p.strategy.cursor());
+                    .map_or_else(new_sequence, |p| p.sequence);
                 let pool = Pool::build(
                     listener,
                     registry,
                     local_addr,
                     config.log.access_log,
-                    cursor,
+                    sequence,
                 );
                 Arc::new(pool)
             })
@@ -80,10 +83,18 @@ impl Snapshot {
     }
 }
 
+/// A turn sequence id never used before (ids start at 1, so 0 matches none).
+fn new_sequence() -> u64 {
+    static SEQUENCES: AtomicU64 = AtomicU64::new(1);
+    SEQUENCES.fetch_add(1, Ordering::Relaxed)
+}
+
 /// One listener's backends, settings and strategy.
 #[derive(Debug)]
 pub struct Pool {
     name: Arc<str>,
+    /// Which turn sequence connections to this pool are numbered in (see [`Pool::sequence`]).
+    sequence: u64,
     local_addr: Option<SocketAddr>,
     settings: ListenerSettings,
     backends: Box<[Backend]>,
@@ -136,7 +147,7 @@ impl Pool {
         registry: &Registry,
         local_addr: Option<SocketAddr>,
         access_log: bool,
-        cursor: usize,
+        sequence: u64,
     ) -> Pool {
         let now = Instant::now();
         let states: Vec<Arc<BackendState>> = listener
@@ -193,6 +204,7 @@ impl Pool {
         let live: Vec<Arc<BackendState>> = backends.iter().map(|b| Arc::clone(&b.stats)).collect();
         Pool {
             name: listener.name.as_str().into(),
+            sequence,
             local_addr,
             settings: ListenerSettings {
                 strategy: listener.strategy,
@@ -204,7 +216,7 @@ impl Pool {
                 access_log,
                 max_connect_failures: listener.passive.map(|p| p.max_connect_failures),
             },
-            strategy: listener.strategy.build_resuming(&weights, &live, cursor),
+            strategy: listener.strategy.build(&weights, &live),
             backends,
             stats,
             all_unhealthy,
@@ -247,9 +259,17 @@ impl Pool {
         &self.stats
     }
 
-    /// Picks a backend for a new connection, skipping the indices in `tried`.
-    pub fn pick(&self, tried: &[usize]) -> Option<(usize, &Backend)> {
-        let index = self.strategy.pick(tried)?;
+    /// The turn sequence connections to this pool are numbered in: the same as the previous
+    /// snapshot's when this one was rebuilt for live state, a new one after a reload. An accept
+    /// loop that sees the sequence change numbers its connections from 0 again.
+    pub fn sequence(&self) -> u64 {
+        self.sequence
+    }
+
+    /// Picks a backend for the connection numbered `turn` (see [`Strategy::pick`]), skipping
+    /// the indices in `tried`.
+    pub fn pick(&self, turn: u64, tried: &[usize]) -> Option<(usize, &Backend)> {
+        let index = self.strategy.pick(turn, tried)?;
         Some((index, &self.backends[index]))
     }
 }
@@ -296,16 +316,15 @@ mod tests {
                     [[listener.backend]]\naddr = \"127.0.0.1:9002\"\n";
         let config = crate::config::parse(text, Path::new("t.toml")).expect("valid");
         let registry = Registry::default();
+        let sequence = |s: &Snapshot| s.pool("a").expect("a").sequence();
         let first = Snapshot::build(&config, &registry, &HashMap::new(), None);
-        let pick = |s: &Snapshot| s.pool("a").expect("a").pick(&[]).expect("a pick").0;
-        assert_eq!(pick(&first), 0);
         let rebuilt = Snapshot::build(&config, &registry, &HashMap::new(), Some(&first));
-        assert_eq!(pick(&rebuilt), 1, "carries on after backend 0");
+        assert_eq!(sequence(&rebuilt), sequence(&first), "carries on");
         let reloaded = Snapshot::build(&config, &registry, &HashMap::new(), None);
-        assert_eq!(
-            pick(&reloaded),
-            0,
-            "a new configuration starts the cycle over"
+        assert_ne!(
+            sequence(&reloaded),
+            sequence(&first),
+            "a new configuration starts a new sequence"
         );
     }
 
@@ -314,9 +333,9 @@ mod tests {
         let config = crate::config::parse(TWO_LISTENERS, Path::new("t.toml")).expect("valid");
         let snapshot = Snapshot::build(&config, &Registry::default(), &HashMap::new(), None);
         let pool = snapshot.pool("b").expect("b");
-        let (index, backend) = pool.pick(&[]).expect("one backend");
+        let (index, backend) = pool.pick(0, &[]).expect("one backend");
         assert_eq!((index, backend.addr.port()), (0, 9001));
-        assert!(pool.pick(&[0]).is_none());
+        assert!(pool.pick(1, &[0]).is_none());
         assert!(snapshot.pool("missing").is_none());
     }
 }

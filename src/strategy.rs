@@ -2,8 +2,15 @@
 //!
 //! One trait, [`Strategy`], and one file per algorithm. A strategy is *built* from a pool's
 //! effective weights whenever a snapshot is built, and *picks* many times from `&self`: picking
-//! only reads immutable tables and atomics, so any number of connection tasks may pick at once
-//! without a lock (Pingora's "build once, pick many").
+//! only reads immutable tables and atomics and writes nothing shared, so any number of
+//! connection tasks may pick at once on any number of cores without a lock and without fighting
+//! over a cache line (Pingora's "build once, pick many").
+//!
+//! Where a strategy needs to know where it is in a sequence (round robin), the caller tells it:
+//! each pick is given the connection's *turn*, its number among the connections its accept loop
+//! handed to the pool (see `listener::Turns`). The accept loop is one task, so the turns of a
+//! listener form one sequence — the exact smooth round robin — with no shared counter written
+//! on the connection path.
 //!
 //! This module knows nothing of sockets, tokio or files: it maps weights (and, for
 //! [`CapacityProportional`], live connection counts) to an index, so it is unit-tested and
@@ -29,18 +36,14 @@ pub use weighted_round_robin::WeightedRoundRobin;
 
 /// Picks backends for new connections.
 pub trait Strategy: Send + Sync + fmt::Debug {
-    /// Returns the index of the backend the next connection should go to.
+    /// Returns the index of the backend a connection should go to.
     ///
-    /// Never returns an index in `tried` nor one whose weight is 0; returns `None` when no
-    /// backend is left. `tried` is empty for a connection's first attempt and holds the
-    /// backends already tried (at most `connect_attempts - 1`) on retries.
-    fn pick(&self, tried: &[usize]) -> Option<usize>;
-
-    /// Where a stateful strategy is in its sequence, for a rebuild to carry on from (see
-    /// [`StrategyKind::build_resuming`]); 0 for the stateless ones.
-    fn cursor(&self) -> usize {
-        0
-    }
+    /// `turn` is the connection's number in its accept loop's sequence for this pool (0, 1, 2,
+    /// …); round robin maps it onto its cycle, the other strategies ignore it. Never returns an
+    /// index in `tried` nor one whose weight is 0; returns `None` when no backend is left.
+    /// `tried` is empty for a connection's first attempt and holds the backends already tried
+    /// (at most `connect_attempts - 1`) on retries, which keep the connection's turn.
+    fn pick(&self, turn: u64, tried: &[usize]) -> Option<usize>;
 }
 
 /// The strategies a listener can use; the `strategy` key of `[[listener]]`.
@@ -78,24 +81,9 @@ impl StrategyKind {
     /// `weights[i]` is backend i's effective weight (finite, ≥ 0); `live[i]` its live counters,
     /// read by load-aware strategies. Both slices have one entry per backend.
     pub fn build(self, weights: &[f64], live: &[Arc<BackendState>]) -> Box<dyn Strategy> {
-        self.build_resuming(weights, live, 0)
-    }
-
-    /// Like [`build`](StrategyKind::build), but a round robin carries on from `cursor` (a
-    /// previous build's [`Strategy::cursor`]) instead of starting its cycle over. Rebuilds for
-    /// live state (a slow-start step, a load change) can come many times a second; starting
-    /// over each time would hand the first backends of the cycle more than their share.
-    pub fn build_resuming(
-        self,
-        weights: &[f64],
-        live: &[Arc<BackendState>],
-        cursor: usize,
-    ) -> Box<dyn Strategy> {
         debug_assert_eq!(weights.len(), live.len());
         match self {
-            StrategyKind::WeightedRoundRobin => {
-                Box::new(WeightedRoundRobin::resuming(weights, cursor))
-            }
+            StrategyKind::WeightedRoundRobin => Box::new(WeightedRoundRobin::new(weights)),
             StrategyKind::WeightedRandom => Box::new(WeightedRandom::new(weights)),
             StrategyKind::CapacityProportional => {
                 Box::new(CapacityProportional::new(weights, live))

@@ -72,7 +72,7 @@ impl WeightedRandom {
 }
 
 impl Strategy for WeightedRandom {
-    fn pick(&self, tried: &[usize]) -> Option<usize> {
+    fn pick(&self, _turn: u64, tried: &[usize]) -> Option<usize> {
         self.pick_with(&mut rand::rng(), tried)
     }
 }
@@ -136,8 +136,8 @@ mod tests {
 
     #[test]
     fn all_zero_or_empty_picks_nothing() {
-        assert_eq!(WeightedRandom::new(&[0.0, 0.0]).pick(&[]), None);
-        assert_eq!(WeightedRandom::new(&[]).pick(&[]), None);
+        assert_eq!(WeightedRandom::new(&[0.0, 0.0]).pick(0, &[]), None);
+        assert_eq!(WeightedRandom::new(&[]).pick(0, &[]), None);
     }
 
     #[test]
@@ -150,6 +150,6 @@ mod tests {
         let c = counts(&[100.0, 1.0, 3.0], &[0], 40_000, 9);
         assert_eq!(c[0], 0);
         assert_proportional(&c[1..], &[1.0, 3.0]);
-        assert_eq!(WeightedRandom::new(&[1.0, 1.0]).pick(&[0, 1]), None);
+        assert_eq!(WeightedRandom::new(&[1.0, 1.0]).pick(0, &[0, 1]), None);
     }
 }
