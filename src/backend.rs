@@ -318,7 +318,7 @@ pub struct ListenerCounters {
 impl ListenerStats {
     /// Admits one more client connection unless `max` are open already.
     pub fn admit(this: &Arc<ListenerStats>, max: u64) -> Option<OpenConn> {
-        this.accepted.fetch_add(1, Ordering::Relaxed);
+        let number = this.accepted.fetch_add(1, Ordering::Relaxed);
         let admitted = this
             .open
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |open| {
@@ -328,12 +328,18 @@ impl ListenerStats {
         if admitted {
             Some(OpenConn {
                 stats: Arc::clone(this),
+                number,
             })
         } else {
             this.rejected_max_connections
                 .fetch_add(1, Ordering::Relaxed);
             None
         }
+    }
+
+    /// Client connections accepted so far: the number the next one will get.
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
     }
 
     /// Records a client closed because no backend could be reached.
@@ -403,6 +409,14 @@ impl ListenerStats {
 #[must_use = "the connection is only counted while the guard lives"]
 pub struct OpenConn {
     stats: Arc<ListenerStats>,
+    number: u64,
+}
+
+impl OpenConn {
+    /// This connection's number among all the listener accepted since start (0 for the first).
+    pub fn number(&self) -> u64 {
+        self.number
+    }
 }
 
 impl Drop for OpenConn {

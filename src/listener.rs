@@ -95,7 +95,6 @@ pub(crate) async fn accept_loop(
         ..
     } = bound;
     let mut errors = ErrorPacer::default();
-    let mut turns = Turns::default();
     loop {
         let accepted = tokio::select! {
             biased;
@@ -130,7 +129,7 @@ pub(crate) async fn accept_loop(
             proxy::log_rejected(&pool, peer);
             continue;
         };
-        let turn = turns.next(pool.sequence());
+        let turn = pool.turn(&open);
         connections.spawn(proxy::serve(stream, peer, pool, turn, open, stop.clone()));
     }
     debug!(listener = %name, "stopped accepting");
@@ -138,32 +137,6 @@ pub(crate) async fn accept_loop(
 }
 
 /// Errors that concern one incoming connection only; the next accept is unaffected.
-/// Numbers the connections an accept loop hands to its pool: the turns round robin walks its
-/// cycle by (see [`Strategy::pick`](crate::strategy::Strategy::pick)).
-///
-/// The count is this task's own plain integer, so numbering costs nothing and no two cores ever
-/// write one counter; since one task accepts for a listener, its turns are the listener's exact
-/// sequence. It starts from 0 again when the pool's sequence changes (a reload), and carries on
-/// through rebuilds for live state, which keep the sequence.
-#[derive(Debug, Default)]
-struct Turns {
-    sequence: u64,
-    next: u64,
-}
-
-impl Turns {
-    /// The turn of the next connection handed to a pool whose sequence is `sequence`.
-    fn next(&mut self, sequence: u64) -> u64 {
-        if sequence != self.sequence {
-            self.sequence = sequence;
-            self.next = 0;
-        }
-        let turn = self.next;
-        self.next = turn.wrapping_add(1);
-        turn
-    }
-}
-
 fn is_connection_error(e: &io::Error) -> bool {
     matches!(
         e.kind(),
@@ -225,14 +198,6 @@ pub fn raise_open_file_limit() -> io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn turns_count_on_within_a_sequence_and_restart_with_a_new_one() {
-        let mut turns = Turns::default();
-        assert_eq!([turns.next(7), turns.next(7), turns.next(7)], [0, 1, 2]);
-        assert_eq!(turns.next(8), 0, "a reload's new sequence starts over");
-        assert_eq!(turns.next(8), 1);
-    }
 
     #[tokio::test(start_paused = true)]
     async fn accept_backoff_doubles_up_to_its_cap_and_resets() {

@@ -10,14 +10,13 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use crate::backend::{BackendState, ListenerStats, Registry, Republisher};
+use crate::backend::{BackendState, ListenerStats, OpenConn, Registry, Republisher};
 use crate::config::{AllUnhealthy, Config, ListenerConfig, Weight};
 use crate::strategy::{Strategy, StrategyKind};
 
@@ -35,10 +34,10 @@ pub struct Snapshot {
 impl Snapshot {
     /// Builds a snapshot; live counters come from (and are created in) `registry`, and
     /// `local_addrs` tells where each listener is bound. With `previous`, each pool keeps that
-    /// snapshot's turn sequence, so round robins carry on where they were (a rebuild for live
+    /// snapshot's turn numbering, so round robins carry on where they were (a rebuild for live
     /// state, which can come many times a second: starting over each time would hand the first
-    /// backends of the cycle more than their share); without, every pool starts a new sequence
-    /// and its cycle over (a new configuration).
+    /// backends of the cycle more than their share); without, every pool's next connection is
+    /// turn 0 and round robins start their cycle over (a new configuration).
     pub fn build(
         config: &Config,
         registry: &Registry,
@@ -50,15 +49,15 @@ impl Snapshot {
             .iter()
             .map(|listener| {
                 let local_addr = local_addrs.get(&listener.name).copied();
-                let sequence = previous
+                let turn_base = previous
                     .and_then(|p| p.pool(&listener.name))
-                    .map_or_else(new_sequence, |p| p.sequence);
+                    .map(|p| p.turn_base);
                 let pool = Pool::build(
                     listener,
                     registry,
                     local_addr,
                     config.log.access_log,
-                    sequence,
+                    turn_base,
                 );
                 Arc::new(pool)
             })
@@ -83,18 +82,12 @@ impl Snapshot {
     }
 }
 
-/// A turn sequence id never used before (ids start at 1, so 0 matches none).
-fn new_sequence() -> u64 {
-    static SEQUENCES: AtomicU64 = AtomicU64::new(1);
-    SEQUENCES.fetch_add(1, Ordering::Relaxed)
-}
-
 /// One listener's backends, settings and strategy.
 #[derive(Debug)]
 pub struct Pool {
     name: Arc<str>,
-    /// Which turn sequence connections to this pool are numbered in (see [`Pool::sequence`]).
-    sequence: u64,
+    /// The listener's accepted count when this pool's turn numbering began (see [`Pool::turn`]).
+    turn_base: u64,
     local_addr: Option<SocketAddr>,
     settings: ListenerSettings,
     backends: Box<[Backend]>,
@@ -147,7 +140,7 @@ impl Pool {
         registry: &Registry,
         local_addr: Option<SocketAddr>,
         access_log: bool,
-        sequence: u64,
+        turn_base: Option<u64>,
     ) -> Pool {
         let now = Instant::now();
         let states: Vec<Arc<BackendState>> = listener
@@ -204,7 +197,7 @@ impl Pool {
         let live: Vec<Arc<BackendState>> = backends.iter().map(|b| Arc::clone(&b.stats)).collect();
         Pool {
             name: listener.name.as_str().into(),
-            sequence,
+            turn_base: turn_base.unwrap_or_else(|| stats.accepted()),
             local_addr,
             settings: ListenerSettings {
                 strategy: listener.strategy,
@@ -259,11 +252,14 @@ impl Pool {
         &self.stats
     }
 
-    /// The turn sequence connections to this pool are numbered in: the same as the previous
-    /// snapshot's when this one was rebuilt for live state, a new one after a reload. An accept
-    /// loop that sees the sequence change numbers its connections from 0 again.
-    pub fn sequence(&self) -> u64 {
-        self.sequence
+    /// The turn of an admitted connection: its number among the listener's connections since
+    /// this pool's numbering began, at the last reload (rebuilds for live state carry it on).
+    ///
+    /// The number comes from the listener's `accepted` counter, which admitting a connection
+    /// increments anyway, so however many threads accept for the listener, its connections
+    /// form one sequence and round robin stays exact, at no extra cost.
+    pub fn turn(&self, open: &OpenConn) -> u64 {
+        open.number().wrapping_sub(self.turn_base)
     }
 
     /// Picks a backend for the connection numbered `turn` (see [`Strategy::pick`]), skipping
@@ -316,15 +312,23 @@ mod tests {
                     [[listener.backend]]\naddr = \"127.0.0.1:9002\"\n";
         let config = crate::config::parse(text, Path::new("t.toml")).expect("valid");
         let registry = Registry::default();
-        let sequence = |s: &Snapshot| s.pool("a").expect("a").sequence();
+        // Admits one connection to the snapshot's pool and picks for it.
+        let pick = |s: &Snapshot| {
+            let pool = s.pool("a").expect("a");
+            let open = ListenerStats::admit(pool.stats(), 10).expect("admitted");
+            pool.pick(pool.turn(&open), &[]).expect("a pick").0
+        };
         let first = Snapshot::build(&config, &registry, &HashMap::new(), None);
+        assert_eq!(pick(&first), 0);
         let rebuilt = Snapshot::build(&config, &registry, &HashMap::new(), Some(&first));
-        assert_eq!(sequence(&rebuilt), sequence(&first), "carries on");
+        assert_eq!(pick(&rebuilt), 1, "carries on after backend 0");
+        assert_eq!(pick(&rebuilt), 0);
+        assert_eq!(pick(&rebuilt), 1);
         let reloaded = Snapshot::build(&config, &registry, &HashMap::new(), None);
-        assert_ne!(
-            sequence(&reloaded),
-            sequence(&first),
-            "a new configuration starts a new sequence"
+        assert_eq!(
+            pick(&reloaded),
+            0,
+            "a new configuration starts the cycle over"
         );
     }
 

@@ -7,10 +7,10 @@
 //! over a cache line (Pingora's "build once, pick many").
 //!
 //! Where a strategy needs to know where it is in a sequence (round robin), the caller tells it:
-//! each pick is given the connection's *turn*, its number among the connections its accept loop
-//! handed to the pool (see `listener::Turns`). The accept loop is one task, so the turns of a
-//! listener form one sequence — the exact smooth round robin — with no shared counter written
-//! on the connection path.
+//! each pick is given the connection's *turn*, its number among the listener's connections (see
+//! `Pool::turn`), which the listener's accepted counter hands out as it counts the connection.
+//! A listener's turns form one sequence — the exact smooth round robin — and the strategy itself
+//! keeps no counter to fight over.
 //!
 //! This module knows nothing of sockets, tokio or files: it maps weights (and, for
 //! [`CapacityProportional`], live connection counts) to an index, so it is unit-tested and
@@ -38,8 +38,9 @@ pub use weighted_round_robin::WeightedRoundRobin;
 pub trait Strategy: Send + Sync + fmt::Debug {
     /// Returns the index of the backend a connection should go to.
     ///
-    /// `turn` is the connection's number in its accept loop's sequence for this pool (0, 1, 2,
-    /// …); round robin maps it onto its cycle, the other strategies ignore it. Never returns an
+    /// `turn` is the connection's number in its listener's sequence (0, 1, 2, …); round robin
+    /// maps it onto its cycle, capacity-proportional starts its scan there, weighted random
+    /// ignores it. Never returns an
     /// index in `tried` nor one whose weight is 0; returns `None` when no backend is left.
     /// `tried` is empty for a connection's first attempt and holds the backends already tried
     /// (at most `connect_attempts - 1`) on retries, which keep the connection's turn.
