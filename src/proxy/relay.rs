@@ -91,13 +91,11 @@ pub(crate) async fn relay(
         tokio::try_join!(
             async {
                 one_way(client, backend, mode, &activity, count_up).await?;
-                mark_first(&first_eof, 1);
-                io::Result::Ok(())
+                end_of_stream(&first_eof, 1, backend)
             },
             async {
                 one_way(backend, client, mode, &activity, count_down).await?;
-                mark_first(&first_eof, 2);
-                io::Result::Ok(())
+                end_of_stream(&first_eof, 2, client)
             },
         )
     };
@@ -123,15 +121,24 @@ pub(crate) async fn relay(
     }
 }
 
-/// Records `side` as the first to finish unless another already is.
-fn mark_first(first: &AtomicU8, side: u8) {
+/// Passes one direction's end of stream on to `dst`, the socket that direction wrote to, and
+/// records `side` as the first to finish unless the other already is.
+///
+/// The first direction to end half-closes `dst` (shutdown of its write side) so the peer sees
+/// the end of stream while the other direction goes on. When the other direction has already
+/// ended, both sockets are closed as soon as this returns and the close sends the same FIN: the
+/// shutdown is skipped, one system call fewer per connection (HAProxy skips it too). Nothing
+/// is left unread at that point, so the close is a FIN, not a reset.
+fn end_of_stream(first: &AtomicU8, side: u8, dst: &TcpStream) -> io::Result<()> {
     // Both directions run in one task, never at the same instant: a plain check is enough.
-    if first.load(Ordering::Relaxed) == 0 {
-        first.store(side, Ordering::Relaxed);
+    if first.load(Ordering::Relaxed) != 0 {
+        return Ok(());
     }
+    first.store(side, Ordering::Relaxed);
+    shutdown_write(dst)
 }
 
-/// Moves `src`'s bytes to `dst` until `src`'s end of stream, then shuts down `dst`'s writing.
+/// Moves `src`'s bytes to `dst` until `src`'s end of stream.
 async fn one_way(
     src: &TcpStream,
     dst: &TcpStream,
@@ -153,7 +160,7 @@ async fn one_way(
             copy(src, dst, activity, &count, false).await?;
         }
     }
-    shutdown_write(dst)
+    Ok(())
 }
 
 /// Why [`copy`] returned.
@@ -299,12 +306,41 @@ impl Activity {
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_first_side_to_finish_is_the_one_remembered() {
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    /// A connected pair over loopback: (our side, the peer's side).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let (ours, peer) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (ours.expect("connect"), peer.expect("accept").0)
+    }
+
+    #[tokio::test]
+    async fn only_the_first_end_of_stream_half_closes_and_it_is_remembered() {
+        let (first_dst, mut first_peer) = pair().await;
+        let (second_dst, mut second_peer) = pair().await;
         let first = AtomicU8::new(0);
-        mark_first(&first, 2);
-        mark_first(&first, 1);
+        end_of_stream(&first, 2, &first_dst).expect("half-close");
+        end_of_stream(&first, 1, &second_dst).expect("nothing to do");
         assert_eq!(first.load(Ordering::Relaxed), 2);
+        let mut byte = [0_u8; 1];
+        assert_eq!(first_peer.read(&mut byte).await.expect("end of stream"), 0);
+        // The second was left open for the close that follows...
+        assert_eq!(
+            second_peer.try_read(&mut byte).map_err(|e| e.kind()),
+            Err(io::ErrorKind::WouldBlock)
+        );
+        // ... which ends its stream cleanly.
+        drop(second_dst);
+        assert_eq!(
+            second_peer
+                .read(&mut byte)
+                .await
+                .expect("a FIN, not a reset"),
+            0
+        );
     }
 
     #[tokio::test(start_paused = true)]
