@@ -38,6 +38,7 @@ use crate::health::supervisor::Supervisor;
 use crate::listener::{self, BindError, Bound};
 use crate::reload::{ReloadError, ReloadSummary};
 use crate::snapshot::{Snapshot, SnapshotCell};
+use crate::workers::{self, Workers};
 
 /// Reload requests waiting for the control task; senders wait when it is full.
 const REQUEST_QUEUE: usize = 16;
@@ -61,12 +62,22 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    /// The worker threads could not be started.
+    #[error("cannot start {threads} worker threads: {source}")]
+    Workers {
+        /// How many were asked for.
+        threads: usize,
+        /// Why the system refused.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A balancer whose listeners are bound; [`run`](Balancer::run) starts serving.
 #[derive(Debug)]
 pub struct Balancer {
     bound: Vec<Bound>,
+    workers: Workers,
     admin: Option<TcpListener>,
     config: Config,
     config_path: Option<PathBuf>,
@@ -176,7 +187,8 @@ struct Running {
     /// The address actually bound.
     local_addr: SocketAddr,
     stop_accepting: CancellationToken,
-    task: JoinHandle<Bound>,
+    /// One accept loop per socket, each on its worker.
+    tasks: Vec<JoinHandle<std::io::Result<std::net::TcpListener>>>,
 }
 
 impl Balancer {
@@ -197,11 +209,16 @@ impl Balancer {
         };
         let admin_addr = admin.as_ref().map(|(_, addr)| *addr);
         let admin = admin.map(|(socket, _)| socket);
+        let threads = config.threads.unwrap_or_else(workers::default_count);
         let bound = config
             .listeners
             .iter()
-            .map(listener::bind)
+            .map(|l| listener::bind(l, threads.get()))
             .collect::<Result<Vec<_>, _>>()?;
+        let workers = Workers::start(threads).map_err(|source| StartError::Workers {
+            threads: threads.get(),
+            source,
+        })?;
         let (republisher, woken) = Republisher::new();
         let registry = Registry::with_republisher(republisher.clone());
         let addrs = bound
@@ -219,6 +236,7 @@ impl Balancer {
         let (sender, requests) = mpsc::channel(REQUEST_QUEUE);
         Ok(Balancer {
             bound,
+            workers,
             admin,
             config: config.clone(),
             config_path: None,
@@ -281,6 +299,7 @@ impl Balancer {
             )))
         });
         let mut control = Control {
+            workers: self.workers.handles().to_vec(),
             running: HashMap::new(),
             shutdown: shutdown.clone(),
             connections: TaskTracker::new(),
@@ -480,7 +499,7 @@ impl Balancer {
                 Some((old, _)) => {
                     takeovers.insert(listener.name.clone(), old.clone());
                 }
-                None => fresh.push(listener::bind(listener)?),
+                None => fresh.push(listener::bind(listener, self.workers.count())?),
             }
         }
         // Nothing can fail from here on.
@@ -570,6 +589,8 @@ impl Balancer {
 /// The accept loops and connections of a running balancer.
 #[derive(Debug)]
 struct Control {
+    /// Where accept loops run: one per worker and listener.
+    workers: Vec<tokio::runtime::Handle>,
     running: HashMap<String, Running>,
     shutdown: CancellationToken,
     connections: TaskTracker,
@@ -591,33 +612,47 @@ impl Control {
         let stop_accepting = self.shutdown.child_token();
         let name = bound.name.clone();
         let local_addr = bound.local_addr;
-        let task = tokio::spawn(listener::accept_loop(
-            bound,
-            Arc::clone(&self.snapshots),
-            stop_accepting.clone(),
-            self.connections.clone(),
-            self.stop.clone(),
-        ));
+        let tasks = bound
+            .sockets
+            .into_iter()
+            .zip(self.workers.iter().cycle())
+            .map(|(socket, worker)| {
+                worker.spawn(listener::accept_loop(
+                    name.clone(),
+                    socket,
+                    Arc::clone(&self.snapshots),
+                    stop_accepting.clone(),
+                    self.connections.clone(),
+                    self.stop.clone(),
+                ))
+            })
+            .collect();
         let running = Running {
             bind,
             local_addr,
             stop_accepting,
-            task,
+            tasks,
         };
         self.running.insert(name, running);
     }
 
-    /// Stops listener `name`'s accept loop and returns its socket.
+    /// Stops listener `name`'s accept loops and returns its sockets.
     async fn retire(&mut self, name: &str) -> Option<Bound> {
         let running = self.running.remove(name)?;
         running.stop_accepting.cancel();
-        match running.task.await {
-            Ok(bound) => Some(bound),
-            Err(e) => {
-                warn!(listener = name, error = %e, "accept loop ended abnormally");
-                None
+        let mut sockets = Vec::with_capacity(running.tasks.len());
+        for task in running.tasks {
+            match task.await {
+                Ok(Ok(socket)) => sockets.push(socket),
+                Ok(Err(e)) => warn!(listener = name, error = %e, "accept loop lost its socket"),
+                Err(e) => warn!(listener = name, error = %e, "accept loop ended abnormally"),
             }
         }
+        (!sockets.is_empty()).then(|| Bound {
+            name: name.to_owned(),
+            sockets,
+            local_addr: running.local_addr,
+        })
     }
 
     /// Stops every accept loop; once this returns, nothing listens any more.

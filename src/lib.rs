@@ -25,6 +25,7 @@ pub mod proxy;
 pub mod reload;
 pub mod snapshot;
 pub mod strategy;
+mod workers;
 
 pub use balancer::{AdminError, Balancer, Handle, LastReload, ReloadCounters, StartError, Stopped};
 pub use config::{Config, ConfigError};

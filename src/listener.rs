@@ -45,55 +45,75 @@ pub struct BindError {
     pub source: io::Error,
 }
 
-/// A bound listening socket.
+/// A listener's bound sockets: one per worker, all on one address.
 #[derive(Debug)]
 pub(crate) struct Bound {
     pub(crate) name: String,
-    pub(crate) socket: TcpListener,
+    /// Listening, non-blocking, registered with no runtime: each worker registers its own.
+    pub(crate) sockets: Vec<std::net::TcpListener>,
     pub(crate) local_addr: SocketAddr,
 }
 
-/// Binds `listener`'s address. Must run inside a tokio runtime.
-pub(crate) fn bind(listener: &ListenerConfig) -> Result<Bound, BindError> {
+/// Binds `listener`'s address `sockets` times (one per worker). Must run inside a tokio runtime.
+///
+/// With more than one socket they share the address through `SO_REUSEPORT`, the kernel spreading
+/// new connections over them; the first is bound as configured and the others to the address it
+/// got, so port 0 means one kernel-chosen port for all of them. A port another socket holds
+/// without `SO_REUSEPORT` (another program) still fails the bind.
+pub(crate) fn bind(listener: &ListenerConfig, sockets: usize) -> Result<Bound, BindError> {
     let fail = |source| BindError {
         listener: listener.name.clone(),
         addr: listener.bind,
         source,
     };
-    let socket = match listener.bind {
-        SocketAddr::V4(_) => TcpSocket::new_v4(),
-        SocketAddr::V6(_) => TcpSocket::new_v6(),
-    }
-    .map_err(fail)?;
-    // Lets a restarted balancer bind while old connections linger in TIME_WAIT.
-    socket.set_reuseaddr(true).map_err(fail)?;
-    socket.bind(listener.bind).map_err(fail)?;
-    let socket = socket.listen(LISTEN_BACKLOG).map_err(fail)?;
-    let local_addr = socket.local_addr().map_err(fail)?;
-    Ok(Bound {
+    let shared = sockets > 1;
+    let first = bind_one(listener.bind, shared).map_err(fail)?;
+    let local_addr = first.local_addr().map_err(fail)?;
+    let mut bound = Bound {
         name: listener.name.clone(),
-        socket,
+        sockets: vec![first],
         local_addr,
-    })
+    };
+    for _ in 1..sockets {
+        bound
+            .sockets
+            .push(bind_one(local_addr, shared).map_err(fail)?);
+    }
+    Ok(bound)
 }
 
-/// Accepts on `bound` until `stop_accepting` is cancelled, then hands the socket back.
+fn bind_one(addr: SocketAddr, shared: bool) -> io::Result<std::net::TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    }?;
+    // Lets a restarted balancer bind while old connections linger in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    if shared {
+        socket.set_reuseport(true)?;
+    }
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)?.into_std()
+}
+
+/// Accepts on `socket` for listener `name` until `stop_accepting` is cancelled, then hands the
+/// socket back.
 ///
+/// Runs on a worker (see [`crate::workers`]), which registers the socket with its own runtime.
 /// Returning the socket instead of closing it lets a reload give it to a renamed listener
 /// without a moment in which the port is closed. Each connection is served in a task spawned on
-/// `connections`; `stop` is handed to them and cancelled when shutdown's grace period ends.
+/// `connections`, on this worker; `stop` is handed to them and cancelled when shutdown's grace
+/// period ends.
 pub(crate) async fn accept_loop(
-    bound: Bound,
+    name: String,
+    socket: std::net::TcpListener,
     snapshots: Arc<SnapshotCell>,
     stop_accepting: CancellationToken,
     connections: TaskTracker,
     stop: CancellationToken,
-) -> Bound {
-    let Bound {
-        ref name,
-        ref socket,
-        ..
-    } = bound;
+) -> io::Result<std::net::TcpListener> {
+    let socket = TcpListener::from_std(socket)?;
+    let name = &name;
     let mut errors = ErrorPacer::default();
     loop {
         let accepted = tokio::select! {
@@ -133,7 +153,7 @@ pub(crate) async fn accept_loop(
         connections.spawn(proxy::serve(stream, peer, pool, turn, open, stop.clone()));
     }
     debug!(listener = %name, "stopped accepting");
-    bound
+    socket.into_std()
 }
 
 /// Errors that concern one incoming connection only; the next accept is unaffected.

@@ -59,11 +59,9 @@ fn run(cli: Cli) -> Result<(), String> {
         return Ok(());
     }
     init_logging(cli.log_level.as_deref(), config.log.format)?;
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if let Some(threads) = config.threads {
-        runtime.worker_threads(threads.get());
-    }
-    let runtime = runtime
+    // The control plane (signals, reloads, health checks, admin) runs here, on one thread;
+    // connections run on the balancer's own worker threads, `threads` of them.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;

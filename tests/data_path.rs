@@ -262,13 +262,18 @@ async fn counters_credit_bytes_to_the_backend_that_moved_them(splice: bool) {
         assert_eq!(seen, [0, 1]);
         for (backend, size) in addrs.iter().zip(sizes) {
             let size = size as u64;
-            let c = lb.backend(*backend);
-            // The greeting byte plus the echo came back; the message went out.
-            assert_eq!(
-                (c.connections, c.bytes_to_backend, c.bytes_from_backend),
+            // The greeting byte plus the echo came back; the message went out. A chunk is
+            // counted once written, so the client may read it a moment before it is counted.
+            eventually_eq(
+                SETTLE,
+                &format!("backend {backend}: connections, bytes to, bytes from"),
                 (1, size, size + 1),
-                "backend {backend}"
-            );
+                || {
+                    let c = lb.backend(*backend);
+                    (c.connections, c.bytes_to_backend, c.bytes_from_backend)
+                },
+            )
+            .await;
         }
         let listener = lb
             .handle

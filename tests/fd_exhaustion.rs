@@ -8,8 +8,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_weighbridge");
-/// Descriptor limit for the balancer: a dozen for itself, a few connections' worth besides.
-const FD_LIMIT: u32 = 24;
+/// Descriptor limit for the balancer: about two dozen for itself with [`THREADS`] workers (each
+/// runtime holds a few, each worker its own listening socket), a few connections' worth besides.
+const FD_LIMIT: u32 = 32;
+/// Worker threads, fixed so that the descriptors the balancer needs do not depend on the cores.
+const THREADS: usize = 2;
 /// Client connections held open at once, far more than `FD_LIMIT` allows to be proxied.
 const CLIENTS: usize = 40;
 
@@ -77,7 +80,7 @@ fn emfile_is_logged_backed_off_and_recovered_from() {
     std::fs::write(
         &config,
         format!(
-            "[[listener]]\nname = \"tight\"\nbind = \"127.0.0.1:0\"\n\
+            "threads = {THREADS}\n[[listener]]\nname = \"tight\"\nbind = \"127.0.0.1:0\"\n\
              [[listener.backend]]\naddr = \"{backend}\"\n"
         ),
     )
