@@ -16,9 +16,14 @@
 
 use std::io;
 use std::num::NonZeroUsize;
+use std::time::Duration;
 
 use tokio::runtime::{Builder, Handle};
+use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
+
+/// Period of each worker's pacing timer (see [`pace_timers`]).
+const TIMER_PACE: Duration = Duration::from_millis(250);
 
 /// Worker threads, each driving its own current-thread runtime until the set is dropped.
 #[derive(Debug)]
@@ -44,6 +49,7 @@ impl Workers {
                 .enable_time()
                 .build()?;
             let handle = runtime.handle().clone();
+            handle.spawn(pace_timers());
             let stop = workers.stop.clone();
             std::thread::Builder::new()
                 .name(format!("weighbridge-worker-{index}"))
@@ -67,6 +73,26 @@ impl Workers {
 impl Drop for Workers {
     fn drop(&mut self) {
         self.stop.cancel();
+    }
+}
+
+/// Keeps a timer due within [`TIMER_PACE`] on the worker, so that registering a connection's
+/// timers does not cost a system call.
+///
+/// tokio's timer driver wakes the I/O driver (an `eventfd` write, then an extra trip through
+/// `epoll_wait`) whenever a timer is registered with a deadline earlier than the one the driver
+/// last parked for, even when the registering thread *is* the driver's thread and it is not
+/// parked (tokio issue #5207). Every connection registers a connect timeout and an idle timer,
+/// and on a quiet worker they are the earliest: 0.75 wake-ups per connection measured with
+/// `perf` on `Connection: close` traffic. With this timer always due soon, the driver never
+/// parks for longer than the pace, and timeouts of `connect_timeout` (≥ 2 s by default) or
+/// `idle_timeout` lie beyond its wake-up: no wake-up is needed. The price is four wake-ups a
+/// second per idle worker.
+async fn pace_timers() {
+    let mut pace = tokio::time::interval(TIMER_PACE);
+    pace.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    loop {
+        pace.tick().await;
     }
 }
 
