@@ -58,8 +58,12 @@ pub(crate) struct Bound {
 ///
 /// With more than one socket they share the address through `SO_REUSEPORT`, the kernel spreading
 /// new connections over them; the first is bound as configured and the others to the address it
-/// got, so port 0 means one kernel-chosen port for all of them. A port another socket holds
-/// without `SO_REUSEPORT` (another program) still fails the bind.
+/// got, so port 0 means one kernel-chosen port for all of them.
+///
+/// The first socket binds *without* `SO_REUSEPORT` and sets it only before listening: a port
+/// that anything else holds, another weighbridge included, still fails the bind with "address
+/// in use", where plain `SO_REUSEPORT` would quietly share it with any process of the same user
+/// (a second instance started by mistake would take half the connections).
 pub(crate) fn bind(listener: &ListenerConfig, sockets: usize) -> Result<Bound, BindError> {
     let fail = |source| BindError {
         listener: listener.name.clone(),
@@ -67,7 +71,7 @@ pub(crate) fn bind(listener: &ListenerConfig, sockets: usize) -> Result<Bound, B
         source,
     };
     let shared = sockets > 1;
-    let first = bind_one(listener.bind, shared).map_err(fail)?;
+    let first = bind_one(listener.bind, shared.then_some(Join::AfterBind)).map_err(fail)?;
     let local_addr = first.local_addr().map_err(fail)?;
     let mut bound = Bound {
         name: listener.name.clone(),
@@ -77,22 +81,34 @@ pub(crate) fn bind(listener: &ListenerConfig, sockets: usize) -> Result<Bound, B
     for _ in 1..sockets {
         bound
             .sockets
-            .push(bind_one(local_addr, shared).map_err(fail)?);
+            .push(bind_one(local_addr, Some(Join::BeforeBind)).map_err(fail)?);
     }
     Ok(bound)
 }
 
-fn bind_one(addr: SocketAddr, shared: bool) -> io::Result<std::net::TcpListener> {
+/// When a socket sets `SO_REUSEPORT` (see [`bind`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Join {
+    /// After binding: the first socket of a group, which must find the port free.
+    AfterBind,
+    /// Before binding: the others, which join the first one's group.
+    BeforeBind,
+}
+
+fn bind_one(addr: SocketAddr, join: Option<Join>) -> io::Result<std::net::TcpListener> {
     let socket = match addr {
         SocketAddr::V4(_) => TcpSocket::new_v4(),
         SocketAddr::V6(_) => TcpSocket::new_v6(),
     }?;
     // Lets a restarted balancer bind while old connections linger in TIME_WAIT.
     socket.set_reuseaddr(true)?;
-    if shared {
+    if join == Some(Join::BeforeBind) {
         socket.set_reuseport(true)?;
     }
     socket.bind(addr)?;
+    if join == Some(Join::AfterBind) {
+        socket.set_reuseport(true)?;
+    }
     socket.listen(LISTEN_BACKLOG)?.into_std()
 }
 
@@ -218,6 +234,59 @@ pub fn raise_open_file_limit() -> io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn listener(bind: SocketAddr) -> ListenerConfig {
+        let text = format!(
+            "[[listener]]\nname = \"l\"\nbind = \"{bind}\"\n[[listener.backend]]\naddr = \"127.0.0.1:9\"\n"
+        );
+        crate::config::parse(&text, std::path::Path::new("t.toml"))
+            .expect("valid")
+            .listeners
+            .remove(0)
+    }
+
+    #[tokio::test]
+    async fn every_worker_gets_a_socket_on_one_port_that_no_one_else_can_share() {
+        let bound = bind(&listener("127.0.0.1:0".parse().expect("address")), 3).expect("bind");
+        assert_eq!(bound.sockets.len(), 3);
+        for socket in &bound.sockets {
+            assert_eq!(socket.local_addr().expect("address"), bound.local_addr);
+        }
+        // A second balancer (a group of its own) and a plain socket are both refused.
+        let again = listener(bound.local_addr);
+        for sockets in [2, 1] {
+            let error = bind(&again, sockets).expect_err("the port is taken");
+            assert_eq!(
+                error.source.kind(),
+                io::ErrorKind::AddrInUse,
+                "{sockets} sockets"
+            );
+        }
+        assert!(std::net::TcpListener::bind(bound.local_addr).is_err());
+    }
+
+    #[tokio::test]
+    async fn the_kernel_spreads_connections_over_the_sockets() {
+        let bound = bind(&listener("127.0.0.1:0".parse().expect("address")), 2).expect("bind");
+        // 64 connections from 64 source ports: each socket gets some unless the hash sends all
+        // of them one way, a chance of 2^-63, or the first socket is outside the group.
+        let clients: Vec<_> = (0..64)
+            .map(|_| std::net::TcpStream::connect(bound.local_addr).expect("connect"))
+            .collect();
+        let mut accepted = [0; 2];
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while accepted.iter().sum::<usize>() < clients.len() {
+            assert!(std::time::Instant::now() < deadline, "{accepted:?}");
+            for (socket, count) in bound.sockets.iter().zip(&mut accepted) {
+                // Non-blocking: take what the kernel has queued on this socket so far.
+                while socket.accept().is_ok() {
+                    *count += 1;
+                }
+            }
+            std::thread::yield_now();
+        }
+        assert!(accepted.iter().all(|&n| n > 0), "{accepted:?}");
+    }
 
     #[tokio::test(start_paused = true)]
     async fn accept_backoff_doubles_up_to_its_cap_and_resets() {
