@@ -35,10 +35,10 @@ use crate::backend::{AdminState, BackendCounters, ListenerCounters, Registry, Re
 use crate::config::{self, Config, ListenerConfig};
 use crate::health::Health;
 use crate::health::supervisor::Supervisor;
-use crate::listener::{self, BindError, Bound};
+use crate::listener::{self, BindError, Bound, Serving};
 use crate::reload::{ReloadError, ReloadSummary};
 use crate::snapshot::{Snapshot, SnapshotCell};
-use crate::workers::{self, Workers};
+use crate::workers::{self, Placement, Workers};
 
 /// Reload requests waiting for the control task; senders wait when it is full.
 const REQUEST_QUEUE: usize = 16;
@@ -105,6 +105,8 @@ struct Shared {
     republisher: Republisher,
     /// The health checker tasks.
     checkers: TaskTracker,
+    /// The workers, for their loads.
+    placement: Placement,
 }
 
 type Reply = oneshot::Sender<Result<ReloadSummary, ReloadError>>;
@@ -234,6 +236,7 @@ impl Balancer {
             log_listening(listener, addrs[&listener.name]);
         }
         let (sender, requests) = mpsc::channel(REQUEST_QUEUE);
+        let placement = workers.placement().clone();
         Ok(Balancer {
             bound,
             workers,
@@ -250,6 +253,7 @@ impl Balancer {
                     admin_addr,
                     republisher,
                     checkers: TaskTracker::new(),
+                    placement,
                 }),
                 requests: sender,
             },
@@ -299,7 +303,7 @@ impl Balancer {
             )))
         });
         let mut control = Control {
-            workers: self.workers.handles().to_vec(),
+            placement: self.workers.placement().clone(),
             running: HashMap::new(),
             shutdown: shutdown.clone(),
             connections: TaskTracker::new(),
@@ -499,7 +503,7 @@ impl Balancer {
                 Some((old, _)) => {
                     takeovers.insert(listener.name.clone(), old.clone());
                 }
-                None => fresh.push(listener::bind(listener, self.workers.count())?),
+                None => fresh.push(listener::bind(listener, self.workers.placement().count())?),
             }
         }
         // Nothing can fail from here on.
@@ -589,8 +593,8 @@ impl Balancer {
 /// The accept loops and connections of a running balancer.
 #[derive(Debug)]
 struct Control {
-    /// Where accept loops run: one per worker and listener.
-    workers: Vec<tokio::runtime::Handle>,
+    /// The workers accept loops run on, one per worker and listener, and their loads.
+    placement: Placement,
     running: HashMap<String, Running>,
     shutdown: CancellationToken,
     connections: TaskTracker,
@@ -612,18 +616,24 @@ impl Control {
         let stop_accepting = self.shutdown.child_token();
         let name = bound.name.clone();
         let local_addr = bound.local_addr;
+        let serving = Serving {
+            snapshots: Arc::clone(&self.snapshots),
+            connections: self.connections.clone(),
+            stop: self.stop.clone(),
+            placement: self.placement.clone(),
+        };
         let tasks = bound
             .sockets
             .into_iter()
-            .zip(self.workers.iter().cycle())
-            .map(|(socket, worker)| {
-                worker.spawn(listener::accept_loop(
+            .enumerate()
+            .map(|(index, socket)| {
+                let worker = index % self.placement.count();
+                self.placement.handle(worker).spawn(listener::accept_loop(
                     name.clone(),
                     socket,
-                    Arc::clone(&self.snapshots),
+                    worker,
+                    serving.clone(),
                     stop_accepting.clone(),
-                    self.connections.clone(),
-                    self.stop.clone(),
                 ))
             })
             .collect();
@@ -762,6 +772,11 @@ impl Handle {
     /// Counters of listener `name`, if it is configured.
     pub fn listener_counters(&self, name: &str) -> Option<ListenerCounters> {
         Some(self.shared.snapshots.load().pool(name)?.stats().counters())
+    }
+
+    /// Open client connections on each worker thread, in worker order (see `threads`).
+    pub fn worker_connections(&self) -> Vec<usize> {
+        self.shared.placement.loads()
     }
 
     /// Reload outcomes since start.

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -21,6 +21,7 @@ use crate::backend::ListenerStats;
 use crate::config::ListenerConfig;
 use crate::proxy;
 use crate::snapshot::SnapshotCell;
+use crate::workers::Placement;
 
 /// Listen backlog: room for a burst of connections while the loop is busy. The kernel caps it at
 /// `net.core.somaxconn` (4096 on current kernels).
@@ -112,21 +113,33 @@ fn bind_one(addr: SocketAddr, join: Option<Join>) -> io::Result<std::net::TcpLis
     socket.listen(LISTEN_BACKLOG)?.into_std()
 }
 
+/// What every accept loop of a balancer shares.
+#[derive(Debug, Clone)]
+pub(crate) struct Serving {
+    /// Where each connection finds its listener's pool.
+    pub(crate) snapshots: Arc<SnapshotCell>,
+    /// Every connection's task, for shutdown to wait on.
+    pub(crate) connections: TaskTracker,
+    /// Handed to every connection; cancelled when shutdown's grace period ends.
+    pub(crate) stop: CancellationToken,
+    /// The workers and their loads.
+    pub(crate) placement: Placement,
+}
+
 /// Accepts on `socket` for listener `name` until `stop_accepting` is cancelled, then hands the
 /// socket back.
 ///
-/// Runs on a worker (see [`crate::workers`]), which registers the socket with its own runtime.
-/// Returning the socket instead of closing it lets a reload give it to a renamed listener
-/// without a moment in which the port is closed. Each connection is served in a task spawned on
-/// `connections`, on this worker; `stop` is handed to them and cancelled when shutdown's grace
-/// period ends.
+/// Runs on worker `worker` (see [`crate::workers`]), which registers the socket with its own
+/// runtime. Returning the socket instead of closing it lets a reload give it to a renamed
+/// listener without a moment in which the port is closed. Each connection is served in a task of
+/// `serving.connections`, on this worker unless [`Placement::place`] sends it to a less loaded
+/// one.
 pub(crate) async fn accept_loop(
     name: String,
     socket: std::net::TcpListener,
-    snapshots: Arc<SnapshotCell>,
+    worker: usize,
+    serving: Serving,
     stop_accepting: CancellationToken,
-    connections: TaskTracker,
-    stop: CancellationToken,
 ) -> io::Result<std::net::TcpListener> {
     let socket = TcpListener::from_std(socket)?;
     let name = &name;
@@ -155,7 +168,7 @@ pub(crate) async fn accept_loop(
             }
         };
         // The snapshot is loaded once per connection; the connection keeps its listener's pool.
-        let Some(pool) = snapshots.load().pool(name).cloned() else {
+        let Some(pool) = serving.snapshots.load().pool(name).cloned() else {
             debug!(listener = %name, "listener no longer configured, dropping connection");
             continue;
         };
@@ -166,7 +179,32 @@ pub(crate) async fn accept_loop(
             continue;
         };
         let turn = pool.turn(&open);
-        connections.spawn(proxy::serve(stream, peer, pool, turn, open, stop.clone()));
+        let placed = serving.placement.place(worker);
+        let stop = serving.stop.clone();
+        if placed.worker() == worker {
+            serving.connections.spawn(async move {
+                let _placed = placed;
+                proxy::serve(stream, peer, pool, turn, open, stop).await;
+            });
+            continue;
+        }
+        // A less loaded worker takes it: the socket leaves this worker's reactor and joins
+        // that worker's before anything is read from it.
+        let stream = match stream.into_std() {
+            Ok(stream) => stream,
+            Err(e) => {
+                debug!(listener = %name, client = %peer, error = %e, "cannot hand a connection over");
+                continue;
+            }
+        };
+        let to = serving.placement.handle(placed.worker());
+        to.spawn(serving.connections.track_future(async move {
+            let _placed = placed;
+            match TcpStream::from_std(stream) {
+                Ok(stream) => proxy::serve(stream, peer, pool, turn, open, stop).await,
+                Err(e) => debug!(client = %peer, error = %e, "cannot take a connection over"),
+            }
+        }));
     }
     debug!(listener = %name, "stopped accepting");
     socket.into_std()

@@ -10,12 +10,22 @@
 //! second here, most of the difference being cross-thread wake-ups (see the README's
 //! Performance section).
 //!
+//! The kernel spreads connections by a hash of their addresses, blind to how busy each worker
+//! is: 16 long-lived streams over two workers land 10/6 or worse about half the time, and a
+//! work-stealing runtime would have evened that out. So each accept loop asks [`Placement`]
+//! where a new connection should live: on its own worker unless that one holds clearly more
+//! connections than the least loaded (see [`choose`]), in which case the socket moves to that
+//! worker before anything is read from it (HAProxy picks the least loaded thread at accept the
+//! same way). Short connections at a steady rate seldom move; long-lived streams end up even.
+//!
 //! The control plane (control task, health checkers, admin endpoint, reload watcher) stays on the
 //! runtime that calls [`crate::balancer::Balancer::run`]; it reaches the workers only through
 //! [`Handle::spawn`] and the shared snapshot and counters.
 
 use std::io;
 use std::num::NonZeroUsize;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::runtime::{Builder, Handle};
@@ -28,19 +38,103 @@ const TIMER_PACE: Duration = Duration::from_millis(250);
 /// Worker threads, each driving its own current-thread runtime until the set is dropped.
 #[derive(Debug)]
 pub(crate) struct Workers {
-    handles: Vec<Handle>,
+    placement: Placement,
     /// Cancelled on drop: each worker's runtime then stops and drops the tasks it still has.
     stop: CancellationToken,
+}
+
+/// Where connections run: the workers' runtimes and how many connections each holds.
+#[derive(Debug, Clone)]
+pub(crate) struct Placement {
+    handles: Arc<[Handle]>,
+    loads: Arc<[Load]>,
+}
+
+/// One worker's open connections, on a cache line of its own: written by that worker (and by
+/// an accept loop handing it a connection), read by the other workers' accept loops.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Load(AtomicUsize);
+
+/// A connection counted on the worker it runs on until dropped.
+#[derive(Debug)]
+#[must_use = "the connection is only counted while this lives"]
+pub(crate) struct Placed {
+    loads: Arc<[Load]>,
+    worker: usize,
+}
+
+impl Placed {
+    /// The worker the connection runs on.
+    pub(crate) fn worker(&self) -> usize {
+        self.worker
+    }
+}
+
+impl Drop for Placed {
+    fn drop(&mut self) {
+        self.loads[self.worker].0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Placement {
+    /// Chooses the worker for a connection accepted on worker `here` and counts it there.
+    pub(crate) fn place(&self, here: usize) -> Placed {
+        let worker = choose(here, self.loads.len(), |i| {
+            self.loads[i].0.load(Ordering::Relaxed)
+        });
+        self.loads[worker].0.fetch_add(1, Ordering::Relaxed);
+        Placed {
+            loads: Arc::clone(&self.loads),
+            worker,
+        }
+    }
+
+    /// Worker `index`'s runtime.
+    pub(crate) fn handle(&self, index: usize) -> &Handle {
+        &self.handles[index % self.handles.len()]
+    }
+
+    /// How many workers there are.
+    pub(crate) fn count(&self) -> usize {
+        self.handles.len()
+    }
+
+    /// Open connections on each worker, in worker order.
+    pub(crate) fn loads(&self) -> Vec<usize> {
+        self.loads
+            .iter()
+            .map(|load| load.0.load(Ordering::Relaxed))
+            .collect()
+    }
+}
+
+/// The worker for a connection accepted on worker `here`, given each worker's `load`.
+///
+/// It stays where it was accepted (no hand-over, no cross-thread wake-up) unless that worker
+/// holds more than the least loaded one plus a quarter of that (at least one more); then it
+/// goes to the least loaded. Loads so stay within about a quarter of each other, and within two
+/// connections when there are few.
+fn choose(here: usize, workers: usize, load: impl Fn(usize) -> usize) -> usize {
+    let mine = load(here);
+    let (least, fewest) = (0..workers)
+        .map(|i| (i, load(i)))
+        .min_by_key(|&(_, n)| n)
+        .unwrap_or((here, mine));
+    if mine <= fewest + (fewest / 4).max(1) {
+        here
+    } else {
+        least
+    }
 }
 
 impl Workers {
     /// Starts `count` workers.
     pub(crate) fn start(count: NonZeroUsize) -> io::Result<Workers> {
-        // Built up in place so that an error part-way stops the workers already started.
-        let mut workers = Workers {
-            handles: Vec::with_capacity(count.get()),
-            stop: CancellationToken::new(),
-        };
+        let stop = CancellationToken::new();
+        // Stops the workers already started if a later one fails.
+        let guard = stop.clone().drop_guard();
+        let mut handles = Vec::with_capacity(count.get());
         for index in 0..count.get() {
             // I/O and timers only: signals are the control plane's (a signal driver per
             // worker would only hold another descriptor).
@@ -50,23 +144,26 @@ impl Workers {
                 .build()?;
             let handle = runtime.handle().clone();
             handle.spawn(pace_timers());
-            let stop = workers.stop.clone();
+            let stop = stop.clone();
             std::thread::Builder::new()
                 .name(format!("weighbridge-worker-{index}"))
                 .spawn(move || runtime.block_on(stop.cancelled()))?;
-            workers.handles.push(handle);
+            handles.push(handle);
         }
-        Ok(workers)
+        guard.disarm();
+        let loads = (0..count.get()).map(|_| Load::default()).collect();
+        Ok(Workers {
+            placement: Placement {
+                handles: handles.into(),
+                loads,
+            },
+            stop,
+        })
     }
 
-    /// One handle per worker, to spawn accept loops on.
-    pub(crate) fn handles(&self) -> &[Handle] {
-        &self.handles
-    }
-
-    /// How many workers there are.
-    pub(crate) fn count(&self) -> usize {
-        self.handles.len()
+    /// Where connections run, for the accept loops and the status readers.
+    pub(crate) fn placement(&self) -> &Placement {
+        &self.placement
     }
 }
 
@@ -108,11 +205,11 @@ mod tests {
     #[test]
     fn tasks_run_on_their_own_worker_thread() {
         let workers = Workers::start(NonZeroUsize::new(2).expect("2 > 0")).expect("workers");
-        assert_eq!(workers.count(), 2);
-        let names: Vec<String> = workers
-            .handles()
-            .iter()
-            .map(|handle| {
+        let placement = workers.placement();
+        assert_eq!(placement.count(), 2);
+        let names: Vec<String> = (0..2)
+            .map(|index| {
+                let handle = placement.handle(index);
                 let (send, receive) = std::sync::mpsc::channel();
                 handle.spawn(async move {
                     let name = std::thread::current().name().map(str::to_owned);
@@ -127,12 +224,50 @@ mod tests {
         assert_eq!(names, ["weighbridge-worker-0", "weighbridge-worker-1"]);
     }
 
+    /// Places `n` connections accepted on the workers in `accepted_on` order, cycling.
+    fn place_all(placement: &Placement, accepted_on: &[usize], n: usize) -> Vec<Placed> {
+        (0..n)
+            .map(|i| placement.place(accepted_on[i % accepted_on.len()]))
+            .collect()
+    }
+
+    #[test]
+    fn connections_stay_where_accepted_while_loads_are_even() {
+        let workers = Workers::start(NonZeroUsize::new(2).expect("2 > 0")).expect("workers");
+        let placement = workers.placement();
+        let placed = place_all(placement, &[0, 1], 40);
+        assert!(placed.iter().enumerate().all(|(i, p)| p.worker() == i % 2));
+        assert_eq!(placement.loads(), [20, 20]);
+        drop(placed);
+        assert_eq!(placement.loads(), [0, 0]);
+    }
+
+    #[test]
+    fn a_lopsided_hash_is_evened_out() {
+        let workers = Workers::start(NonZeroUsize::new(3).expect("3 > 0")).expect("workers");
+        let placement = workers.placement();
+        // Every connection lands on worker 0, as an unlucky hash can make it.
+        let mut placed = place_all(placement, &[0], 8);
+        assert_eq!(placement.loads(), [4, 2, 2]);
+        placed.extend(place_all(placement, &[0], 92));
+        let loads = placement.loads();
+        let (fewest, most) = (loads.iter().min(), loads.iter().max());
+        assert!(
+            most.zip(fewest).is_some_and(|(m, f)| m - f <= f / 4 + 1),
+            "{loads:?}"
+        );
+        // Connections closing on one worker send the next ones there.
+        placed.retain(|p| p.worker() != 2);
+        let next = placement.place(0);
+        assert_eq!(next.worker(), 2);
+    }
+
     #[test]
     fn dropping_the_workers_stops_their_threads() {
         let workers = Workers::start(NonZeroUsize::MIN).expect("workers");
         let (send, receive) = std::sync::mpsc::channel::<()>();
         // The task holds the sender until its runtime drops it.
-        workers.handles()[0].spawn(async move {
+        workers.placement().handle(0).spawn(async move {
             let _send = send;
             std::future::pending::<()>().await;
         });

@@ -236,6 +236,37 @@ async fn backend_half_close_reaches_client_which_can_still_send(splice: bool) {
     .await;
 }
 
+/// The kernel spreads connections over the workers' sockets by a hash; accept hands them over
+/// so that long-lived connections end up even across the workers (half the time a hash alone
+/// leaves 64 connections more than two apart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_lived_connections_are_spread_evenly_over_the_workers() {
+    bounded(LIMIT, async {
+        let mocks = Mock::identify_many(2).await;
+        let pool = [(mocks[0].addr, 1.0), (mocks[1].addr, 1.0)];
+        let text = format!("threads = 2\n{}", config("weighted_round_robin", "", &pool));
+        let lb = start_balancer(&text);
+        let mut held = Vec::new();
+        for _ in 0..64 {
+            held.push(connect_identify(lb.addr).await.0);
+        }
+        let loads = lb.handle.worker_connections();
+        assert_eq!(loads.iter().sum::<usize>(), 64, "{loads:?}");
+        let (fewest, most) = (loads[0].min(loads[1]), loads[0].max(loads[1]));
+        assert!(most - fewest <= fewest / 4 + 1, "{loads:?}");
+        drop(held);
+        eventually_eq(
+            SETTLE,
+            "connections on the workers after close",
+            vec![0, 0],
+            || lb.handle.worker_connections(),
+        )
+        .await;
+        assert_eq!(lb.stop().await.cut_connections, 0);
+    })
+    .await;
+}
+
 async fn counters_credit_bytes_to_the_backend_that_moved_them(splice: bool) {
     bounded(LIMIT, async {
         let mocks = Mock::identify_many(2).await;

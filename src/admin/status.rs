@@ -19,6 +19,8 @@ pub(super) struct Status {
     version: &'static str,
     /// The file reloads read, if the balancer was started from one.
     config_file: Option<String>,
+    /// Open client connections on each worker thread, in worker order.
+    worker_connections: Vec<usize>,
     reloads: Reloads,
     listeners: Vec<ListenerStatus>,
 }
@@ -129,6 +131,7 @@ impl Status {
                 .config_path
                 .as_ref()
                 .map(|p| p.display().to_string()),
+            worker_connections: handle.worker_connections(),
             reloads: Reloads {
                 succeeded: reloads.succeeded,
                 failed: reloads.failed,
