@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use weighbridge::backend::{ActiveConn, BackendState};
-use weighbridge::strategy::StrategyKind;
+use weighbridge::strategy::{Strategy, StrategyKind};
 
 /// Backend counts `pick` is measured over: a small pool, a large one, and a very large one.
 const BACKEND_COUNTS: [usize; 3] = [4, 64, 1024];
@@ -62,14 +62,18 @@ fn hold_connections(live: &[Arc<BackendState>]) -> Vec<ActiveConn> {
         .collect()
 }
 
+/// `kind` built over `backends` uneven weights, with uneven open counts held by the guards.
+fn loaded(kind: StrategyKind, backends: usize) -> (Box<dyn Strategy>, Vec<ActiveConn>) {
+    let live = live(backends);
+    let open = hold_connections(&live);
+    (kind.build(&weights(backends), &live), open)
+}
+
 fn pick(c: &mut Criterion) {
     for kind in StrategyKind::ALL {
         let mut group = c.benchmark_group(format!("pick/{kind}"));
         for backends in BACKEND_COUNTS {
-            let weights = weights(backends);
-            let live = live(backends);
-            let _open = hold_connections(&live);
-            let strategy = kind.build(&weights, &live);
+            let (strategy, _open) = loaded(kind, backends);
             group.bench_with_input(
                 BenchmarkId::from_parameter(backends),
                 &strategy,
@@ -93,10 +97,7 @@ fn pick_concurrently(c: &mut Criterion) {
     for kind in StrategyKind::ALL {
         let mut group = c.benchmark_group(format!("pick_{PICKING_THREADS}_threads/{kind}"));
         for backends in BACKEND_COUNTS {
-            let weights = weights(backends);
-            let live = live(backends);
-            let _open = hold_connections(&live);
-            let strategy = kind.build(&weights, &live);
+            let (strategy, _open) = loaded(kind, backends);
             group.bench_with_input(
                 BenchmarkId::from_parameter(backends),
                 &strategy,
