@@ -179,7 +179,7 @@ pub(crate) async fn accept_loop(
             continue;
         };
         let turn = pool.turn(&open);
-        let placed = serving.placement.place(worker);
+        let placed = serving.placement.place(worker, turn);
         let stop = serving.stop.clone();
         if placed.worker() == worker {
             // Straight into the task: a wrapping future would keep a second copy of every

@@ -14,9 +14,9 @@
 //! is: 16 long-lived streams over two workers land 10/6 or worse about half the time, and a
 //! work-stealing runtime would have evened that out. So each accept loop asks [`Placement`]
 //! where a new connection should live: on its own worker unless that one holds clearly more
-//! connections than the least loaded (see [`choose`]), in which case the socket moves to that
-//! worker before anything is read from it (HAProxy picks the least loaded thread at accept the
-//! same way). Short connections at a steady rate seldom move; long-lived streams end up even.
+//! connections than another worker it compares with (see [`choose`]), in which case the socket
+//! moves to that worker before anything is read from it (HAProxy also picks a less loaded
+//! thread at accept). Short connections at a steady rate seldom move; long-lived streams end up even.
 //!
 //! The control plane (control task, health checkers, admin endpoint, reload watcher) stays on the
 //! runtime that calls [`crate::balancer::Balancer::run`]; it reaches the workers only through
@@ -79,10 +79,19 @@ impl Drop for Placed {
 
 impl Placement {
     /// Chooses the worker for a connection accepted on worker `here` and counts it there.
-    pub(crate) fn place(&self, here: usize) -> Placed {
-        let worker = choose(here, self.loads.len(), |i| {
-            self.loads[i].0.load(Ordering::Relaxed)
-        });
+    ///
+    /// `nonce` varies from one connection to the next (the connection's turn): it picks the
+    /// other worker compared with.
+    pub(crate) fn place(&self, here: usize, nonce: u64) -> Placed {
+        let workers = self.loads.len();
+        let worker = if workers < 2 {
+            here
+        } else {
+            // Any worker but `here`; the remainder is below `workers`, so the cast is exact.
+            let other = (here + 1 + (nonce % (workers as u64 - 1)) as usize) % workers;
+            let load = |i: usize| self.loads[i].0.load(Ordering::Relaxed);
+            choose(here, load(here), other, load(other))
+        };
         self.loads[worker].0.fetch_add(1, Ordering::Relaxed);
         Placed {
             loads: Arc::clone(&self.loads),
@@ -109,22 +118,21 @@ impl Placement {
     }
 }
 
-/// The worker for a connection accepted on worker `here`, given each worker's `load`.
+/// The worker for a connection accepted on worker `here` (holding `mine` connections), given
+/// one `other` worker and its load.
 ///
 /// It stays where it was accepted (no hand-over, no cross-thread wake-up) unless that worker
-/// holds more than the least loaded one plus a quarter of that (at least one more); then it
-/// goes to the least loaded. Loads so stay within about a quarter of each other, and within two
-/// connections when there are few.
-fn choose(here: usize, workers: usize, load: impl Fn(usize) -> usize) -> usize {
-    let mine = load(here);
-    let (least, fewest) = (0..workers)
-        .map(|i| (i, load(i)))
-        .min_by_key(|&(_, n)| n)
-        .unwrap_or((here, mine));
-    if mine <= fewest + (fewest / 4).max(1) {
+/// holds more than the other plus a quarter of that (at least one more); then it goes to the
+/// other. Comparing with one other worker, a different one each time ("two choices"), keeps the
+/// cost at two loads however many workers there are — reading every worker's counter, each
+/// written by its own core, would cost a cache miss per worker per connection on a large
+/// machine — and still brings loads within about a quarter of each other (within two when
+/// there are few).
+fn choose(here: usize, mine: usize, other: usize, theirs: usize) -> usize {
+    if mine <= theirs + (theirs / 4).max(1) {
         here
     } else {
-        least
+        other
     }
 }
 
@@ -224,10 +232,11 @@ mod tests {
         assert_eq!(names, ["weighbridge-worker-0", "weighbridge-worker-1"]);
     }
 
-    /// Places `n` connections accepted on the workers in `accepted_on` order, cycling.
+    /// Places `n` connections accepted on the workers in `accepted_on` order, cycling; the
+    /// connection's index is its nonce.
     fn place_all(placement: &Placement, accepted_on: &[usize], n: usize) -> Vec<Placed> {
         (0..n)
-            .map(|i| placement.place(accepted_on[i % accepted_on.len()]))
+            .map(|i| placement.place(accepted_on[i % accepted_on.len()], i as u64))
             .collect()
     }
 
@@ -256,9 +265,9 @@ mod tests {
             most.zip(fewest).is_some_and(|(m, f)| m - f <= f / 4 + 1),
             "{loads:?}"
         );
-        // Connections closing on one worker send the next ones there.
+        // Connections closing on one worker send the next ones compared with it there.
         placed.retain(|p| p.worker() != 2);
-        let next = placement.place(0);
+        let next = placement.place(0, 1);
         assert_eq!(next.worker(), 2);
     }
 
