@@ -99,9 +99,9 @@ impl Placement {
         }
     }
 
-    /// Worker `index`'s runtime.
+    /// Worker `index`'s runtime; `index` is below [`count`](Placement::count).
     pub(crate) fn handle(&self, index: usize) -> &Handle {
-        &self.handles[index % self.handles.len()]
+        &self.handles[index]
     }
 
     /// How many workers there are.

@@ -10,11 +10,22 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
+use weighbridge::backend::BackendCounters;
 
 use support::{
     Bulk, LISTENER, Mock, Transfer, bounded, config, connect_identify, data_path, eventually_eq,
     exchange, receive_all, send_random, start_balancer,
 };
+
+/// A backend's (open connections, connections, bytes to it, bytes from it).
+fn flow(c: BackendCounters) -> (u64, u64, u64, u64) {
+    (
+        c.active,
+        c.connections,
+        c.bytes_to_backend,
+        c.bytes_from_backend,
+    )
+}
 
 /// Concurrent connections in the bulk test.
 const STREAMS: u64 = 4;
@@ -156,13 +167,7 @@ async fn client_half_close_reaches_backend_and_its_reply_still_arrives(splice: b
 
         let expected = (0, 1, REQUEST, HEADER as u64 + REPLY);
         eventually_eq(SETTLE, "counters after close", expected, || {
-            let c = lb.backend(backend_addr);
-            (
-                c.active,
-                c.connections,
-                c.bytes_to_backend,
-                c.bytes_from_backend,
-            )
+            flow(lb.backend(backend_addr))
         })
         .await;
         assert_eq!(lb.stop().await.cut_connections, 0);
@@ -220,15 +225,7 @@ async fn backend_half_close_reaches_client_which_can_still_send(splice: bool) {
             SETTLE,
             "counters after close",
             (0, 1, LATE, GREETING),
-            || {
-                let c = lb.backend(backend_addr);
-                (
-                    c.active,
-                    c.connections,
-                    c.bytes_to_backend,
-                    c.bytes_from_backend,
-                )
-            },
+            || flow(lb.backend(backend_addr)),
         )
         .await;
         assert_eq!(lb.stop().await.cut_connections, 0);
