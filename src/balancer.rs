@@ -38,6 +38,7 @@ use crate::health::supervisor::Supervisor;
 use crate::listener::{self, BindError, Bound, Serving};
 use crate::reload::{ReloadError, ReloadSummary};
 use crate::snapshot::{Snapshot, SnapshotCell};
+use crate::stop::Stop;
 use crate::workers::{self, Placement, Workers};
 
 /// Reload requests waiting for the control task; senders wait when it is full.
@@ -307,7 +308,7 @@ impl Balancer {
             running: HashMap::new(),
             shutdown: shutdown.clone(),
             connections: TaskTracker::new(),
-            stop: CancellationToken::new(),
+            stop: Stop::new(self.workers.placement().count()),
             snapshots: Arc::clone(&self.handle.shared.snapshots),
             health: Supervisor::new(
                 self.handle.shared.checkers.clone(),
@@ -598,7 +599,7 @@ struct Control {
     running: HashMap<String, Running>,
     shutdown: CancellationToken,
     connections: TaskTracker,
-    stop: CancellationToken,
+    stop: Stop,
     snapshots: Arc<SnapshotCell>,
     health: Supervisor,
 }
@@ -633,7 +634,9 @@ impl Control {
                     socket,
                     worker,
                     serving.clone(),
-                    stop_accepting.clone(),
+                    // A token per accept loop: each wake-up of a loop looks at its token, and
+                    // a shared one would be a lock every worker takes.
+                    stop_accepting.child_token(),
                 ))
             })
             .collect();
@@ -694,7 +697,7 @@ impl Control {
             cut_connections = cut,
             "shutdown grace period over; closing remaining connections"
         );
-        self.stop.cancel();
+        self.stop.stop();
         self.connections.wait().await;
         Stopped {
             cut_connections: cut,

@@ -24,6 +24,7 @@ pub mod listener;
 pub mod proxy;
 pub mod reload;
 pub mod snapshot;
+mod stop;
 pub mod strategy;
 mod workers;
 

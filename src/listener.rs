@@ -21,6 +21,7 @@ use crate::backend::ListenerStats;
 use crate::config::ListenerConfig;
 use crate::proxy;
 use crate::snapshot::SnapshotCell;
+use crate::stop::Stop;
 use crate::workers::Placement;
 
 /// Listen backlog: room for a burst of connections while the loop is busy. The kernel caps it at
@@ -120,8 +121,8 @@ pub(crate) struct Serving {
     pub(crate) snapshots: Arc<SnapshotCell>,
     /// Every connection's task, for shutdown to wait on.
     pub(crate) connections: TaskTracker,
-    /// Handed to every connection; cancelled when shutdown's grace period ends.
-    pub(crate) stop: CancellationToken,
+    /// Each connection waits on its worker's part; stopped when shutdown's grace period ends.
+    pub(crate) stop: Stop,
     /// The workers and their loads.
     pub(crate) placement: Placement,
 }
@@ -180,7 +181,7 @@ pub(crate) async fn accept_loop(
         };
         let turn = pool.turn(&open);
         let placed = serving.placement.place(worker, turn);
-        let stop = serving.stop.clone();
+        let stop = serving.stop.signal(placed.worker());
         if placed.worker() == worker {
             // Straight into the task: a wrapping future would keep a second copy of every
             // argument for the connection's whole life (measured: 0.1 KiB per idle connection).

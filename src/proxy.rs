@@ -14,12 +14,12 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, debug_span, info, warn};
 
 use crate::backend::{ActiveConn, BackendState};
 use crate::config::AllUnhealthy;
 use crate::snapshot::Pool;
+use crate::stop::Signal;
 
 /// The `tracing` target of access log lines, so a filter such as `weighbridge::access=off` or a
 /// log shipper can tell them from the balancer's own lines.
@@ -70,7 +70,7 @@ impl fmt::Display for End {
 ///
 /// `counted` holds the guards that count the connection while it lives: against the listener's
 /// `max_connections` (an `OpenConn`) and, from the accept loop, on its worker's load. `stop` is
-/// cancelled when shutdown's grace period ends.
+/// its worker's part of the signal that ends connections when shutdown's grace period ends.
 ///
 /// Not an `async fn`: one would keep its arguments for the connection's whole life beside the
 /// instrumented future that takes them over, about 100 bytes per connection, and tokio rounds
@@ -82,7 +82,7 @@ pub(crate) fn serve(
     pool: Arc<Pool>,
     turn: u64,
     counted: impl Send + 'static,
-    stop: CancellationToken,
+    stop: Arc<Signal>,
 ) -> impl Future<Output = ()> + Send + 'static {
     let accepted = Instant::now();
     let span = debug_span!("conn", listener = %pool.name(), client = %peer);
@@ -119,7 +119,7 @@ pub(crate) fn serve(
         // Shutdown's grace period bounds connects too, not only relays.
         let connected = tokio::select! {
             connected = connect(&pool, turn) => Some(connected),
-            () = stop.cancelled() => {
+            () = stop.stopped() => {
                 debug!("shut down while connecting");
                 None
             }
@@ -384,7 +384,7 @@ mod tests {
             .await
             .expect("bind a client side");
         let clients_addr = clients.local_addr().expect("client side address");
-        let stop = CancellationToken::new();
+        let stop = Signal::new();
         let started = Instant::now();
         for turn in 0..20 {
             let mut client = TcpStream::connect(clients_addr).await.expect("connect");
@@ -396,7 +396,7 @@ mod tests {
                 Arc::clone(&pool),
                 turn,
                 open,
-                stop.clone(),
+                Arc::clone(&stop),
             ));
             let mut byte = [0_u8; 1];
             tokio::time::timeout(Duration::from_secs(1), client.read_exact(&mut byte))
@@ -415,7 +415,7 @@ mod tests {
             woken.try_recv().is_ok(),
             "the threshold asked for a republish"
         );
-        stop.cancel();
+        stop.stop();
         holder.join().expect("the holder thread ends");
     }
 }

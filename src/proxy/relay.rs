@@ -28,9 +28,9 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use super::End;
+use crate::stop::Signal;
 
 /// Per-thread scratch buffer of the copy path: one read moves at most this much.
 const SCRATCH: usize = 64 * 1024;
@@ -70,7 +70,7 @@ pub(crate) async fn relay(
     backend: &TcpStream,
     mode: Mode,
     idle: Duration,
-    stop: &CancellationToken,
+    stop: &Signal,
     to_backend: impl Fn(u64),
     to_client: impl Fn(u64),
 ) -> Relayed {
@@ -111,7 +111,7 @@ pub(crate) async fn relay(
             }
         },
         () = activity.idle_for(idle) => End::IdleTimeout,
-        () = stop.cancelled() => End::ShutDown,
+        () = stop.stopped() => End::ShutDown,
     };
     Relayed {
         end,
