@@ -9,12 +9,13 @@
 //! the waker changes (for a task: once). Registration and removal then lock a mutex only its
 //! own worker uses.
 
-use std::future::poll_fn;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Poll, Waker};
+use std::task::{Context, Poll, Waker};
 
 use tokio::sync::Notify;
+use tokio::sync::futures::Notified;
 
 /// The stop signal of every worker; cloning it shares it.
 #[derive(Debug, Clone)]
@@ -67,28 +68,52 @@ impl Signal {
     }
 
     /// Completes once [`Signal::stop`] has been called.
-    pub(crate) async fn stopped(&self) {
-        // Created before the first look at the flag: a stop from here on either sets the flag
-        // before that look or completes `notified` (notify_waiters reaches every `Notified`
-        // created before it, polled or not). No stop is lost between the two.
-        let notified = self.notify.notified();
-        tokio::pin!(notified);
-        let mut registered: Option<Waker> = None;
-        poll_fn(|cx| {
-            if self.stopped.load(Ordering::Acquire) {
-                return Poll::Ready(());
-            }
-            // Registered with this very waker: the stop will wake it, nothing to renew.
-            if registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                return Poll::Pending;
-            }
-            if notified.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(());
-            }
-            registered = Some(cx.waker().clone());
-            Poll::Pending
-        })
-        .await;
+    pub(crate) fn stopped(&self) -> Stopped<'_> {
+        Stopped {
+            signal: self,
+            // Created before the first look at the flag: a stop from here on either sets the
+            // flag before that look or completes `notified` (notify_waiters reaches every
+            // `Notified` created before it, polled or not). No stop is lost between the two.
+            notified: self.notify.notified(),
+            registered: None,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`Signal::stopped`]. A hand-written future rather than an `async fn`: it
+    /// lives in every connection's task, and the `async fn` kept 40 bytes more, enough to cross
+    /// one of the 128-byte steps tokio sizes tasks by (3.12 → 3.25 KiB per idle connection).
+    pub(crate) struct Stopped<'a> {
+        signal: &'a Signal,
+        #[pin]
+        notified: Notified<'a>,
+        // The waker `notified` was registered with.
+        registered: Option<Waker>,
+    }
+}
+
+impl Future for Stopped<'_> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
+        if this.signal.stopped.load(Ordering::Acquire) {
+            return Poll::Ready(());
+        }
+        // Registered with this very waker: the stop will wake it, nothing to renew.
+        if this
+            .registered
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            return Poll::Pending;
+        }
+        if this.notified.poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        *this.registered = Some(cx.waker().clone());
+        Poll::Pending
     }
 }
 
@@ -96,6 +121,7 @@ impl Signal {
 mod tests {
     use super::*;
 
+    use std::future::poll_fn;
     use std::time::Duration;
 
     /// Every worker's waiters end, whether they were waiting before the stop or come after it.
