@@ -337,6 +337,8 @@ METRICS = [
     ("pp_add_p99_us", "ping-pong added vs DIRECT, p99", "µs", False, 1),
     ("idle_kib", "RSS per idle proxied connection", "KiB", False, 2),
     ("cpu_s_per_gb", "CPU per GB moved (bulk runs, user+sys)", "s/GB", False, 3),
+    ("cps_cpu_us", "CPU per new connection (user+sys)", "µs", False, 1),
+    ("ka_cpu_us", "CPU per keep-alive request (user+sys)", "µs", False, 2),
 ]
 THROUGHPUT = ["bulk1_gbps", "bulk8_gbps", "cps", "ka_rps"]
 

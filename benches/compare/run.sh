@@ -382,15 +382,15 @@ write_weighbridge() {   # write_weighbridge FILE KIND:PORT...
     } >"$f"
 }
 
-# weighbridge has no thread flag: tokio's runtime runs one worker per core (NPROC) by default.
 # --log-level error matches the others' "errors only"; --no-watch because HAProxy and nginx do
-# not watch their files either. Each is passed only if this build has the flag.
+# not watch their files either. Each is passed only if this build has the flag, so older builds
+# can be compared too.
 WB_HELP=$(timeout 10 "$WB" --help)
 WB_FLAGS=()
 if grep -q -- '--log-level' <<<"$WB_HELP"; then WB_FLAGS+=(--log-level error); fi
 if grep -q -- '--no-watch' <<<"$WB_HELP"; then WB_FLAGS+=(--no-watch); fi
 # Worker threads = NPROC like the others: explicit where the build has the `threads` key (it
-# rejects unknown keys, so ask --check); tokio's default is one per core anyway. Everything else,
+# rejects unknown keys, so ask --check); its default is one per core anyway. Everything else,
 # `splice` included, stays at weighbridge's defaults.
 WB_THREADS=0
 printf 'threads = %s\n[[listener]]\nname = "p"\nbind = "127.0.0.1:0"\n[[listener.backend]]\naddr = "127.0.0.1:9"\n' \
@@ -485,7 +485,7 @@ bulk() {     # bulk REP SYS STREAMS: iperf3 client -> balancer -> iperf3 server
 }
 
 http_load() {   # http_load REP SYS cps|ka: wrk through the balancer to the nginx HTTP backends
-    local rep=$1 sys=$2 kind=$3 out parsed rps p50 p99 errors args
+    local rep=$1 sys=$2 kind=$3 out parsed rps p50 p99 errors args cpu0=0 cpu1=0
     out="$WORK/wrk-$sys-r$rep-$kind.txt"
     if [[ $kind == cps ]]; then
         # Every request on a new connection: the balancer accepts, connects and tears down each.
@@ -493,14 +493,22 @@ http_load() {   # http_load REP SYS cps|ka: wrk through the balancer to the ngin
     else
         args=(-c "$KA_CONNS" --latency)
     fi
+    [[ $sys == DIRECT ]] || cpu0=$(cpu_of "$sys")
     if ! timeout -k 5 $(( DURATION + 30 )) wrk -t "$NPROC" "${args[@]}" -d "${DURATION}s" \
         --timeout 5s "http://127.0.0.1:${PORT_HTTP[$sys]}/" >"$out" 2>&1; then
         failed "$rep" "$sys" "wrk $kind" "$out"
         return 0
     fi
+    [[ $sys == DIRECT ]] || cpu1=$(cpu_of "$sys")
     parsed=$(timeout 10 "${PY[@]}" parse-wrk "$out") ||
         { failed "$rep" "$sys" "wrk $kind" "$out"; return 0; }
     read -r rps p50 p99 errors <<<"$parsed"
+    # The balancer's CPU (user + sys, all its threads and processes) per request: far steadier
+    # than the rate itself, which also depends on how the load generator and the backends share
+    # the cores with it.
+    if [[ $sys != DIRECT ]] && awk -v r="$rps" 'BEGIN { exit !(r > 0) }'; then
+        record "$rep" "$sys" "${kind}_cpu_us" "$(calc "($cpu1 - $cpu0) / ($rps * $DURATION) * 1e6")"
+    fi
     if [[ $kind == cps ]]; then
         record "$rep" "$sys" cps "$rps"
         log "rep $rep cps $sys: $rps conn/s (errors $errors)"
