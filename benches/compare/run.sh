@@ -3,7 +3,7 @@
 # (stream module) and no balancer at all (DIRECT, the limit), all on this machine over 127.0.0.1.
 #
 #   bash benches/compare/run.sh              # full run: REPS=5, 5 s per load run (~12 min, 2 cores)
-#   QUICK=1 bash benches/compare/run.sh      # smoke run: 2 reps, 1 s runs (< 2 min)
+#   QUICK=1 bash benches/compare/run.sh      # smoke run: 2 reps, 1 s runs (< 2 min once built)
 #   AA=1 bash benches/compare/run.sh         # A/A: HAProxy against an identical HAProxy (noise floor)
 #
 # Knobs (environment): REPS, DURATION (seconds per iperf3/wrk run), PP_COUNT (ping-pong messages
