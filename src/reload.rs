@@ -12,7 +12,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use notify::{RecursiveMode, Watcher};
+use notify::event::{AccessKind, AccessMode};
+use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -230,7 +231,8 @@ pub fn watch(
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         match event {
             // A full channel already holds a wake-up; nothing is lost by dropping this one.
-            Ok(_) => drop(events.try_send(())),
+            Ok(event) if may_change_content(&event.kind) => drop(events.try_send(())),
+            Ok(_) => {}
             Err(e) => warn!(error = %e, "config watcher error"),
         }
     })?;
@@ -265,9 +267,89 @@ pub fn watch(
     }))
 }
 
+/// Whether a file system event in the config's directory can have changed the file's bytes.
+///
+/// Opening and reading a file are events too (inotify's `IN_OPEN`), and the watcher reads the
+/// file itself after every event: without this filter that read was the next event, and the
+/// file was re-read every [`DEBOUNCE`] for as long as the balancer ran. Any reader (an operator's
+/// `cat`, a backup agent) set it off the same way. A write ends in a close-after-write, which is
+/// kept.
+fn may_change_content(kind: &EventKind) -> bool {
+    !matches!(
+        kind,
+        EventKind::Access(
+            AccessKind::Open(_)
+                | AccessKind::Read
+                | AccessKind::Close(AccessMode::Read | AccessMode::Execute)
+        )
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Events in order from a real watcher on a directory of its own.
+    fn watched_dir() -> (
+        tempfile::TempDir,
+        notify::RecommendedWatcher,
+        std::sync::mpsc::Receiver<notify::Event>,
+    ) {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                if let Ok(event) = event {
+                    drop(tx.send(event));
+                }
+            })
+            .expect("watcher");
+        watcher
+            .watch(dir.path(), RecursiveMode::NonRecursive)
+            .expect("watch");
+        (dir, watcher, rx)
+    }
+
+    /// Receives events until one names `marker` (a directory: creating one is a single event);
+    /// returns those before it.
+    fn events_until(
+        rx: &std::sync::mpsc::Receiver<notify::Event>,
+        marker: &Path,
+    ) -> Vec<notify::Event> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut before = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let event = rx
+                .recv_timeout(left)
+                .expect("the marker's event within 10 s");
+            if event.paths.iter().any(|p| p.ends_with(marker)) {
+                return before;
+            }
+            before.push(event);
+        }
+    }
+
+    #[test]
+    fn reading_the_file_is_not_a_change_and_writing_it_is() {
+        let (dir, _watcher, rx) = watched_dir();
+        let file = dir.path().join("weighbridge.toml");
+        std::fs::write(&file, "threads = 1\n").expect("write");
+        std::fs::create_dir(dir.path().join("marker-1")).expect("marker");
+        let written = events_until(&rx, Path::new("marker-1"));
+        assert!(
+            written.iter().any(|e| may_change_content(&e.kind)),
+            "a write is seen: {written:?}"
+        );
+        // What the watcher itself does after every event, and what any reader does.
+        let _ = std::fs::read(&file).expect("read");
+        std::fs::create_dir(dir.path().join("marker-2")).expect("marker");
+        let read = events_until(&rx, Path::new("marker-2"));
+        assert!(
+            read.iter().all(|e| !may_change_content(&e.kind)),
+            "a read is not a change: {read:?}"
+        );
+    }
 
     fn config(text: &str) -> Config {
         crate::config::parse(text, Path::new("t.toml")).expect("valid test config")
