@@ -104,6 +104,9 @@ fn bind_one(addr: SocketAddr, join: Option<Join>) -> io::Result<std::net::TcpLis
     }?;
     // Lets a restarted balancer bind while old connections linger in TIME_WAIT.
     socket.set_reuseaddr(true)?;
+    // On Linux an accepted socket inherits TCP_NODELAY from its listener: set here once, it
+    // saves one system call per connection (see `proxy::serve`).
+    socket.set_nodelay(true)?;
     if join == Some(Join::BeforeBind) {
         socket.set_reuseport(true)?;
     }
@@ -281,6 +284,16 @@ mod tests {
             .expect("valid")
             .listeners
             .remove(0)
+    }
+
+    /// `proxy::serve` relies on this instead of setting TCP_NODELAY on every client socket.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn accepted_sockets_inherit_nodelay_from_the_listener() {
+        let bound = bind(&listener("127.0.0.1:0".parse().expect("address")), 1).expect("bind");
+        let _client = std::net::TcpStream::connect(bound.local_addr).expect("connect");
+        let (accepted, _) = bound.sockets[0].accept().expect("accept");
+        assert!(accepted.nodelay().expect("TCP_NODELAY"));
     }
 
     #[tokio::test]

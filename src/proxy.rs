@@ -113,6 +113,9 @@ pub(crate) fn serve(
             Some(AllUnhealthy::RouteAnyway) => pool.stats().record_routed_all_unhealthy(),
             None => {}
         }
+        // Small messages (requests, tokens) go out at once, not after Nagle's delay. On Linux
+        // the client socket has it already, inherited from its listener (`listener::bind_one`).
+        #[cfg(not(target_os = "linux"))]
         if let Err(e) = client.set_nodelay(true) {
             debug!(error = %e, "cannot set TCP_NODELAY on client socket");
         }
