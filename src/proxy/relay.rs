@@ -8,7 +8,7 @@
 //! Two ways to move the bytes:
 //! - **splice** (Linux): `splice(2)` from the source socket into a pipe and from the pipe into
 //!   the destination socket. The bytes never enter user space.
-//! - **copy** (portable): `read` into a buffer, `write` from it.
+//! - **copy** (portable, the default): `read` into a buffer, `write` from it.
 //!
 //! With splice on, each direction starts on the copy path and switches to splice at its first
 //! read that fills the whole buffer, so request/response traffic of small messages keeps the
