@@ -5,6 +5,7 @@
 #   bash benches/compare/run.sh              # full run: REPS=5, 5 s per load run (~12 min, 2 cores)
 #   QUICK=1 bash benches/compare/run.sh      # smoke run: 2 reps, 1 s runs (< 2 min once built)
 #   AA=1 bash benches/compare/run.sh         # A/A: HAProxy against an identical HAProxy (noise floor)
+#   WB_SPLICE=1 bash benches/compare/run.sh  # one more column: weighbridge with splice = true
 #
 # Knobs (environment): REPS, DURATION (seconds per iperf3/wrk run), PP_COUNT (ping-pong messages
 # per run), IDLE_CONNS, BACKENDS (2-4), CPS_CONNS, OUT_DIR, KEEP_TMP=1, SKIP_INSTALL=1.
@@ -23,6 +24,7 @@ PY=(python3 "$HERE/bench.py")
 # ------------------------------------------------------------------------------------ settings
 QUICK=${QUICK:-0}
 AA=${AA:-0}
+WB_SPLICE=${WB_SPLICE:-0}
 if [[ $QUICK == 1 ]]; then
     REPS=${REPS:-2}
     DURATION=${DURATION:-1}
@@ -55,6 +57,9 @@ else
     SYSTEMS=(DIRECT HAPROXY HAPROXY_SPLICE NGINX WEIGHBRIDGE)
     SUBJECT=WEIGHBRIDGE
     BASELINES=HAPROXY,HAPROXY_SPLICE,NGINX
+    # weighbridge with zero-copy splice on: a column of its own, outside the ratios and targets
+    # (which are about weighbridge as configured by default).
+    if [[ $WB_SPLICE == 1 ]]; then SYSTEMS+=(WEIGHBRIDGE_SPLICE); fi
 fi
 (( BACKENDS >= 2 && BACKENDS <= 4 )) || { echo "BACKENDS must be 2..4" >&2; exit 2; }
 (( REPS >= 1 && REPS <= 50 )) || { echo "REPS must be 1..50" >&2; exit 2; }
@@ -359,9 +364,9 @@ write_nginx() {     # write_nginx DIR KIND:PORT...
     } >"$d/nginx.conf"
 }
 
-write_weighbridge() {   # write_weighbridge FILE KIND:PORT...
-    local f=$1 l kind port b
-    shift
+write_weighbridge() {   # write_weighbridge FILE SPLICE(0|1) KIND:PORT...
+    local f=$1 splice=$2 l kind port b
+    shift 2
     {
         echo 'shutdown_grace = "1s"'
         if (( WB_THREADS )); then echo "threads = $NPROC"; fi
@@ -375,6 +380,7 @@ write_weighbridge() {   # write_weighbridge FILE KIND:PORT...
             echo 'connect_timeout = "2s"'
             echo 'idle_timeout = "10m"'
             echo "max_connections = $MAXCONN"
+            if (( splice )); then echo "splice = true"; fi
             for b in $(backend_ports "$kind"); do
                 printf '[[listener.backend]]\naddr = "127.0.0.1:%s"\n' "$b"
             done
@@ -414,8 +420,8 @@ start_balancer() {
             timeout 10 nginx -t -q -p "$d" -c "$d/nginx.conf" -e "$d/error.log" >&2
             start_bg "$inst" nginx -p "$d" -c "$d/nginx.conf" -e "$d/error.log"
             ;;
-        WEIGHBRIDGE)
-            write_weighbridge "$d/weighbridge.toml" "$@"
+        WEIGHBRIDGE | WEIGHBRIDGE_SPLICE)
+            write_weighbridge "$d/weighbridge.toml" "$([[ $sys == WEIGHBRIDGE_SPLICE ]] && echo 1 || echo 0)" "$@"
             timeout 10 "$WB" --config "$d/weighbridge.toml" --check >/dev/null
             start_bg "$inst" "$WB" --config "$d/weighbridge.toml" "${WB_FLAGS[@]}"
             ;;
