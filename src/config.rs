@@ -55,7 +55,8 @@ pub const DEFAULT_MAX_CONNECTIONS: NonZeroUsize = NonZeroUsize::new(10_000).expe
 /// CPU per GB (the receiving process then pays more for spliced bytes); over a veth pair (MTU
 /// 1500) 12.1–12.8 Gbit/s copied against 11.4–12.0 spliced, splice spending about 20 % less CPU
 /// per GB on one stream and the same on eight. So splice is the choice for a host whose bulk
-/// traffic over a NIC is short of CPU, not the default. Elsewhere than Linux the key is accepted and ignored.
+/// traffic over a NIC is short of CPU, not the default. Elsewhere than Linux the key is
+/// accepted and ignored.
 pub const DEFAULT_SPLICE: bool = false;
 
 /// The validated configuration: every value here is usable as it is.
