@@ -396,8 +396,8 @@ WB_FLAGS=()
 if grep -q -- '--log-level' <<<"$WB_HELP"; then WB_FLAGS+=(--log-level error); fi
 if grep -q -- '--no-watch' <<<"$WB_HELP"; then WB_FLAGS+=(--no-watch); fi
 # Worker threads = NPROC like the others: explicit where the build has the `threads` key (it
-# rejects unknown keys, so ask --check); its default is one per core anyway. Everything else,
-# `splice` included, stays at weighbridge's defaults.
+# rejects unknown keys, so ask --check); its default is one per core anyway. Everything else
+# stays at weighbridge's defaults, `splice` included (only the WEIGHBRIDGE_SPLICE column sets it).
 WB_THREADS=0
 printf 'threads = %s\n[[listener]]\nname = "p"\nbind = "127.0.0.1:0"\n[[listener.backend]]\naddr = "127.0.0.1:9"\n' \
     "$NPROC" >"$WORK/threads-probe.toml"
