@@ -24,7 +24,6 @@ use std::time::{Duration, SystemTime};
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::{AbortOnDropHandle, TaskTracker};
@@ -38,7 +37,7 @@ use crate::health::supervisor::Supervisor;
 use crate::listener::{self, BindError, Bound, Serving};
 use crate::reload::{ReloadError, ReloadSummary};
 use crate::snapshot::{Snapshot, SnapshotCell};
-use crate::stop::Stop;
+use crate::reactor::Command;
 use crate::workers::{self, Placement, Workers};
 
 /// Reload requests waiting for the control task; senders wait when it is full.
@@ -189,9 +188,8 @@ struct Running {
     bind: SocketAddr,
     /// The address actually bound.
     local_addr: SocketAddr,
-    stop_accepting: CancellationToken,
-    /// One accept loop per socket, each on its worker.
-    tasks: Vec<JoinHandle<std::io::Result<std::net::TcpListener>>>,
+    /// (worker, socket id): one listening socket per worker, accepted on by that worker.
+    sockets: Vec<(usize, u64)>,
 }
 
 impl Balancer {
@@ -306,10 +304,9 @@ impl Balancer {
         let mut control = Control {
             placement: self.workers.placement().clone(),
             running: HashMap::new(),
-            shutdown: shutdown.clone(),
             connections: TaskTracker::new(),
-            stop: Stop::new(self.workers.placement().count()),
             snapshots: Arc::clone(&self.handle.shared.snapshots),
+            next_socket: 0,
             health: Supervisor::new(
                 self.handle.shared.checkers.clone(),
                 shutdown.child_token(),
@@ -355,6 +352,9 @@ impl Balancer {
                 self.republish(&control);
             }
         }
+        // The listening sockets close first: a client that connects from now on is refused
+        // rather than left waiting in a backlog nobody accepts from.
+        control.stop_accepting().await;
         control.health.shutdown().await;
         // Requests from now on (SIGHUP, the watcher, the admin endpoint) are answered "shutting
         // down" at once instead of waiting for a control task that no longer listens.
@@ -362,7 +362,6 @@ impl Balancer {
         while let Ok(request) = self.requests.try_recv() {
             drop(request);
         }
-        control.stop_accepting().await;
         let stopped = control.drain(self.config.shutdown_grace).await;
         stop_admin.cancel();
         if let Some(mut task) = admin {
@@ -597,10 +596,10 @@ struct Control {
     /// The workers accept loops run on, one per worker and listener, and their loads.
     placement: Placement,
     running: HashMap<String, Running>,
-    shutdown: CancellationToken,
     connections: TaskTracker,
-    stop: Stop,
     snapshots: Arc<SnapshotCell>,
+    /// Numbers the listening sockets handed to workers, for taking them back.
+    next_socket: u64,
     health: Supervisor,
 }
 
@@ -614,51 +613,61 @@ async fn sleep_until(deadline: Option<Instant>) {
 
 impl Control {
     fn start(&mut self, bound: Bound, bind: SocketAddr) {
-        let stop_accepting = self.shutdown.child_token();
         let name = bound.name.clone();
         let local_addr = bound.local_addr;
         let serving = Serving {
             snapshots: Arc::clone(&self.snapshots),
             connections: self.connections.clone(),
-            stop: self.stop.clone(),
             placement: self.placement.clone(),
         };
-        let tasks = bound
+        let sockets = bound
             .sockets
             .into_iter()
             .enumerate()
             .map(|(index, socket)| {
                 let worker = index % self.placement.count();
-                self.placement.handle(worker).spawn(listener::accept_loop(
-                    name.clone(),
+                let id = self.next_socket;
+                self.next_socket += 1;
+                let listen = Command::Listen {
+                    id,
+                    name: name.clone(),
                     socket,
-                    worker,
-                    serving.clone(),
-                    // A token per accept loop: each wake-up of a loop looks at its token, and
-                    // a shared one would be a lock every worker takes.
-                    stop_accepting.child_token(),
-                ))
+                    serving: serving.clone(),
+                };
+                if !self.placement.remote(worker).send(listen) {
+                    warn!(listener = %name, worker, "worker gone; socket not accepted on");
+                }
+                (worker, id)
             })
             .collect();
         let running = Running {
             bind,
             local_addr,
-            stop_accepting,
-            tasks,
+            sockets,
         };
         self.running.insert(name, running);
     }
 
-    /// Stops listener `name`'s accept loops and returns its sockets.
+    /// Stops accepting for listener `name` and returns its sockets, still listening.
     async fn retire(&mut self, name: &str) -> Option<Bound> {
         let running = self.running.remove(name)?;
-        running.stop_accepting.cancel();
-        let mut sockets = Vec::with_capacity(running.tasks.len());
-        for task in running.tasks {
-            match task.await {
+        let mut replies = Vec::with_capacity(running.sockets.len());
+        for (worker, id) in running.sockets {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            if self
+                .placement
+                .remote(worker)
+                .send(Command::Unlisten { id, reply })
+            {
+                replies.push(answer);
+            }
+        }
+        let mut sockets = Vec::with_capacity(replies.len());
+        for answer in replies {
+            match answer.await {
                 Ok(Ok(socket)) => sockets.push(socket),
                 Ok(Err(e)) => warn!(listener = name, error = %e, "accept loop lost its socket"),
-                Err(e) => warn!(listener = name, error = %e, "accept loop ended abnormally"),
+                Err(_) => warn!(listener = name, "worker ended before giving its socket back"),
             }
         }
         (!sockets.is_empty()).then(|| Bound {
@@ -697,7 +706,7 @@ impl Control {
             cut_connections = cut,
             "shutdown grace period over; closing remaining connections"
         );
-        self.stop.stop();
+        self.placement.broadcast(|| Command::Cut);
         self.connections.wait().await;
         Stopped {
             cut_connections: cut,

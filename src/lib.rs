@@ -24,7 +24,7 @@ pub mod listener;
 pub mod proxy;
 pub mod reload;
 pub mod snapshot;
-mod stop;
+mod reactor;
 pub mod strategy;
 mod workers;
 

@@ -11,17 +11,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::TcpSocket;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, error};
+use tracing::error;
 
-use crate::backend::ListenerStats;
 use crate::config::ListenerConfig;
-use crate::proxy;
 use crate::snapshot::SnapshotCell;
-use crate::stop::Stop;
 use crate::workers::Placement;
 
 /// Listen backlog: room for a burst of connections while the loop is busy. The kernel caps it at
@@ -122,99 +118,14 @@ fn bind_one(addr: SocketAddr, join: Option<Join>) -> io::Result<std::net::TcpLis
 pub(crate) struct Serving {
     /// Where each connection finds its listener's pool.
     pub(crate) snapshots: Arc<SnapshotCell>,
-    /// Every connection's task, for shutdown to wait on.
+    /// Counts every open connection, for shutdown to wait on.
     pub(crate) connections: TaskTracker,
-    /// Each connection waits on its worker's part; stopped when shutdown's grace period ends.
-    pub(crate) stop: Stop,
     /// The workers and their loads.
     pub(crate) placement: Placement,
 }
 
-/// Accepts on `socket` for listener `name` until `stop_accepting` is cancelled, then hands the
-/// socket back.
-///
-/// Runs on worker `worker` (see [`crate::workers`]), which registers the socket with its own
-/// runtime. Returning the socket instead of closing it lets a reload give it to a renamed
-/// listener without a moment in which the port is closed. Each connection is served in a task of
-/// `serving.connections`, on this worker unless [`Placement::place`] sends it to a less loaded
-/// one.
-pub(crate) async fn accept_loop(
-    name: String,
-    socket: std::net::TcpListener,
-    worker: usize,
-    serving: Serving,
-    stop_accepting: CancellationToken,
-) -> io::Result<std::net::TcpListener> {
-    let socket = TcpListener::from_std(socket)?;
-    let name = &name;
-    let mut errors = ErrorPacer::default();
-    loop {
-        let accepted = tokio::select! {
-            biased;
-            () = stop_accepting.cancelled() => break,
-            accepted = socket.accept() => accepted,
-        };
-        let (stream, peer) = match accepted {
-            Ok(accepted) => {
-                errors.reset();
-                accepted
-            }
-            Err(e) if is_connection_error(&e) => {
-                debug!(listener = %name, error = %e, "accept: connection gone before accepted");
-                continue;
-            }
-            Err(e) => {
-                let pause = errors.failed(name, &e);
-                tokio::select! {
-                    () = stop_accepting.cancelled() => break,
-                    () = tokio::time::sleep(pause) => continue,
-                }
-            }
-        };
-        // The snapshot is loaded once per connection; the connection keeps its listener's pool.
-        let Some(pool) = serving.snapshots.load().pool(name).cloned() else {
-            debug!(listener = %name, "listener no longer configured, dropping connection");
-            continue;
-        };
-        let max = pool.settings().max_connections.get() as u64;
-        let Some(open) = ListenerStats::admit(pool.stats(), max) else {
-            debug!(listener = %name, client = %peer, max, "max_connections reached, closing");
-            proxy::log_rejected(&pool, peer);
-            continue;
-        };
-        let turn = pool.turn(&open);
-        let placed = serving.placement.place(worker, turn);
-        let stop = serving.stop.signal(placed.worker());
-        if placed.worker() == worker {
-            // Straight into the task: a wrapping future would keep a second copy of every
-            // argument for the connection's whole life (measured: 0.1 KiB per idle connection).
-            let serve = proxy::serve(stream, peer, pool, turn, (open, placed), stop);
-            serving.connections.spawn(serve);
-            continue;
-        }
-        // A less loaded worker takes it: the socket leaves this worker's reactor and joins
-        // that worker's before anything is read from it.
-        let stream = match stream.into_std() {
-            Ok(stream) => stream,
-            Err(e) => {
-                debug!(listener = %name, client = %peer, error = %e, "cannot hand a connection over");
-                continue;
-            }
-        };
-        let to = serving.placement.handle(placed.worker());
-        to.spawn(serving.connections.track_future(async move {
-            match TcpStream::from_std(stream) {
-                Ok(stream) => proxy::serve(stream, peer, pool, turn, (open, placed), stop).await,
-                Err(e) => debug!(client = %peer, error = %e, "cannot take a connection over"),
-            }
-        }));
-    }
-    debug!(listener = %name, "stopped accepting");
-    socket.into_std()
-}
-
 /// Errors that concern one incoming connection only; the next accept is unaffected.
-fn is_connection_error(e: &io::Error) -> bool {
+pub(crate) fn is_connection_error(e: &io::Error) -> bool {
     matches!(
         e.kind(),
         io::ErrorKind::ConnectionAborted
@@ -227,19 +138,19 @@ fn is_connection_error(e: &io::Error) -> bool {
 
 /// Back-off and log rate limit for accept errors.
 #[derive(Debug, Default)]
-struct ErrorPacer {
+pub(crate) struct ErrorPacer {
     pause: Option<Duration>,
     last_log: Option<Instant>,
     suppressed: u64,
 }
 
 impl ErrorPacer {
-    fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.pause = None;
     }
 
     /// Logs (at most once per period) and returns how long to pause before accepting again.
-    fn failed(&mut self, listener: &str, e: &io::Error) -> Duration {
+    pub(crate) fn failed(&mut self, listener: &str, e: &io::Error) -> Duration {
         let now = Instant::now();
         if self
             .last_log

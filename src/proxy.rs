@@ -12,14 +12,21 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpStream;
-use tokio::time::Instant;
-use tracing::{Instrument, debug, debug_span, info, warn};
+use std::io;
+use std::time::Instant;
 
-use crate::backend::{ActiveConn, BackendState};
+use mio::event::Event;
+use mio::net::TcpStream;
+use mio::{Interest, Registry, Token};
+use tracing::{debug, info, warn};
+
+use crate::backend::{ActiveConn, BackendState, ListenerStats};
 use crate::config::AllUnhealthy;
+use crate::reactor::Counted;
 use crate::snapshot::Pool;
-use crate::stop::Signal;
+use relay::{Direction, Mode, Pumped, Ready, shutdown_write};
+
+pub(crate) use relay::SCRATCH;
 
 /// The `tracing` target of access log lines, so a filter such as `weighbridge::access=off` or a
 /// log shipper can tell them from the balancer's own lines.
@@ -66,49 +73,165 @@ impl fmt::Display for End {
     }
 }
 
-/// Serves one accepted client connection until it is done.
+/// Which socket of a connection an event is for. The backend socket's token carries the parity
+/// of the connect attempt it belongs to: after a failed attempt, events still queued for the
+/// closed socket of the previous attempt are recognised and dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Side {
+    Client,
+    Backend { odd_attempt: bool },
+}
+
+impl Side {
+    /// The two low bits of the socket's token.
+    pub(crate) fn bits(self) -> usize {
+        match self {
+            Side::Client => 0,
+            Side::Backend { odd_attempt: false } => 1,
+            Side::Backend { odd_attempt: true } => 2,
+        }
+    }
+
+    /// The side a token's two low bits name.
+    pub(crate) fn from_bits(token: usize) -> Side {
+        match token & 3 {
+            0 => Side::Client,
+            1 => Side::Backend { odd_attempt: false },
+            _ => Side::Backend { odd_attempt: true },
+        }
+    }
+
+    fn backend(attempt: u32) -> Side {
+        Side::Backend {
+            odd_attempt: attempt % 2 == 1,
+        }
+    }
+}
+
+/// Whether a connection goes on after a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Status {
+    Open,
+    /// Over: the worker closes it with [`Conn::finish`].
+    Done,
+}
+
+/// One client connection: pick a backend, connect (trying others on failure), relay both ways.
 ///
-/// `counted` holds the guards that count the connection while it lives: against the listener's
-/// `max_connections` (an `OpenConn`) and, from the accept loop, on its worker's load. `stop` is
-/// its worker's part of the signal that ends connections when shutdown's grace period ends.
-///
-/// Not an `async fn`: one would keep its arguments for the connection's whole life beside the
-/// instrumented future that takes them over, about 100 bytes per connection, and tokio rounds
-/// a task up to a multiple of 128 bytes (measured: 3.36 KiB per idle connection as an
-/// `async fn`, 3.12 KiB like this).
-pub(crate) fn serve(
+/// A state machine driven by its worker ([`crate::reactor`]): readiness events, its timer and
+/// the order to cut. Everything that can go wrong here stays with this connection: errors end
+/// it, never the worker or another connection.
+pub(crate) struct Conn {
     client: TcpStream,
-    peer: SocketAddr,
+    client_ready: Ready,
+    backend: Option<TcpStream>,
+    backend_ready: Ready,
+    phase: Phase,
+    up: Direction,
+    down: Direction,
+    /// Which side's end of stream came first.
+    first_eof: Option<End>,
+    mode: Mode,
+    idle: Duration,
+    last_active: Instant,
+    /// The deadline of this connection's entry in its worker's timer heap.
+    timer_at: Instant,
+    accepted: Instant,
+    access: AccessLine,
+    listener_stats: Arc<ListenerStats>,
+    /// Neither counted nor logged when it ends (refused because no backend is healthy).
+    silent: bool,
+    _counted: Counted,
+}
+
+/// Where a connection is in its life.
+enum Phase {
+    /// Waiting for a backend to accept.
+    Connecting(Box<Connecting>),
+    /// Relaying; counts itself active on its backend.
+    Relaying(ActiveConn),
+    /// Over, or never started.
+    Ended,
+}
+
+/// A connect in progress and what the next attempt needs.
+struct Connecting {
     pool: Arc<Pool>,
     turn: u64,
-    counted: impl Send + 'static,
-    stop: Arc<Signal>,
-) -> impl Future<Output = ()> + Send + 'static {
-    let accepted = Instant::now();
-    let span = debug_span!("conn", listener = %pool.name(), client = %peer);
-    async move {
-        let _counted = counted;
-        let listener = Arc::clone(pool.name());
-        let listener_stats = Arc::clone(pool.stats());
-        let mut access = AccessLine {
-            client: peer,
-            listener: &listener,
+    /// Backends already tried (indices into the pool).
+    tried: Vec<usize>,
+    /// The backend being tried now.
+    index: usize,
+    /// Counts the connection active on that backend from the attempt on.
+    active: ActiveConn,
+    attempt: u32,
+    started: Instant,
+    deadline: Instant,
+    /// No socket could be opened (the process is out of descriptors): the attempt waits for
+    /// one until `deadline` and is made again then.
+    no_socket: bool,
+}
+
+/// A function from a side to the token of that side's socket.
+pub(crate) type Tokens<'a> = &'a dyn Fn(Side) -> Token;
+
+impl Conn {
+    /// Starts serving `client`: the first connect attempt is under way when this returns, unless
+    /// the connection is already over ([`Status::Done`]).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn start(
+        registry: &Registry,
+        tokens: Tokens<'_>,
+        client: TcpStream,
+        peer: SocketAddr,
+        pool: Arc<Pool>,
+        turn: u64,
+        counted: Counted,
+        now: Instant,
+    ) -> (Conn, Status) {
+        let settings = pool.settings();
+        let mut conn = Conn {
+            client,
+            client_ready: Ready::writable(),
             backend: None,
-            connect_time: None,
-            attempts: 0,
-            bytes_up: 0,
-            bytes_down: 0,
-            end: End::ShutDown,
-            error: None,
+            backend_ready: Ready::default(),
+            phase: Phase::Ended,
+            up: Direction::default(),
+            down: Direction::default(),
+            first_eof: None,
+            mode: if settings.splice {
+                Mode::Splice
+            } else {
+                Mode::Copy
+            },
+            idle: settings.idle_timeout,
+            last_active: now,
+            timer_at: now,
+            accepted: now,
+            access: AccessLine {
+                client: peer,
+                listener: Arc::clone(pool.name()),
+                backend: None,
+                connect_time: None,
+                attempts: 0,
+                bytes_up: 0,
+                bytes_down: 0,
+                end: End::ShutDown,
+                error: None,
+                enabled: settings.access_log,
+            },
+            listener_stats: Arc::clone(pool.stats()),
+            silent: false,
+            _counted: counted,
         };
-        let access_log = pool.settings().access_log;
         // No backend is healthy: the pool was built for it, and the transition was logged
         // once; each connection is only counted here.
         match pool.all_unhealthy() {
             Some(AllUnhealthy::Reject) => {
                 pool.stats().record_rejected_all_unhealthy();
-                debug!("no backend is healthy; closing (all_unhealthy = \"reject\")");
-                return;
+                debug!(client = %peer, "no backend is healthy; closing (all_unhealthy = \"reject\")");
+                conn.silent = true;
+                return (conn, Status::Done);
             }
             Some(AllUnhealthy::RouteAnyway) => pool.stats().record_routed_all_unhealthy(),
             None => {}
@@ -116,94 +239,412 @@ pub(crate) fn serve(
         // Small messages (requests, tokens) go out at once, not after Nagle's delay. On Linux
         // the client socket has it already, inherited from its listener (`listener::bind_one`).
         #[cfg(not(target_os = "linux"))]
-        if let Err(e) = client.set_nodelay(true) {
+        if let Err(e) = conn.client.set_nodelay(true) {
             debug!(error = %e, "cannot set TCP_NODELAY on client socket");
         }
-        // Shutdown's grace period bounds connects too, not only relays.
-        let connected = tokio::select! {
-            connected = connect(&pool, turn) => Some(connected),
-            () = stop.stopped() => {
-                debug!("shut down while connecting");
-                None
-            }
-        };
-        match connected {
-            None => {}
-            Some(Err(attempts)) => {
-                pool.stats().record_no_backend();
-                warn!(
-                    listener = %pool.name(),
-                    client = %peer,
-                    attempts,
-                    "no backend reachable, closing client connection"
-                );
-                access.attempts = attempts;
-                access.end = End::ConnectFailed;
-            }
-            Some(Ok(connected)) => {
-                let Connected {
-                    stream: upstream,
-                    addr: backend,
-                    active,
-                    attempts,
-                } = connected;
-                debug!(%backend, "connected");
-                access.backend = Some(backend);
-                access.attempts = attempts;
-                access.connect_time = Some(accepted.elapsed());
-                // The connection needs nothing more from its snapshot; letting go of it here
-                // means a long-lived stream does not keep a replaced snapshot (and its tables)
-                // alive.
-                let idle_timeout = pool.settings().idle_timeout;
-                let mode = if pool.settings().splice {
-                    relay::Mode::Splice
-                } else {
-                    relay::Mode::Copy
-                };
-                drop(pool);
-                let stats = active.stats();
-                let relayed = relay::relay(
-                    &client,
-                    &upstream,
-                    mode,
-                    idle_timeout,
-                    &stop,
-                    |n| stats.add_bytes_to_backend(n),
-                    |n| stats.add_bytes_from_backend(n),
-                )
-                .await;
-                debug!(
-                    %backend,
-                    end = %relayed.end,
-                    bytes_up = relayed.up,
-                    bytes_down = relayed.down,
-                    "closed"
-                );
-                drop(active);
-                access.end = relayed.end;
-                access.error = relayed.error;
-                access.bytes_up = relayed.up;
-                access.bytes_down = relayed.down;
+        let interest = Interest::READABLE | Interest::WRITABLE;
+        if let Err(e) = registry.register(&mut conn.client, tokens(Side::Client), interest) {
+            return (conn.failed(e), Status::Done);
+        }
+        let status = conn.connect(registry, tokens, pool, turn, Vec::new(), 1, now);
+        (conn, status)
+    }
+
+    /// Tries backends from attempt `attempt` on until a connect is under way or none is left.
+    #[allow(clippy::too_many_arguments)]
+    fn connect(
+        &mut self,
+        registry: &Registry,
+        tokens: Tokens<'_>,
+        pool: Arc<Pool>,
+        turn: u64,
+        mut tried: Vec<usize>,
+        mut attempt: u32,
+        now: Instant,
+    ) -> Status {
+        let settings = pool.settings();
+        while attempt <= settings.connect_attempts.get() {
+            let Some((index, backend)) = pool.pick(turn, &tried) else {
+                return self.no_backend(&pool, attempt - 1);
+            };
+            let active = BackendState::acquire(&backend.stats);
+            let addr = backend.addr;
+            let started = TcpStream::connect(addr).and_then(|mut stream| {
+                let interest = Interest::READABLE | Interest::WRITABLE;
+                registry.register(&mut stream, tokens(Side::backend(attempt)), interest)?;
+                Ok(stream)
+            });
+            match started {
+                Ok(stream) => {
+                    pool.stats().record_connect_attempt();
+                    self.backend = Some(stream);
+                    self.backend_ready = Ready::default();
+                    self.phase = Phase::Connecting(Box::new(Connecting {
+                        deadline: now + settings.connect_timeout,
+                        pool,
+                        turn,
+                        tried,
+                        index,
+                        active,
+                        attempt,
+                        started: now,
+                        no_socket: false,
+                    }));
+                    return Status::Open;
+                }
+                // The balancer's own limit, not the backend's fault: nothing is counted against
+                // the backend (passive ejection would otherwise eject healthy backends while the
+                // process is out of descriptors), and the client is kept waiting for a
+                // descriptor rather than closed, which would only free one for the next accept
+                // to take. The accept loop meanwhile backs off on the same error and logs it.
+                Err(e) if out_of_descriptors(&e) => {
+                    let give_up = self.accepted + settings.connect_timeout;
+                    if now >= give_up {
+                        return self.no_backend(&pool, attempt);
+                    }
+                    debug!(client = %self.access.client, error = %e, "no descriptor for a backend socket; waiting");
+                    self.backend = None;
+                    self.phase = Phase::Connecting(Box::new(Connecting {
+                        deadline: (now + DESCRIPTOR_WAIT).min(give_up),
+                        pool,
+                        turn,
+                        tried,
+                        index,
+                        active,
+                        attempt,
+                        started: now,
+                        no_socket: true,
+                    }));
+                    return Status::Open;
+                }
+                Err(e) => {
+                    pool.stats().record_connect_attempt();
+                    connect_failed(&pool, index, attempt, &e.to_string());
+                    tried.push(index);
+                    attempt += 1;
+                }
             }
         }
-        let open_for = accepted.elapsed();
-        listener_stats.record_duration(open_for);
-        if access_log {
-            access.log(open_for);
+        self.no_backend(&pool, settings.connect_attempts.get())
+    }
+
+    /// No backend could be reached after `attempts` tries.
+    fn no_backend(&mut self, pool: &Pool, attempts: u32) -> Status {
+        pool.stats().record_no_backend();
+        warn!(
+            listener = %pool.name(),
+            client = %self.access.client,
+            attempts,
+            "no backend reachable, closing client connection"
+        );
+        self.access.attempts = attempts;
+        self.access.end = End::ConnectFailed;
+        self.phase = Phase::Ended;
+        Status::Done
+    }
+
+    /// The deadline of the connection's next timeout.
+    pub(crate) fn deadline(&self) -> Instant {
+        match &self.phase {
+            Phase::Connecting(connecting) => connecting.deadline,
+            _ => self.last_active + self.idle,
         }
     }
-    .instrument(span)
+
+    /// The deadline of the connection's entry in the timer heap.
+    pub(crate) fn timer_at(&self) -> Instant {
+        self.timer_at
+    }
+
+    /// Records that the connection's timer heap entry is now due at `at`.
+    pub(crate) fn set_timer_at(&mut self, at: Instant) {
+        self.timer_at = at;
+    }
+
+    /// A readiness event for the socket on `side`.
+    pub(crate) fn event(
+        &mut self,
+        registry: &Registry,
+        tokens: Tokens<'_>,
+        side: Side,
+        event: &Event,
+        now: Instant,
+        scratch: &mut [u8],
+    ) -> Status {
+        match side {
+            Side::Client => self.client_ready.update(event),
+            Side::Backend { .. } => {
+                if let Phase::Connecting(connecting) = &self.phase
+                    && (connecting.no_socket || Side::backend(connecting.attempt) != side)
+                {
+                    // For the socket of an earlier attempt, closed since.
+                    return Status::Open;
+                }
+                self.backend_ready.update(event);
+            }
+        }
+        if let Phase::Connecting(_) = self.phase {
+            if side == Side::Client || !(self.backend_ready.is_writable() || event.is_error()) {
+                return Status::Open;
+            }
+            let error = match self.backend.as_ref().map(TcpStream::take_error) {
+                Some(Ok(None)) => None,
+                Some(Ok(Some(e)) | Err(e)) => Some(e.to_string()),
+                None => Some("no socket".to_owned()),
+            };
+            let status = match error {
+                None => self.connected(now),
+                Some(error) => self.retry(registry, tokens, &error, now),
+            };
+            if status == Status::Done || matches!(self.phase, Phase::Connecting(_)) {
+                return status;
+            }
+        }
+        self.relay(now, scratch)
+    }
+
+    /// The backend accepted: from now on the connection relays.
+    fn connected(&mut self, now: Instant) -> Status {
+        let Phase::Connecting(connecting) = std::mem::replace(&mut self.phase, Phase::Ended)
+        else {
+            return Status::Open;
+        };
+        let Connecting {
+            pool,
+            index,
+            active,
+            attempt,
+            started,
+            ..
+        } = *connecting;
+        let addr = pool.backends()[index].addr;
+        active.stats().record_connected(now.duration_since(started));
+        if let Some(backend) = &self.backend
+            && let Err(e) = backend.set_nodelay(true)
+        {
+            debug!(error = %e, "cannot set TCP_NODELAY on backend socket");
+        }
+        debug!(client = %self.access.client, backend = %addr, "connected");
+        self.access.backend = Some(addr);
+        self.access.attempts = attempt;
+        self.access.connect_time = Some(now.duration_since(self.accepted));
+        self.last_active = now;
+        // The pool goes with `connecting`: a long-lived stream does not keep a replaced
+        // snapshot (and its tables) alive.
+        self.phase = Phase::Relaying(active);
+        Status::Open
+    }
+
+    /// The attempt under way failed with `error`: on to the next backend, if any.
+    fn retry(&mut self, registry: &Registry, tokens: Tokens<'_>, error: &str, now: Instant) -> Status {
+        let Phase::Connecting(connecting) = std::mem::replace(&mut self.phase, Phase::Ended)
+        else {
+            return Status::Open;
+        };
+        let Connecting {
+            pool,
+            turn,
+            mut tried,
+            index,
+            active,
+            attempt,
+            ..
+        } = *connecting;
+        // Closing the socket takes it out of the worker's epoll set.
+        self.backend = None;
+        drop(active);
+        connect_failed(&pool, index, attempt, error);
+        tried.push(index);
+        self.connect(registry, tokens, pool, turn, tried, attempt + 1, now)
+    }
+
+    /// The connection's deadline may have passed.
+    pub(crate) fn timer(&mut self, registry: &Registry, tokens: Tokens<'_>, now: Instant) -> Status {
+        let deadline = self.deadline();
+        if now < deadline {
+            return Status::Open;
+        }
+        match &self.phase {
+            Phase::Connecting(connecting) if connecting.no_socket => {
+                let Phase::Connecting(connecting) =
+                    std::mem::replace(&mut self.phase, Phase::Ended)
+                else {
+                    return Status::Done;
+                };
+                let Connecting {
+                    pool,
+                    turn,
+                    tried,
+                    attempt,
+                    ..
+                } = *connecting;
+                self.connect(registry, tokens, pool, turn, tried, attempt, now)
+            }
+            Phase::Connecting(connecting) => {
+                let timeout = connecting.pool.settings().connect_timeout;
+                let error = format!("timed out after {}", humantime::format_duration(timeout));
+                self.retry(registry, tokens, &error, now)
+            }
+            Phase::Relaying(_) => {
+                self.access.end = End::IdleTimeout;
+                Status::Done
+            }
+            Phase::Ended => Status::Done,
+        }
+    }
+
+    /// Moves what can be moved both ways.
+    fn relay(&mut self, now: Instant, scratch: &mut [u8]) -> Status {
+        let Phase::Relaying(active) = &self.phase else {
+            return Status::Open;
+        };
+        let Some(backend) = &self.backend else {
+            return Status::Done;
+        };
+        let stats = active.stats();
+        let before = self.up.moved + self.down.moved;
+        let up = if self.up.done {
+            Ok(Pumped::Waiting)
+        } else {
+            self.up.pump(
+                &self.client,
+                &mut self.client_ready,
+                backend,
+                &mut self.backend_ready,
+                self.mode,
+                scratch,
+                &mut |n| stats.add_bytes_to_backend(n),
+            )
+        };
+        let down = if self.down.done {
+            Ok(Pumped::Waiting)
+        } else {
+            self.down.pump(
+                backend,
+                &mut self.backend_ready,
+                &self.client,
+                &mut self.client_ready,
+                self.mode,
+                scratch,
+                &mut |n| stats.add_bytes_from_backend(n),
+            )
+        };
+        if self.up.moved + self.down.moved != before {
+            self.last_active = now;
+        }
+        for (pumped, first, dst) in [
+            (up, End::ClientClosed, backend),
+            (down, End::BackendClosed, &self.client),
+        ] {
+            match pumped {
+                Ok(Pumped::Waiting) => {}
+                Ok(Pumped::Eof) => {
+                    self.last_active = now;
+                    if self.first_eof.is_none() {
+                        // The first direction to end half-closes its destination so the peer
+                        // sees the end of stream while the other direction goes on. When the
+                        // other has already ended, the close that follows sends the same FIN:
+                        // the shutdown is skipped, one system call fewer per connection
+                        // (HAProxy skips it too). Nothing is left unread then, so the close is
+                        // a FIN, not a reset.
+                        self.first_eof = Some(first);
+                        if let Err(e) = shutdown_write(dst) {
+                            self.access.end = End::Error;
+                            self.access.error = Some(e.to_string());
+                            return Status::Done;
+                        }
+                    }
+                }
+                Err(e) => {
+                    debug!(client = %self.access.client, error = %e, "relay ended with an error");
+                    self.access.end = End::Error;
+                    self.access.error = Some(e.to_string());
+                    return Status::Done;
+                }
+            }
+        }
+        if self.up.done && self.down.done {
+            self.access.end = self.first_eof.unwrap_or(End::ClientClosed);
+            return Status::Done;
+        }
+        Status::Open
+    }
+
+    /// Shutdown's grace period is over: the connection ends now.
+    pub(crate) fn cut(&mut self) {
+        if !matches!(self.phase, Phase::Connecting(_)) || self.access.backend.is_none() {
+            debug!(client = %self.access.client, "shut down");
+        }
+        self.access.end = End::ShutDown;
+    }
+
+    /// A setup step failed: the connection ends with `error`.
+    fn failed(mut self, error: io::Error) -> Conn {
+        self.access.end = End::Error;
+        self.access.error = Some(error.to_string());
+        self
+    }
+
+    /// Logs and counts the connection; its sockets close when it is dropped.
+    pub(crate) fn finish(mut self, now: Instant) {
+        if self.silent {
+            return;
+        }
+        self.access.bytes_up = self.up.moved;
+        self.access.bytes_down = self.down.moved;
+        debug!(
+            client = %self.access.client,
+            backend = self.access.backend.map(tracing::field::display),
+            end = %self.access.end,
+            bytes_up = self.up.moved,
+            bytes_down = self.down.moved,
+            "closed"
+        );
+        let open_for = now.duration_since(self.accepted);
+        self.listener_stats.record_duration(open_for);
+        if self.access.enabled {
+            self.access.log(open_for);
+        }
+    }
+}
+
+/// How long a connection waits before trying again to open a backend socket when the process
+/// is out of descriptors.
+const DESCRIPTOR_WAIT: Duration = Duration::from_millis(20);
+
+/// Whether `e` says the process (or the system) has no descriptor or buffer left for a socket.
+fn out_of_descriptors(e: &io::Error) -> bool {
+    // EMFILE, ENFILE, ENOBUFS, ENOMEM.
+    matches!(e.raw_os_error(), Some(24 | 23 | 105 | 12))
+}
+
+/// Counts and logs a failed connect attempt to backend `index` of `pool`.
+fn connect_failed(pool: &Pool, index: usize, attempt: u32, error: &str) {
+    let backend = &pool.backends()[index];
+    let streak = backend.stats.record_connect_failure();
+    pool.stats().record_connect_failure();
+    warn!(listener = %pool.name(), backend = %backend.addr, attempt, %error, "connect failed");
+    // Passive ejection: the failure that completes the streak asks the control task to eject
+    // (exactly one connection sees the count reach the threshold). Atomics and a non-blocking
+    // wake-up only: no lock on the connection path.
+    if pool
+        .settings()
+        .max_connect_failures
+        .is_some_and(|max| streak == u64::from(max.get()))
+    {
+        pool.republish();
+    }
 }
 
 /// Logs the access line of a client connection refused because `max_connections` were open.
-/// Called by the accept loop, which refuses before a connection task exists.
+/// Called by the accept loop, which refuses before a connection exists.
 pub(crate) fn log_rejected(pool: &Pool, peer: SocketAddr) {
     if !pool.settings().access_log {
         return;
     }
     let line = AccessLine {
         client: peer,
-        listener: pool.name(),
+        listener: Arc::clone(pool.name()),
         backend: None,
         connect_time: None,
         attempts: 0,
@@ -211,15 +652,16 @@ pub(crate) fn log_rejected(pool: &Pool, peer: SocketAddr) {
         bytes_down: 0,
         end: End::Rejected,
         error: None,
+        enabled: true,
     };
     line.log(Duration::ZERO);
 }
 
 /// What the access log says about one client connection.
 #[derive(Debug)]
-struct AccessLine<'a> {
+struct AccessLine {
     client: SocketAddr,
-    listener: &'a str,
+    listener: Arc<str>,
     backend: Option<SocketAddr>,
     /// From accept until the backend accepted, retries included: what the client waited.
     connect_time: Option<Duration>,
@@ -231,9 +673,11 @@ struct AccessLine<'a> {
     bytes_down: u64,
     end: End,
     error: Option<String>,
+    /// The listener's `access_log` setting.
+    enabled: bool,
 }
 
-impl AccessLine<'_> {
+impl AccessLine {
     /// One info line; times in milliseconds, to the microsecond.
     fn log(&self, duration: Duration) {
         let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
@@ -254,171 +698,3 @@ impl AccessLine<'_> {
     }
 }
 
-/// A connection established to a backend.
-#[derive(Debug)]
-struct Connected {
-    stream: TcpStream,
-    addr: SocketAddr,
-    /// Counts the connection as active on the backend.
-    active: ActiveConn,
-    /// Connects tried, this one included.
-    attempts: u32,
-}
-
-/// Connects to a backend picked by the pool's strategy for the connection numbered `turn`, trying
-/// up to `connect_attempts` distinct backends. On failure returns how many connects were tried.
-async fn connect(pool: &Pool, turn: u64) -> Result<Connected, u32> {
-    let settings = pool.settings();
-    // Allocates only on a retry.
-    let mut tried = Vec::new();
-    for attempt in 1..=settings.connect_attempts.get() {
-        let Some((index, backend)) = pool.pick(turn, &tried) else {
-            return Err(attempt - 1);
-        };
-        let active = BackendState::acquire(&backend.stats);
-        pool.stats().record_connect_attempt();
-        let started = Instant::now();
-        let error =
-            match tokio::time::timeout(settings.connect_timeout, TcpStream::connect(backend.addr))
-                .await
-            {
-                Ok(Ok(stream)) => {
-                    backend.stats.record_connected(started.elapsed());
-                    if let Err(e) = stream.set_nodelay(true) {
-                        debug!(error = %e, "cannot set TCP_NODELAY on backend socket");
-                    }
-                    return Ok(Connected {
-                        stream,
-                        addr: backend.addr,
-                        active,
-                        attempts: attempt,
-                    });
-                }
-                Ok(Err(e)) => e.to_string(),
-                Err(_) => format!(
-                    "timed out after {}",
-                    humantime::format_duration(settings.connect_timeout)
-                ),
-            };
-        let streak = backend.stats.record_connect_failure();
-        pool.stats().record_connect_failure();
-        warn!(listener = %pool.name(), backend = %backend.addr, attempt, %error, "connect failed");
-        // Passive ejection: the failure that completes the streak asks the control task to
-        // eject (exactly one connection sees the count reach the threshold). Atomics and a
-        // non-blocking wake-up only: no lock on the connection path.
-        if settings
-            .max_connect_failures
-            .is_some_and(|max| streak == u64::from(max.get()))
-        {
-            pool.republish();
-        }
-        tried.push(index);
-    }
-    Err(settings.connect_attempts.get())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::collections::HashMap;
-    use std::path::Path;
-
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::{TcpListener, TcpSocket};
-
-    use crate::backend::{ListenerStats, Registry, Republisher};
-    use crate::snapshot::Snapshot;
-
-    /// How long the health locks are held while connections are served.
-    const HOLD: Duration = Duration::from_millis(1000);
-
-    /// The connection path, passive ejection's part included, never waits for a backend's health
-    /// mutex: with every one of them held by another thread, connections are served at once,
-    /// and the connect failures that reach `max_connect_failures` ask for a republish without
-    /// waiting either. No control task runs here, so nothing but the connection path could be
-    /// the one waiting.
-    #[tokio::test]
-    async fn connections_are_served_while_every_health_lock_is_held() {
-        let backend = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind a backend");
-        let backend_addr = backend.local_addr().expect("backend address");
-        tokio::spawn(async move {
-            while let Ok((mut stream, _)) = backend.accept().await {
-                tokio::spawn(async move {
-                    if let Err(e) = stream.write_all(b"x").await {
-                        eprintln!("test backend: {e}");
-                    }
-                });
-            }
-        });
-        let refusing = TcpSocket::new_v4().expect("a socket");
-        refusing
-            .bind("127.0.0.1:0".parse().expect("literal"))
-            .expect("bind a refusing port");
-        let refusing_addr = refusing.local_addr().expect("refusing address");
-        let text = format!(
-            "[[listener]]\nname = \"lb\"\nbind = \"127.0.0.1:0\"\nconnect_attempts = 2\n\
-             [listener.passive]\nmax_connect_failures = 2\n\
-             [[listener.backend]]\naddr = \"{backend_addr}\"\n\
-             [[listener.backend]]\naddr = \"{refusing_addr}\"\n"
-        );
-        let config = crate::config::parse(&text, Path::new("t.toml")).expect("valid");
-        let (republisher, mut woken) = Republisher::new();
-        let registry = Registry::with_republisher(republisher);
-        let snapshot = Snapshot::build(&config, &registry, &HashMap::new(), None);
-        let pool = Arc::clone(snapshot.pool("lb").expect("listener lb"));
-        let states: Vec<_> = pool
-            .backends()
-            .iter()
-            .map(|b| Arc::clone(&b.stats))
-            .collect();
-
-        let (locked, is_locked) = std::sync::mpsc::channel();
-        let holder = std::thread::spawn(move || {
-            let guards: Vec<_> = states.iter().map(|s| s.lock_health()).collect();
-            locked.send(()).expect("the test waits for the locks");
-            std::thread::sleep(HOLD);
-            drop(guards);
-        });
-        is_locked.recv().expect("the holder thread locks");
-
-        let clients = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind a client side");
-        let clients_addr = clients.local_addr().expect("client side address");
-        let stop = Signal::new();
-        let started = Instant::now();
-        for turn in 0..20 {
-            let mut client = TcpStream::connect(clients_addr).await.expect("connect");
-            let (accepted, peer) = clients.accept().await.expect("accept");
-            let open = ListenerStats::admit(pool.stats(), 100).expect("under the limit");
-            tokio::spawn(serve(
-                accepted,
-                peer,
-                Arc::clone(&pool),
-                turn,
-                open,
-                Arc::clone(&stop),
-            ));
-            let mut byte = [0_u8; 1];
-            tokio::time::timeout(Duration::from_secs(1), client.read_exact(&mut byte))
-                .await
-                .expect("served without waiting for a lock")
-                .expect("read the backend's byte");
-        }
-        let elapsed = started.elapsed();
-        assert!(
-            elapsed < HOLD,
-            "20 connections took {elapsed:?} while the locks were held"
-        );
-        let refusing_state = &pool.backends()[1].stats;
-        assert!(refusing_state.counters().connect_failures >= 2);
-        assert!(
-            woken.try_recv().is_ok(),
-            "the threshold asked for a republish"
-        );
-        stop.stop();
-        holder.join().expect("the holder thread ends");
-    }
-}

@@ -1,10 +1,10 @@
-//! The data path's threads: one single-threaded tokio runtime per thread ("thread per core").
+//! The data path's threads: one event loop per thread ([`crate::reactor`]), "thread per core".
 //!
 //! Every listener has one listening socket per worker (`SO_REUSEPORT`), and each worker runs an
 //! accept loop on its own socket. The kernel spreads new connections over the sockets, and a
-//! connection lives its whole life on the worker that accepted it: its task is never handed to
-//! another thread, so a readiness event wakes the thread that will do the work, and the
-//! per-thread buffers and pipes of [`crate::proxy`] stay in that core's cache. This is how
+//! connection lives its whole life on the worker that accepted it, so a readiness event wakes
+//! the thread that will do the work, and the per-thread buffers and pipes of [`crate::proxy`]
+//! stay in that core's cache. This is how
 //! HAProxy (`nbthread` with per-thread listeners) and nginx (`reuseport`) spend their cores.
 //! A work-stealing runtime measured 10–25 % fewer short connections and keep-alive requests per
 //! second here, most of the difference being cross-thread wake-ups (see the README's
@@ -20,33 +20,25 @@
 //!
 //! The control plane (control task, health checkers, admin endpoint, reload watcher) stays on the
 //! runtime that calls [`crate::balancer::Balancer::run`]; it reaches the workers only through
-//! [`Handle::spawn`] and the shared snapshot and counters.
+//! their [`Remote`]s and the shared snapshot and counters.
 
 use std::io;
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
 
-use tokio::runtime::{Builder, Handle};
-use tokio::time::MissedTickBehavior;
-use tokio_util::sync::CancellationToken;
+use crate::reactor::{Command, Reactor, Remote};
 
-/// Period of each worker's pacing timer (see [`pace_timers`]).
-const TIMER_PACE: Duration = Duration::from_millis(250);
-
-/// Worker threads, each driving its own current-thread runtime until the set is dropped.
+/// Worker threads, each running its own event loop until the set is dropped.
 #[derive(Debug)]
 pub(crate) struct Workers {
     placement: Placement,
-    /// Cancelled on drop: each worker's runtime then stops and drops the tasks it still has.
-    stop: CancellationToken,
 }
 
-/// Where connections run: the workers' runtimes and how many connections each holds.
+/// Where connections run: the workers and how many connections each holds.
 #[derive(Debug, Clone)]
 pub(crate) struct Placement {
-    handles: Arc<[Handle]>,
+    remotes: Arc<[Remote]>,
     loads: Arc<[Load]>,
 }
 
@@ -99,14 +91,21 @@ impl Placement {
         }
     }
 
-    /// Worker `index`'s runtime; `index` is below [`count`](Placement::count).
-    pub(crate) fn handle(&self, index: usize) -> &Handle {
-        &self.handles[index]
+    /// How to reach worker `index`; `index` is below [`count`](Placement::count).
+    pub(crate) fn remote(&self, index: usize) -> &Remote {
+        &self.remotes[index]
     }
 
     /// How many workers there are.
     pub(crate) fn count(&self) -> usize {
-        self.handles.len()
+        self.remotes.len()
+    }
+
+    /// Sends `command` to every worker.
+    pub(crate) fn broadcast(&self, command: impl Fn() -> Command) {
+        for remote in self.remotes.iter() {
+            remote.send(command());
+        }
     }
 
     /// Open connections on each worker, in worker order.
@@ -139,33 +138,27 @@ fn choose(here: usize, mine: usize, other: usize, theirs: usize) -> usize {
 impl Workers {
     /// Starts `count` workers.
     pub(crate) fn start(count: NonZeroUsize) -> io::Result<Workers> {
-        let stop = CancellationToken::new();
-        // Stops the workers already started if a later one fails.
-        let guard = stop.clone().drop_guard();
-        let mut handles = Vec::with_capacity(count.get());
+        let mut remotes = Vec::with_capacity(count.get());
         for index in 0..count.get() {
-            // I/O and timers only: signals are the control plane's (a signal driver per
-            // worker would only hold another descriptor).
-            let runtime = Builder::new_current_thread()
-                .enable_io()
-                .enable_time()
-                .build()?;
-            let handle = runtime.handle().clone();
-            handle.spawn(pace_timers());
-            let stop = stop.clone();
-            std::thread::Builder::new()
+            let (reactor, remote) = Reactor::new(index)?;
+            let started = std::thread::Builder::new()
                 .name(format!("weighbridge-worker-{index}"))
-                .spawn(move || runtime.block_on(stop.cancelled()))?;
-            handles.push(handle);
+                .spawn(move || reactor.run());
+            if let Err(e) = started {
+                // The workers already started end with their remotes' Exit.
+                for remote in &remotes {
+                    Remote::send(remote, Command::Exit);
+                }
+                return Err(e);
+            }
+            remotes.push(remote);
         }
-        guard.disarm();
         let loads = (0..count.get()).map(|_| Load::default()).collect();
         Ok(Workers {
             placement: Placement {
-                handles: handles.into(),
+                remotes: remotes.into(),
                 loads,
             },
-            stop,
         })
     }
 
@@ -176,28 +169,9 @@ impl Workers {
 }
 
 impl Drop for Workers {
+    /// Each worker closes what it still has and ends.
     fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
-
-/// Keeps a timer due within [`TIMER_PACE`] on the worker, so that registering a connection's
-/// timers does not cost a system call.
-///
-/// tokio's timer driver wakes the I/O driver (an `eventfd` write, then an extra trip through
-/// `epoll_wait`) whenever a timer is registered with a deadline earlier than the one the driver
-/// last parked for, even when the registering thread *is* the driver's thread and it is not
-/// parked (tokio issue #5207). Every connection registers a connect timeout and an idle timer,
-/// and on a quiet worker they are the earliest: 0.75 wake-ups per connection measured with
-/// `perf` on `Connection: close` traffic. With this timer always due soon, the driver never
-/// parks for longer than the pace, and timeouts of `connect_timeout` (≥ 2 s by default) or
-/// `idle_timeout` lie beyond its wake-up: no wake-up is needed. The price is four wake-ups a
-/// second per idle worker.
-async fn pace_timers() {
-    let mut pace = tokio::time::interval(TIMER_PACE);
-    pace.set_missed_tick_behavior(MissedTickBehavior::Skip);
-    loop {
-        pace.tick().await;
+        self.placement.broadcast(|| Command::Exit);
     }
 }
 
@@ -209,28 +183,6 @@ pub(crate) fn default_count() -> NonZeroUsize {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn tasks_run_on_their_own_worker_thread() {
-        let workers = Workers::start(NonZeroUsize::new(2).expect("2 > 0")).expect("workers");
-        let placement = workers.placement();
-        assert_eq!(placement.count(), 2);
-        let names: Vec<String> = (0..2)
-            .map(|index| {
-                let handle = placement.handle(index);
-                let (send, receive) = std::sync::mpsc::channel();
-                handle.spawn(async move {
-                    let name = std::thread::current().name().map(str::to_owned);
-                    send.send(name).expect("the test waits");
-                });
-                receive
-                    .recv_timeout(std::time::Duration::from_secs(5))
-                    .expect("the worker ran the task")
-                    .expect("a named thread")
-            })
-            .collect();
-        assert_eq!(names, ["weighbridge-worker-0", "weighbridge-worker-1"]);
-    }
 
     /// Places `n` connections accepted on the workers in `accepted_on` order, cycling; the
     /// connection's index is its nonce.
@@ -269,22 +221,5 @@ mod tests {
         placed.retain(|p| p.worker() != 2);
         let next = placement.place(0, 1);
         assert_eq!(next.worker(), 2);
-    }
-
-    #[test]
-    fn dropping_the_workers_stops_their_threads() {
-        let workers = Workers::start(NonZeroUsize::MIN).expect("workers");
-        let (send, receive) = std::sync::mpsc::channel::<()>();
-        // The task holds the sender until its runtime drops it.
-        workers.placement().handle(0).spawn(async move {
-            let _send = send;
-            std::future::pending::<()>().await;
-        });
-        drop(workers);
-        assert_eq!(
-            receive.recv_timeout(std::time::Duration::from_secs(5)),
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected),
-            "the runtime stopped and dropped its task"
-        );
     }
 }

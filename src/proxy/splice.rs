@@ -9,11 +9,8 @@ use std::cell::RefCell;
 use std::io;
 use std::os::fd::OwnedFd;
 
+use mio::net::TcpStream;
 use rustix::pipe::{PipeFlags, SpliceFlags, fcntl_setpipe_size, pipe_with, splice};
-use tokio::io::Interest;
-use tokio::net::TcpStream;
-
-use super::relay::Activity;
 
 /// Capacity asked for each pipe, and so the most bytes one `splice` call moves. Larger than
 /// the kernel's 64 KiB default: bulk streams then need fewer system calls per byte. The kernel
@@ -27,74 +24,37 @@ thread_local! {
     static POOL: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Moves `src`'s bytes to `dst` until `src`'s end of stream.
-pub(super) async fn one_way(
-    src: &TcpStream,
-    dst: &TcpStream,
-    activity: &Activity,
-    count: impl Fn(u64),
-) -> io::Result<()> {
-    loop {
-        src.readable().await?;
-        let pipe = Pipe::take()?;
-        // The pipe is empty, so "would block" can only mean the socket has nothing: clearing the
-        // socket's readiness on it (what try_io does) is right.
-        let filled = src.try_io(Interest::READABLE, || {
-            splice(src, None, &pipe.write, None, CHUNK, FLAGS).map_err(io::Error::from)
-        });
-        let n = match filled {
-            Ok(0) => {
-                pipe.give_back();
-                return Ok(());
-            }
-            // No "short read means drained" shortcut here: a splice may also stop early when the
-            // pipe runs out of slots, with bytes still queued on the socket.
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                pipe.give_back();
-                continue;
-            }
-            Err(e) => {
-                pipe.give_back();
-                return Err(e);
-            }
-        };
-        count(n as u64);
-        activity.touch();
-        let mut left = n;
-        while left > 0 {
-            let drained = dst.try_io(Interest::WRITABLE, || {
-                splice(&pipe.read, None, dst, None, left, FLAGS).map_err(io::Error::from)
-            });
-            match drained {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(m) => {
-                    left -= m;
-                    activity.touch();
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => dst.writable().await?,
-                // The pipe still holds bytes: it is dropped (closed), not given back.
-                Err(e) => return Err(e),
-            }
-        }
-        pipe.give_back();
-    }
-}
-
 /// Never block in the kernel (the sockets are non-blocking already; this covers the pipe), and
 /// move pages rather than copy them where the kernel can.
 const FLAGS: SpliceFlags = SpliceFlags::NONBLOCK.union(SpliceFlags::MOVE);
 
+/// What one `splice` call did.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Spliced {
+    /// Moved this many bytes (0 from a socket: its end of stream).
+    Moved(usize),
+    /// The socket had nothing (or took nothing).
+    WouldBlock,
+}
+
+fn spliced(result: rustix::io::Result<usize>) -> io::Result<Spliced> {
+    match result {
+        Ok(n) => Ok(Spliced::Moved(n)),
+        Err(rustix::io::Errno::AGAIN) => Ok(Spliced::WouldBlock),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Both ends of one pipe.
 #[derive(Debug)]
-struct Pipe {
+pub(super) struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
 }
 
 impl Pipe {
     /// An empty pipe from this thread's pool, or a new one.
-    fn take() -> io::Result<Pipe> {
+    pub(super) fn take() -> io::Result<Pipe> {
         if let Some(pipe) = POOL.with_borrow_mut(Vec::pop) {
             return Ok(pipe);
         }
@@ -107,8 +67,21 @@ impl Pipe {
         Ok(Pipe { read, write })
     }
 
+    /// Moves what `src` has (up to the pipe's size) into this empty pipe.
+    pub(super) fn fill_from(&self, src: &TcpStream) -> io::Result<Spliced> {
+        spliced(splice(src, None, &self.write, None, CHUNK, FLAGS))
+    }
+
+    /// Moves up to `left` bytes from the pipe into `dst`.
+    pub(super) fn drain_into(&self, dst: &TcpStream, left: usize) -> io::Result<Spliced> {
+        match spliced(splice(&self.read, None, dst, None, left, FLAGS))? {
+            Spliced::Moved(0) => Err(io::ErrorKind::WriteZero.into()),
+            other => Ok(other),
+        }
+    }
+
     /// Returns an empty pipe to this thread's pool (or closes it if the pool is full).
-    fn give_back(self) {
+    pub(super) fn give_back(self) {
         POOL.with_borrow_mut(|pool| {
             if pool.len() < POOL_MAX {
                 pool.push(self);
