@@ -35,9 +35,9 @@ use crate::config::{self, Config, ListenerConfig};
 use crate::health::Health;
 use crate::health::supervisor::Supervisor;
 use crate::listener::{self, BindError, Bound, Serving};
+use crate::reactor::Command;
 use crate::reload::{ReloadError, ReloadSummary};
 use crate::snapshot::{Snapshot, SnapshotCell};
-use crate::reactor::Command;
 use crate::workers::{self, Placement, Workers};
 
 /// Reload requests waiting for the control task; senders wait when it is full.
@@ -181,7 +181,7 @@ pub struct LastReload {
     pub message: String,
 }
 
-/// An accept loop the control task runs.
+/// A listener the control task runs: one socket per worker, each accepted on by its worker.
 #[derive(Debug)]
 struct Running {
     /// The configured address (port 0 stays 0), to tell whether a reload moved it.
@@ -667,7 +667,10 @@ impl Control {
             match answer.await {
                 Ok(Ok(socket)) => sockets.push(socket),
                 Ok(Err(e)) => warn!(listener = name, error = %e, "accept loop lost its socket"),
-                Err(_) => warn!(listener = name, "worker ended before giving its socket back"),
+                Err(_) => warn!(
+                    listener = name,
+                    "worker ended before giving its socket back"
+                ),
             }
         }
         (!sockets.is_empty()).then(|| Bound {

@@ -22,9 +22,9 @@ pub mod health;
 pub mod histogram;
 pub mod listener;
 pub mod proxy;
+mod reactor;
 pub mod reload;
 pub mod snapshot;
-mod reactor;
 pub mod strategy;
 mod workers;
 

@@ -1,17 +1,15 @@
-//! Listening sockets and their accept loops.
+//! Listening sockets: binding one per worker, and how accept errors are told apart and paced.
 //!
-//! The accept loop only accepts, admits (against `max_connections`) and spawns: everything that
-//! can be slow or fail per connection happens in the connection's own task. Accept errors never
-//! end the loop: connection-level ones (the peer gave up) are skipped, resource exhaustion such as
-//! EMFILE is logged at most once a second and backed off, so a full fd table is neither a busy
-//! loop nor an exit.
+//! The workers ([`crate::reactor`]) accept, admit (against `max_connections`) and start
+//! connections. Accept errors never stop a listener: connection-level ones (the peer gave up)
+//! are skipped, resource exhaustion such as EMFILE is logged at most once a second and backed
+//! off, so a full fd table is neither a busy loop nor an exit.
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpSocket;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 use tracing::error;
@@ -22,7 +20,7 @@ use crate::workers::Placement;
 
 /// Listen backlog: room for a burst of connections while the loop is busy. The kernel caps it at
 /// `net.core.somaxconn` (4096 on current kernels).
-const LISTEN_BACKLOG: u32 = 4096;
+const LISTEN_BACKLOG: i32 = 4096;
 /// First pause after an accept error that is not about one connection.
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
 /// Longest pause after repeated accept errors.
@@ -52,7 +50,7 @@ pub(crate) struct Bound {
     pub(crate) local_addr: SocketAddr,
 }
 
-/// Binds `listener`'s address `sockets` times (one per worker). Must run inside a tokio runtime.
+/// Binds `listener`'s address `sockets` times (one per worker).
 ///
 /// With more than one socket they share the address through `SO_REUSEPORT`, the kernel spreading
 /// new connections over them; the first is bound as configured and the others to the address it
@@ -94,26 +92,31 @@ enum Join {
 }
 
 fn bind_one(addr: SocketAddr, join: Option<Join>) -> io::Result<std::net::TcpListener> {
-    let socket = match addr {
-        SocketAddr::V4(_) => TcpSocket::new_v4(),
-        SocketAddr::V6(_) => TcpSocket::new_v6(),
-    }?;
+    use rustix::net::{AddressFamily, SocketType, sockopt};
+    let family = match addr {
+        SocketAddr::V4(_) => AddressFamily::INET,
+        SocketAddr::V6(_) => AddressFamily::INET6,
+    };
+    let socket = rustix::net::socket(family, SocketType::STREAM, None)?;
     // Lets a restarted balancer bind while old connections linger in TIME_WAIT.
-    socket.set_reuseaddr(true)?;
+    sockopt::set_socket_reuseaddr(&socket, true)?;
     // On Linux an accepted socket inherits TCP_NODELAY from its listener: set here once, it
-    // saves one system call per connection (see `proxy::serve`).
-    socket.set_nodelay(true)?;
+    // saves one system call per connection (see `proxy::Conn::start`).
+    sockopt::set_tcp_nodelay(&socket, true)?;
     if join == Some(Join::BeforeBind) {
-        socket.set_reuseport(true)?;
+        sockopt::set_socket_reuseport(&socket, true)?;
     }
-    socket.bind(addr)?;
+    rustix::net::bind(&socket, &addr)?;
     if join == Some(Join::AfterBind) {
-        socket.set_reuseport(true)?;
+        sockopt::set_socket_reuseport(&socket, true)?;
     }
-    socket.listen(LISTEN_BACKLOG)?.into_std()
+    rustix::net::listen(&socket, LISTEN_BACKLOG)?;
+    let listener = std::net::TcpListener::from(socket);
+    listener.set_nonblocking(true)?;
+    Ok(listener)
 }
 
-/// What every accept loop of a balancer shares.
+/// What every listening socket of a balancer shares.
 #[derive(Debug, Clone)]
 pub(crate) struct Serving {
     /// Where each connection finds its listener's pool.

@@ -1,7 +1,9 @@
 //! One client connection: pick a backend, connect (trying others on failure), relay both ways.
 //!
-//! Everything that can go wrong here stays with this connection: errors are logged and end
-//! this task, never the accept loop or another connection.
+//! [`Conn`] is a state machine its worker ([`crate::reactor`]) drives with readiness events and
+//! one timer; each call does what can be done without waiting and returns. Everything that can
+//! go wrong here stays with this connection: errors are logged and end it, never the worker or
+//! another connection.
 
 mod relay;
 #[cfg(target_os = "linux")]
@@ -319,7 +321,7 @@ impl Conn {
                 }
                 Err(e) => {
                     pool.stats().record_connect_attempt();
-                    connect_failed(&pool, index, attempt, &e.to_string());
+                    connect_failed(&pool, self.access.client, index, attempt, &e.to_string());
                     tried.push(index);
                     attempt += 1;
                 }
@@ -405,8 +407,7 @@ impl Conn {
 
     /// The backend accepted: from now on the connection relays.
     fn connected(&mut self, now: Instant) -> Status {
-        let Phase::Connecting(connecting) = std::mem::replace(&mut self.phase, Phase::Ended)
-        else {
+        let Phase::Connecting(connecting) = std::mem::replace(&mut self.phase, Phase::Ended) else {
             return Status::Open;
         };
         let Connecting {
@@ -436,9 +437,14 @@ impl Conn {
     }
 
     /// The attempt under way failed with `error`: on to the next backend, if any.
-    fn retry(&mut self, registry: &Registry, tokens: Tokens<'_>, error: &str, now: Instant) -> Status {
-        let Phase::Connecting(connecting) = std::mem::replace(&mut self.phase, Phase::Ended)
-        else {
+    fn retry(
+        &mut self,
+        registry: &Registry,
+        tokens: Tokens<'_>,
+        error: &str,
+        now: Instant,
+    ) -> Status {
+        let Phase::Connecting(connecting) = std::mem::replace(&mut self.phase, Phase::Ended) else {
             return Status::Open;
         };
         let Connecting {
@@ -453,13 +459,18 @@ impl Conn {
         // Closing the socket takes it out of the worker's epoll set.
         self.backend = None;
         drop(active);
-        connect_failed(&pool, index, attempt, error);
+        connect_failed(&pool, self.access.client, index, attempt, error);
         tried.push(index);
         self.connect(registry, tokens, pool, turn, tried, attempt + 1, now)
     }
 
     /// The connection's deadline may have passed.
-    pub(crate) fn timer(&mut self, registry: &Registry, tokens: Tokens<'_>, now: Instant) -> Status {
+    pub(crate) fn timer(
+        &mut self,
+        registry: &Registry,
+        tokens: Tokens<'_>,
+        now: Instant,
+    ) -> Status {
         let deadline = self.deadline();
         if now < deadline {
             return Status::Open;
@@ -572,9 +583,7 @@ impl Conn {
 
     /// Shutdown's grace period is over: the connection ends now.
     pub(crate) fn cut(&mut self) {
-        if !matches!(self.phase, Phase::Connecting(_)) || self.access.backend.is_none() {
-            debug!(client = %self.access.client, "shut down");
-        }
+        debug!(client = %self.access.client, "shut down before the connection was done");
         self.access.end = End::ShutDown;
     }
 
@@ -618,12 +627,19 @@ fn out_of_descriptors(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(24 | 23 | 105 | 12))
 }
 
-/// Counts and logs a failed connect attempt to backend `index` of `pool`.
-fn connect_failed(pool: &Pool, index: usize, attempt: u32, error: &str) {
+/// Counts and logs a failed connect attempt to backend `index` of `pool` for `client`.
+fn connect_failed(pool: &Pool, client: SocketAddr, index: usize, attempt: u32, error: &str) {
     let backend = &pool.backends()[index];
     let streak = backend.stats.record_connect_failure();
     pool.stats().record_connect_failure();
-    warn!(listener = %pool.name(), backend = %backend.addr, attempt, %error, "connect failed");
+    warn!(
+        listener = %pool.name(),
+        %client,
+        backend = %backend.addr,
+        attempt,
+        %error,
+        "connect failed"
+    );
     // Passive ejection: the failure that completes the streak asks the control task to eject
     // (exactly one connection sees the count reach the threshold). Atomics and a non-blocking
     // wake-up only: no lock on the connection path.
@@ -698,3 +714,123 @@ impl AccessLine {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::io::{Read, Write};
+    use std::num::NonZeroUsize;
+    use std::path::Path;
+
+    use arc_swap::ArcSwap;
+    use tokio_util::task::TaskTracker;
+
+    use crate::backend::{Registry, Republisher};
+    use crate::listener::{self, Serving};
+    use crate::reactor::Command;
+    use crate::snapshot::Snapshot;
+    use crate::workers::Workers;
+
+    /// How long the health locks are held while connections are served.
+    const HOLD: Duration = Duration::from_millis(1000);
+
+    /// The connection path, passive ejection's part included, never waits for a backend's health
+    /// mutex: with every one of them held by another thread, connections are served at once,
+    /// and the connect failures that reach `max_connect_failures` ask for a republish without
+    /// waiting either. No control task runs here, so nothing but a worker could be the one
+    /// waiting.
+    #[test]
+    fn connections_are_served_while_every_health_lock_is_held() {
+        let backend = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a backend");
+        let backend_addr = backend.local_addr().expect("backend address");
+        std::thread::spawn(move || {
+            for mut stream in backend.incoming().map_while(Result::ok) {
+                if let Err(e) = stream.write_all(b"x") {
+                    eprintln!("test backend: {e}");
+                }
+            }
+        });
+        // Bound and closed: connects to it are refused.
+        let refusing_addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port");
+        let text = format!(
+            "[[listener]]\nname = \"lb\"\nbind = \"127.0.0.1:0\"\nconnect_attempts = 2\n\
+             [listener.passive]\nmax_connect_failures = 2\n\
+             [[listener.backend]]\naddr = \"{backend_addr}\"\n\
+             [[listener.backend]]\naddr = \"{refusing_addr}\"\n"
+        );
+        let config = crate::config::parse(&text, Path::new("t.toml")).expect("valid");
+        let (republisher, mut woken) = Republisher::new();
+        let registry = Registry::with_republisher(republisher);
+        let snapshot = Snapshot::build(&config, &registry, &HashMap::new(), None);
+        let pool = Arc::clone(snapshot.pool("lb").expect("listener lb"));
+        let workers = Workers::start(NonZeroUsize::MIN).expect("a worker");
+        let bound = listener::bind(&config.listeners[0], 1).expect("bind the listener");
+        let lb_addr = bound.local_addr;
+        let serving = Serving {
+            snapshots: Arc::new(ArcSwap::from_pointee(snapshot)),
+            connections: TaskTracker::new(),
+            placement: workers.placement().clone(),
+        };
+        for (id, socket) in bound.sockets.into_iter().enumerate() {
+            let listen = Command::Listen {
+                id: id as u64,
+                name: "lb".to_owned(),
+                socket,
+                serving: serving.clone(),
+            };
+            assert!(workers.placement().remote(0).send(listen));
+        }
+        let states: Vec<_> = pool
+            .backends()
+            .iter()
+            .map(|b| Arc::clone(&b.stats))
+            .collect();
+        let (locked, is_locked) = std::sync::mpsc::channel();
+        let holder = std::thread::spawn(move || {
+            let guards: Vec<_> = states.iter().map(|s| s.lock_health()).collect();
+            locked.send(()).expect("the test waits for the locks");
+            std::thread::sleep(HOLD);
+            drop(guards);
+        });
+        is_locked.recv().expect("the holder thread locks");
+
+        let started = Instant::now();
+        for _ in 0..20 {
+            let mut client = std::net::TcpStream::connect(lb_addr).expect("connect");
+            client
+                .set_read_timeout(Some(Duration::from_secs(1)))
+                .expect("read timeout");
+            let mut byte = [0_u8; 1];
+            client
+                .read_exact(&mut byte)
+                .expect("served without waiting for a lock");
+        }
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed < HOLD,
+            "20 connections took {elapsed:?} while the locks were held"
+        );
+        let refusing_state = &pool.backends()[1].stats;
+        assert!(refusing_state.counters().connect_failures >= 2);
+        assert!(
+            woken.try_recv().is_ok(),
+            "the threshold asked for a republish"
+        );
+        holder.join().expect("the holder thread ends");
+    }
+
+    #[test]
+    fn tokens_keep_the_side_and_the_attempt_parity() {
+        for side in [
+            Side::Client,
+            Side::Backend { odd_attempt: false },
+            Side::Backend { odd_attempt: true },
+        ] {
+            assert_eq!(Side::from_bits(side.bits() | 0b1100), side);
+        }
+        assert_ne!(Side::backend(1), Side::backend(2));
+        assert_eq!(Side::backend(1), Side::backend(3));
+    }
+}

@@ -285,10 +285,11 @@ impl Worker {
                         self.listeners.push(None);
                         self.listeners.len() - 1
                     });
-                if let Err(e) =
-                    poll.registry()
-                        .register(&mut socket, Token(place | LISTENER_BIT), Interest::READABLE)
-                {
+                if let Err(e) = poll.registry().register(
+                    &mut socket,
+                    Token(place | LISTENER_BIT),
+                    Interest::READABLE,
+                ) {
                     error!(listener = %name, error = %e, "cannot watch a listening socket");
                 }
                 self.listeners[place] = Some(Listening {
@@ -567,5 +568,36 @@ impl Worker {
                 Status::Done => self.close(slot),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_ends_on_exit_and_its_remote_says_so_after() {
+        let (reactor, remote) = Reactor::new(0).expect("an epoll instance");
+        let (ended, has_ended) = mpsc::channel();
+        std::thread::spawn(move || {
+            reactor.run();
+            ended.send(()).expect("the test waits");
+        });
+        assert!(remote.send(Command::Exit));
+        has_ended
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the loop returned");
+        assert!(!remote.send(Command::Cut), "nobody receives any more");
+    }
+
+    #[test]
+    fn tokens_of_connections_and_listeners_never_meet() {
+        let highest = conn_token(u32::MAX >> 2, u32::MAX, Side::Backend { odd_attempt: true });
+        assert_eq!(highest.0 & LISTENER_BIT, 0);
+        assert_ne!(highest, WAKER);
+        let token = conn_token(12_345, 7, Side::Client);
+        assert_eq!((token.0 >> 2) & 0x3fff_ffff, 12_345);
+        assert_eq!((token.0 >> 32) & 0x3fff_ffff, 7);
+        assert_ne!(Token(LISTENER_BIT | 3), WAKER);
     }
 }

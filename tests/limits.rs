@@ -11,8 +11,8 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use support::{
-    Mock, Refusing, assert_closed_without_data, bounded, config, connect_identify, data_path,
-    eventually_eq, start_balancer,
+    Mock, Refusing, assert_closed_without_data, black_hole, bounded, config, connect_identify,
+    data_path, eventually_eq, start_balancer,
 };
 
 /// Limit for every test here.
@@ -138,6 +138,53 @@ async fn client_is_closed_when_every_backend_refuses() {
             .await;
         }
         assert_eq!(lb.listener().open, 0);
+        assert_eq!(lb.stop().await.cut_connections, 0);
+    })
+    .await;
+}
+
+/// A backend that never answers the handshake is given up on after `connect_timeout` and the
+/// client is served by the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_timeout_moves_on_to_the_next_backend() {
+    bounded(LIMIT, async {
+        let (_hole, hole_addr, fillers) = black_hole().await;
+        let mock = Mock::identify(5).await;
+        let lb = start_balancer(&config(
+            "weighted_round_robin",
+            "connect_timeout = \"200ms\"\nconnect_attempts = 2",
+            &[(hole_addr, 1.0), (mock.addr, 1.0)],
+        ));
+        // Round robin sends every other client to the black hole first.
+        for client in 0..4 {
+            let (_stream, id) = connect_identify(lb.addr).await;
+            assert_eq!(id, 5, "client {client}");
+        }
+        let hole = lb.backend(hole_addr);
+        assert_eq!((hole.connections, hole.connect_failures), (0, 2));
+        assert_eq!(lb.backend(mock.addr).connections, 4);
+        fillers.iter().for_each(tokio::task::JoinHandle::abort);
+    })
+    .await;
+}
+
+/// The idle timeout runs from the connect, even when it is shorter than the connect timeout the
+/// connection started with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_timeout_shorter_than_connect_timeout_still_applies() {
+    bounded(LIMIT, async {
+        let mock = Mock::identify(3).await;
+        let lb = start_balancer(&config(
+            "weighted_round_robin",
+            "idle_timeout = \"300ms\"\nconnect_timeout = \"30s\"",
+            &[(mock.addr, 1.0)],
+        ));
+        let started = Instant::now();
+        let (mut client, id) = connect_identify(lb.addr).await;
+        assert_eq!(id, 3);
+        // Well before the 30 s connect timeout: the idle timer was not left behind it.
+        assert_closed_without_data(&mut client, Duration::from_secs(10)).await;
+        assert!(started.elapsed() >= IDLE, "closed before the idle timeout");
         assert_eq!(lb.stop().await.cut_connections, 0);
     })
     .await;

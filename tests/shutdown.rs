@@ -17,7 +17,8 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use support::{
-    Mock, assert_closed_without_data, bounded, connect_identify, eventually, eventually_async,
+    Mock, assert_closed_without_data, black_hole, bounded, connect_identify, eventually,
+    eventually_async,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_weighbridge");
@@ -230,26 +231,6 @@ async fn connection_that_never_closes_is_cut_after_the_grace_period_and_exit_is_
         .await;
     })
     .await;
-}
-
-/// A backend that never completes a handshake: its accept queue is full, so further SYNs are
-/// dropped and connects to it hang until they time out.
-async fn black_hole() -> (tokio::net::TcpListener, SocketAddr, Vec<JoinHandle<()>>) {
-    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-    socket
-        .bind("127.0.0.1:0".parse().expect("literal address"))
-        .expect("bind black hole");
-    let listener = socket.listen(0).expect("listen with no backlog");
-    let addr = listener.local_addr().expect("black hole address");
-    // Fill the queue; these connects are never accepted.
-    let fillers = (0..4)
-        .map(|_| {
-            tokio::spawn(async move {
-                drop(TcpStream::connect(addr).await);
-            })
-        })
-        .collect();
-    (listener, addr, fillers)
 }
 
 #[tokio::test]

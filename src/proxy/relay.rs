@@ -283,3 +283,169 @@ pub(crate) fn shutdown_write(stream: &TcpStream) -> io::Result<()> {
         other => other.map_err(io::Error::from),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    /// A connected pair over loopback: (ours, non-blocking, as the worker has it; the peer's).
+    fn pair() -> (TcpStream, std::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let peer =
+            std::net::TcpStream::connect(listener.local_addr().expect("address")).expect("connect");
+        let (ours, _) = listener.accept().expect("accept");
+        ours.set_nonblocking(true).expect("non-blocking");
+        (TcpStream::from_std(ours), peer)
+    }
+
+    /// Polls `pump` until `done` holds, for a few seconds at most: the bytes a peer writes on
+    /// loopback arrive at once, but not necessarily before the next line runs.
+    fn until(mut pump: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !pump() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "condition not met in time"
+            );
+            std::thread::yield_now();
+        }
+    }
+
+    #[test]
+    fn an_end_of_stream_behind_the_last_bytes_is_not_lost() {
+        let (src, mut src_peer) = pair();
+        let (dst, mut dst_peer) = pair();
+        src_peer.write_all(b"last words").expect("write");
+        src_peer.shutdown(std::net::Shutdown::Write).expect("FIN");
+        let mut direction = Direction::default();
+        let mut scratch = vec![0_u8; SCRATCH];
+        let mut counted = 0;
+        // What the event of bytes-and-FIN reports; the kernel says nothing more after it.
+        let mut src_ready = Ready {
+            readable: true,
+            read_closed: true,
+            ..Ready::default()
+        };
+        let mut dst_ready = Ready::writable();
+        let mut ended = false;
+        until(|| {
+            let pumped = direction.pump(
+                &src,
+                &mut src_ready,
+                &dst,
+                &mut dst_ready,
+                Mode::Copy,
+                &mut scratch,
+                &mut |n| counted += n,
+            );
+            // The bytes came in a short read, and the end of stream right after them.
+            ended = pumped.expect("pump") == Pumped::Eof;
+            ended || !src_ready.readable
+        });
+        assert!(ended, "the end of stream was read in the same pass");
+        assert_eq!((direction.moved, counted), (10, 10));
+        let mut got = [0_u8; 10];
+        dst_peer.read_exact(&mut got).expect("the bytes arrived");
+        assert_eq!(&got, b"last words");
+    }
+
+    #[test]
+    fn a_short_read_marks_the_source_drained() {
+        let (src, mut src_peer) = pair();
+        let (dst, _dst_peer) = pair();
+        src_peer.write_all(b"ping").expect("write");
+        let mut direction = Direction::default();
+        let mut scratch = vec![0_u8; SCRATCH];
+        let mut src_ready = Ready {
+            readable: true,
+            ..Ready::default()
+        };
+        let mut dst_ready = Ready::writable();
+        until(|| {
+            let pumped = direction.pump(
+                &src,
+                &mut src_ready,
+                &dst,
+                &mut dst_ready,
+                Mode::Copy,
+                &mut scratch,
+                &mut |_| {},
+            );
+            assert_eq!(pumped.expect("pump"), Pumped::Waiting);
+            if direction.moved == 0 {
+                // Not arrived yet: the "would block" cleared it; the event would set it again.
+                src_ready.readable = true;
+            }
+            direction.moved == 4
+        });
+        assert!(!src_ready.readable, "no read is wasted on an empty socket");
+    }
+
+    #[test]
+    fn back_pressure_buffers_only_until_the_destination_takes_it() {
+        let (src, mut src_peer) = pair();
+        let (dst, mut dst_peer) = pair();
+        let mut direction = Direction::default();
+        let mut scratch = vec![0_u8; SCRATCH];
+        let mut src_ready = Ready::default();
+        let mut dst_ready = Ready::writable();
+        let writer = std::thread::spawn(move || {
+            // More than both sockets' buffers hold; the write ends once it is all taken.
+            let chunk = vec![7_u8; 1 << 20];
+            for _ in 0..16 {
+                if src_peer.write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut pump = |src_ready: &mut Ready, dst_ready: &mut Ready| {
+            direction
+                .pump(
+                    &src,
+                    src_ready,
+                    &dst,
+                    dst_ready,
+                    Mode::Copy,
+                    &mut scratch,
+                    &mut |_| {},
+                )
+                .expect("pump")
+        };
+        // Nobody reads the destination: sooner or later it takes no more.
+        until(|| {
+            src_ready.readable = true;
+            pump(&mut src_ready, &mut dst_ready);
+            !dst_ready.writable
+        });
+        assert!(!direction.pending.is_empty(), "the remainder is kept");
+        let mut sink = vec![0_u8; 1 << 20];
+        let mut received = 0_u64;
+        until(|| {
+            if let Ok(n) = dst_peer.read(&mut sink) {
+                received += n as u64;
+            }
+            dst_ready.writable = true;
+            src_ready.readable = true;
+            direction
+                .pump(
+                    &src,
+                    &mut src_ready,
+                    &dst,
+                    &mut dst_ready,
+                    Mode::Copy,
+                    &mut scratch,
+                    &mut |_| {},
+                )
+                .expect("pump");
+            received == 16 << 20
+        });
+        writer.join().expect("the writer ends");
+        assert_eq!(direction.moved, 16 << 20);
+        assert_eq!(
+            direction.pending.capacity(),
+            0,
+            "no buffer left once drained"
+        );
+    }
+}

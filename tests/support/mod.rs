@@ -602,3 +602,23 @@ pub fn start_balancer_from_file(path: &Path) -> Running {
         .expect("bind the balancer on loopback")
         .with_config_path(path))
 }
+
+/// A backend that never completes a handshake: its accept queue is full, so further SYNs are
+/// dropped and connects to it hang until they time out.
+pub async fn black_hole() -> (TcpListener, SocketAddr, Vec<JoinHandle<()>>) {
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.1:0".parse().expect("literal address"))
+        .expect("bind black hole");
+    let listener = socket.listen(0).expect("listen with no backlog");
+    let addr = listener.local_addr().expect("black hole address");
+    // Fill the queue; these connects are never accepted.
+    let fillers = (0..4)
+        .map(|_| {
+            tokio::spawn(async move {
+                drop(TcpStream::connect(addr).await);
+            })
+        })
+        .collect();
+    (listener, addr, fillers)
+}
