@@ -26,7 +26,7 @@ use crate::backend::{ActiveConn, BackendState, ListenerStats};
 use crate::config::AllUnhealthy;
 use crate::reactor::Counted;
 use crate::snapshot::Pool;
-use relay::{Direction, Mode, Pumped, Ready, shutdown_write};
+use relay::{BUDGET, Direction, Mode, Pumped, Ready, shutdown_write};
 
 pub(crate) use relay::SCRATCH;
 
@@ -114,6 +114,8 @@ impl Side {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Status {
     Open,
+    /// Open, with bytes possibly left to move: [`Conn::resume`] in the next turn of the loop.
+    Again,
     /// Over: the worker closes it with [`Conn::finish`].
     Done,
 }
@@ -518,6 +520,7 @@ impl Conn {
             Ok(Pumped::Waiting)
         } else {
             self.up.pump(
+                BUDGET,
                 &self.client,
                 &mut self.client_ready,
                 backend,
@@ -531,6 +534,7 @@ impl Conn {
             Ok(Pumped::Waiting)
         } else {
             self.down.pump(
+                BUDGET,
                 backend,
                 &mut self.backend_ready,
                 &self.client,
@@ -543,12 +547,14 @@ impl Conn {
         if self.up.moved + self.down.moved != before {
             self.last_active = now;
         }
+        let mut again = false;
         for (pumped, first, dst) in [
             (up, End::ClientClosed, backend),
             (down, End::BackendClosed, &self.client),
         ] {
             match pumped {
                 Ok(Pumped::Waiting) => {}
+                Ok(Pumped::Budget) => again = true,
                 Ok(Pumped::Eof) => {
                     self.last_active = now;
                     if self.first_eof.is_none() {
@@ -578,7 +584,12 @@ impl Conn {
             self.access.end = self.first_eof.unwrap_or(End::ClientClosed);
             return Status::Done;
         }
-        Status::Open
+        if again { Status::Again } else { Status::Open }
+    }
+
+    /// Goes on moving bytes after a [`Status::Again`].
+    pub(crate) fn resume(&mut self, now: Instant, scratch: &mut [u8]) -> Status {
+        self.relay(now, scratch)
     }
 
     /// Shutdown's grace period is over: the connection ends now.

@@ -169,6 +169,7 @@ impl Reactor {
             free: Vec::new(),
             timers: BinaryHeap::new(),
             cut: false,
+            again: Vec::new(),
             scratch: vec![0; proxy::SCRATCH].into_boxed_slice(),
         };
         let mut events = Events::with_capacity(EVENTS);
@@ -205,6 +206,7 @@ impl Reactor {
                     }
                 }
             }
+            worker.resume_all();
             worker.accept_all(&poll);
             worker.fire_timers(&poll);
         }
@@ -243,8 +245,19 @@ struct Worker {
     timers: BinaryHeap<Reverse<(Instant, u32, u32)>>,
     /// Shutdown's grace period is over: connections that arrive now are closed at once.
     cut: bool,
+    /// (slot, generation) of connections that stopped at their budget with bytes possibly left.
+    again: Vec<(u32, u32)>,
     /// Where the copy path reads into, shared by every connection of the worker.
     scratch: Box<[u8]>,
+}
+
+/// The connection in `slot` if it is still the one of `generation`.
+fn live(slots: &mut [Slot], slot: usize, generation: u32) -> Option<&mut Conn> {
+    let entry = slots.get_mut(slot)?;
+    if entry.generation != generation {
+        return None;
+    }
+    entry.conn.as_mut()
 }
 
 /// A connection socket's token: slot, generation and which socket of the connection.
@@ -256,6 +269,9 @@ impl Worker {
     /// How long `epoll_wait` may sleep: until the next timer or paused listener, not at all if a
     /// listener still has connections waiting.
     fn timeout(&self) -> Option<Duration> {
+        if !self.again.is_empty() {
+            return Some(Duration::ZERO);
+        }
         let mut next = self.timers.peek().map(|Reverse((at, _, _))| *at);
         for listener in self.listeners.iter().flatten() {
             match listener.paused_until {
@@ -473,12 +489,11 @@ impl Worker {
         if self.cut {
             conn.cut();
         }
-        let done = status == Status::Done || self.cut;
         self.slots[slot].conn = Some(conn);
-        if done {
+        if self.cut {
             self.close(slot);
         } else {
-            self.schedule(slot);
+            self.after(slot, status);
         }
     }
 
@@ -522,9 +537,37 @@ impl Worker {
             self.now,
             &mut self.scratch,
         );
+        self.after(slot, status);
+    }
+
+    /// What follows a call on the connection in `slot` that returned `status`.
+    fn after(&mut self, slot: usize, status: Status) {
         match status {
             Status::Done => self.close(slot),
             Status::Open => self.schedule(slot),
+            Status::Again => {
+                self.schedule(slot);
+                self.again.push((slot as u32, self.slots[slot].generation));
+            }
+        }
+    }
+
+    /// Pumps again the connections that stopped at their budget in the last turn.
+    fn resume_all(&mut self) {
+        let mut again = std::mem::take(&mut self.again);
+        for &(slot, generation) in &again {
+            let slot = slot as usize;
+            let now = self.now;
+            let Some(conn) = live(&mut self.slots, slot, generation) else {
+                continue;
+            };
+            let status = conn.resume(now, &mut self.scratch);
+            self.after(slot, status);
+        }
+        // Keeps the allocation for the next turn.
+        again.clear();
+        if self.again.is_empty() {
+            self.again = again;
         }
     }
 
@@ -546,11 +589,7 @@ impl Worker {
             }
             self.timers.pop();
             let slot = slot as usize;
-            let entry = &mut self.slots[slot];
-            if entry.generation != generation {
-                continue;
-            }
-            let Some(conn) = entry.conn.as_mut() else {
+            let Some(conn) = live(&mut self.slots, slot, generation) else {
                 continue;
             };
             if conn.timer_at() != at {
@@ -558,15 +597,8 @@ impl Worker {
                 continue;
             }
             let tokens = |side| conn_token(slot as u32, generation, side);
-            match conn.timer(poll.registry(), &tokens, self.now) {
-                Status::Open => {
-                    let deadline = conn.deadline();
-                    conn.set_timer_at(deadline);
-                    self.timers
-                        .push(Reverse((deadline, slot as u32, generation)));
-                }
-                Status::Done => self.close(slot),
-            }
+            let status = conn.timer(poll.registry(), &tokens, self.now);
+            self.after(slot, status);
         }
     }
 }

@@ -94,7 +94,16 @@ pub(crate) enum Pumped {
     Waiting,
     /// The source's end of stream: the direction is done.
     Eof,
+    /// Stopped after [`BUDGET`] reads with more possibly left: the other connections of the
+    /// worker get their turn, and this one is pumped again in the next turn of the loop (no
+    /// new readiness event will come for what is already there).
+    Budget,
 }
+
+/// Reads (or splices) one direction makes per pump before it yields: 16 × 56 KiB is under a
+/// megabyte, so a bulk stream that never runs dry cannot hold up its worker's other
+/// connections for more than a fraction of a millisecond.
+pub(crate) const BUDGET: usize = 16;
 
 /// One direction of a connection.
 #[derive(Debug, Default)]
@@ -113,11 +122,12 @@ pub(crate) struct Direction {
 }
 
 impl Direction {
-    /// Moves what can be moved from `src` to `dst` without waiting; `moved` is called with each
-    /// chunk moved.
+    /// Moves what can be moved from `src` to `dst` without waiting, in at most `budget` reads
+    /// ([`BUDGET`] but in tests); `moved` is called with each chunk moved.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn pump(
         &mut self,
+        budget: usize,
         src: &TcpStream,
         src_ready: &mut Ready,
         dst: &TcpStream,
@@ -126,6 +136,7 @@ impl Direction {
         scratch: &mut [u8],
         moved: &mut dyn FnMut(u64),
     ) -> io::Result<Pumped> {
+        let mut reads = 0;
         loop {
             if !self.pending.is_empty() {
                 if !dst_ready.writable {
@@ -140,11 +151,15 @@ impl Direction {
             }
             #[cfg(target_os = "linux")]
             if self.splicing {
-                return self.splice(src, src_ready, dst, dst_ready, moved);
+                return self.splice(budget, src, src_ready, dst, dst_ready, moved);
             }
             if self.done || !src_ready.readable {
                 return Ok(Pumped::Waiting);
             }
+            if reads == budget {
+                return Ok(Pumped::Budget);
+            }
+            reads += 1;
             let n = match recv(src, scratch) {
                 Ok(0) => {
                     self.done = true;
@@ -182,6 +197,7 @@ impl Direction {
     #[cfg(target_os = "linux")]
     fn splice(
         &mut self,
+        budget: usize,
         src: &TcpStream,
         src_ready: &mut Ready,
         dst: &TcpStream,
@@ -189,6 +205,7 @@ impl Direction {
         moved: &mut dyn FnMut(u64),
     ) -> io::Result<Pumped> {
         use super::splice::{Pipe, Spliced};
+        let mut reads = 0;
         loop {
             if let Some((pipe, left)) = self.pipe.as_mut() {
                 if !dst_ready.writable {
@@ -211,6 +228,10 @@ impl Direction {
             if self.done || !src_ready.readable {
                 return Ok(Pumped::Waiting);
             }
+            if reads == budget {
+                return Ok(Pumped::Budget);
+            }
+            reads += 1;
             let pipe = Pipe::take()?;
             // No "short read means drained" shortcut here: a splice may also stop early when
             // the pipe runs out of slots, with bytes still queued on the socket.
@@ -299,11 +320,11 @@ mod tests {
         (TcpStream::from_std(ours), peer)
     }
 
-    /// Polls `pump` until `done` holds, for a few seconds at most: the bytes a peer writes on
+    /// Calls `done` until it holds, for a few seconds at most: the bytes a peer writes on
     /// loopback arrive at once, but not necessarily before the next line runs.
-    fn until(mut pump: impl FnMut() -> bool) {
+    fn until(mut done: impl FnMut() -> bool) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while !pump() {
+        while !done() {
             assert!(
                 std::time::Instant::now() < deadline,
                 "condition not met in time"
@@ -312,138 +333,151 @@ mod tests {
         }
     }
 
+    /// One direction between two socket pairs: `src_peer` writes into it, `dst_peer` reads
+    /// what it moved.
+    struct Rig {
+        src: TcpStream,
+        src_peer: std::net::TcpStream,
+        src_ready: Ready,
+        dst: TcpStream,
+        dst_peer: std::net::TcpStream,
+        dst_ready: Ready,
+        direction: Direction,
+        scratch: Vec<u8>,
+        counted: u64,
+    }
+
+    impl Rig {
+        fn new() -> Rig {
+            let (src, src_peer) = pair();
+            let (dst, dst_peer) = pair();
+            Rig {
+                src,
+                src_peer,
+                src_ready: Ready::default(),
+                dst,
+                dst_peer,
+                dst_ready: Ready::writable(),
+                direction: Direction::default(),
+                scratch: vec![0; SCRATCH],
+                counted: 0,
+            }
+        }
+
+        /// One pump on the copy path with a budget of `budget` reads.
+        fn pump(&mut self, budget: usize) -> Pumped {
+            let counted = &mut self.counted;
+            self.direction
+                .pump(
+                    budget,
+                    &self.src,
+                    &mut self.src_ready,
+                    &self.dst,
+                    &mut self.dst_ready,
+                    Mode::Copy,
+                    &mut self.scratch,
+                    &mut |n| *counted += n,
+                )
+                .expect("pump")
+        }
+    }
+
     #[test]
     fn an_end_of_stream_behind_the_last_bytes_is_not_lost() {
-        let (src, mut src_peer) = pair();
-        let (dst, mut dst_peer) = pair();
-        src_peer.write_all(b"last words").expect("write");
-        src_peer.shutdown(std::net::Shutdown::Write).expect("FIN");
-        let mut direction = Direction::default();
-        let mut scratch = vec![0_u8; SCRATCH];
-        let mut counted = 0;
+        let mut rig = Rig::new();
+        rig.src_peer.write_all(b"last words").expect("write");
+        rig.src_peer
+            .shutdown(std::net::Shutdown::Write)
+            .expect("FIN");
         // What the event of bytes-and-FIN reports; the kernel says nothing more after it.
-        let mut src_ready = Ready {
-            readable: true,
-            read_closed: true,
-            ..Ready::default()
-        };
-        let mut dst_ready = Ready::writable();
+        rig.src_ready.readable = true;
+        rig.src_ready.read_closed = true;
         let mut ended = false;
         until(|| {
-            let pumped = direction.pump(
-                &src,
-                &mut src_ready,
-                &dst,
-                &mut dst_ready,
-                Mode::Copy,
-                &mut scratch,
-                &mut |n| counted += n,
-            );
-            // The bytes came in a short read, and the end of stream right after them.
-            ended = pumped.expect("pump") == Pumped::Eof;
-            ended || !src_ready.readable
+            // The bytes come in a short read, and the end of stream right after them.
+            ended = rig.pump(BUDGET) == Pumped::Eof;
+            ended || !rig.src_ready.readable
         });
         assert!(ended, "the end of stream was read in the same pass");
-        assert_eq!((direction.moved, counted), (10, 10));
+        assert_eq!((rig.direction.moved, rig.counted), (10, 10));
         let mut got = [0_u8; 10];
-        dst_peer.read_exact(&mut got).expect("the bytes arrived");
+        rig.dst_peer
+            .read_exact(&mut got)
+            .expect("the bytes arrived");
         assert_eq!(&got, b"last words");
     }
 
     #[test]
     fn a_short_read_marks_the_source_drained() {
-        let (src, mut src_peer) = pair();
-        let (dst, _dst_peer) = pair();
-        src_peer.write_all(b"ping").expect("write");
-        let mut direction = Direction::default();
-        let mut scratch = vec![0_u8; SCRATCH];
-        let mut src_ready = Ready {
-            readable: true,
-            ..Ready::default()
-        };
-        let mut dst_ready = Ready::writable();
+        let mut rig = Rig::new();
+        rig.src_peer.write_all(b"ping").expect("write");
         until(|| {
-            let pumped = direction.pump(
-                &src,
-                &mut src_ready,
-                &dst,
-                &mut dst_ready,
-                Mode::Copy,
-                &mut scratch,
-                &mut |_| {},
-            );
-            assert_eq!(pumped.expect("pump"), Pumped::Waiting);
-            if direction.moved == 0 {
-                // Not arrived yet: the "would block" cleared it; the event would set it again.
-                src_ready.readable = true;
-            }
-            direction.moved == 4
+            rig.src_ready.readable = true;
+            assert_eq!(rig.pump(BUDGET), Pumped::Waiting);
+            rig.direction.moved == 4
         });
-        assert!(!src_ready.readable, "no read is wasted on an empty socket");
+        assert!(
+            !rig.src_ready.readable,
+            "no read is wasted on an empty socket"
+        );
+    }
+
+    #[test]
+    fn a_direction_stops_at_its_budget_and_picks_up_where_it_stopped() {
+        let mut rig = Rig::new();
+        rig.src_peer.write_all(&[1_u8; 2 * SCRATCH]).expect("write");
+        // Until both chunks are queued on our side, so that each read is a full one.
+        until(|| rustix::io::ioctl_fionread(&rig.src).is_ok_and(|n| n >= 2 * SCRATCH as u64));
+        rig.src_ready.readable = true;
+        assert_eq!(rig.pump(1), Pumped::Budget);
+        assert!(rig.src_ready.readable, "more may be waiting");
+        assert_eq!(rig.pump(1), Pumped::Budget);
+        // Nothing left: no event will say so, the read that would block does.
+        assert_eq!(rig.pump(1), Pumped::Waiting);
+        assert!(!rig.src_ready.readable);
+        assert_eq!(rig.direction.moved, 2 * SCRATCH as u64);
+        let mut got = vec![0_u8; 2 * SCRATCH];
+        rig.dst_peer
+            .read_exact(&mut got)
+            .expect("everything arrived");
     }
 
     #[test]
     fn back_pressure_buffers_only_until_the_destination_takes_it() {
-        let (src, mut src_peer) = pair();
-        let (dst, mut dst_peer) = pair();
-        let mut direction = Direction::default();
-        let mut scratch = vec![0_u8; SCRATCH];
-        let mut src_ready = Ready::default();
-        let mut dst_ready = Ready::writable();
-        let writer = std::thread::spawn(move || {
-            // More than both sockets' buffers hold; the write ends once it is all taken.
+        const TOTAL: u64 = 16 << 20;
+        let mut rig = Rig::new();
+        let mut writer = rig.src_peer.try_clone().expect("a handle for the writer");
+        let writing = std::thread::spawn(move || {
+            // More than both sockets' buffers hold; the writes end once it is all taken.
             let chunk = vec![7_u8; 1 << 20];
-            for _ in 0..16 {
-                if src_peer.write_all(&chunk).is_err() {
+            for _ in 0..TOTAL >> 20 {
+                if writer.write_all(&chunk).is_err() {
                     break;
                 }
             }
         });
-        let mut pump = |src_ready: &mut Ready, dst_ready: &mut Ready| {
-            direction
-                .pump(
-                    &src,
-                    src_ready,
-                    &dst,
-                    dst_ready,
-                    Mode::Copy,
-                    &mut scratch,
-                    &mut |_| {},
-                )
-                .expect("pump")
-        };
         // Nobody reads the destination: sooner or later it takes no more.
         until(|| {
-            src_ready.readable = true;
-            pump(&mut src_ready, &mut dst_ready);
-            !dst_ready.writable
+            rig.src_ready.readable = true;
+            rig.pump(BUDGET);
+            !rig.dst_ready.writable
         });
-        assert!(!direction.pending.is_empty(), "the remainder is kept");
+        assert!(!rig.direction.pending.is_empty(), "the remainder is kept");
         let mut sink = vec![0_u8; 1 << 20];
         let mut received = 0_u64;
         until(|| {
-            if let Ok(n) = dst_peer.read(&mut sink) {
+            if let Ok(n) = rig.dst_peer.read(&mut sink) {
                 received += n as u64;
             }
-            dst_ready.writable = true;
-            src_ready.readable = true;
-            direction
-                .pump(
-                    &src,
-                    &mut src_ready,
-                    &dst,
-                    &mut dst_ready,
-                    Mode::Copy,
-                    &mut scratch,
-                    &mut |_| {},
-                )
-                .expect("pump");
-            received == 16 << 20
+            rig.dst_ready.writable = true;
+            rig.src_ready.readable = true;
+            rig.pump(BUDGET);
+            received == TOTAL
         });
-        writer.join().expect("the writer ends");
-        assert_eq!(direction.moved, 16 << 20);
+        writing.join().expect("the writer ends");
+        assert_eq!(rig.direction.moved, TOTAL);
         assert_eq!(
-            direction.pending.capacity(),
+            rig.direction.pending.capacity(),
             0,
             "no buffer left once drained"
         );
