@@ -634,7 +634,7 @@ impl Control {
                     socket,
                     serving: serving.clone(),
                 };
-                if !self.placement.remote(worker).send(listen) {
+                if self.placement.remote(worker).send(listen).is_err() {
                     warn!(listener = %name, worker, "worker gone; socket not accepted on");
                 }
                 (worker, id)
@@ -658,6 +658,7 @@ impl Control {
                 .placement
                 .remote(worker)
                 .send(Command::Unlisten { id, reply })
+                .is_ok()
             {
                 replies.push(answer);
             }

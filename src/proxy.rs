@@ -166,8 +166,9 @@ struct Connecting {
     tried: Vec<usize>,
     /// The backend being tried now.
     index: usize,
-    /// Counts the connection active on that backend from the attempt on.
-    active: ActiveConn,
+    /// Counts the connection active on that backend from the attempt on (none while waiting
+    /// for a descriptor).
+    active: Option<ActiveConn>,
     attempt: u32,
     started: Instant,
     deadline: Instant,
@@ -271,40 +272,17 @@ impl Conn {
             let Some((index, backend)) = pool.pick(turn, &tried) else {
                 return self.no_backend(&pool, attempt - 1);
             };
-            let active = BackendState::acquire(&backend.stats);
-            let addr = backend.addr;
-            let started = TcpStream::connect(addr).and_then(|mut stream| {
-                let interest = Interest::READABLE | Interest::WRITABLE;
-                registry.register(&mut stream, tokens(Side::backend(attempt)), interest)?;
-                Ok(stream)
-            });
-            match started {
-                Ok(stream) => {
-                    pool.stats().record_connect_attempt();
-                    self.backend = Some(stream);
-                    self.backend_ready = Ready::default();
-                    self.phase = Phase::Connecting(Box::new(Connecting {
-                        deadline: now + settings.connect_timeout,
-                        pool,
-                        turn,
-                        tried,
-                        index,
-                        active,
-                        attempt,
-                        started: now,
-                        no_socket: false,
-                    }));
-                    return Status::Open;
-                }
+            let mut stream = match TcpStream::connect(backend.addr) {
+                Ok(stream) => stream,
                 // The balancer's own limit, not the backend's fault: nothing is counted against
-                // the backend (passive ejection would otherwise eject healthy backends while the
-                // process is out of descriptors), and the client is kept waiting for a
+                // the backend (passive ejection would otherwise eject healthy backends while
+                // the process is out of descriptors), and the client is kept waiting for a
                 // descriptor rather than closed, which would only free one for the next accept
                 // to take. The accept loop meanwhile backs off on the same error and logs it.
                 Err(e) if out_of_descriptors(&e) => {
-                    let give_up = self.accepted + settings.connect_timeout;
+                    let give_up = later(self.accepted, settings.connect_timeout);
                     if now >= give_up {
-                        return self.no_backend(&pool, attempt);
+                        return self.no_backend(&pool, attempt - 1);
                     }
                     debug!(client = %self.access.client, error = %e, "no descriptor for a backend socket; waiting");
                     self.backend = None;
@@ -314,7 +292,7 @@ impl Conn {
                         turn,
                         tried,
                         index,
-                        active,
+                        active: None,
                         attempt,
                         started: now,
                         no_socket: true,
@@ -326,8 +304,35 @@ impl Conn {
                     connect_failed(&pool, self.access.client, index, attempt, &e.to_string());
                     tried.push(index);
                     attempt += 1;
+                    continue;
                 }
+            };
+            let interest = Interest::READABLE | Interest::WRITABLE;
+            if let Err(e) = registry.register(&mut stream, tokens(Side::backend(attempt)), interest)
+            {
+                // The worker's own epoll set refused it (out of memory, `max_user_watches`):
+                // not the backend's fault either.
+                self.access.end = End::Error;
+                self.access.error = Some(format!("cannot watch the backend socket: {e}"));
+                self.phase = Phase::Ended;
+                return Status::Done;
             }
+            pool.stats().record_connect_attempt();
+            let active = BackendState::acquire(&backend.stats);
+            self.backend = Some(stream);
+            self.backend_ready = Ready::default();
+            self.phase = Phase::Connecting(Box::new(Connecting {
+                deadline: later(now, settings.connect_timeout),
+                pool,
+                turn,
+                tried,
+                index,
+                active: Some(active),
+                attempt,
+                started: now,
+                no_socket: false,
+            }));
+            return Status::Open;
         }
         self.no_backend(&pool, settings.connect_attempts.get())
     }
@@ -351,7 +356,7 @@ impl Conn {
     pub(crate) fn deadline(&self) -> Instant {
         match &self.phase {
             Phase::Connecting(connecting) => connecting.deadline,
-            _ => self.last_active + self.idle,
+            _ => later(self.last_active, self.idle),
         }
     }
 
@@ -420,7 +425,9 @@ impl Conn {
             started,
             ..
         } = *connecting;
-        let addr = pool.backends()[index].addr;
+        let backend = &pool.backends()[index];
+        let addr = backend.addr;
+        let active = active.unwrap_or_else(|| BackendState::acquire(&backend.stats));
         active.stats().record_connected(now.duration_since(started));
         if let Some(backend) = &self.backend
             && let Err(e) = backend.set_nodelay(true)
@@ -515,7 +522,8 @@ impl Conn {
             return Status::Done;
         };
         let stats = active.stats();
-        let before = self.up.moved + self.down.moved;
+        let progress = |c: &Conn| c.up.moved + c.up.written + c.down.moved + c.down.written;
+        let before = progress(self);
         let up = if self.up.done {
             Ok(Pumped::Waiting)
         } else {
@@ -544,7 +552,7 @@ impl Conn {
                 &mut |n| stats.add_bytes_from_backend(n),
             )
         };
-        if self.up.moved + self.down.moved != before {
+        if progress(self) != before {
             self.last_active = now;
         }
         let mut again = false;
@@ -598,6 +606,12 @@ impl Conn {
         self.access.end = End::ShutDown;
     }
 
+    /// A bug (a panic) ended the connection.
+    pub(crate) fn broke(&mut self) {
+        self.access.end = End::Error;
+        self.access.error = Some("internal error: the connection's handler panicked".to_owned());
+    }
+
     /// A setup step failed: the connection ends with `error`.
     fn failed(mut self, error: io::Error) -> Conn {
         self.access.end = End::Error;
@@ -626,6 +640,14 @@ impl Conn {
             self.access.log(open_for);
         }
     }
+}
+
+/// `at` + `d`, or a time too far away to matter if that is beyond what `Instant` holds (a
+/// timeout of a few hundred billion years passes validation).
+fn later(at: Instant, d: Duration) -> Instant {
+    at.checked_add(d)
+        .or_else(|| at.checked_add(Duration::from_secs(100 * 365 * 24 * 3600)))
+        .unwrap_or(at)
 }
 
 /// How long a connection waits before trying again to open a backend socket when the process
@@ -791,7 +813,7 @@ mod tests {
                 socket,
                 serving: serving.clone(),
             };
-            assert!(workers.placement().remote(0).send(listen));
+            assert!(workers.placement().remote(0).send(listen).is_ok());
         }
         let states: Vec<_> = pool
             .backends()
@@ -830,6 +852,16 @@ mod tests {
             "the threshold asked for a republish"
         );
         holder.join().expect("the holder thread ends");
+    }
+
+    #[test]
+    fn a_timeout_too_long_for_the_clock_means_never() {
+        let now = Instant::now();
+        assert!(later(now, Duration::MAX) > now + Duration::from_secs(3600 * 24 * 365));
+        assert_eq!(
+            later(now, Duration::from_secs(1)),
+            now + Duration::from_secs(1)
+        );
     }
 
     #[test]

@@ -50,6 +50,9 @@ const LISTENER_BIT: usize = 1 << 62;
 const ACCEPT_BATCH: usize = 16;
 /// Events taken from the kernel per `epoll_wait`.
 const EVENTS: usize = 1024;
+/// Stale timer entries tolerated beyond twice the open connections (see
+/// [`Worker::prune_timers`]).
+const PRUNE_FLOOR: usize = 1024;
 
 /// What the control plane or another worker asks of a worker.
 pub(crate) enum Command {
@@ -101,16 +104,14 @@ pub(crate) struct Remote {
 }
 
 impl Remote {
-    /// Queues `command` and wakes the worker; false if the worker has ended.
-    pub(crate) fn send(&self, command: Command) -> bool {
-        if self.commands.send(command).is_err() {
-            return false;
-        }
+    /// Queues `command` and wakes the worker; gives the command back if the worker has ended.
+    pub(crate) fn send(&self, command: Command) -> Result<(), Command> {
+        self.commands.send(command).map_err(|e| e.0)?;
         if let Err(e) = self.waker.wake() {
+            // The command waits in the queue until something else wakes the worker.
             error!(error = %e, "cannot wake a worker");
-            return false;
         }
-        true
+        Ok(())
     }
 }
 
@@ -161,17 +162,7 @@ impl Reactor {
             commands,
             index,
         } = self;
-        let mut worker = Worker {
-            index,
-            now: Instant::now(),
-            listeners: Vec::new(),
-            slots: Vec::new(),
-            free: Vec::new(),
-            timers: BinaryHeap::new(),
-            cut: false,
-            again: Vec::new(),
-            scratch: vec![0; proxy::SCRATCH].into_boxed_slice(),
-        };
+        let mut worker = Worker::new(index);
         let mut events = Events::with_capacity(EVENTS);
         loop {
             let timeout = worker.timeout();
@@ -231,6 +222,8 @@ struct Listening {
 struct Slot {
     generation: u32,
     conn: Option<Conn>,
+    /// In the worker's `again` list already.
+    queued: bool,
 }
 
 /// The state of one worker's loop.
@@ -241,14 +234,30 @@ struct Worker {
     listeners: Vec<Option<Listening>>,
     slots: Vec<Slot>,
     free: Vec<u32>,
-    /// (deadline, slot, generation): at most one entry per open connection.
+    /// (deadline, slot, generation): one live entry per open connection, the one at its
+    /// `timer_at`; others are stale and dropped when they come due or are pruned.
     timers: BinaryHeap<Reverse<(Instant, u32, u32)>>,
+    /// Connections open on this worker.
+    open: usize,
     /// Shutdown's grace period is over: connections that arrive now are closed at once.
     cut: bool,
     /// (slot, generation) of connections that stopped at their budget with bytes possibly left.
     again: Vec<(u32, u32)>,
     /// Where the copy path reads into, shared by every connection of the worker.
     scratch: Box<[u8]>,
+}
+
+/// Runs `step` on `conn`; a panic in it ends that connection only ([`Status::Done`]), as a
+/// panicking task did under tokio, instead of the worker and every connection on it.
+fn guarded(conn: &mut Conn, step: impl FnOnce(&mut Conn) -> Status) -> Status {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| step(&mut *conn))) {
+        Ok(status) => status,
+        Err(_) => {
+            error!("a connection's handler panicked; closing that connection");
+            conn.broke();
+            Status::Done
+        }
+    }
 }
 
 /// The connection in `slot` if it is still the one of `generation`.
@@ -266,6 +275,21 @@ fn conn_token(slot: u32, generation: u32, side: Side) -> Token {
 }
 
 impl Worker {
+    fn new(index: usize) -> Worker {
+        Worker {
+            index,
+            now: Instant::now(),
+            listeners: Vec::new(),
+            slots: Vec::new(),
+            free: Vec::new(),
+            timers: BinaryHeap::new(),
+            open: 0,
+            cut: false,
+            again: Vec::new(),
+            scratch: vec![0; proxy::SCRATCH].into_boxed_slice(),
+        }
+    }
+
     /// How long `epoll_wait` may sleep: until the next timer or paused listener, not at all if a
     /// listener still has connections waiting.
     fn timeout(&self) -> Option<Duration> {
@@ -306,7 +330,10 @@ impl Worker {
                     Token(place | LISTENER_BIT),
                     Interest::READABLE,
                 ) {
-                    error!(listener = %name, error = %e, "cannot watch a listening socket");
+                    // Closing it is the best left: the kernel then spreads the listener's
+                    // connections over its other workers' sockets.
+                    error!(listener = %name, worker = self.index, error = %e, "cannot watch a listening socket; closing it");
+                    return;
                 }
                 self.listeners[place] = Some(Listening {
                     id,
@@ -325,30 +352,23 @@ impl Worker {
                     .find(|l| l.as_ref().is_some_and(|l| l.id == id));
                 let result = match found.and_then(Option::take) {
                     Some(mut listening) => {
-                        // Explicitly: the socket stays open, so its close will not do it.
-                        let deregistered = poll.registry().deregister(&mut listening.socket);
+                        // Explicitly: the socket stays open, so its close will not do it. Were
+                        // it to fail, the socket still goes back: its events would only find
+                        // an empty place here, and closing it would close the port.
+                        if let Err(e) = poll.registry().deregister(&mut listening.socket) {
+                            debug!(listener = %listening.name, error = %e, "cannot unwatch a listening socket");
+                        }
                         debug!(listener = %listening.name, worker = self.index, "stopped accepting");
-                        deregistered.map(|()| {
-                            std::net::TcpListener::from(std::os::fd::OwnedFd::from(
-                                listening.socket,
-                            ))
-                        })
+                        Ok(std::net::TcpListener::from(std::os::fd::OwnedFd::from(
+                            listening.socket,
+                        )))
                     }
                     None => Err(io::Error::other("no such listening socket")),
                 };
                 // The control task may have stopped waiting; nothing to do then.
                 drop(reply.send(result));
             }
-            Command::Adopt(adopted) => {
-                let Adopted {
-                    stream,
-                    peer,
-                    pool,
-                    turn,
-                    counted,
-                } = *adopted;
-                self.start(poll, TcpStream::from_std(stream), peer, pool, turn, counted);
-            }
+            Command::Adopt(adopted) => self.adopt(poll, *adopted),
             Command::Cut => {
                 self.cut = true;
                 for slot in 0..self.slots.len() {
@@ -443,14 +463,28 @@ impl Worker {
             turn,
             counted,
         };
-        if !listener
+        let sent = listener
             .serving
             .placement
             .remote(worker)
-            .send(Command::Adopt(Box::new(adopted)))
-        {
-            debug!(client = %peer, worker, "cannot hand a connection over");
+            .send(Command::Adopt(Box::new(adopted)));
+        // That worker has ended (it cannot, short of a bug): served here after all.
+        if let Err(Command::Adopt(adopted)) = sent {
+            error!(client = %peer, worker, "cannot hand a connection over; serving it here");
+            self.adopt(poll, *adopted);
         }
+    }
+
+    /// Serves here a connection accepted by another worker.
+    fn adopt(&mut self, poll: &Poll, adopted: Adopted) {
+        let Adopted {
+            stream,
+            peer,
+            pool,
+            turn,
+            counted,
+        } = adopted;
+        self.start(poll, TcpStream::from_std(stream), peer, pool, turn, counted);
     }
 
     /// Starts serving a connection on this worker.
@@ -463,12 +497,18 @@ impl Worker {
         turn: u64,
         counted: Counted,
     ) {
+        if self.cut {
+            // Shutdown's grace period is over: not even a connect is tried.
+            debug!(client = %peer, "shut down before the connection started");
+            return;
+        }
         let slot = match self.free.pop() {
             Some(slot) => slot as usize,
             None => {
                 self.slots.push(Slot {
                     generation: 0,
                     conn: None,
+                    queued: false,
                 });
                 self.slots.len() - 1
             }
@@ -476,7 +516,7 @@ impl Worker {
         let generation = self.slots[slot].generation;
         // `slot` indexes a table that never holds more than one entry per open descriptor pair.
         let tokens = |side| conn_token(slot as u32, generation, side);
-        let (mut conn, status) = Conn::start(
+        let (conn, status) = Conn::start(
             poll.registry(),
             &tokens,
             stream,
@@ -486,15 +526,9 @@ impl Worker {
             counted,
             self.now,
         );
-        if self.cut {
-            conn.cut();
-        }
         self.slots[slot].conn = Some(conn);
-        if self.cut {
-            self.close(slot);
-        } else {
-            self.after(slot, status);
-        }
+        self.open += 1;
+        self.after(slot, status);
     }
 
     /// Makes sure the connection in `slot` has a timer heap entry due no later than its
@@ -529,14 +563,17 @@ impl Worker {
             return;
         };
         let tokens = |side| conn_token(slot as u32, entry.generation, side);
-        let status = conn.event(
-            poll.registry(),
-            &tokens,
-            Side::from_bits(token.0),
-            event,
-            self.now,
-            &mut self.scratch,
-        );
+        let (now, scratch) = (self.now, &mut self.scratch);
+        let status = guarded(conn, |conn| {
+            conn.event(
+                poll.registry(),
+                &tokens,
+                Side::from_bits(token.0),
+                event,
+                now,
+                scratch,
+            )
+        });
         self.after(slot, status);
     }
 
@@ -547,7 +584,11 @@ impl Worker {
             Status::Open => self.schedule(slot),
             Status::Again => {
                 self.schedule(slot);
-                self.again.push((slot as u32, self.slots[slot].generation));
+                let entry = &mut self.slots[slot];
+                if !entry.queued {
+                    entry.queued = true;
+                    self.again.push((slot as u32, entry.generation));
+                }
             }
         }
     }
@@ -558,10 +599,18 @@ impl Worker {
         for &(slot, generation) in &again {
             let slot = slot as usize;
             let now = self.now;
-            let Some(conn) = live(&mut self.slots, slot, generation) else {
+            let Some(entry) = self.slots.get_mut(slot) else {
                 continue;
             };
-            let status = conn.resume(now, &mut self.scratch);
+            if entry.generation != generation {
+                continue;
+            }
+            entry.queued = false;
+            let Some(conn) = entry.conn.as_mut() else {
+                continue;
+            };
+            let scratch = &mut self.scratch;
+            let status = guarded(conn, |conn| conn.resume(now, scratch));
             self.after(slot, status);
         }
         // Keeps the allocation for the next turn.
@@ -576,10 +625,36 @@ impl Worker {
     fn close(&mut self, slot: usize) {
         let entry = &mut self.slots[slot];
         if let Some(conn) = entry.conn.take() {
-            conn.finish(self.now);
             entry.generation = entry.generation.wrapping_add(1);
+            entry.queued = false;
             self.free.push(slot as u32);
+            self.open -= 1;
+            conn.finish(self.now);
         }
+        self.prune_timers();
+    }
+
+    /// Drops the heap entries of closed connections once they outnumber the open ones.
+    ///
+    /// A closed connection's entry stays until it comes due, up to `idle_timeout` later: with
+    /// many connections living longer than the connect timeout, the heap would hold
+    /// connections per second × `idle_timeout` entries. Pruning when the heap holds more than
+    /// twice the open connections (plus a floor) keeps it proportional to what is open, at an
+    /// amortised cost of a few entries checked per close.
+    fn prune_timers(&mut self) {
+        if self.timers.len() <= 2 * self.open + PRUNE_FLOOR {
+            return;
+        }
+        let slots = &self.slots;
+        self.timers.retain(|Reverse((at, slot, generation))| {
+            slots.get(*slot as usize).is_some_and(|entry| {
+                entry.generation == *generation
+                    && entry
+                        .conn
+                        .as_ref()
+                        .is_some_and(|conn| conn.timer_at() == *at)
+            })
+        });
     }
 
     fn fire_timers(&mut self, poll: &Poll) {
@@ -597,7 +672,8 @@ impl Worker {
                 continue;
             }
             let tokens = |side| conn_token(slot as u32, generation, side);
-            let status = conn.timer(poll.registry(), &tokens, self.now);
+            let now = self.now;
+            let status = guarded(conn, |conn| conn.timer(poll.registry(), &tokens, now));
             self.after(slot, status);
         }
     }
@@ -615,11 +691,45 @@ mod tests {
             reactor.run();
             ended.send(()).expect("the test waits");
         });
-        assert!(remote.send(Command::Exit));
+        assert!(remote.send(Command::Exit).is_ok());
         has_ended
             .recv_timeout(Duration::from_secs(5))
             .expect("the loop returned");
-        assert!(!remote.send(Command::Cut), "nobody receives any more");
+        assert!(
+            matches!(remote.send(Command::Cut), Err(Command::Cut)),
+            "nobody receives any more, and the command comes back"
+        );
+    }
+
+    #[test]
+    fn a_connection_is_queued_for_its_next_turn_once() {
+        let mut worker = Worker::new(0);
+        worker.slots.push(Slot {
+            generation: 3,
+            conn: None,
+            queued: false,
+        });
+        worker.after(0, Status::Again);
+        worker.after(0, Status::Again);
+        assert_eq!(worker.again, [(0, 3)]);
+        assert_eq!(
+            worker.timeout(),
+            Some(Duration::ZERO),
+            "the next turn comes at once"
+        );
+        worker.resume_all();
+        assert!(worker.again.is_empty() && !worker.slots[0].queued);
+    }
+
+    #[test]
+    fn timers_of_closed_connections_are_pruned() {
+        let mut worker = Worker::new(0);
+        let later = worker.now + Duration::from_secs(600);
+        for slot in 0..3 * PRUNE_FLOOR as u32 {
+            worker.timers.push(Reverse((later, slot, 0)));
+        }
+        worker.prune_timers();
+        assert!(worker.timers.is_empty(), "{} left", worker.timers.len());
     }
 
     #[test]

@@ -104,7 +104,8 @@ impl Placement {
     /// Sends `command` to every worker.
     pub(crate) fn broadcast(&self, command: impl Fn() -> Command) {
         for remote in self.remotes.iter() {
-            remote.send(command());
+            // A worker that has ended has nothing left to act on.
+            let _ = remote.send(command());
         }
     }
 
@@ -147,7 +148,8 @@ impl Workers {
             if let Err(e) = started {
                 // The workers already started end with their remotes' Exit.
                 for remote in &remotes {
-                    Remote::send(remote, Command::Exit);
+                    // Already gone if this fails: nothing more to stop.
+                    let _ = Remote::send(remote, Command::Exit);
                 }
                 return Err(e);
             }

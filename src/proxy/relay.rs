@@ -110,8 +110,11 @@ pub(crate) const BUDGET: usize = 16;
 pub(crate) struct Direction {
     /// The source's end of stream has been passed on.
     pub(crate) done: bool,
-    /// Bytes moved so far.
+    /// Bytes read from the source so far.
     pub(crate) moved: u64,
+    /// Bytes written to the destination so far: progress too (a slow reader draining what
+    /// was read earlier keeps the connection from being idle).
+    pub(crate) written: u64,
     /// Bytes read but not yet written; empty (and unallocated) except under back-pressure.
     pending: Vec<u8>,
     /// Moving by splice (a read filled the whole scratch buffer and splice is on).
@@ -143,6 +146,7 @@ impl Direction {
                     return Ok(Pumped::Waiting);
                 }
                 let written = send_now(dst, dst_ready, &self.pending)?;
+                self.written += written as u64;
                 self.pending.drain(..written);
                 if !self.pending.is_empty() {
                     return Ok(Pumped::Waiting);
@@ -184,6 +188,7 @@ impl Direction {
             self.moved += n as u64;
             moved(n as u64);
             let written = send_now(dst, dst_ready, &scratch[..n])?;
+            self.written += written as u64;
             if written < n {
                 self.pending.extend_from_slice(&scratch[written..n]);
             }
@@ -216,7 +221,10 @@ impl Direction {
                         dst_ready.writable = false;
                         return Ok(Pumped::Waiting);
                     }
-                    Spliced::Moved(m) => *left -= m,
+                    Spliced::Moved(m) => {
+                        *left -= m;
+                        self.written += m as u64;
+                    }
                 }
                 if *left > 0 {
                     continue;
