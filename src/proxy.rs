@@ -764,6 +764,92 @@ mod tests {
     use crate::snapshot::Snapshot;
     use crate::workers::Workers;
 
+    /// A worker serving listener `lb` of config `text`, with no control task: (the worker, the
+    /// listener's address, its pool, the republish wake-ups).
+    fn one_worker(
+        text: &str,
+    ) -> (
+        Workers,
+        SocketAddr,
+        Arc<Pool>,
+        tokio::sync::mpsc::Receiver<()>,
+    ) {
+        let config = crate::config::parse(text, Path::new("t.toml")).expect("valid");
+        let (republisher, woken) = Republisher::new();
+        let registry = Registry::with_republisher(republisher);
+        let snapshot = Snapshot::build(&config, &registry, &HashMap::new(), None);
+        let pool = Arc::clone(snapshot.pool("lb").expect("listener lb"));
+        let workers = Workers::start(NonZeroUsize::MIN).expect("a worker");
+        let bound = listener::bind(&config.listeners[0], 1).expect("bind the listener");
+        let serving = Serving {
+            snapshots: Arc::new(ArcSwap::from_pointee(snapshot)),
+            connections: TaskTracker::new(),
+            placement: workers.placement().clone(),
+        };
+        for (id, socket) in bound.sockets.into_iter().enumerate() {
+            let listen = Command::Listen {
+                id: id as u64,
+                name: "lb".to_owned(),
+                socket,
+                serving: serving.clone(),
+            };
+            assert!(workers.placement().remote(0).send(listen).is_ok());
+        }
+        (workers, bound.local_addr, pool, woken)
+    }
+
+    /// Bytes sent through in the budget test.
+    const STREAM: usize = 8 << 20;
+    /// How long the budget test's client waits on a read or a write before it fails.
+    const LIMIT: Option<Duration> = Some(Duration::from_secs(10));
+
+    /// With the crate's test budget of two reads, a few MiB cannot go through in one pump: they
+    /// arrive only if the worker resumes a direction that stopped at its budget, which no new
+    /// readiness event would prompt.
+    #[test]
+    fn a_stream_goes_through_in_budgets() {
+        let backend = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a backend");
+        let backend_addr = backend.local_addr().expect("backend address");
+        // Counts what arrives and answers with the count once the client is done.
+        std::thread::spawn(move || {
+            let Ok((mut stream, _)) = backend.accept() else {
+                return;
+            };
+            let mut buf = vec![0_u8; 1 << 20];
+            let mut total = 0_u64;
+            while let Ok(n) = stream.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                total += n as u64;
+            }
+            if let Err(e) = stream.write_all(&total.to_be_bytes()) {
+                eprintln!("test backend: {e}");
+            }
+        });
+        let text = format!(
+            "[[listener]]\nname = \"lb\"\nbind = \"127.0.0.1:0\"\n\
+             [[listener.backend]]\naddr = \"{backend_addr}\"\n"
+        );
+        let (_workers, lb_addr, _pool, _woken) = one_worker(&text);
+        let mut client = std::net::TcpStream::connect(lb_addr).expect("connect");
+        for timeout in [
+            client.set_read_timeout(LIMIT),
+            client.set_write_timeout(LIMIT),
+        ] {
+            timeout.expect("a socket timeout");
+        }
+        client.write_all(&vec![9_u8; STREAM]).expect("send");
+        client
+            .shutdown(std::net::Shutdown::Write)
+            .expect("end of stream");
+        let mut count = [0_u8; 8];
+        client
+            .read_exact(&mut count)
+            .expect("the backend's count arrives");
+        assert_eq!(u64::from_be_bytes(count), STREAM as u64);
+    }
+
     /// How long the health locks are held while connections are served.
     const HOLD: Duration = Duration::from_millis(1000);
 
@@ -793,28 +879,7 @@ mod tests {
              [[listener.backend]]\naddr = \"{backend_addr}\"\n\
              [[listener.backend]]\naddr = \"{refusing_addr}\"\n"
         );
-        let config = crate::config::parse(&text, Path::new("t.toml")).expect("valid");
-        let (republisher, mut woken) = Republisher::new();
-        let registry = Registry::with_republisher(republisher);
-        let snapshot = Snapshot::build(&config, &registry, &HashMap::new(), None);
-        let pool = Arc::clone(snapshot.pool("lb").expect("listener lb"));
-        let workers = Workers::start(NonZeroUsize::MIN).expect("a worker");
-        let bound = listener::bind(&config.listeners[0], 1).expect("bind the listener");
-        let lb_addr = bound.local_addr;
-        let serving = Serving {
-            snapshots: Arc::new(ArcSwap::from_pointee(snapshot)),
-            connections: TaskTracker::new(),
-            placement: workers.placement().clone(),
-        };
-        for (id, socket) in bound.sockets.into_iter().enumerate() {
-            let listen = Command::Listen {
-                id: id as u64,
-                name: "lb".to_owned(),
-                socket,
-                serving: serving.clone(),
-            };
-            assert!(workers.placement().remote(0).send(listen).is_ok());
-        }
+        let (_workers, lb_addr, pool, mut woken) = one_worker(&text);
         let states: Vec<_> = pool
             .backends()
             .iter()
