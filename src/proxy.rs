@@ -213,18 +213,7 @@ impl Conn {
             last_active: now,
             timer_at: now,
             accepted: now,
-            access: AccessLine {
-                client: peer,
-                listener: Arc::clone(pool.name()),
-                backend: None,
-                connect_time: None,
-                attempts: 0,
-                bytes_up: 0,
-                bytes_down: 0,
-                end: End::ShutDown,
-                error: None,
-                enabled: settings.access_log,
-            },
+            access: AccessLine::new(peer, &pool, End::ShutDown),
             listener_stats: Arc::clone(pool.stats()),
             silent: false,
             _counted: counted,
@@ -691,19 +680,7 @@ pub(crate) fn log_rejected(pool: &Pool, peer: SocketAddr) {
     if !pool.settings().access_log {
         return;
     }
-    let line = AccessLine {
-        client: peer,
-        listener: Arc::clone(pool.name()),
-        backend: None,
-        connect_time: None,
-        attempts: 0,
-        bytes_up: 0,
-        bytes_down: 0,
-        end: End::Rejected,
-        error: None,
-        enabled: true,
-    };
-    line.log(Duration::ZERO);
+    AccessLine::new(peer, pool, End::Rejected).log(Duration::ZERO);
 }
 
 /// What the access log says about one client connection.
@@ -727,6 +704,23 @@ struct AccessLine {
 }
 
 impl AccessLine {
+    /// The line of a connection from `client` to `pool`'s listener, with nothing known yet
+    /// but how it ends if nothing else happens.
+    fn new(client: SocketAddr, pool: &Pool, end: End) -> AccessLine {
+        AccessLine {
+            client,
+            listener: Arc::clone(pool.name()),
+            backend: None,
+            connect_time: None,
+            attempts: 0,
+            bytes_up: 0,
+            bytes_down: 0,
+            end,
+            error: None,
+            enabled: pool.settings().access_log,
+        }
+    }
+
     /// One info line; times in milliseconds, to the microsecond.
     fn log(&self, duration: Duration) {
         let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
