@@ -270,9 +270,18 @@ fn live(slots: &mut [Slot], slot: usize, generation: u32) -> Option<&mut Conn> {
     entry.conn.as_mut()
 }
 
+/// Bits a token keeps of a slot and of a generation: 30 each, clear of [`LISTENER_BIT`] and of
+/// [`WAKER`].
+const MASK: usize = 0x3fff_ffff;
+
 /// A connection socket's token: slot, generation and which socket of the connection.
 fn conn_token(slot: u32, generation: u32, side: Side) -> Token {
-    Token(((generation as usize & 0x3fff_ffff) << 32) | ((slot as usize) << 2) | side.bits())
+    Token(((generation as usize & MASK) << 32) | ((slot as usize) << 2) | side.bits())
+}
+
+/// What a connection socket's token holds: (slot, generation as far as the token keeps it).
+fn conn_of(token: Token) -> (usize, u32) {
+    ((token.0 >> 2) & MASK, ((token.0 >> 32) & MASK) as u32)
 }
 
 impl Worker {
@@ -552,12 +561,11 @@ impl Worker {
     }
 
     fn conn_event(&mut self, poll: &Poll, token: Token, event: &mio::event::Event) {
-        let slot = (token.0 >> 2) & 0x3fff_ffff;
-        let generation = ((token.0 >> 32) & 0x3fff_ffff) as u32;
+        let (slot, generation) = conn_of(token);
         let Some(entry) = self.slots.get_mut(slot) else {
             return;
         };
-        if entry.generation & 0x3fff_ffff != generation {
+        if entry.generation as usize & MASK != generation as usize {
             return;
         }
         let Some(conn) = entry.conn.as_mut() else {
@@ -739,8 +747,7 @@ mod tests {
         assert_eq!(highest.0 & LISTENER_BIT, 0);
         assert_ne!(highest, WAKER);
         let token = conn_token(12_345, 7, Side::Client);
-        assert_eq!((token.0 >> 2) & 0x3fff_ffff, 12_345);
-        assert_eq!((token.0 >> 32) & 0x3fff_ffff, 7);
+        assert_eq!(conn_of(token), (12_345, 7));
         assert_ne!(Token(LISTENER_BIT | 3), WAKER);
     }
 }
