@@ -166,7 +166,12 @@ impl Direction {
             }
             #[cfg(target_os = "linux")]
             if self.splicing {
-                return self.splice(budget, src, src_ready, dst, dst_ready, moved);
+                if let Some(pumped) =
+                    self.splice(budget, &mut reads, src, src_ready, dst, dst_ready, moved)?
+                {
+                    return Ok(pumped);
+                }
+                // No pipe to be had: this chunk is copied, and the next full read tries again.
             }
             if self.done || !src_ready.readable {
                 return Ok(Pumped::Waiting);
@@ -209,28 +214,33 @@ impl Direction {
         }
     }
 
-    /// The splice path of [`Direction::pump`].
+    /// The splice path of [`Direction::pump`], sharing its count of `reads`.
+    ///
+    /// `None` when no pipe can be had (the process is out of descriptors, say) and the pipe of
+    /// the last chunk is empty: the direction is back on the copy path, which needs no
+    /// descriptor, instead of ending a connection the balancer can still serve.
+    #[allow(clippy::too_many_arguments)]
     #[cfg(target_os = "linux")]
     fn splice(
         &mut self,
         budget: usize,
+        reads: &mut usize,
         src: &TcpStream,
         src_ready: &mut Ready,
         dst: &TcpStream,
         dst_ready: &mut Ready,
         moved: &mut dyn FnMut(u64),
-    ) -> io::Result<Pumped> {
+    ) -> io::Result<Option<Pumped>> {
         use super::splice::{Pipe, Spliced};
-        let mut reads = 0;
         loop {
             if let Some((pipe, left)) = self.pipe.as_mut() {
                 if !dst_ready.writable {
-                    return Ok(Pumped::Waiting);
+                    return Ok(Some(Pumped::Waiting));
                 }
                 match pipe.drain_into(dst, *left)? {
                     Spliced::WouldBlock => {
                         dst_ready.writable = false;
-                        return Ok(Pumped::Waiting);
+                        return Ok(Some(Pumped::Waiting));
                     }
                     Spliced::Moved(m) => {
                         *left -= m;
@@ -245,13 +255,20 @@ impl Direction {
                 }
             }
             if self.done || !src_ready.readable {
-                return Ok(Pumped::Waiting);
+                return Ok(Some(Pumped::Waiting));
             }
-            if reads == budget {
-                return Ok(Pumped::Budget);
+            if *reads == budget {
+                return Ok(Some(Pumped::Budget));
             }
-            reads += 1;
-            let pipe = Pipe::take()?;
+            let pipe = match Pipe::take() {
+                Ok(pipe) => pipe,
+                Err(e) => {
+                    tracing::debug!(error = %e, "no pipe for splice; copying instead");
+                    self.splicing = false;
+                    return Ok(None);
+                }
+            };
+            *reads += 1;
             // No "short read means drained" shortcut here: a splice may also stop early when
             // the pipe runs out of slots, with bytes still queued on the socket.
             match pipe.fill_from(src) {
@@ -259,7 +276,7 @@ impl Direction {
                     pipe.give_back();
                     self.done = true;
                     src_ready.readable = false;
-                    return Ok(Pumped::Eof);
+                    return Ok(Some(Pumped::Eof));
                 }
                 Ok(Spliced::Moved(n)) => {
                     self.moved += n as u64;
@@ -269,7 +286,7 @@ impl Direction {
                 Ok(Spliced::WouldBlock) => {
                     pipe.give_back();
                     src_ready.readable = false;
-                    return Ok(Pumped::Waiting);
+                    return Ok(Some(Pumped::Waiting));
                 }
                 Err(e) => {
                     pipe.give_back();
@@ -362,6 +379,7 @@ mod tests {
         dst_peer: std::net::TcpStream,
         dst_ready: Ready,
         direction: Direction,
+        mode: Mode,
         scratch: Vec<u8>,
         counted: u64,
     }
@@ -378,12 +396,13 @@ mod tests {
                 dst_peer,
                 dst_ready: Ready::writable(),
                 direction: Direction::default(),
+                mode: Mode::Copy,
                 scratch: vec![0; SCRATCH],
                 counted: 0,
             }
         }
 
-        /// One pump on the copy path with a budget of `budget` reads.
+        /// One pump in the rig's mode with a budget of `budget` reads.
         fn pump(&mut self, budget: usize) -> Pumped {
             let counted = &mut self.counted;
             self.direction
@@ -393,7 +412,7 @@ mod tests {
                     &mut self.src_ready,
                     &self.dst,
                     &mut self.dst_ready,
-                    Mode::Copy,
+                    self.mode,
                     &mut self.scratch,
                     &mut |n| *counted += n,
                 )
@@ -459,6 +478,33 @@ mod tests {
         rig.dst_peer
             .read_exact(&mut got)
             .expect("everything arrived");
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_direction_with_no_pipe_to_be_had_copies_instead() {
+        let mut rig = Rig::new();
+        rig.mode = Mode::Splice;
+        let sent: Vec<u8> = (0..2 * SCRATCH).map(|i| (i % 251) as u8).collect();
+        rig.src_peer.write_all(&sent).expect("write");
+        until(|| rustix::io::ioctl_fionread(&rig.src).is_ok_and(|n| n >= sent.len() as u64));
+        // The first full read switches the direction to splice; its first pipe is refused.
+        super::super::splice::REFUSE.set(1);
+        until(|| {
+            rig.src_ready.readable = true;
+            rig.pump(8);
+            rig.direction.moved == sent.len() as u64
+        });
+        assert_eq!(super::super::splice::REFUSE.get(), 0, "a pipe was refused");
+        assert!(
+            rig.direction.splicing,
+            "the next full read tried splice again"
+        );
+        let mut got = vec![0_u8; sent.len()];
+        rig.dst_peer
+            .read_exact(&mut got)
+            .expect("everything arrived");
+        assert!(got == sent, "the bytes arrived in order");
     }
 
     #[test]

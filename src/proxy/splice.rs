@@ -24,6 +24,12 @@ thread_local! {
     static POOL: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
 }
 
+#[cfg(test)]
+thread_local! {
+    /// How many of this thread's next [`Pipe::take`]s fail, as in a process out of descriptors.
+    pub(super) static REFUSE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 /// Never block in the kernel (the sockets are non-blocking already; this covers the pipe), and
 /// move pages rather than copy them where the kernel can.
 const FLAGS: SpliceFlags = SpliceFlags::NONBLOCK.union(SpliceFlags::MOVE);
@@ -55,6 +61,10 @@ pub(super) struct Pipe {
 impl Pipe {
     /// An empty pipe from this thread's pool, or a new one.
     pub(super) fn take() -> io::Result<Pipe> {
+        #[cfg(test)]
+        if REFUSE.with(|left| left.replace(left.get().saturating_sub(1))) > 0 {
+            return Err(rustix::io::Errno::MFILE.into());
+        }
         if let Some(pipe) = POOL.with_borrow_mut(Vec::pop) {
             return Ok(pipe);
         }
