@@ -337,6 +337,8 @@ METRICS = [
     ("pp_add_p99_us", "ping-pong added vs DIRECT, p99", "µs", False, 1),
     ("idle_kib", "RSS per idle proxied connection", "KiB", False, 2),
     ("cpu_s_per_gb", "CPU per GB moved (bulk runs, user+sys)", "s/GB", False, 3),
+    ("machine_s_per_gb", "machine CPU per GB (bulk runs: sender, receiver, balancer)", "s/GB",
+     False, 3),
     ("cps_cpu_us", "CPU per new connection (user+sys)", "µs", False, 1),
     ("ka_cpu_us", "CPU per keep-alive request (user+sys)", "µs", False, 2),
 ]
@@ -453,6 +455,11 @@ def cmd_report(args):
     if "HAPROXY_SPLICE" in systems:
         r = paired_ratio(res, "cpu_s_per_gb", subject, ["HAPROXY_SPLICE"], lambda ds: ds[0])
         check("CPU per GB <= HAPROXY_SPLICE", r, lambda x: x <= 1.0)
+        if f"{subject}_SPLICE" in systems:
+            # Like for like: weighbridge's own zero-copy option against HAProxy's.
+            r = paired_ratio(res, "cpu_s_per_gb", f"{subject}_SPLICE", ["HAPROXY_SPLICE"],
+                             lambda ds: ds[0])
+            check(f"CPU per GB, {subject}_SPLICE <= HAPROXY_SPLICE", r, lambda x: x <= 1.0)
     print("\n".join(lines))
 
 
