@@ -11,7 +11,7 @@
 //!
 //! - `bulk/<path>`: 16 MiB from the client through the balancer to a backend that discards them
 //!   and answers with the count, on one connection; reported as throughput. `<path>` is the
-//!   listener's `splice` setting: `copy` (the default) or `splice` (zero copy, Linux).
+//!   listener's `splice` setting: `splice` (zero copy for bulk, the default on Linux) or `copy`.
 //! - `connection`: a new connection through the balancer, one byte each way, closed: the
 //!   per-connection cost (accept, pick, connect, relay set-up, teardown).
 //! - `round_trip`: 64 bytes to an echo backend and back on an open connection: the latency the

@@ -5,6 +5,7 @@
 #   bash benches/compare/run.sh              # full run: REPS=5, 5 s per load run (~12 min, 2 cores)
 #   QUICK=1 bash benches/compare/run.sh      # smoke run: 2 reps, 1 s runs (< 2 min once built)
 #   AA=1 bash benches/compare/run.sh         # A/A: HAProxy against an identical HAProxy (noise floor)
+#   WB_COPY=1 bash benches/compare/run.sh    # one more column: weighbridge with splice = false
 #   WB_SPLICE=1 bash benches/compare/run.sh  # one more column: weighbridge with splice = true
 #
 # Knobs (environment): REPS, DURATION (seconds per iperf3/wrk run), PP_COUNT (ping-pong messages
@@ -25,6 +26,7 @@ PY=(python3 "$HERE/bench.py")
 QUICK=${QUICK:-0}
 AA=${AA:-0}
 WB_SPLICE=${WB_SPLICE:-0}
+WB_COPY=${WB_COPY:-0}
 if [[ $QUICK == 1 ]]; then
     REPS=${REPS:-2}
     DURATION=${DURATION:-1}
@@ -60,6 +62,8 @@ else
     # weighbridge with zero-copy splice on: a column of its own, outside the ratios and targets
     # (which are about weighbridge as configured by default).
     if [[ $WB_SPLICE == 1 ]]; then SYSTEMS+=(WEIGHBRIDGE_SPLICE); fi
+    # ... and with splice off: every byte copied through user space.
+    if [[ $WB_COPY == 1 ]]; then SYSTEMS+=(WEIGHBRIDGE_COPY); fi
 fi
 (( BACKENDS >= 2 && BACKENDS <= 4 )) || { echo "BACKENDS must be 2..4" >&2; exit 2; }
 (( REPS >= 1 && REPS <= 50 )) || { echo "REPS must be 1..50" >&2; exit 2; }
@@ -364,7 +368,7 @@ write_nginx() {     # write_nginx DIR KIND:PORT...
     } >"$d/nginx.conf"
 }
 
-write_weighbridge() {   # write_weighbridge FILE SPLICE(0|1) KIND:PORT...
+write_weighbridge() {   # write_weighbridge FILE SPLICE(''|true|false: '' = the default) KIND:PORT...
     local f=$1 splice=$2 l kind port b
     shift 2
     {
@@ -380,7 +384,7 @@ write_weighbridge() {   # write_weighbridge FILE SPLICE(0|1) KIND:PORT...
             echo 'connect_timeout = "2s"'
             echo 'idle_timeout = "10m"'
             echo "max_connections = $MAXCONN"
-            if (( splice )); then echo "splice = true"; fi
+            if [[ -n $splice ]]; then echo "splice = $splice"; fi
             for b in $(backend_ports "$kind"); do
                 printf '[[listener.backend]]\naddr = "127.0.0.1:%s"\n' "$b"
             done
@@ -397,7 +401,8 @@ if grep -q -- '--log-level' <<<"$WB_HELP"; then WB_FLAGS+=(--log-level error); f
 if grep -q -- '--no-watch' <<<"$WB_HELP"; then WB_FLAGS+=(--no-watch); fi
 # Worker threads = NPROC like the others: explicit where the build has the `threads` key (it
 # rejects unknown keys, so ask --check); its default is one per core anyway. Everything else
-# stays at weighbridge's defaults, `splice` included (only the WEIGHBRIDGE_SPLICE column sets it).
+# stays at weighbridge's defaults, `splice` included (only the WEIGHBRIDGE_SPLICE and
+# WEIGHBRIDGE_COPY columns set it).
 WB_THREADS=0
 printf 'threads = %s\n[[listener]]\nname = "p"\nbind = "127.0.0.1:0"\n[[listener.backend]]\naddr = "127.0.0.1:9"\n' \
     "$NPROC" >"$WORK/threads-probe.toml"
@@ -406,7 +411,7 @@ if timeout 10 "$WB" --config "$WORK/threads-probe.toml" --check >/dev/null 2>&1;
 # start_balancer INSTANCE SYSTEM KIND:PORT...: config in $WORK/INSTANCE/, validated, started,
 # listening; sets LAST_PID (the `timeout` wrapper leading the instance's process group).
 start_balancer() {
-    local inst=$1 sys=$2 d="$WORK/$1" l
+    local inst=$1 sys=$2 d="$WORK/$1" l splice
     shift 2
     mkdir -p "$d"
     case $sys in
@@ -420,8 +425,13 @@ start_balancer() {
             timeout 10 nginx -t -q -p "$d" -c "$d/nginx.conf" -e "$d/error.log" >&2
             start_bg "$inst" nginx -p "$d" -c "$d/nginx.conf" -e "$d/error.log"
             ;;
-        WEIGHBRIDGE | WEIGHBRIDGE_SPLICE)
-            write_weighbridge "$d/weighbridge.toml" "$([[ $sys == WEIGHBRIDGE_SPLICE ]] && echo 1 || echo 0)" "$@"
+        WEIGHBRIDGE | WEIGHBRIDGE_SPLICE | WEIGHBRIDGE_COPY)
+            case $sys in
+                WEIGHBRIDGE_SPLICE) splice=true ;;
+                WEIGHBRIDGE_COPY) splice=false ;;
+                *) splice="" ;;
+            esac
+            write_weighbridge "$d/weighbridge.toml" "$splice" "$@"
             timeout 10 "$WB" --config "$d/weighbridge.toml" --check >/dev/null
             start_bg "$inst" "$WB" --config "$d/weighbridge.toml" "${WB_FLAGS[@]}"
             ;;
