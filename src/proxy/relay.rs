@@ -9,9 +9,9 @@
 //! keeps what it knows in [`Ready`] until a system call says otherwise ("would block").
 //!
 //! Two ways to move the bytes:
-//! - **copy** (portable, the default): `recv` into a buffer, `send` from it.
-//! - **splice** (Linux): `splice(2)` from the source socket into a pipe and from the pipe into
-//!   the destination socket. The bytes never enter user space.
+//! - **copy** (portable; everything with `splice = false`): `recv` into a buffer, `send` from it.
+//! - **splice** (Linux, on by default): `splice(2)` from the source socket into a pipe and from
+//!   the pipe into the destination socket. The bytes never enter user space.
 //!
 //! With splice on, each direction starts on the copy path and switches to splice at its first
 //! read that fills the whole buffer, so request/response traffic of small messages keeps the
