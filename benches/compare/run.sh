@@ -528,7 +528,6 @@ http_load() {   # http_load REP SYS cps|ka: wrk through the balancer to the ngin
         failed "$rep" "$sys" "wrk $kind" "$out"
         return 0
     fi
-    m1=$(machine_cpu)
     [[ $sys == DIRECT ]] || cpu1=$(cpu_of "$sys")
     parsed=$(timeout 10 "${PY[@]}" parse-wrk "$out") ||
         { failed "$rep" "$sys" "wrk $kind" "$out"; return 0; }
