@@ -41,6 +41,9 @@ use crate::proxy::{self, Conn, Side, Status};
 use crate::snapshot::Pool;
 use crate::workers::Placed;
 
+mod table;
+use table::Table;
+
 /// Token of the waker, which [`Remote::send`] fires after queuing a command.
 const WAKER: Token = Token(usize::MAX);
 /// Listener tokens have this bit set; connection tokens do not.
@@ -218,11 +221,9 @@ struct Listening {
     errors: ErrorPacer,
 }
 
-/// A connection's place in the worker's table. `generation` changes each time the place is
-/// reused, so an event or timer meant for an earlier connection is recognised and dropped.
+/// An open connection in the worker's table.
 struct Slot {
-    generation: u32,
-    conn: Option<Conn>,
+    conn: Conn,
     /// In the worker's `again` list already.
     queued: bool,
 }
@@ -233,13 +234,10 @@ struct Worker {
     /// Read once per turn of the loop, after `epoll_wait` returns.
     now: Instant,
     listeners: Vec<Option<Listening>>,
-    slots: Vec<Slot>,
-    free: Vec<u32>,
+    slots: Table<Slot>,
     /// (deadline, slot, generation): one live entry per open connection, the one at its
     /// `timer_at`; others are stale and dropped when they come due or are pruned.
     timers: BinaryHeap<Reverse<(Instant, u32, u32)>>,
-    /// Connections open on this worker.
-    open: usize,
     /// Shutdown's grace period is over: connections that arrive now are closed at once.
     cut: bool,
     /// (slot, generation) of connections that stopped at their budget with bytes possibly left.
@@ -261,13 +259,12 @@ fn guarded(conn: &mut Conn, step: impl FnOnce(&mut Conn) -> Status) -> Status {
     }
 }
 
-/// The connection in `slot` if it is still the one of `generation`.
-fn live(slots: &mut [Slot], slot: usize, generation: u32) -> Option<&mut Conn> {
-    let entry = slots.get_mut(slot)?;
-    if entry.generation != generation {
-        return None;
+/// Puts a connection on the list of those to pump again next turn, unless it is on it already.
+fn queue(again: &mut Vec<(u32, u32)>, queued: &mut bool, slot: usize, generation: u32) {
+    if !*queued {
+        *queued = true;
+        again.push((slot as u32, generation));
     }
-    entry.conn.as_mut()
 }
 
 /// Bits a token keeps of a slot and of a generation: 30 each, clear of [`LISTENER_BIT`] and of
@@ -290,10 +287,8 @@ impl Worker {
             index,
             now: Instant::now(),
             listeners: Vec::new(),
-            slots: Vec::new(),
-            free: Vec::new(),
+            slots: Table::new(),
             timers: BinaryHeap::new(),
-            open: 0,
             cut: false,
             again: Vec::new(),
             scratch: vec![0; proxy::SCRATCH].into_boxed_slice(),
@@ -381,9 +376,10 @@ impl Worker {
             Command::Adopt(adopted) => self.adopt(poll, *adopted),
             Command::Cut => {
                 self.cut = true;
-                for slot in 0..self.slots.len() {
-                    if let Some(conn) = self.slots[slot].conn.as_mut() {
-                        conn.cut();
+                // Highest first: closing the highest open place drops the table's end.
+                for slot in (0..self.slots.len()).rev() {
+                    if let Some((_, entry)) = self.slots.entry(slot) {
+                        entry.conn.cut();
                         self.close(slot);
                     }
                 }
@@ -512,18 +508,7 @@ impl Worker {
             debug!(client = %peer, "shut down before the connection started");
             return;
         }
-        let slot = match self.free.pop() {
-            Some(slot) => slot as usize,
-            None => {
-                self.slots.push(Slot {
-                    generation: 0,
-                    conn: None,
-                    queued: false,
-                });
-                self.slots.len() - 1
-            }
-        };
-        let generation = self.slots[slot].generation;
+        let (slot, generation) = self.slots.vacant();
         // `slot` indexes a table that never holds more than one entry per open descriptor pair.
         let tokens = |side| conn_token(slot as u32, generation, side);
         let (conn, status) = Conn::start(
@@ -536,8 +521,13 @@ impl Worker {
             counted,
             self.now,
         );
-        self.slots[slot].conn = Some(conn);
-        self.open += 1;
+        self.slots.fill(
+            slot,
+            Slot {
+                conn,
+                queued: false,
+            },
+        );
         self.after(slot, status);
     }
 
@@ -547,8 +537,7 @@ impl Worker {
     /// again. Only a deadline earlier than the entry (a connect done, an idle timeout shorter
     /// than what is left of the connect timeout) needs a new entry; the old one is then stale.
     fn schedule(&mut self, slot: usize) {
-        let entry = &mut self.slots[slot];
-        let Some(conn) = entry.conn.as_mut() else {
+        let Some((generation, Slot { conn, .. })) = self.slots.entry(slot) else {
             return;
         };
         let deadline = conn.deadline();
@@ -557,21 +546,18 @@ impl Worker {
         }
         conn.set_timer_at(deadline);
         self.timers
-            .push(Reverse((deadline, slot as u32, entry.generation)));
+            .push(Reverse((deadline, slot as u32, generation)));
     }
 
     fn conn_event(&mut self, poll: &Poll, token: Token, event: &mio::event::Event) {
-        let (slot, generation) = conn_of(token);
-        let Some(entry) = self.slots.get_mut(slot) else {
+        let (slot, masked) = conn_of(token);
+        let Some((generation, Slot { conn, .. })) = self.slots.entry(slot) else {
             return;
         };
-        if entry.generation as usize & MASK != generation as usize {
+        if generation as usize & MASK != masked as usize {
             return;
         }
-        let Some(conn) = entry.conn.as_mut() else {
-            return;
-        };
-        let tokens = |side| conn_token(slot as u32, entry.generation, side);
+        let tokens = |side| conn_token(slot as u32, generation, side);
         let (now, scratch) = (self.now, &mut self.scratch);
         let status = guarded(conn, |conn| {
             conn.event(
@@ -593,10 +579,8 @@ impl Worker {
             Status::Open => self.schedule(slot),
             Status::Again => {
                 self.schedule(slot);
-                let entry = &mut self.slots[slot];
-                if !entry.queued {
-                    entry.queued = true;
-                    self.again.push((slot as u32, entry.generation));
+                if let Some((generation, entry)) = self.slots.entry(slot) {
+                    queue(&mut self.again, &mut entry.queued, slot, generation);
                 }
             }
         }
@@ -608,18 +592,12 @@ impl Worker {
         for &(slot, generation) in &again {
             let slot = slot as usize;
             let now = self.now;
-            let Some(entry) = self.slots.get_mut(slot) else {
+            let Some(entry) = self.slots.get(slot, generation) else {
                 continue;
             };
-            if entry.generation != generation {
-                continue;
-            }
             entry.queued = false;
-            let Some(conn) = entry.conn.as_mut() else {
-                continue;
-            };
             let scratch = &mut self.scratch;
-            let status = guarded(conn, |conn| conn.resume(now, scratch));
+            let status = guarded(&mut entry.conn, |conn| conn.resume(now, scratch));
             self.after(slot, status);
         }
         // Keeps the allocation for the next turn.
@@ -632,12 +610,7 @@ impl Worker {
     /// Ends the connection in `slot`: logs and counts it, closes its sockets (which removes
     /// them from `epoll`: no `epoll_ctl` needed) and frees the slot.
     fn close(&mut self, slot: usize) {
-        let entry = &mut self.slots[slot];
-        if let Some(conn) = entry.conn.take() {
-            entry.generation = entry.generation.wrapping_add(1);
-            entry.queued = false;
-            self.free.push(slot as u32);
-            self.open -= 1;
+        if let Some(Slot { conn, .. }) = self.slots.remove(slot) {
             conn.finish(self.now);
         }
         self.prune_timers();
@@ -651,19 +624,22 @@ impl Worker {
     /// twice the open connections (plus a floor) keeps it proportional to what is open, at an
     /// amortised cost of a few entries checked per close.
     fn prune_timers(&mut self) {
-        if self.timers.len() <= 2 * self.open + PRUNE_FLOOR {
+        let open = self.slots.occupied();
+        if self.timers.len() <= 2 * open + PRUNE_FLOOR {
             return;
         }
         let slots = &self.slots;
         self.timers.retain(|Reverse((at, slot, generation))| {
-            slots.get(*slot as usize).is_some_and(|entry| {
-                entry.generation == *generation
-                    && entry
-                        .conn
-                        .as_ref()
-                        .is_some_and(|conn| conn.timer_at() == *at)
-            })
+            slots
+                .peek(*slot as usize, *generation)
+                .is_some_and(|entry| entry.conn.timer_at() == *at)
         });
+        // A spike's worth of entries is gone: so is its memory, once it is four times what is
+        // left (the heap is at most twice the open connections plus the floor after this).
+        let keep = 2 * (2 * open + PRUNE_FLOOR);
+        if self.timers.capacity() >= 2 * keep {
+            self.timers.shrink_to(keep);
+        }
     }
 
     fn fire_timers(&mut self, poll: &Poll) {
@@ -673,7 +649,7 @@ impl Worker {
             }
             self.timers.pop();
             let slot = slot as usize;
-            let Some(conn) = live(&mut self.slots, slot, generation) else {
+            let Some(Slot { conn, .. }) = self.slots.get(slot, generation) else {
                 continue;
             };
             if conn.timer_at() != at {
@@ -713,21 +689,18 @@ mod tests {
     #[test]
     fn a_connection_is_queued_for_its_next_turn_once() {
         let mut worker = Worker::new(0);
-        worker.slots.push(Slot {
-            generation: 3,
-            conn: None,
-            queued: false,
-        });
-        worker.after(0, Status::Again);
-        worker.after(0, Status::Again);
+        let mut queued = false;
+        queue(&mut worker.again, &mut queued, 0, 3);
+        queue(&mut worker.again, &mut queued, 0, 3);
         assert_eq!(worker.again, [(0, 3)]);
         assert_eq!(
             worker.timeout(),
             Some(Duration::ZERO),
             "the next turn comes at once"
         );
+        // The connection is gone by then: its entry is dropped all the same.
         worker.resume_all();
-        assert!(worker.again.is_empty() && !worker.slots[0].queued);
+        assert!(worker.again.is_empty());
     }
 
     #[test]
