@@ -508,26 +508,24 @@ impl Worker {
             debug!(client = %peer, "shut down before the connection started");
             return;
         }
-        let (slot, generation) = self.slots.vacant();
-        // `slot` indexes a table that never holds more than one entry per open descriptor pair.
-        let tokens = |side| conn_token(slot as u32, generation, side);
-        let (conn, status) = Conn::start(
-            poll.registry(),
-            &tokens,
-            stream,
-            peer,
-            pool,
-            turn,
-            counted,
-            self.now,
-        );
-        self.slots.fill(
-            slot,
-            Slot {
-                conn,
-                queued: false,
-            },
-        );
+        let now = self.now;
+        let (slot, status) = self.slots.insert_with(|slot, generation| {
+            // `slot` indexes a table that never holds more than one entry per open descriptor
+            // pair.
+            let tokens = |side| conn_token(slot as u32, generation, side);
+            let (conn, status) = Conn::start(
+                poll.registry(),
+                &tokens,
+                stream,
+                peer,
+                pool,
+                turn,
+                counted,
+                now,
+            );
+            let queued = false;
+            (Slot { conn, queued }, status)
+        });
         self.after(slot, status);
     }
 
@@ -634,11 +632,11 @@ impl Worker {
                 .peek(*slot as usize, *generation)
                 .is_some_and(|entry| entry.conn.timer_at() == *at)
         });
-        // A spike's worth of entries is gone: so is its memory, once it is four times what is
-        // left (the heap is at most twice the open connections plus the floor after this).
-        let keep = 2 * (2 * open + PRUNE_FLOOR);
-        if self.timers.capacity() >= 2 * keep {
-            self.timers.shrink_to(keep);
+        // A spike's worth of entries is gone: so is its memory.
+        if let Some(capacity) =
+            table::shrunk(self.timers.capacity(), self.timers.len(), PRUNE_FLOOR)
+        {
+            self.timers.shrink_to(capacity);
         }
     }
 
@@ -687,7 +685,7 @@ mod tests {
     }
 
     #[test]
-    fn a_connection_is_queued_for_its_next_turn_once() {
+    fn queue_lists_a_connection_once_and_the_next_turn_empties_the_list() {
         let mut worker = Worker::new(0);
         let mut queued = false;
         queue(&mut worker.again, &mut queued, 0, 3);
@@ -710,8 +708,14 @@ mod tests {
         for slot in 0..3 * PRUNE_FLOOR as u32 {
             worker.timers.push(Reverse((later, slot, 0)));
         }
+        let peak = worker.timers.capacity();
         worker.prune_timers();
         assert!(worker.timers.is_empty(), "{} left", worker.timers.len());
+        assert!(
+            worker.timers.capacity() <= 2 * PRUNE_FLOOR,
+            "capacity {} of {peak} at the peak",
+            worker.timers.capacity()
+        );
     }
 
     #[test]

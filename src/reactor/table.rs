@@ -6,18 +6,26 @@
 //! finds a different generation and is dropped. A place is about 500 bytes. With a plain free
 //! list, a spike of 20,000 connections would leave 10 MB per worker behind for the life of the
 //! process (nginx preallocates `worker_connections` the same way; HAProxy frees). Here a new
-//! connection takes the lowest free place, so open connections gather at the low end and the
-//! places above the highest open one are dropped as soon as they are free; the vector's
-//! capacity follows once it is four times what is left.
+//! connection takes the lowest free place, so new connections fill the low end, and the places
+//! above the highest open one are dropped as soon as they are free; the vector's capacity
+//! follows once it is four times what is left. A connection that stays open keeps the places
+//! below it (they are reused first, never given back) until it closes.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
-/// Capacity (in places) the table keeps however empty it is: a quiet worker does not
-/// reallocate for every few connections.
-const KEEP: usize = 256;
+/// Places below which the table never shrinks its capacity: a quiet worker does not reallocate
+/// for every few connections.
+const FLOOR: usize = 256;
 
-/// A place: what is in it, and how many times it has been vacated.
+/// The capacity to shrink a collection of `len` items to, if its `capacity` is four times what
+/// it needs (and the floor): halfway, so that growing again does not reallocate at once.
+pub(super) fn shrunk(capacity: usize, len: usize, floor: usize) -> Option<usize> {
+    let need = len.max(floor);
+    (capacity >= 4 * need).then_some(2 * need)
+}
+
+/// A place: what is in it, and the generation it was given when it was last taken.
 struct Entry<T> {
     generation: u32,
     value: Option<T>,
@@ -26,14 +34,15 @@ struct Entry<T> {
 /// Places for values of type `T` (a worker's connections).
 pub(super) struct Table<T> {
     entries: Vec<Entry<T>>,
-    /// Vacant places, lowest first. May also hold indices at or past the end, left by
-    /// [`Table::remove`] when it dropped the places above the highest occupied one; those are
-    /// the highest in the heap, so they come out only once every vacant place below them has,
-    /// and are then discarded.
+    /// Vacant places, lowest first. May also hold indices at or past the end, left when
+    /// [`Table::trim`] dropped the places above the highest occupied one; those are the
+    /// highest in the heap, so they come out only once every vacant place below them has, and
+    /// are then discarded.
     vacant: BinaryHeap<Reverse<u32>>,
-    /// The highest generation of any place dropped from the end: a place created again at that
-    /// index starts there, so nothing meant for its earlier occupants matches it.
-    retired: u32,
+    /// The generation the next place taken gets. One counter for the whole table, not one per
+    /// place: a place dropped and created again cannot start over at a generation its earlier
+    /// occupants had, and an (index, generation) pair comes back only after 2^32 connections.
+    stamp: u32,
     occupied: usize,
 }
 
@@ -42,7 +51,7 @@ impl<T> Table<T> {
         Table {
             entries: Vec::new(),
             vacant: BinaryHeap::new(),
-            retired: 0,
+            stamp: 0,
             occupied: 0,
         }
     }
@@ -57,13 +66,27 @@ impl<T> Table<T> {
         self.entries.len()
     }
 
-    /// The lowest vacant place, created if there is none: (index, generation). The place stays
-    /// vacant until [`Table::fill`].
-    pub(super) fn vacant(&mut self) -> (usize, u32) {
+    /// Puts what `make` returns for (index, generation) in the lowest vacant place, created if
+    /// there is none, and gives the index and the rest of what `make` returned.
+    pub(super) fn insert_with<R>(&mut self, make: impl FnOnce(usize, u32) -> (T, R)) -> (usize, R) {
+        let index = self.lowest_vacant();
+        let generation = self.stamp;
+        self.stamp = self.stamp.wrapping_add(1);
+        let (value, rest) = make(index, generation);
+        self.entries[index] = Entry {
+            generation,
+            value: Some(value),
+        };
+        self.occupied += 1;
+        (index, rest)
+    }
+
+    /// The index of the lowest vacant place, pushed at the end if there is none.
+    fn lowest_vacant(&mut self) -> usize {
         while let Some(Reverse(index)) = self.vacant.pop() {
             let index = index as usize;
             match self.entries.get(index) {
-                Some(entry) if entry.value.is_none() => return (index, entry.generation),
+                Some(entry) if entry.value.is_none() => return index,
                 // Cannot be: an index enters the heap when its place is vacated and leaves it
                 // when the place is taken, and the table grows only with an empty heap.
                 Some(_) => debug_assert!(false, "occupied place {index} in the vacant heap"),
@@ -72,19 +95,10 @@ impl<T> Table<T> {
             }
         }
         self.entries.push(Entry {
-            generation: self.retired,
+            generation: self.stamp,
             value: None,
         });
-        (self.entries.len() - 1, self.retired)
-    }
-
-    /// Puts `value` in the place `index` that [`Table::vacant`] gave.
-    pub(super) fn fill(&mut self, index: usize, value: T) {
-        let entry = &mut self.entries[index];
-        debug_assert!(entry.value.is_none(), "place {index} filled twice");
-        if entry.value.replace(value).is_none() {
-            self.occupied += 1;
-        }
+        self.entries.len() - 1
     }
 
     /// The generation of place `index` and what is in it.
@@ -113,13 +127,12 @@ impl<T> Table<T> {
     /// Empties place `index`, gives what was in it, and drops the places above the highest
     /// occupied one.
     pub(super) fn remove(&mut self, index: usize) -> Option<T> {
-        let entry = self.entries.get_mut(index)?;
-        let value = entry.value.take()?;
-        entry.generation = entry.generation.wrapping_add(1);
+        let value = self.entries.get_mut(index)?.value.take()?;
         self.occupied -= 1;
-        self.vacant.push(Reverse(index as u32));
         if index + 1 == self.entries.len() {
             self.trim();
+        } else {
+            self.vacant.push(Reverse(index as u32));
         }
         Some(value)
     }
@@ -128,20 +141,16 @@ impl<T> Table<T> {
     /// times what is left. Each place is dropped at most once per time it was created, so this
     /// costs O(1) per connection, amortised.
     fn trim(&mut self) {
-        while let Some(last) = self.entries.last() {
-            if last.value.is_some() {
-                break;
-            }
-            self.retired = self.retired.max(last.generation);
+        while self.entries.last().is_some_and(|last| last.value.is_none()) {
             self.entries.pop();
         }
         let len = self.entries.len();
-        if self.entries.capacity() >= 4 * len.max(KEEP) {
-            self.entries.shrink_to(2 * len.max(KEEP));
+        if let Some(capacity) = shrunk(self.entries.capacity(), len, FLOOR) {
+            self.entries.shrink_to(capacity);
         }
-        if self.vacant.capacity() >= 4 * len.max(KEEP) {
+        if let Some(capacity) = shrunk(self.vacant.capacity(), len, FLOOR) {
             self.vacant.retain(|Reverse(index)| (*index as usize) < len);
-            self.vacant.shrink_to(2 * len.max(KEEP));
+            self.vacant.shrink_to(capacity);
         }
     }
 }
@@ -153,11 +162,7 @@ mod tests {
     /// Fills `n` places and gives their (index, generation).
     fn fill(table: &mut Table<usize>, n: usize) -> Vec<(usize, u32)> {
         (0..n)
-            .map(|i| {
-                let (index, generation) = table.vacant();
-                table.fill(index, i);
-                (index, generation)
-            })
+            .map(|i| table.insert_with(|_, generation| (i, generation)))
             .collect()
     }
 
@@ -171,7 +176,12 @@ mod tests {
         );
         table.remove(3);
         table.remove(1);
-        assert_eq!(table.vacant(), (1, 1), "1 before 3, one generation on");
+        assert_eq!(
+            fill(&mut table, 1),
+            [(1, 5)],
+            "1 before 3, a new generation"
+        );
+        assert_eq!(fill(&mut table, 1), [(3, 6)]);
     }
 
     #[test]
@@ -220,5 +230,27 @@ mod tests {
                 table.remove(i);
             }
         }
+    }
+
+    #[test]
+    fn generations_go_on_changing_past_the_top_of_the_counter() {
+        let mut table = Table::new();
+        table.stamp = u32::MAX - 1;
+        let generations: Vec<u32> = (0..4)
+            .map(|_| {
+                let (index, generation) = fill(&mut table, 1)[0];
+                table.remove(index);
+                generation
+            })
+            .collect();
+        assert_eq!(generations, [u32::MAX - 1, u32::MAX, 0, 1]);
+    }
+
+    #[test]
+    fn capacity_shrinks_at_four_times_what_is_needed_and_never_below_the_floor() {
+        assert_eq!(shrunk(4096, 1000, 256), Some(2000));
+        assert_eq!(shrunk(3999, 1000, 256), None);
+        assert_eq!(shrunk(1024, 0, 256), Some(512));
+        assert_eq!(shrunk(1000, 0, 256), None);
     }
 }
