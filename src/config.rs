@@ -52,17 +52,10 @@ pub const DEFAULT_MAX_CONNECTIONS: NonZeroUsize = NonZeroUsize::new(10_000).expe
 /// is copied as before and only bulk streams go zero-copy (what HAProxy's `splice-auto` aims
 /// at, without its opt-in).
 ///
-/// Measured with the benchsuite on two 2-core VMs over loopback. On an AMD EPYC (kernel 6.18),
-/// two full runs: copying cost the balancer 1.21–1.34x HAProxy-with-splice's CPU per GB and
-/// its one-stream rate swung between 10.7 and 19.1 Gbit/s from round to round (how the
-/// scheduler placed sender, receiver and worker decided whether the copied bytes were still in
-/// a nearby cache); splicing cost 0.78–0.90x HAProxy-with-splice's CPU per GB and held
-/// 15.2–18.3 Gbit/s. On an Intel Xeon, copying moved 16–20 Gbit/s on one stream against
-/// 14–17.5 spliced at the same CPU per GB, both ahead of HAProxy and nginx. Over a veth pair
-/// (MTU 1500) splice spent about 20 % less CPU per GB on one stream. The price: on the same
-/// host, the receiver of spliced bytes reads pages nobody has touched since the sender wrote
-/// them (iperf3 spent 0.36 s per GB receiving them against 0.13 s for copied ones), so the
-/// whole machine spent 0.76 s per GB either way on the AMD VM. `splice = false` copies.
+/// Why splice is the default, with the measurements: README, "Copy or splice". In short, on a
+/// 2-core AMD VM copying cost the balancer 1.2–1.3x HAProxy-with-splice's CPU per GB and its
+/// one-stream rate swung with where the scheduler put sender, receiver and worker; splicing
+/// cost 0.8–0.9x and held steady. `splice = false` copies.
 /// Elsewhere than Linux the key is accepted and ignored.
 pub const DEFAULT_SPLICE: bool = true;
 
@@ -784,7 +777,7 @@ connect_timeout = "250ms"
 idle_timeout = "1h"
 connect_attempts = 5
 max_connections = 7
-splice = true
+splice = false
 [[listener.backend]]
 addr = "[::1]:9001"
 weight = 2
@@ -796,7 +789,10 @@ weight = 0.5
         assert_eq!(config.shutdown_grace, Duration::from_secs(5));
         assert_eq!(config.threads.map(NonZeroUsize::get), Some(3));
         let l = &config.listeners[0];
-        assert!(l.splice);
+        assert!(
+            !l.splice,
+            "the default is true: false proves the key is read"
+        );
         assert_eq!(l.bind, "[::1]:0".parse::<SocketAddr>().expect("literal"));
         assert_eq!(l.strategy, StrategyKind::CapacityProportional);
         assert_eq!(l.connect_timeout, Duration::from_millis(250));

@@ -455,11 +455,6 @@ def cmd_report(args):
     if "HAPROXY_SPLICE" in systems:
         r = paired_ratio(res, "cpu_s_per_gb", subject, ["HAPROXY_SPLICE"], lambda ds: ds[0])
         check("CPU per GB <= HAPROXY_SPLICE", r, lambda x: x <= 1.0)
-        if f"{subject}_SPLICE" in systems:
-            # Like for like: weighbridge's own zero-copy option against HAProxy's.
-            r = paired_ratio(res, "cpu_s_per_gb", f"{subject}_SPLICE", ["HAPROXY_SPLICE"],
-                             lambda ds: ds[0])
-            check(f"CPU per GB, {subject}_SPLICE <= HAPROXY_SPLICE", r, lambda x: x <= 1.0)
     print("\n".join(lines))
 
 

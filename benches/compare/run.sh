@@ -6,7 +6,6 @@
 #   QUICK=1 bash benches/compare/run.sh      # smoke run: 2 reps, 1 s runs (< 2 min once built)
 #   AA=1 bash benches/compare/run.sh         # A/A: HAProxy against an identical HAProxy (noise floor)
 #   WB_COPY=1 bash benches/compare/run.sh    # one more column: weighbridge with splice = false
-#   WB_SPLICE=1 bash benches/compare/run.sh  # one more column: weighbridge with splice = true
 #
 # Knobs (environment): REPS, DURATION (seconds per iperf3/wrk run), PP_COUNT (ping-pong messages
 # per run), IDLE_CONNS, BACKENDS (2-4), CPS_CONNS, OUT_DIR, KEEP_TMP=1, SKIP_INSTALL=1.
@@ -25,7 +24,6 @@ PY=(python3 "$HERE/bench.py")
 # ------------------------------------------------------------------------------------ settings
 QUICK=${QUICK:-0}
 AA=${AA:-0}
-WB_SPLICE=${WB_SPLICE:-0}
 WB_COPY=${WB_COPY:-0}
 if [[ $QUICK == 1 ]]; then
     REPS=${REPS:-2}
@@ -59,10 +57,8 @@ else
     SYSTEMS=(DIRECT HAPROXY HAPROXY_SPLICE NGINX WEIGHBRIDGE)
     SUBJECT=WEIGHBRIDGE
     BASELINES=HAPROXY,HAPROXY_SPLICE,NGINX
-    # weighbridge with zero-copy splice on: a column of its own, outside the ratios and targets
-    # (which are about weighbridge as configured by default).
-    if [[ $WB_SPLICE == 1 ]]; then SYSTEMS+=(WEIGHBRIDGE_SPLICE); fi
-    # ... and with splice off: every byte copied through user space.
+    # weighbridge with splice off (every byte copied through user space): a column of its own,
+    # outside the ratios and targets, which are about weighbridge as configured by default.
     if [[ $WB_COPY == 1 ]]; then SYSTEMS+=(WEIGHBRIDGE_COPY); fi
 fi
 (( BACKENDS >= 2 && BACKENDS <= 4 )) || { echo "BACKENDS must be 2..4" >&2; exit 2; }
@@ -401,8 +397,8 @@ if grep -q -- '--log-level' <<<"$WB_HELP"; then WB_FLAGS+=(--log-level error); f
 if grep -q -- '--no-watch' <<<"$WB_HELP"; then WB_FLAGS+=(--no-watch); fi
 # Worker threads = NPROC like the others: explicit where the build has the `threads` key (it
 # rejects unknown keys, so ask --check); its default is one per core anyway. Everything else
-# stays at weighbridge's defaults, `splice` included (only the WEIGHBRIDGE_SPLICE and
-# WEIGHBRIDGE_COPY columns set it).
+# stays at weighbridge's defaults, `splice` included (only the WEIGHBRIDGE_COPY column sets
+# it).
 WB_THREADS=0
 printf 'threads = %s\n[[listener]]\nname = "p"\nbind = "127.0.0.1:0"\n[[listener.backend]]\naddr = "127.0.0.1:9"\n' \
     "$NPROC" >"$WORK/threads-probe.toml"
@@ -425,12 +421,9 @@ start_balancer() {
             timeout 10 nginx -t -q -p "$d" -c "$d/nginx.conf" -e "$d/error.log" >&2
             start_bg "$inst" nginx -p "$d" -c "$d/nginx.conf" -e "$d/error.log"
             ;;
-        WEIGHBRIDGE | WEIGHBRIDGE_SPLICE | WEIGHBRIDGE_COPY)
-            case $sys in
-                WEIGHBRIDGE_SPLICE) splice=true ;;
-                WEIGHBRIDGE_COPY) splice=false ;;
-                *) splice="" ;;
-            esac
+        WEIGHBRIDGE | WEIGHBRIDGE_COPY)
+            splice=""
+            if [[ $sys == WEIGHBRIDGE_COPY ]]; then splice=false; fi
             write_weighbridge "$d/weighbridge.toml" "$splice" "$@"
             timeout 10 "$WB" --config "$d/weighbridge.toml" --check >/dev/null
             start_bg "$inst" "$WB" --config "$d/weighbridge.toml" "${WB_FLAGS[@]}"
@@ -483,7 +476,7 @@ declare -A CPU_S MACHINE_S BYTES   # per system, summed over the two bulk runs o
 
 # machine_cpu: CPU seconds the whole machine has spent so far, every process and the kernel's
 # interrupt work (loopback TCP runs there) included: user + nice + system + irq + softirq.
-# Read in the shell, so that measuring starts no process of its own.
+# Read in the shell: the `awk` that does the arithmetic starts after the counters are read.
 machine_cpu() {
     local _cpu user nice system _idle _iowait irq softirq _rest
     read -r _cpu user nice system _idle _iowait irq softirq _rest </proc/stat
