@@ -6,9 +6,15 @@
 #   QUICK=1 bash benches/compare/run.sh      # smoke run: 2 reps, 1 s runs (< 2 min once built)
 #   AA=1 bash benches/compare/run.sh         # A/A: HAProxy against an identical HAProxy (noise floor)
 #   WB_COPY=1 bash benches/compare/run.sh    # one more column: weighbridge with splice = false
+#   TCP_CC=cubic bash benches/compare/run.sh # every socket on another congestion control (root)
 #
 # Knobs (environment): REPS, DURATION (seconds per iperf3/wrk run), PP_COUNT (ping-pong messages
-# per run), IDLE_CONNS, BACKENDS (2-4), CPS_CONNS, OUT_DIR, KEEP_TMP=1, SKIP_INSTALL=1.
+# per run), IDLE_CONNS, BACKENDS (2-4), CPS_CONNS, OUT_DIR, KEEP_TMP=1, SKIP_INSTALL=1, TCP_CC.
+#
+# TCP_CC sets the machine's default TCP congestion control (net.ipv4.tcp_congestion_control) for
+# the run and puts it back at exit. It applies to every socket of every system alike. It matters
+# on loopback: BBR paces each socket with a high-resolution timer, and a balancer is two paced
+# hops where DIRECT is one. The report names the one that was in force.
 #
 # It installs what is missing (Debian/apt, as root), builds weighbridge in release mode, starts
 # every backend and balancer itself on free 127.0.0.1 ports, runs every workload for every system
@@ -25,6 +31,8 @@ PY=(python3 "$HERE/bench.py")
 QUICK=${QUICK:-0}
 AA=${AA:-0}
 WB_COPY=${WB_COPY:-0}
+TCP_CC=${TCP_CC:-}
+CC_SYSCTL=/proc/sys/net/ipv4/tcp_congestion_control
 if [[ $QUICK == 1 ]]; then
     REPS=${REPS:-2}
     DURATION=${DURATION:-1}
@@ -75,6 +83,7 @@ die() { log "error: $*"; exit 1; }
 PIDS=()            # one `timeout` wrapper per background service; each leads its process group
 ALL_PORTS=()       # every port this run listens on, checked again at exit
 CREATED_POLICY=0   # whether we wrote /usr/sbin/policy-rc.d and must remove it
+CC_BEFORE=""       # the congestion control TCP_CC replaced, put back at exit
 WORK=""
 FAILURES=0
 
@@ -108,6 +117,10 @@ cleanup() {
         wait "$pid" 2>/dev/null
     done
     if (( CREATED_POLICY )); then rm -f /usr/sbin/policy-rc.d; fi
+    if [[ -n $CC_BEFORE ]] && ! echo "$CC_BEFORE" >"$CC_SYSCTL"; then
+        log "warning: could not put net.ipv4.tcp_congestion_control back to $CC_BEFORE"
+        rc=1
+    fi
     for p in "${ALL_PORTS[@]}"; do
         if [[ -n $(ss -Hltn "sport = :$p" 2>/dev/null) ]]; then
             log "warning: port $p is still listening after cleanup"
@@ -208,7 +221,20 @@ raise_nofile() {
         die "open-file limit $NOFILE is too low for IDLE_CONNS=$IDLE_CONNS; lower IDLE_CONNS"
 }
 
+set_congestion_control() {
+    local now
+    now=$(cat "$CC_SYSCTL")
+    [[ -n $TCP_CC && $TCP_CC != "$now" ]] || return 0
+    grep -qw -- "$TCP_CC" /proc/sys/net/ipv4/tcp_available_congestion_control ||
+        die "TCP_CC=$TCP_CC: not one of $(cat /proc/sys/net/ipv4/tcp_available_congestion_control)"
+    (( EUID == 0 )) || die "TCP_CC needs root (it sets net.ipv4.tcp_congestion_control)"
+    CC_BEFORE=$now
+    echo "$TCP_CC" >"$CC_SYSCTL" || die "cannot set net.ipv4.tcp_congestion_control to $TCP_CC"
+    log "TCP congestion control: $TCP_CC for this run (was $CC_BEFORE)"
+}
+
 install_missing
+set_congestion_control
 command -v cargo >/dev/null || die "cargo not found: install a Rust toolchain (https://rustup.rs)"
 # The revision measured, taken when it is built (the tree may move on while the run goes).
 WB_REV="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')"
@@ -659,6 +685,11 @@ REPORT="$OUT_DIR/report.md"
     echo
     echo "- machine: $NPROC cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), kernel $(uname -r)"
     echo "- $(haproxy -v | head -n 1 | awk '{print "HAProxy " $3}'), $(nginx -v 2>&1 | sed 's|.*nginx/|nginx |'), $(iperf3 --version | head -n 1 | awk '{print "iperf3 " $2}'), $(wrk -v 2>&1 | head -n 1 | awk '{print "wrk " $2}'), weighbridge $WB_REV"
+    if [[ -n $CC_BEFORE ]]; then
+        echo "- TCP congestion control: $(cat "$CC_SYSCTL") (TCP_CC; the machine's default is $CC_BEFORE)"
+    else
+        echo "- TCP congestion control: $(cat "$CC_SYSCTL") (the machine's default)"
+    fi
     echo "- REPS=$REPS (median of rounds; ratios are medians of per-round paired ratios), ${DURATION}s per iperf3/wrk run, ping-pong $PP_COUNT msgs, $IDLE_CONNS idle connections, $BACKENDS backends, $NPROC threads/workers per balancer; took ${ELAPSED}s"
     echo "- other processes used ${FOREIGN[*]} of the machine's CPU during rounds 1..$REPS; load average (1/5/15 min) before: $LOAD_START, after: $LOAD_END"
     if printf '%s\n' "${FOREIGN[@]}" | tr -d % | awk '$1 > 10 { f = 1 } END { exit !f }'; then
