@@ -222,11 +222,11 @@ raise_nofile() {
 }
 
 set_congestion_control() {
-    local now
-    now=$(cat "$CC_SYSCTL")
-    [[ -n $TCP_CC && $TCP_CC != "$now" ]] || return 0
-    grep -qw -- "$TCP_CC" /proc/sys/net/ipv4/tcp_available_congestion_control ||
-        die "TCP_CC=$TCP_CC: not one of $(cat /proc/sys/net/ipv4/tcp_available_congestion_control)"
+    local now available=/proc/sys/net/ipv4/tcp_available_congestion_control
+    [[ -n $TCP_CC ]] || return 0
+    now=$(cat "$CC_SYSCTL" 2>/dev/null) || die "TCP_CC needs $CC_SYSCTL (Linux)"
+    [[ $TCP_CC != "$now" ]] || return 0
+    grep -qw -- "$TCP_CC" "$available" || die "TCP_CC=$TCP_CC: not one of $(cat "$available")"
     (( EUID == 0 )) || die "TCP_CC needs root (it sets net.ipv4.tcp_congestion_control)"
     CC_BEFORE=$now
     echo "$TCP_CC" >"$CC_SYSCTL" || die "cannot set net.ipv4.tcp_congestion_control to $TCP_CC"
@@ -688,7 +688,7 @@ REPORT="$OUT_DIR/report.md"
     if [[ -n $CC_BEFORE ]]; then
         echo "- TCP congestion control: $(cat "$CC_SYSCTL") (TCP_CC; the machine's default is $CC_BEFORE)"
     else
-        echo "- TCP congestion control: $(cat "$CC_SYSCTL") (the machine's default)"
+        echo "- TCP congestion control: $(cat "$CC_SYSCTL" 2>/dev/null || echo unknown) (the machine's default)"
     fi
     echo "- REPS=$REPS (median of rounds; ratios are medians of per-round paired ratios), ${DURATION}s per iperf3/wrk run, ping-pong $PP_COUNT msgs, $IDLE_CONNS idle connections, $BACKENDS backends, $NPROC threads/workers per balancer; took ${ELAPSED}s"
     echo "- other processes used ${FOREIGN[*]} of the machine's CPU during rounds 1..$REPS; load average (1/5/15 min) before: $LOAD_START, after: $LOAD_END"
