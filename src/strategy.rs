@@ -83,6 +83,17 @@ impl StrategyKind {
     /// read by load-aware strategies. Both slices have one entry per backend.
     pub fn build(self, weights: &[f64], live: &[Arc<BackendState>]) -> Box<dyn Strategy> {
         debug_assert_eq!(weights.len(), live.len());
+        // Each weight is finite, but their sum need not be (two weights of 1e308): the samplers'
+        // cumulative sums would then fail and the pool would route nothing. Only the ratios
+        // matter, so such weights are scaled down to a largest weight of 1.
+        let scaled: Vec<f64>;
+        let weights = if weights.iter().sum::<f64>().is_finite() {
+            weights
+        } else {
+            let max = weights.iter().copied().fold(0.0, f64::max);
+            scaled = weights.iter().map(|w| w / max).collect();
+            &scaled
+        };
         match self {
             StrategyKind::WeightedRoundRobin => Box::new(WeightedRoundRobin::new(weights)),
             StrategyKind::WeightedRandom => Box::new(WeightedRandom::new(weights)),
@@ -103,4 +114,33 @@ impl fmt::Display for StrategyKind {
 #[inline]
 fn eligible(weight: f64, index: usize, tried: &[usize]) -> bool {
     weight > 0.0 && !tried.contains(&index)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weights_whose_sum_overflows_still_route_in_proportion() {
+        // 3 and 100 backends: capacity-proportional samples instead of scanning above 64.
+        for n in [3, 100] {
+            let mut weights = vec![f64::MAX / 2.0; n];
+            weights[0] = f64::MAX;
+            weights[1] = 0.0;
+            let live: Vec<Arc<BackendState>> = (0..n).map(|_| Arc::default()).collect();
+            for kind in StrategyKind::ALL {
+                let strategy = kind.build(&weights, &live);
+                let mut picked = vec![0_usize; n];
+                // Connections stay open, as capacity-proportional balances open connections.
+                let mut open = Vec::new();
+                for turn in 0..(40 * n as u64) {
+                    let i = strategy.pick(turn, &[]).expect("a backend to route to");
+                    picked[i] += 1;
+                    open.push(BackendState::acquire(&live[i]));
+                }
+                assert_eq!(picked[1], 0, "{kind} at {n}: weight 0 was picked");
+                assert!(picked[0] > 0 && picked[2] > 0, "{kind} at {n}: {picked:?}");
+            }
+        }
+    }
 }

@@ -115,6 +115,8 @@ pub enum ScrapeError {
     Parse(String),
     /// The page has no sample of the metric (or only NaN ones).
     Missing,
+    /// A sample (or the sum of the samples) is infinite: no load a factor can follow.
+    Infinite,
     /// The metric is not a gauge.
     NotAGauge(String),
 }
@@ -125,6 +127,7 @@ impl fmt::Display for ScrapeError {
             ScrapeError::Http(e) => e.fmt(f),
             ScrapeError::Parse(e) => write!(f, "not Prometheus text: {e}"),
             ScrapeError::Missing => f.write_str("metric missing"),
+            ScrapeError::Infinite => f.write_str("metric is infinite"),
             ScrapeError::NotAGauge(kind) => write!(f, "metric is a {kind}, not a gauge"),
         }
     }
@@ -172,7 +175,13 @@ pub fn metric_value(text: &str, metric: &str) -> Result<f64, ScrapeError> {
     if values.is_empty() {
         return Err(ScrapeError::Missing);
     }
-    Ok(values.iter().sum())
+    // `+Inf` is valid Prometheus text, and a sum can overflow. Smoothing an infinity gives NaN
+    // at the next scrape (∞ − ∞), and a NaN weight would stop the whole pool from routing.
+    let sum: f64 = values.iter().sum();
+    if !sum.is_finite() {
+        return Err(ScrapeError::Infinite);
+    }
+    Ok(sum)
 }
 
 #[cfg(test)]
@@ -231,6 +240,18 @@ nv_inference_pending_request_count{model="simple",version="1"} 4
             Err(ScrapeError::Parse(_))
         ));
         assert_eq!(metric_value("x NaN\n", "x"), Err(ScrapeError::Missing));
+    }
+
+    #[test]
+    fn infinite_loads_are_refused_rather_than_smoothed_into_nan() {
+        for text in ["x +Inf\n", "x -Inf\n", "x 1e308\nx{a=\"b\"} 1e308\n"] {
+            assert_eq!(
+                metric_value(text, "x"),
+                Err(ScrapeError::Infinite),
+                "{text}"
+            );
+        }
+        assert_eq!(metric_value("x 1e300\n", "x"), Ok(1e300));
     }
 
     #[test]
