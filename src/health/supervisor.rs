@@ -142,7 +142,10 @@ impl Supervisor {
             };
             let cancelled = token.clone();
             self.tasks.spawn(async move {
+                // Cancellation first: once `sync` has stopped a checker (and `forget` has reset
+                // what it set), a probe finishing in the same poll must not write its verdict.
                 tokio::select! {
+                    biased;
                     () = cancelled.cancelled() => {}
                     () = checker::run(target, health) => {}
                 }
@@ -167,9 +170,14 @@ impl Supervisor {
         let mut changed = false;
         for ((listener, addr), watch) in &self.watches {
             let slow_start = watch.spec.health.as_ref().and_then(|h| h.slow_start);
-            let failures = watch.state.consecutive_connect_failures();
+            let mut failures = watch.state.consecutive_connect_failures();
             watch.state.with_health(|h| {
                 if h.ejections.expire(now) {
+                    // Connects begun before the ejection kept failing (and counting) during it:
+                    // the backend comes back with a clean slate, not ejected again at once for
+                    // what it did while it was out.
+                    watch.state.reset_consecutive_failures();
+                    failures = 0;
                     info!(
                         listener = %listener,
                         backend = %addr,
@@ -302,10 +310,18 @@ mod tests {
             0,
             "a new streak starts"
         );
+        // Connects begun before the ejection fail while it lasts.
+        for _ in 0..3 {
+            state.record_connect_failure();
+        }
         let back = now + Duration::from_secs(10);
         assert_eq!(s.next_deadline(now), Some(back));
         assert!(s.update(back), "the ejection ends at its deadline");
-        assert!(state.in_rotation_at(back));
+        assert!(
+            state.in_rotation_at(back),
+            "failures counted while ejected do not eject it again"
+        );
+        assert_eq!(state.consecutive_connect_failures(), 0);
         assert_eq!(s.next_deadline(back), None);
         // No active checks, so no checker task.
         assert_eq!(s.tasks.len(), 0);
