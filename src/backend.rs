@@ -514,18 +514,22 @@ impl Registry {
     /// Forgets the state of listeners and backends that `config` no longer has and that nothing
     /// else refers to. State still referenced (by an open connection, or an older snapshot that
     /// one holds) is kept, so a backend removed and re-added while its connections are open finds
-    /// its counters again.
+    /// its counters again. Its drain is not kept: that was the operator's word about the backend
+    /// as configured, and one removed, upgraded and added back is expected in rotation.
     pub fn retain(&self, config: &Config) {
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         inner.listeners.retain(|name, stats| {
             Arc::strong_count(stats) > 1 || config.listeners.iter().any(|l| &l.name == name)
         });
         inner.backends.retain(|(listener, addr), stats| {
-            Arc::strong_count(stats) > 1
-                || config
-                    .listeners
-                    .iter()
-                    .any(|l| &l.name == listener && l.backends.iter().any(|b| b.addr == *addr))
+            let configured = config
+                .listeners
+                .iter()
+                .any(|l| &l.name == listener && l.backends.iter().any(|b| b.addr == *addr));
+            if !configured {
+                stats.set_admin_state(AdminState::Ready);
+            }
+            configured || Arc::strong_count(stats) > 1
         });
     }
 
@@ -646,5 +650,41 @@ mod tests {
         let c = registry.backend("embed", addr);
         assert!(Arc::ptr_eq(&a, &b));
         assert!(!Arc::ptr_eq(&a, &c));
+    }
+
+    #[test]
+    fn a_removed_backend_keeps_its_counters_while_referenced_but_not_its_drain() {
+        let config = |backends: &[&str]| {
+            let mut text = "[[listener]]\nname = \"chat\"\nbind = \"127.0.0.1:0\"\n".to_owned();
+            for b in backends {
+                text.push_str(&format!("[[listener.backend]]\naddr = \"{b}\"\n"));
+            }
+            crate::config::parse(&text, std::path::Path::new("t.toml")).expect("valid")
+        };
+        let registry = Registry::default();
+        let kept: SocketAddr = "127.0.0.1:9001".parse().expect("literal");
+        let removed: SocketAddr = "127.0.0.1:9002".parse().expect("literal");
+        let (k, r) = (
+            registry.backend("chat", kept),
+            registry.backend("chat", removed),
+        );
+        k.set_admin_state(AdminState::Drained);
+        r.set_admin_state(AdminState::Drained);
+        let open = BackendState::acquire(&r);
+
+        registry.retain(&config(&["127.0.0.1:9001"]));
+        assert_eq!(registry.len().1, 2, "an open connection keeps the state");
+        assert_eq!(k.admin_state(), AdminState::Drained, "still configured");
+        assert_eq!(
+            r.admin_state(),
+            AdminState::Ready,
+            "removed: its drain is gone"
+        );
+        assert!(Arc::ptr_eq(&registry.backend("chat", removed), &r));
+        assert_eq!(r.active(), 1);
+
+        drop((open, r));
+        registry.retain(&config(&["127.0.0.1:9001"]));
+        assert_eq!(registry.len().1, 1, "nothing refers to it any more");
     }
 }
