@@ -344,6 +344,9 @@ pub enum ConfigErrorKind {
     /// A duration of zero where zero would make no sense.
     #[error("`{0}` must be longer than 0")]
     ZeroDuration(&'static str),
+    /// A duration beyond [`MAX_DURATION`].
+    #[error("`{0}` must be at most 365 days")]
+    LongDuration(&'static str),
     /// A count of zero where zero would make no sense.
     #[error("`{0}` must be at least 1")]
     ZeroCount(&'static str),
@@ -665,6 +668,11 @@ fn count(value: &Option<Spanned<u64>>, key: &'static str) -> Result<Option<NonZe
     }
 }
 
+/// The longest duration any key accepts. Deadlines are `Instant`s, and an instant plus
+/// "300000000000y" overflows (a panic in the timer code); a year is far beyond any sensible
+/// timeout, interval or ejection (HAProxy's timeouts stop at about 24 days).
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 fn duration(
     value: &Option<Spanned<String>>,
     key: &'static str,
@@ -692,6 +700,9 @@ fn optional_duration(
     })?;
     if parsed.is_zero() && !zero_ok {
         return Err((Some(value.span()), ConfigErrorKind::ZeroDuration(key)));
+    }
+    if parsed > MAX_DURATION {
+        return Err((Some(value.span()), ConfigErrorKind::LongDuration(key)));
     }
     Ok(Some(parsed))
 }
@@ -1217,6 +1228,16 @@ health_addr = "127.0.0.1:9101"
                 format!("{listener}[listener.passive]\neject_for = \"soon\"\n{backend}"),
                 Some(5),
                 "`eject_for`: invalid duration `soon`",
+            ),
+            (
+                format!("{listener}[listener.passive]\neject_for = \"300000000000y\"\n{backend}"),
+                Some(5),
+                "`eject_for` must be at most 365 days",
+            ),
+            (
+                format!("{listener}idle_timeout = \"366d\"\n{backend}"),
+                Some(4),
+                "`idle_timeout` must be at most 365 days",
             ),
             (
                 format!("{listener}[listener.passive]\neject_after = 3\n{backend}"),
