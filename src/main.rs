@@ -6,15 +6,20 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::{Mutex, PoisonError};
 
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
+use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
 
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use weighbridge::config::{self, DEFAULT_CONFIG_PATH, LogFormat};
 use weighbridge::{Balancer, Handle, listener, reload};
+
+/// Log lines queued for the writer thread before new ones are dropped (a few MB at most).
+const LOG_QUEUE_LINES: usize = 16_384;
 
 /// A Layer-4 TCP load balancer for AI inference servers.
 #[derive(Debug, Parser)]
@@ -35,9 +40,25 @@ struct Cli {
     log_level: Option<String>,
 }
 
+/// The guard of the background log writer: dropping it writes out what is still queued. Kept
+/// here, not on a stack frame, so that the immediate exit on a second signal can flush too.
+static LOG_GUARD: Mutex<Option<WorkerGuard>> = Mutex::new(None);
+
+/// Writes out queued log lines; later lines are dropped. Called once, on the way out.
+fn flush_logs() {
+    drop(
+        LOG_GUARD
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take(),
+    );
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli) {
+    let result = run(cli);
+    flush_logs();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             eprintln!("weighbridge: error: {message}");
@@ -92,15 +113,26 @@ fn run(cli: Cli) -> Result<(), String> {
 
 /// Sets up `tracing` to stderr: `--log-level`, else RUST_LOG, else info; lines as `[log]
 /// format` says. Set once: a reload cannot change the format of a running process.
+///
+/// Lines are handed to a background thread that writes them, so a stderr that does not drain
+/// (a stalled pipe to journald or a container runtime) never blocks a worker's event loop and
+/// the connections on it. If the queue fills up (`LOG_QUEUE_LINES`), lines are dropped rather than
+/// waited for, as HAProxy drops log datagrams it cannot send.
 fn init_logging(level: Option<&str>, format: LogFormat) -> Result<(), String> {
     let filter = match level {
         Some(level) => EnvFilter::try_new(level)
             .map_err(|e| format!("--log-level: invalid filter `{level}`: {e}"))?,
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };
+    let (writer, guard) = NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(LOG_QUEUE_LINES)
+        .thread_name("weighbridge-log")
+        .finish(std::io::stderr());
+    *LOG_GUARD.lock().unwrap_or_else(PoisonError::into_inner) = Some(guard);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match format {
         LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
         // Fields at the top level of each object, where log shippers look for them.
@@ -142,6 +174,7 @@ impl Signals {
             };
             if shutdown.is_cancelled() {
                 warn!(signal = name, "second signal during shutdown; exiting now");
+                flush_logs();
                 std::process::exit(1);
             }
             info!(signal = name, "shutting down");

@@ -348,3 +348,73 @@ async fn text_access_log_names_every_ending() {
 async fn json_access_log_names_every_ending_and_every_line_parses() {
     bounded(LIMIT, every_ending_is_logged(true)).await;
 }
+
+/// Connections through the balancer while nobody reads its stderr (a stalled pipe to a log
+/// collector): far more log than the pipe holds, and every connection is still served. The lines
+/// are queued, not lost: once the pipe is read again, every one of them arrives.
+#[tokio::test]
+async fn a_stderr_nobody_reads_does_not_stall_connections() {
+    const CONNECTIONS: usize = 1_500;
+    bounded(LIMIT, async {
+        let echo = Mock::echo().await;
+        let text = format!(
+            "[log]\naccess_log = true\n\
+             [[listener]]\nname = \"echo\"\nbind = \"127.0.0.1:0\"\n\
+             [[listener.backend]]\naddr = \"{}\"\n",
+            echo.addr
+        );
+        let mut file = tempfile::Builder::new()
+            .suffix(".toml")
+            .tempfile()
+            .expect("create temp config");
+        file.write_all(text.as_bytes()).expect("write temp config");
+        let mut child = Command::new(BIN)
+            .args(["--no-watch", "--log-level", "info", "--config"])
+            .arg(file.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn weighbridge");
+        let mut stderr = BufReader::new(child.stderr.take().expect("stderr is piped")).lines();
+        let bind: SocketAddr = loop {
+            let line = stderr
+                .next_line()
+                .await
+                .expect("read stderr")
+                .expect("a listening line before stderr ends");
+            let f = fields(&line, false);
+            if f.get("message").map(String::as_str) == Some("listening") {
+                break f["bind"].parse().expect("bind is an address");
+            }
+        };
+
+        // About 250 bytes of access log each: several times the 64 KiB a pipe holds.
+        for i in 0..CONNECTIONS {
+            let mut stream = TcpStream::connect(bind).await.expect("connect to echo");
+            stream.write_all(b"ping").await.expect("send");
+            stream.shutdown().await.expect("half-close");
+            let mut echoed = Vec::new();
+            stream
+                .read_to_end(&mut echoed)
+                .await
+                .expect("read the echo");
+            assert_eq!(echoed, b"ping", "connection {i}");
+        }
+
+        let mut logged = 0;
+        while logged < CONNECTIONS {
+            let line = stderr
+                .next_line()
+                .await
+                .expect("read stderr")
+                .expect("stderr ends only when the process does");
+            if fields(&line, false).get("target").map(String::as_str) == Some("weighbridge::access")
+            {
+                logged += 1;
+            }
+        }
+        child.kill().await.expect("stop weighbridge");
+    })
+    .await;
+}
