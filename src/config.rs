@@ -10,7 +10,7 @@ mod health;
 mod raw;
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -301,15 +301,18 @@ pub enum ConfigErrorKind {
     /// Two listeners with one name.
     #[error("duplicate listener name `{0}`")]
     DuplicateName(String),
-    /// Two listeners on one address.
-    #[error("listener `{listener}`: bind address {addr} is already used by listener `{other}`")]
+    /// Two listeners on one address, or on overlapping ones (see [`binds_overlap`]).
+    #[error(
+        "listener `{listener}`: bind address {} is already used by listener `{other}`, bound to {}",
+        .addrs.0, .addrs.1
+    )]
     DuplicateBind {
         /// The later listener.
         listener: String,
         /// The earlier one.
         other: String,
-        /// The address both name.
-        addr: SocketAddr,
+        /// The later listener's address, then the earlier one's (boxed: errors stay small).
+        addrs: Box<(SocketAddr, SocketAddr)>,
     },
     /// Two backends of one listener with one address.
     #[error("listener `{listener}`: backend {addr} is listed twice")]
@@ -324,6 +327,14 @@ pub enum ConfigErrorKind {
         "`{key}`: invalid address `{value}`: expected IP:port such as 127.0.0.1:8000 or [::1]:8000"
     )]
     BadAddress {
+        /// The key.
+        key: &'static str,
+        /// What was written.
+        value: String,
+    },
+    /// A backend address with port 0, which no connect can reach.
+    #[error("`{key}`: port 0 in `{value}`: a backend needs the port it listens on")]
+    BackendPortZero {
         /// The key.
         key: &'static str,
         /// What was written.
@@ -365,13 +376,17 @@ pub enum ConfigErrorKind {
     /// A token that cannot travel in an HTTP header.
     #[error("[admin] `token` must be non-empty visible ASCII without spaces")]
     BadToken,
-    /// The admin endpoint on a listener's address.
-    #[error("[admin] `bind` {addr} is already used by listener `{listener}`")]
+    /// The admin endpoint on a listener's address (or an overlapping one).
+    #[error(
+        "[admin] `bind` {addr} is already used by listener `{listener}`, bound to {other_addr}"
+    )]
     AdminBindTaken {
         /// The listener.
         listener: String,
-        /// The address both name.
+        /// The admin address.
         addr: SocketAddr,
+        /// The listener's address.
+        other_addr: SocketAddr,
     },
     /// An HTTP-only health key on a TCP probe.
     #[error("`{0}` applies only to kind = \"http\"; remove it or set kind = \"http\"")]
@@ -485,14 +500,14 @@ impl Config {
             }
             if let Some(other) = listeners
                 .iter()
-                .find(|l| l.bind == listener.bind && listener.bind.port() != 0)
+                .find(|l| binds_overlap(l.bind, listener.bind))
             {
                 return Err((
                     Some(bind_span),
                     ConfigErrorKind::DuplicateBind {
                         listener: listener.name.clone(),
                         other: other.name.clone(),
-                        addr: listener.bind,
+                        addrs: Box::new((listener.bind, other.bind)),
                     },
                 ));
             }
@@ -528,21 +543,19 @@ impl AdminConfig {
                 Some(Token::new(t.get_ref()).ok_or((Some(t.span()), ConfigErrorKind::BadToken))?)
             }
         };
-        if token.is_none() && !bind.ip().is_loopback() {
+        if token.is_none() && !bind.ip().to_canonical().is_loopback() {
             return Err((
                 Some(raw.bind.span()),
                 ConfigErrorKind::AdminTokenRequired(bind),
             ));
         }
-        if let Some(listener) = listeners
-            .iter()
-            .find(|l| l.bind == bind && bind.port() != 0)
-        {
+        if let Some(listener) = listeners.iter().find(|l| binds_overlap(l.bind, bind)) {
             return Err((
                 Some(raw.bind.span()),
                 ConfigErrorKind::AdminBindTaken {
                     listener: listener.name.clone(),
                     addr: bind,
+                    other_addr: listener.bind,
                 },
             ));
         }
@@ -630,14 +643,14 @@ impl ListenerConfig {
 
 impl BackendConfig {
     fn from_raw(raw: &RawBackend) -> Result<BackendConfig, Invalid> {
-        let addr = address(&raw.addr, "addr")?;
+        let addr = backend_address(&raw.addr, "addr")?;
         let weight = match &raw.weight {
             None => Weight::ONE,
             Some(w) => Weight::new(*w.get_ref())
                 .ok_or((Some(w.span()), ConfigErrorKind::BadWeight(*w.get_ref())))?,
         };
         let health_addr = match &raw.health_addr {
-            Some(value) => Some(address(value, "health_addr")?),
+            Some(value) => Some(backend_address(value, "health_addr")?),
             None => None,
         };
         Ok(BackendConfig {
@@ -656,6 +669,35 @@ fn address(value: &Spanned<String>, key: &'static str) -> Result<SocketAddr, Inv
         };
         (Some(value.span()), kind)
     })
+}
+
+/// An address to connect to: as [`address`], and not port 0 (which a listener may bind, to
+/// pick a free port, but which every connect would fail on).
+fn backend_address(value: &Spanned<String>, key: &'static str) -> Result<SocketAddr, Invalid> {
+    let addr = address(value, key)?;
+    if addr.port() == 0 {
+        let kind = ConfigErrorKind::BackendPortZero {
+            key,
+            value: value.get_ref().clone(),
+        };
+        return Err((Some(value.span()), kind));
+    }
+    Ok(addr)
+}
+
+/// True when two listening sockets on `a` and `b` cannot both be bound: the same port (not 0,
+/// which picks a free one) and addresses that overlap. A wildcard covers its own family, and
+/// `[::ffff:a.b.c.d]` is `a.b.c.d`. Caught here, such a pair fails `--check` instead of the
+/// start. (`[::]` also covers IPv4 unless `net.ipv6.bindv6only` is set; that depends on the
+/// host, so it is left to the bind to report.)
+fn binds_overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    if a.port() == 0 || a.port() != b.port() {
+        return false;
+    }
+    let (a, b) = (a.ip().to_canonical(), b.ip().to_canonical());
+    let covers =
+        |wild: IpAddr, other: IpAddr| wild.is_unspecified() && wild.is_ipv4() == other.is_ipv4();
+    a == b || covers(a, b) || covers(b, a)
 }
 
 /// A count of at least 1; values beyond `u32::MAX` saturate.
@@ -943,6 +985,27 @@ health_addr = "127.0.0.1:9101"
     }
 
     #[test]
+    fn overlapping_binds_are_the_ones_the_kernel_refuses() {
+        let overlap = |a: &str, b: &str| {
+            let (a, b) = (a.parse().expect("literal"), b.parse().expect("literal"));
+            assert_eq!(binds_overlap(a, b), binds_overlap(b, a), "symmetric");
+            binds_overlap(a, b)
+        };
+        assert!(overlap("127.0.0.1:80", "127.0.0.1:80"));
+        assert!(overlap("0.0.0.0:80", "10.0.0.1:80"));
+        assert!(overlap("[::]:80", "[::1]:80"));
+        assert!(overlap("[::ffff:10.0.0.1]:80", "10.0.0.1:80"));
+        assert!(overlap("[::ffff:10.0.0.1]:80", "0.0.0.0:80"));
+        assert!(!overlap("127.0.0.1:80", "127.0.0.2:80"));
+        assert!(!overlap("0.0.0.0:80", "0.0.0.0:81"));
+        assert!(
+            !overlap("127.0.0.1:0", "127.0.0.1:0"),
+            "port 0 picks a free port each"
+        );
+        assert!(!overlap("0.0.0.0:80", "[::1]:80"), "other family");
+    }
+
+    #[test]
     fn errors_name_the_line_and_the_problem() {
         let listener = "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\n";
         let backend = "[[listener.backend]]\naddr = \"127.0.0.1:2\"\n";
@@ -1008,6 +1071,18 @@ health_addr = "127.0.0.1:9101"
                 ),
                 Some(8),
                 "already used by listener `a`",
+            ),
+            (
+                format!(
+                    "{listener}{backend}[[listener]]\nname = \"b\"\nbind = \"0.0.0.0:1\"\n{backend}"
+                ),
+                Some(8),
+                "bind address 0.0.0.0:1 is already used by listener `a`, bound to 127.0.0.1:1",
+            ),
+            (
+                format!("[admin]\nbind = \"[::ffff:127.0.0.1]:1\"\n{listener}{backend}"),
+                Some(2),
+                "is already used by listener `a`, bound to 127.0.0.1:1",
             ),
             (
                 format!("{listener}{backend}{backend}"),
@@ -1108,6 +1183,16 @@ health_addr = "127.0.0.1:9101"
                 format!("[log]\nlevel = \"info\"\n{listener}{backend}"),
                 Some(2),
                 "unknown field `level`",
+            ),
+            (
+                format!("{listener}[[listener.backend]]\naddr = \"10.0.0.1:0\"\n"),
+                Some(5),
+                "`addr`: port 0 in `10.0.0.1:0`",
+            ),
+            (
+                format!("{listener}{backend}health_addr = \"[::1]:0\"\n"),
+                Some(6),
+                "`health_addr`: port 0 in `[::1]:0`",
             ),
             (
                 format!("{listener}{backend}health_addr = \"h:1\"\n"),
