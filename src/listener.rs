@@ -128,6 +128,10 @@ pub(crate) struct Serving {
 }
 
 /// Errors that concern one incoming connection only; the next accept is unaffected.
+///
+/// Besides the reset and aborted connections, Linux `accept(2)` passes on network errors already
+/// pending on the new connection (EPROTO, ENETDOWN, EHOSTUNREACH, ...), and its manual says to
+/// retry those like EAGAIN: they say nothing about the listener or the process.
 pub(crate) fn is_connection_error(e: &io::Error) -> bool {
     matches!(
         e.kind(),
@@ -136,7 +140,21 @@ pub(crate) fn is_connection_error(e: &io::Error) -> bool {
             | io::ErrorKind::ConnectionRefused
             | io::ErrorKind::Interrupted
             | io::ErrorKind::WouldBlock
-    )
+            | io::ErrorKind::NetworkDown
+            | io::ErrorKind::NetworkUnreachable
+            | io::ErrorKind::HostUnreachable
+    ) || {
+        use rustix::io::Errno;
+        Errno::from_io_error(e).is_some_and(|errno| {
+            [
+                Errno::PROTO,
+                Errno::NOPROTOOPT,
+                Errno::HOSTDOWN,
+                Errno::OPNOTSUPP,
+            ]
+            .contains(&errno)
+        })
+    }
 }
 
 /// Back-off and log rate limit for accept errors.
@@ -271,6 +289,19 @@ mod tests {
         assert!(is_connection_error(
             &io::ErrorKind::ConnectionAborted.into()
         ));
-        assert!(!is_connection_error(&io::Error::from_raw_os_error(24)));
+        use rustix::io::Errno;
+        for errno in [
+            Errno::CONNABORTED,
+            Errno::PROTO,
+            Errno::HOSTUNREACH,
+            Errno::NETDOWN,
+        ] {
+            let e = io::Error::from_raw_os_error(errno.raw_os_error());
+            assert!(is_connection_error(&e), "{e}");
+        }
+        for errno in [Errno::MFILE, Errno::NFILE, Errno::NOBUFS, Errno::NOMEM] {
+            let e = io::Error::from_raw_os_error(errno.raw_os_error());
+            assert!(!is_connection_error(&e), "{e}");
+        }
     }
 }

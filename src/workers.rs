@@ -141,19 +141,24 @@ impl Workers {
     pub(crate) fn start(count: NonZeroUsize) -> io::Result<Workers> {
         let mut remotes = Vec::with_capacity(count.get());
         for index in 0..count.get() {
-            let (reactor, remote) = Reactor::new(index)?;
-            let started = std::thread::Builder::new()
-                .name(format!("weighbridge-worker-{index}"))
-                .spawn(move || reactor.run());
-            if let Err(e) = started {
-                // The workers already started end with their remotes' Exit.
-                for remote in &remotes {
-                    // Already gone if this fails: nothing more to stop.
-                    let _ = Remote::send(remote, Command::Exit);
+            let started = Reactor::new(index).and_then(|(reactor, remote)| {
+                std::thread::Builder::new()
+                    .name(format!("weighbridge-worker-{index}"))
+                    .spawn(move || reactor.run())?;
+                Ok(remote)
+            });
+            match started {
+                Ok(remote) => remotes.push(remote),
+                Err(e) => {
+                    // The workers already started end with their remotes' Exit, whichever
+                    // step failed (an epoll or eventfd refused, or the thread itself).
+                    for remote in &remotes {
+                        // Already gone if this fails: nothing more to stop.
+                        let _ = Remote::send(remote, Command::Exit);
+                    }
+                    return Err(e);
                 }
-                return Err(e);
             }
-            remotes.push(remote);
         }
         let loads = (0..count.get()).map(|_| Load::default()).collect();
         Ok(Workers {
