@@ -183,6 +183,10 @@ def cmd_pingpong(args):
 
 # ----------------------------------------------------------------------------- /proc
 
+# Flag of a kernel thread in /proc/PID/stat.
+PF_KTHREAD = 0x00200000
+
+
 def descendants(root, allow_none=False):
     """PIDs of all descendants of ROOT (not ROOT itself: that is run.sh's `timeout` wrapper)."""
     children = {}
@@ -228,29 +232,34 @@ def cpu_seconds(pids):
     return total / tick
 
 
-def cmd_busy(args):
-    """Machine-wide busy CPU seconds and the part of it spent by ROOT and its descendants.
+def cmd_other_cpu(args):
+    """CPU seconds other processes have spent so far: the noise a shared machine adds.
 
-    Busy = user + nice + system from /proc/stat (interrupt time is left out: loopback traffic
-    is processed there and belongs to no process). Ours = utime + stime + cutime + cstime of
-    ROOT and every live descendant: whatever a process started and reaped is in its c*time, so
-    finished clients and stopped balancers are counted once. Busy minus ours is the CPU time
-    other work on the machine took, the noise that a shared machine adds.
+    Sums utime + stime + cutime + cstime over every user-space process that is neither ROOT nor
+    one of its descendants. Children's times are in their parent's c*time once reaped, so work
+    that starts and ends between two readings is still counted (in its parent, or init). Kernel
+    threads are left out: ksoftirqd and kworkers run the benchmark's own loopback traffic.
+
+    (Machine busy time from /proc/stat minus our processes' time does not work: a process's
+    system time includes the softirq work done in its context, which /proc/stat files under
+    softirq, so on loopback "ours" exceeds "busy" and hides other work.)
     """
     tick = os.sysconf("SC_CLK_TCK")
-    with open("/proc/stat") as f:
-        cpu = f.readline().split()
-    busy = (int(cpu[1]) + int(cpu[2]) + int(cpu[3])) / tick
-    ours = 0
-    for p in [args.root] + descendants(args.root, allow_none=True):
+    ours = {args.root, *descendants(args.root, allow_none=True)}
+    other = 0
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) in ours:
+            continue
         try:
-            with open(f"/proc/{p}/stat") as f:
+            with open(f"/proc/{d}/stat") as f:
                 stat = f.read()
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2:].split()
-        ours += sum(int(x) for x in fields[11:15])
-    print(f"{busy:.2f} {ours / tick:.2f}")
+        if int(fields[6]) & PF_KTHREAD:
+            continue
+        other += sum(int(x) for x in fields[11:15])
+    print(f"{other / tick:.2f}")
 
 
 def cmd_cpu(args):
@@ -486,9 +495,9 @@ def main():
     a.add_argument("--settle", type=float, default=1.0)
     a.add_argument("--timeout", type=float, default=60.0)
     a.set_defaults(fn=cmd_idle)
-    a = sub.add_parser("busy")
+    a = sub.add_parser("other-cpu")
     a.add_argument("--root", type=int, required=True)
-    a.set_defaults(fn=cmd_busy)
+    a.set_defaults(fn=cmd_other_cpu)
     a = sub.add_parser("cpu")
     a.add_argument("--root", type=int, required=True)
     a.set_defaults(fn=cmd_cpu)

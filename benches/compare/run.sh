@@ -613,12 +613,12 @@ idle_memory() {   # idle_memory REP SYS: RSS delta of the balancer per idle prox
 # --------------------------------------------------------------------------------------- run
 # How much CPU other work took while we measured, per round: a number for the noise on a shared
 # machine (another build running alongside lowers and scatters every result).
-busy_now() { timeout 10 "${PY[@]}" busy --root $$; }
+other_cpu_now() { timeout 10 "${PY[@]}" other-cpu --root $$; }
 FOREIGN=()
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 START=$(date +%s)
 for (( rep = 1; rep <= REPS; rep++ )); do
-    read -r busy0 ours0 <<<"$(busy_now)"
+    other0=$(other_cpu_now)
     t0=$(date +%s.%N)
     # Rotate the order each round: every system runs in every position, right after a different
     # neighbour, so warm-up, drift and whoever ran just before cancel out over the rounds.
@@ -657,11 +657,10 @@ for (( rep = 1; rep <= REPS; rep++ )); do
         [[ $sys == DIRECT ]] && continue
         record "$rep" "$sys" cpu_s_per_gb "$(calc "${CPU_S[$sys]} / (${BYTES[$sys]} / 1e9)")"
     done
-    read -r busy1 ours1 <<<"$(busy_now)"
+    other1=$(other_cpu_now)
     t1=$(date +%s.%N)
-    share=$(awk -v b="$(calc "$busy1 - $busy0")" -v o="$(calc "$ours1 - $ours0")" \
-        -v w="$(calc "$t1 - $t0")" -v n="$NPROC" \
-        'BEGIN { f = (b - o) / (w * n) * 100; if (f < 0) f = 0; printf "%.0f%%", f }')
+    share=$(awk -v o="$(calc "$other1 - $other0")" -v w="$(calc "$t1 - $t0")" -v n="$NPROC" \
+        'BEGIN { f = o / (w * n) * 100; if (f < 0) f = 0; printf "%.0f%%", f }')
     FOREIGN+=("$share")
     log "round $rep: other processes used $share of the machine's CPU"
 done
