@@ -26,6 +26,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::rejection::PathRejection;
@@ -34,11 +35,16 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use prometheus_client::registry::Registry;
 use serde_json::json;
 use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, info, warn};
 
 use crate::AdminError;
 use crate::backend::AdminState;
@@ -48,6 +54,14 @@ use crate::reload::ReloadError;
 
 /// Listen backlog of the admin socket: a scraper and an operator or two, never a crowd.
 const BACKLOG: u32 = 64;
+
+/// Admin connections open at once; more are closed as they arrive.
+const MAX_CONNECTIONS: usize = 64;
+
+/// How long a connection may take to send a request head, counted from when the connection
+/// waits for one: this also closes keep-alive connections idle that long (Prometheus, scraping
+/// every 15 s, keeps its connection).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Binds the admin endpoint's socket and returns it with the address it got.
 pub(crate) fn bind(addr: SocketAddr) -> io::Result<(TcpListener, SocketAddr)> {
@@ -87,15 +101,64 @@ type AppState = Arc<Shared>;
 
 /// Serves the admin endpoint on `socket` until `stop` is cancelled, then lets the requests in
 /// progress finish.
+///
+/// Each connection is served by hyper with a timer, so a client that sends no complete request
+/// head within [`HEADER_TIMEOUT`] (a slow or silent client, or a keep-alive connection left
+/// idle) is closed, and at most [`MAX_CONNECTIONS`] are open at once: the admin port shares the
+/// process's descriptors with the data path, and on a non-loopback address the token is only
+/// checked once a request has arrived.
 pub(crate) async fn serve(socket: TcpListener, endpoint: Endpoint, stop: CancellationToken) {
     let registry = metrics::registry(endpoint.handle.clone());
     let app = router(Arc::new(Shared { endpoint, registry }));
-    let served = axum::serve(socket, app)
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await;
-    if let Err(e) = served {
-        error!(error = %e, "admin endpoint failed");
+    let open = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let connections = TaskTracker::new();
+    loop {
+        let accepted = tokio::select! {
+            () = stop.cancelled() => break,
+            accepted = socket.accept() => accepted,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) if crate::listener::is_connection_error(&e) => continue,
+            Err(e) => {
+                // Out of descriptors, most likely: pause rather than spin.
+                error!(error = %e, "admin endpoint: accept failed; pausing 100ms");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = Arc::clone(&open).try_acquire_owned() else {
+            warn!(
+                max = MAX_CONNECTIONS,
+                "admin endpoint: too many connections; closing a new one"
+            );
+            continue;
+        };
+        let service = TowerToHyperService::new(app.clone());
+        let stop = stop.clone();
+        connections.spawn(async move {
+            let _permit = permit;
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            let mut conn = std::pin::pin!(conn);
+            let served = tokio::select! {
+                served = conn.as_mut() => served,
+                () = stop.cancelled() => {
+                    // Finish the request in progress, if any, then close.
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = served {
+                debug!(error = %e, "admin connection ended with an error");
+            }
+        });
     }
+    drop(socket);
+    connections.close();
+    connections.wait().await;
 }
 
 fn router(state: AppState) -> Router {

@@ -457,3 +457,58 @@ async fn healthz_fails_once_shutdown_begins_while_reads_still_work() {
     })
     .await;
 }
+
+/// Silent clients on the admin port (no request, never closing) hold at most 64 connections, as
+/// the README says: the next one is closed at once, and the endpoint serves again as soon as
+/// one of them goes, so a scraper or an operator is not locked out for good, and the data path's
+/// descriptors are not spent on them.
+#[tokio::test]
+async fn silent_admin_clients_are_capped_and_the_endpoint_recovers() {
+    const MAX: usize = 64;
+    bounded(LIMIT, async {
+        let mock = Mock::identify(0).await;
+        let lb = start_balancer(&config_with_admin(
+            "weighted_round_robin",
+            "",
+            &[(mock.addr, 1.0)],
+            None,
+        ));
+        let admin = lb.admin();
+        let mut silent = Vec::with_capacity(MAX);
+        for _ in 0..MAX {
+            silent.push(TcpStream::connect(admin).await.expect("connect to admin"));
+        }
+        let mut extra = TcpStream::connect(admin).await.expect("connect to admin");
+        let mut byte = [0_u8; 1];
+        let read = tokio::time::timeout(SOON, extra.read(&mut byte))
+            .await
+            .expect("the connection beyond the cap is closed at once");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        // The silent ones are still open: the endpoint did not close them to make room.
+        for stream in &silent {
+            let mut byte = [0_u8; 1];
+            assert!(
+                stream
+                    .try_read(&mut byte)
+                    .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock)
+            );
+        }
+        // The data path is unaffected, and one silent client leaving lets a request in.
+        let (_, id) = connect_identify(lb.addr).await;
+        assert_eq!(id, 0);
+        drop(silent.pop());
+        // Until the endpoint has seen it go, a new client may still be turned away.
+        eventually_async(SOON, "/healthz to answer again", || async {
+            let Ok(mut stream) = TcpStream::connect(admin).await else {
+                return false;
+            };
+            let request = "GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+            let mut answer = Vec::new();
+            stream.write_all(request.as_bytes()).await.is_ok()
+                && stream.read_to_end(&mut answer).await.is_ok()
+                && answer.starts_with(b"HTTP/1.1 200")
+        })
+        .await;
+    })
+    .await;
+}
