@@ -215,7 +215,8 @@ impl fmt::Display for ReloadSummary {
 ///
 /// The *directory* is watched, not the file: editors (vim, `sed -i`) and Kubernetes ConfigMaps
 /// (a `..data` symlink swap) replace the file by rename, after which a watch on the old inode
-/// would never fire again. Events are debounced by [`DEBOUNCE`], and a reload is only asked for
+/// would never fire again. When `path` is a symlink into another directory, that directory is
+/// watched as well. Events are debounced by [`DEBOUNCE`], and a reload is only asked for
 /// when the file's bytes differ from the last ones seen, so unrelated files in the same directory
 /// cause no reloads. Runs until `stop` is cancelled.
 pub fn watch(
@@ -237,6 +238,18 @@ pub fn watch(
         }
     })?;
     watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+    // A config that is a symlink into another directory (`/etc/weighbridge.toml` ->
+    // `/srv/config/lb.toml`) is edited there: watch where it points too. Best effort: the
+    // directory of the link already covers a link that is swapped.
+    if let Some(target_dir) = std::fs::canonicalize(path)
+        .ok()
+        .and_then(|target| target.parent().map(Path::to_owned))
+        .filter(|target_dir| std::fs::canonicalize(&dir).ok().as_ref() != Some(target_dir))
+    {
+        if let Err(e) = watcher.watch(&target_dir, RecursiveMode::NonRecursive) {
+            warn!(error = %e, dir = %target_dir.display(), "cannot watch the directory the config links to; edits there need SIGHUP");
+        }
+    }
     let path = path.to_owned();
     let mut last_seen = std::fs::read(&path).ok();
     Ok(tokio::spawn(async move {

@@ -799,6 +799,35 @@ async fn binary_reloads_a_config_replaced_by_rename() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_reloads_a_config_linked_from_another_directory_when_its_target_changes() {
+    bounded(Duration::from_secs(30), async {
+        let (a, b) = (backend(1).await, backend(2).await);
+        let (etc, srv) = (
+            tempfile::tempdir().expect("temp dir"),
+            tempfile::tempdir().expect("temp dir"),
+        );
+        let target = srv.path().join("lb.toml");
+        let link = etc.path().join("wb.toml");
+        std::fs::write(&target, two_backends(&a, &b, [3.0, 1.0])).expect("write config");
+        std::os::unix::fs::symlink(&target, &link).expect("link the config");
+        let mut lb = Process::spawn(&link, &[]);
+        let addr = lb.bind_of("main").await;
+        lb.wait_for("watching the configuration file", 1).await;
+        assert_eq!(split(addr, &[&a, &b]).await, [6, 2]);
+
+        // Edited where it lives, in place and then by rename.
+        std::fs::write(&target, two_backends(&a, &b, [1.0, 3.0])).expect("edit the target");
+        lb.wait_for("reload applied", 1).await;
+        assert_eq!(split(addr, &[&a, &b]).await, [2, 6], "{}", lb.tail());
+        replace_by_rename(&target, &two_backends(&a, &b, [3.0, 1.0]));
+        lb.wait_for("reload applied", 2).await;
+        assert_eq!(split(addr, &[&a, &b]).await, [6, 2], "{}", lb.tail());
+        assert_eq!(lb.count("reload failed"), 0, "{}", lb.tail());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_with_no_watch_ignores_edits_until_sighup() {
     bounded(Duration::from_secs(30), async {
         let (a, b) = (backend(1).await, backend(2).await);
