@@ -224,7 +224,17 @@ mod tests {
     async fn accepted_sockets_inherit_nodelay_from_the_listener() {
         let bound = bind(&listener("127.0.0.1:0".parse().expect("address")), 1).expect("bind");
         let _client = std::net::TcpStream::connect(bound.local_addr).expect("connect");
-        let (accepted, _) = bound.sockets[0].accept().expect("accept");
+        // Non-blocking: the connection may reach the accept queue just after connect returns.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let accepted = loop {
+            match bound.sockets[0].accept() {
+                Ok((accepted, _)) => break accepted,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                Err(e) => panic!("accept: {e}"),
+            }
+        };
         assert!(accepted.nodelay().expect("TCP_NODELAY"));
     }
 
