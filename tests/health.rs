@@ -498,12 +498,16 @@ async fn passive_ejection_after_connect_failures_retries_after_eject_for_with_do
         let mut returns = Vec::new();
         let mut was_ejected = false;
         let started = Instant::now();
+        // Each change is seen between two samples: it happened after the earlier one and by
+        // the later one, whatever the scheduler did in between.
+        let mut last_sampled = started;
         while ejections.len() < 2 || returns.len() < 2 {
             assert!(
                 started.elapsed() < SOON,
                 "two ejections and returns within {SOON:?}"
             );
             let attempts_before = attempts(&lb, refusing.addr);
+            let sampled = Instant::now();
             let h = health_of(&lb, refusing.addr);
             let failures = lb.backend(refusing.addr).connect_failures;
             assert_eq!(fetch(lb.addr).await, Some(good.addr()));
@@ -515,11 +519,12 @@ async fn passive_ejection_after_connect_failures_retries_after_eject_for_with_do
                 );
             }
             match (was_ejected, h.ejected) {
-                (false, true) => ejections.push((Instant::now(), h, failures)),
-                (true, false) => returns.push(Instant::now()),
+                (false, true) => ejections.push(((last_sampled, sampled), h, failures)),
+                (true, false) => returns.push((last_sampled, sampled)),
                 _ => {}
             }
             was_ejected = h.ejected;
+            last_sampled = sampled;
         }
         let (first_at, first, failures_first) = ejections[0];
         let (second_at, second, failures_second) = ejections[1];
@@ -528,13 +533,36 @@ async fn passive_ejection_after_connect_failures_retries_after_eject_for_with_do
         // under way while the control task applied the ejection).
         assert!((3..=4).contains(&failures_first), "{failures_first}");
         assert!((failures_first + 3..=failures_first + 4).contains(&failures_second));
-        let out_first = returns[0] - first_at;
-        let out_second = returns[1] - second_at;
+        // The longest and the shortest each ejection can have lasted, given when it was seen.
+        let out = |(ejected_after, ejected_by): (Instant, Instant),
+                   (back_after, back_by): (Instant, Instant)| {
+            (
+                back_by - ejected_after,
+                back_after.saturating_duration_since(ejected_by),
+            )
+        };
+        let (first_most, first_least) = out(first_at, returns[0]);
+        let (second_most, second_least) = out(second_at, returns[1]);
         eprintln!(
-            "ejected for {out_first:?}, then {out_second:?} (eject_for {eject_for:?}, doubling)"
+            "ejected for {first_least:?}..{first_most:?}, then {second_least:?}..{second_most:?} \
+             (eject_for {eject_for:?}, doubling)"
         );
-        assert!(out_first >= eject_for.mul_f64(0.9) && out_first <= eject_for + SLACK);
-        assert!(out_second >= (eject_for * 2).mul_f64(0.9) && out_second <= eject_for * 2 + SLACK);
+        assert!(
+            first_most >= eject_for,
+            "first ejection too short: {first_most:?}"
+        );
+        assert!(
+            second_most >= eject_for * 2,
+            "second too short: {second_most:?}"
+        );
+        assert!(
+            first_least <= eject_for + SLACK,
+            "first too long: {first_least:?}"
+        );
+        assert!(
+            second_least <= eject_for * 2 + SLACK,
+            "second too long: {second_least:?}"
+        );
         lb.stop().await;
     })
     .await;
