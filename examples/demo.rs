@@ -15,7 +15,7 @@
 //! a listener with HTTP health checks and a slow start, under steady client traffic. One server
 //! dies mid-run and comes back; every half second a row shows each server's share of the
 //! requests in that half second, so you see its traffic leave, return and ramp up. Then the
-//! balancer shuts down. The whole demo takes about 15 s. The balancer's health transitions are
+//! balancer shuts down. The whole demo takes about 10 s. The balancer's health transitions are
 //! logged (stderr) as they happen; set `RUST_LOG` (e.g. `RUST_LOG=weighbridge=debug`) to see
 //! more of its logs.
 //!
