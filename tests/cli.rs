@@ -163,7 +163,9 @@ fn bad_log_level_exits_1() {
 
 #[test]
 fn admin_on_a_public_address_without_token_exits_1_naming_key_and_line() {
-    let file = config_file(&format!("[admin]\nbind = \"0.0.0.0:0\"\n{VALID}"));
+    // A documentation address (RFC 5737): not loopback, and not bindable here, so a regression
+    // fails on the bind instead of serving the admin endpoint on every interface.
+    let file = config_file(&format!("[admin]\nbind = \"192.0.2.1:0\"\n{VALID}"));
     let path = file.path().to_str().expect("utf-8 temp path");
     for args in [vec!["--config", path, "--check"], vec!["--config", path]] {
         let output = run(&args);
