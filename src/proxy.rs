@@ -46,7 +46,8 @@ pub enum End {
     /// No backend could be reached within `connect_attempts` (the line says how many were
     /// tried; 0 when every backend has weight 0).
     ConnectFailed,
-    /// Refused at once because `max_connections` were open.
+    /// Closed at once without a backend: `max_connections` were open, or no backend was healthy
+    /// under `all_unhealthy = "reject"` (the line's `reason` says which).
     Rejected,
     /// Shutdown's grace period ran out.
     ShutDown,
@@ -143,8 +144,7 @@ pub(crate) struct Conn {
     accepted: Instant,
     access: AccessLine,
     listener_stats: Arc<ListenerStats>,
-    /// Neither counted nor logged when it ends (refused because no backend is healthy).
-    silent: bool,
+    /// Keeps the connection in its worker's count while it lives.
     _counted: Counted,
 }
 
@@ -215,7 +215,6 @@ impl Conn {
             accepted: now,
             access: AccessLine::new(peer, &pool, End::ShutDown),
             listener_stats: Arc::clone(pool.stats()),
-            silent: false,
             _counted: counted,
         };
         // No backend is healthy: the pool was built for it, and the transition was logged
@@ -224,7 +223,8 @@ impl Conn {
             Some(AllUnhealthy::Reject) => {
                 pool.stats().record_rejected_all_unhealthy();
                 debug!(client = %peer, "no backend is healthy; closing (all_unhealthy = \"reject\")");
-                conn.silent = true;
+                conn.access.end = End::Rejected;
+                conn.access.reason = Some(REASON_ALL_UNHEALTHY);
                 return (conn, Status::Done);
             }
             Some(AllUnhealthy::RouteAnyway) => pool.stats().record_routed_all_unhealthy(),
@@ -620,9 +620,6 @@ impl Conn {
 
     /// Logs and counts the connection; its sockets close when it is dropped.
     pub(crate) fn finish(mut self, now: Instant) {
-        if self.silent {
-            return;
-        }
         self.access.bytes_up = self.up.moved;
         self.access.bytes_down = self.down.moved;
         debug!(
@@ -684,13 +681,20 @@ fn connect_failed(pool: &Pool, client: SocketAddr, index: usize, attempt: u32, e
     }
 }
 
+/// The access log's `reason` for a client refused because `max_connections` were open.
+const REASON_MAX_CONNECTIONS: &str = "max_connections";
+/// The access log's `reason` for a client refused because no backend was healthy.
+const REASON_ALL_UNHEALTHY: &str = "all_unhealthy";
+
 /// Logs the access line of a client connection refused because `max_connections` were open.
 /// Called by the accept loop, which refuses before a connection exists.
 pub(crate) fn log_rejected(pool: &Pool, peer: SocketAddr) {
     if !pool.settings().access_log {
         return;
     }
-    AccessLine::new(peer, pool, End::Rejected).log(Duration::ZERO);
+    let mut line = AccessLine::new(peer, pool, End::Rejected);
+    line.reason = Some(REASON_MAX_CONNECTIONS);
+    line.log(Duration::ZERO);
 }
 
 /// What the access log says about one client connection.
@@ -708,6 +712,9 @@ struct AccessLine {
     /// Backend to client.
     bytes_down: u64,
     end: End,
+    /// Why a rejected connection was rejected: the `reason` label of
+    /// `weighbridge_connections_rejected_total`.
+    reason: Option<&'static str>,
     error: Option<String>,
     /// The listener's `access_log` setting.
     enabled: bool,
@@ -726,6 +733,7 @@ impl AccessLine {
             bytes_up: 0,
             bytes_down: 0,
             end,
+            reason: None,
             error: None,
             enabled: pool.settings().access_log,
         }
@@ -744,6 +752,7 @@ impl AccessLine {
             bytes_up = self.bytes_up,
             bytes_down = self.bytes_down,
             end = %self.end,
+            reason = self.reason,
             attempts = self.attempts,
             error = self.error.as_deref().map(tracing::field::display),
             "connection closed"

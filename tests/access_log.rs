@@ -166,7 +166,11 @@ async fn every_ending_is_logged(json: bool) {
          [[listener]]\nname = \"dead\"\nbind = \"127.0.0.1:0\"\n\
          [[listener.backend]]\naddr = \"{refusing}\"\n\
          [[listener]]\nname = \"one\"\nbind = \"127.0.0.1:0\"\nmax_connections = 1\n\
-         [[listener.backend]]\naddr = \"{echo}\"\n",
+         [[listener.backend]]\naddr = \"{echo}\"\n\
+         [[listener]]\nname = \"sick\"\nbind = \"127.0.0.1:0\"\n\
+         [listener.health]\nkind = \"tcp\"\ninterval = \"100ms\"\nfall = 1\n\
+         startup_grace = \"0s\"\nall_unhealthy = \"reject\"\n\
+         [[listener.backend]]\naddr = \"{refusing}\"\n",
         echo = echo.addr,
         refusing = refusing.addr,
     );
@@ -240,6 +244,21 @@ async fn every_ending_is_logged(json: bool) {
     clients.insert("rejected", refused.local_addr().expect("client address"));
     assert_closed_without_data(&mut refused, SOON).await;
 
+    // The only backend fails its checks: under all_unhealthy = "reject" clients are closed.
+    let sick = lb.listener("sick").await;
+    eventually(SOON, "the listener to find no backend healthy", || {
+        lb.lines()
+            .iter()
+            .any(|l| l.contains("no backend is healthy") && l.contains("sick"))
+    })
+    .await;
+    let mut turned_away = TcpStream::connect(sick).await.expect("connect to sick");
+    clients.insert(
+        "rejected_all_unhealthy",
+        turned_away.local_addr().expect("client address"),
+    );
+    assert_closed_without_data(&mut turned_away, SOON).await;
+
     // Shutdown cuts the held one once the 200 ms grace period is over.
     let pid = lb.child.id().expect("the balancer runs").to_string();
     let killed = std::process::Command::new("kill")
@@ -252,7 +271,7 @@ async fn every_ending_is_logged(json: bool) {
         .expect("the balancer exits after its grace period")
         .expect("wait for the balancer");
     assert!(status.success(), "{status:?}");
-    eventually(SOON, "six access log lines", || lb.access().len() == 6).await;
+    eventually(SOON, "seven access log lines", || lb.access().len() == 7).await;
     drop(held);
 
     let access = lb.access();
@@ -260,16 +279,19 @@ async fn every_ending_is_logged(json: bool) {
         assert_eq!(line["message"], "connection closed", "{line:?}");
         assert_eq!(line["level"], "INFO", "{line:?}");
     }
-    let by_end = |end: &str| -> HashMap<String, String> {
-        let mut matching = access.iter().filter(|f| f["end"] == end);
+    // The line of the client `clients[case]`, which must say `end`.
+    let line_of = |case: &str, end: &str| -> HashMap<String, String> {
+        let client = clients[case].to_string();
+        let mut matching = access.iter().filter(|f| f["client"] == client);
         let line = matching
             .next()
-            .unwrap_or_else(|| panic!("no line with end={end} in {access:#?}"))
+            .unwrap_or_else(|| panic!("no line for {case} ({client}) in {access:#?}"))
             .clone();
-        assert!(matching.next().is_none(), "two lines with end={end}");
-        assert_eq!(line["client"], clients[end].to_string(), "{line:?}");
+        assert!(matching.next().is_none(), "two lines for {case}");
+        assert_eq!(line["end"], end, "{case}: {line:?}");
         line
     };
+    let by_end = |end: &str| line_of(end, end);
     let number = |line: &HashMap<String, String>, key: &str| -> f64 {
         line.get(key)
             .unwrap_or_else(|| panic!("no {key} in {line:?}"))
@@ -316,6 +338,12 @@ async fn every_ending_is_logged(json: bool) {
 
     let line = by_end("rejected");
     assert_eq!(line["listener"], "one");
+    assert_eq!(line["reason"], "max_connections", "{line:?}");
+    assert!(!line.contains_key("backend"), "{line:?}");
+
+    let line = line_of("rejected_all_unhealthy", "rejected");
+    assert_eq!(line["listener"], "sick");
+    assert_eq!(line["reason"], "all_unhealthy", "{line:?}");
     assert!(!line.contains_key("backend"), "{line:?}");
 
     let line = by_end("shutdown");

@@ -13,8 +13,8 @@ use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
 use support::{
-    LISTENER, Mock, Refusing, bounded, config_with_admin, eventually, exchange, http,
-    start_balancer,
+    LISTENER, Mock, Refusing, bounded, config_with_admin, eventually, eventually_async, exchange,
+    http, start_balancer,
 };
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -367,6 +367,87 @@ async fn metrics_after_known_traffic_equal_what_the_clients_did() {
         assert_eq!(
             get(&m, "weighbridge_reloads_total", &[("result", "success")]),
             1.0
+        );
+        lb.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn clients_turned_away_because_no_backend_is_healthy_show_in_metrics_and_status() {
+    bounded(LIMIT, async {
+        let echo = Mock::echo().await;
+        let refusing = Refusing::new();
+        let mut text = config_with_admin("weighted_round_robin", "", &[(echo.addr, 1.0)], None);
+        text.push_str(&format!(
+            "[[listener]]\nname = \"sick\"\nbind = \"127.0.0.1:0\"\n\
+             [listener.health]\nkind = \"tcp\"\ninterval = \"100ms\"\nfall = 1\n\
+             startup_grace = \"0s\"\nall_unhealthy = \"reject\"\n\
+             [[listener.backend]]\naddr = \"{}\"\n",
+            refusing.addr
+        ));
+        let lb = start_balancer(&text);
+        let sick: SocketAddr = lb
+            .handle
+            .local_addr("sick")
+            .expect("listener sick is bound");
+        let status = || async {
+            let answer = http(lb.admin(), "GET", "/status", None).await;
+            assert_eq!(answer.status, 200, "{answer:?}");
+            answer.json()["listeners"]
+                .as_array()
+                .expect("listeners is an array")
+                .iter()
+                .find(|l| l["name"] == "sick")
+                .expect("listener sick in /status")["connections"]
+                .clone()
+        };
+        eventually_async(SOON, "/status to say no backend is healthy", || async {
+            status().await["all_unhealthy"] == true
+        })
+        .await;
+
+        const TURNED_AWAY: usize = 3;
+        for _ in 0..TURNED_AWAY {
+            let mut stream = TcpStream::connect(sick)
+                .await
+                .expect("connect to listener sick");
+            let mut buf = [0_u8; 1];
+            // Closed at once, nothing relayed (a reset is a close too).
+            assert_eq!(stream.read(&mut buf).await.unwrap_or(0), 0);
+        }
+        eventually(SOON, "the clients counted as closed", || {
+            lb.handle
+                .listener_counters("sick")
+                .is_some_and(|c| c.open == 0 && c.rejected_all_unhealthy == TURNED_AWAY as u64)
+        })
+        .await;
+
+        let counts = status().await;
+        assert_eq!(counts["rejected_all_unhealthy"], TURNED_AWAY, "{counts}");
+        assert_eq!(counts["routed_all_unhealthy"], 0, "{counts}");
+        assert_eq!(counts["all_unhealthy_episodes"], 1, "{counts}");
+        assert_eq!(counts["accepted"], TURNED_AWAY, "{counts}");
+
+        let m = parse(&http(lb.admin(), "GET", "/metrics", None).await.body);
+        let labels = [("listener", "sick")];
+        assert_eq!(get(&m, "weighbridge_all_unhealthy", &labels), 1.0);
+        assert_eq!(
+            get(&m, "weighbridge_all_unhealthy_episodes_total", &labels),
+            1.0
+        );
+        assert_eq!(
+            get(
+                &m,
+                "weighbridge_connections_rejected_total",
+                &[("listener", "sick"), ("reason", "all_unhealthy")]
+            ),
+            TURNED_AWAY as f64
+        );
+        // Turned away at once, but each was open for a moment: counted in the durations.
+        assert_eq!(
+            get(&m, "weighbridge_connection_duration_seconds", &labels),
+            TURNED_AWAY as f64
         );
         lb.stop().await;
     })

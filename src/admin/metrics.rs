@@ -14,6 +14,9 @@
 //! | `weighbridge_connect_attempts_total` | counter | listener |
 //! | `weighbridge_connect_failures_total` | counter | listener |
 //! | `weighbridge_connection_duration_seconds` | histogram | listener |
+//! | `weighbridge_all_unhealthy` | gauge | listener |
+//! | `weighbridge_all_unhealthy_episodes_total` | counter | listener |
+//! | `weighbridge_routed_all_unhealthy_total` | counter | listener |
 //! | `weighbridge_backend_connections_active` | gauge | listener, backend |
 //! | `weighbridge_backend_connections_total` | counter | listener, backend |
 //! | `weighbridge_backend_connect_failures_total` | counter | listener, backend |
@@ -165,6 +168,14 @@ impl Collector for Metrics {
             listeners
                 .iter()
                 .map(|l| (l.labels(), u64::from(l.counters.all_unhealthy))),
+        )?;
+        counter(
+            e,
+            "weighbridge_all_unhealthy_episodes",
+            "Times no backend of the listener was healthy any more (entries into weighbridge_all_unhealthy = 1).",
+            listeners
+                .iter()
+                .map(|l| (l.labels(), l.counters.all_unhealthy_episodes)),
         )?;
         counter(
             e,

@@ -104,6 +104,14 @@ struct ListenerConnections {
     rejected_no_backend: u64,
     connect_attempts: u64,
     connect_failures: u64,
+    /// No backend is healthy now: `all_unhealthy` applies.
+    all_unhealthy: bool,
+    /// Times the listener entered that state.
+    all_unhealthy_episodes: u64,
+    /// Clients routed while no backend was healthy (`all_unhealthy = "route_anyway"`).
+    routed_all_unhealthy: u64,
+    /// Clients closed because no backend was healthy (`all_unhealthy = "reject"`).
+    rejected_all_unhealthy: u64,
 }
 
 impl From<ListenerCounters> for ListenerConnections {
@@ -115,6 +123,10 @@ impl From<ListenerCounters> for ListenerConnections {
             rejected_no_backend: c.rejected_no_backend,
             connect_attempts: c.connect_attempts,
             connect_failures: c.connect_failures,
+            all_unhealthy: c.all_unhealthy,
+            all_unhealthy_episodes: c.all_unhealthy_episodes,
+            routed_all_unhealthy: c.routed_all_unhealthy,
+            rejected_all_unhealthy: c.rejected_all_unhealthy,
         }
     }
 }
