@@ -738,3 +738,55 @@ async fn removed_backends_stop_being_probed_and_their_checkers_end() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn passive_ejection_switched_on_by_a_reload_mid_streak_still_ejects() {
+    bounded(LIMIT, async {
+        let good = mock(MockOptions::default()).await;
+        let refusing = Refusing::new();
+        let backends = [backend(good.addr()), backend(refusing.addr)];
+        let tables = "connect_attempts = 2\n";
+        let lb = start_balancer(&config_text("weighted_round_robin", tables, &backends));
+        // No passive ejection yet: the refusing backend's streak just grows.
+        const STREAK: u64 = 4;
+        let started = Instant::now();
+        while health_of(&lb, refusing.addr).consecutive_connect_failures < STREAK {
+            assert!(
+                started.elapsed() < SOON,
+                "a streak of {STREAK} within {SOON:?}"
+            );
+            assert_eq!(fetch(lb.addr).await, Some(good.addr()));
+        }
+        assert!(!health_of(&lb, refusing.addr).ejected);
+
+        // Now switched on with a threshold the streak has already passed: the next failure
+        // ejects, rather than the streak having to come round to exactly the threshold.
+        let tables =
+            format!("{tables}[listener.passive]\nmax_connect_failures = 2\neject_for = \"60s\"\n");
+        let text = config_text("weighted_round_robin", &tables, &backends);
+        lb.handle
+            .apply(config::parse(&text, Path::new("t.toml")).expect("valid"))
+            .await
+            .expect("reload");
+        let started = Instant::now();
+        while !health_of(&lb, refusing.addr).ejected {
+            assert!(
+                started.elapsed() < SOON,
+                "ejected within {SOON:?}; {:?}",
+                health_of(&lb, refusing.addr)
+            );
+            assert_eq!(fetch(lb.addr).await, Some(good.addr()));
+        }
+        let attempts_before = attempts(&lb, refusing.addr);
+        for _ in 0..10 {
+            assert_eq!(fetch(lb.addr).await, Some(good.addr()));
+        }
+        assert_eq!(
+            attempts(&lb, refusing.addr),
+            attempts_before,
+            "an ejected backend gets no connect"
+        );
+        lb.stop().await;
+    })
+    .await;
+}
