@@ -428,7 +428,9 @@ pub enum ConfigErrorKind {
     #[error("`saturation`: invalid value {0}: must be a finite number > 0")]
     BadSaturation(f64),
     /// A percentage outside 0..=100.
-    #[error("`min_weight_percent`: invalid value {0}: must be from 0 to 100")]
+    #[error(
+        "`min_weight_percent`: invalid value {0}: must be more than 0 and at most 100 (a floor of 0 lets a busy fleet reach weight 0 everywhere and refuse every client)"
+    )]
     BadPercent(f64),
 }
 
@@ -1288,6 +1290,11 @@ health_addr = "127.0.0.1:9101"
                 format!("{listener}{load}preset = \"vllm\"\nmin_weight_percent = 150\n{backend}"),
                 Some(6),
                 "`min_weight_percent`: invalid value 150",
+            ),
+            (
+                format!("{listener}{load}preset = \"vllm\"\nmin_weight_percent = 0\n{backend}"),
+                Some(6),
+                "`min_weight_percent`: invalid value 0: must be more than 0",
             ),
             (
                 format!("{listener}{load}preset = \"triton\"\nport = 70000\n{backend}"),

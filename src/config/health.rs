@@ -313,7 +313,9 @@ impl LoadConfig {
         };
         let min_percent = match &raw.min_weight_percent {
             None => DEFAULT_MIN_WEIGHT_PERCENT,
-            Some(p) if (0.0..=100.0).contains(p.get_ref()) => *p.get_ref(),
+            // Not 0: a fleet busy enough would take every weight to 0 and refuse every client,
+            // and a backend at weight 0 gets no traffic that could show it has recovered.
+            Some(p) if *p.get_ref() > 0.0 && *p.get_ref() <= 100.0 => *p.get_ref(),
             Some(p) => return Err((Some(p.span()), ConfigErrorKind::BadPercent(*p.get_ref()))),
         };
         Ok(LoadConfig {
