@@ -244,7 +244,7 @@ impl Collector for Metrics {
         gauge(
             e,
             "weighbridge_backend_healthy",
-            "1 if health checks find the backend healthy (always 1 without health checks).",
+            "1 while the backend is in rotation: active checks find it healthy and passive ejection does not keep it out (as /status `healthy`; 1 without health checks).",
             backends().map(|(labels, b)| (labels, flag(b.health.in_rotation()))),
         )?;
         gauge(
