@@ -298,6 +298,11 @@ pub enum ConfigErrorKind {
     /// An empty listener name.
     #[error("`name` must not be empty")]
     EmptyName,
+    /// A listener name with characters that would garble a log line or a metric label.
+    #[error(
+        "`name`: invalid listener name {0:?}: use letters, digits, `-`, `_`, `.` and `:` (it appears in log lines and metric labels)"
+    )]
+    BadName(String),
     /// Two listeners with one name.
     #[error("duplicate listener name `{0}`")]
     DuplicateName(String),
@@ -579,6 +584,13 @@ impl ListenerConfig {
         let name = raw.name.get_ref().trim().to_owned();
         if name.is_empty() {
             return Err((Some(raw.name.span()), ConfigErrorKind::EmptyName));
+        }
+        // HAProxy's rule for proxy names: nothing a text log line prints raw can break it.
+        if !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
+        {
+            return Err((Some(raw.name.span()), ConfigErrorKind::BadName(name)));
         }
         let bind = address(&raw.bind, "bind")?;
         let connect_attempts =
@@ -1130,6 +1142,16 @@ health_addr = "127.0.0.1:9101"
                 "[[listener]]\nname = \" \"\nbind = \"127.0.0.1:1\"\n".into(),
                 Some(2),
                 "`name` must not be empty",
+            ),
+            (
+                "[[listener]]\nname = \"chat\\nINFO forged\"\nbind = \"127.0.0.1:1\"\n".into(),
+                Some(2),
+                "`name`: invalid listener name \"chat\\nINFO forged\": use letters",
+            ),
+            (
+                "[[listener]]\nname = \"chat api\"\nbind = \"127.0.0.1:1\"\n".into(),
+                Some(2),
+                "invalid listener name \"chat api\"",
             ),
             (
                 "[[listener]]\nbind = \"127.0.0.1:1\"\n".into(),
