@@ -7,14 +7,17 @@
 //! module holds the vocabulary (summary, error) and the triggers that ask for a reload.
 
 use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use notify::event::{AccessKind, AccessMode};
 use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -211,14 +214,22 @@ impl fmt::Display for ReloadSummary {
     }
 }
 
+/// Longest a reload waits for the writes to settle, counted from the first event: a directory
+/// that never goes quiet for [`DEBOUNCE`] (a config generator rewriting every 100 ms) must not
+/// hold an edit back forever.
+const DEBOUNCE_CAP: Duration = Duration::from_secs(1);
+
 /// Watches `path` and asks `handle` for a reload whenever its content changes.
 ///
 /// The *directory* is watched, not the file: editors (vim, `sed -i`) and Kubernetes ConfigMaps
 /// (a `..data` symlink swap) replace the file by rename, after which a watch on the old inode
 /// would never fire again. When `path` is a symlink into another directory, that directory is
-/// watched as well. Events are debounced by [`DEBOUNCE`], and a reload is only asked for
-/// when the file's bytes differ from the last ones seen, so unrelated files in the same directory
-/// cause no reloads. Runs until `stop` is cancelled.
+/// watched as well, and again after every change, so a link repointed to a new release
+/// directory is followed. Only events that name the config (its name, its link target's name,
+/// or a Kubernetes `..`-entry) count: a log file written beside it every few milliseconds must
+/// not keep the debounce from ever settling. Events are debounced by [`DEBOUNCE`] (at most
+/// [`DEBOUNCE_CAP`] in all), and a reload is only asked for when the file's bytes differ from
+/// the last ones seen. Runs until `stop` is cancelled.
 pub fn watch(
     path: &Path,
     handle: Handle,
@@ -228,46 +239,55 @@ pub fn watch(
         Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
         _ => PathBuf::from("."),
     };
+    let names = Arc::new(Mutex::new(Names::of(path)));
     let (events, mut rx) = mpsc::channel::<()>(16);
+    let filter = Arc::clone(&names);
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         match event {
             // A full channel already holds a wake-up; nothing is lost by dropping this one.
-            Ok(event) if may_change_content(&event.kind) => drop(events.try_send(())),
+            Ok(event)
+                if may_change_content(&event.kind)
+                    && filter
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .concern(&event.paths) =>
+            {
+                let _ = events.try_send(());
+            }
             Ok(_) => {}
             Err(e) => warn!(error = %e, "config watcher error"),
         }
     })?;
     watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+    let link_dir = std::fs::canonicalize(&dir).unwrap_or_else(|_| dir.clone());
     // A config that is a symlink into another directory (`/etc/weighbridge.toml` ->
     // `/srv/config/lb.toml`) is edited there: watch where it points too. Best effort: the
     // directory of the link already covers a link that is swapped.
-    if let Some(target_dir) = std::fs::canonicalize(path)
-        .ok()
-        .and_then(|target| target.parent().map(Path::to_owned))
-        .filter(|target_dir| std::fs::canonicalize(&dir).ok().as_ref() != Some(target_dir))
-    {
-        if let Err(e) = watcher.watch(&target_dir, RecursiveMode::NonRecursive) {
-            warn!(error = %e, dir = %target_dir.display(), "cannot watch the directory the config links to; edits there need SIGHUP");
-        }
-    }
+    let mut target_dir = None;
+    follow_link(&mut watcher, path, &link_dir, &mut target_dir);
     let path = path.to_owned();
     let mut last_seen = std::fs::read(&path).ok();
     Ok(tokio::spawn(async move {
         // Owned by the task: dropping it ends the watch.
-        let _watcher = watcher;
+        let mut watcher = watcher;
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,
                 event = rx.recv() => if event.is_none() { return },
             }
-            // Debounce: wait until no event has arrived for DEBOUNCE.
+            // Debounce: wait until no event has arrived for DEBOUNCE, or DEBOUNCE_CAP in all.
+            let settle_by = Instant::now() + DEBOUNCE_CAP;
             loop {
+                let quiet_at = (Instant::now() + DEBOUNCE).min(settle_by);
                 tokio::select! {
                     () = stop.cancelled() => return,
-                    () = tokio::time::sleep(DEBOUNCE) => break,
+                    () = tokio::time::sleep_until(quiet_at) => break,
                     event = rx.recv() => if event.is_none() { return },
                 }
             }
+            // The link may point somewhere else now.
+            follow_link(&mut watcher, &path, &link_dir, &mut target_dir);
+            *names.lock().unwrap_or_else(PoisonError::into_inner) = Names::of(&path);
             let current = std::fs::read(&path).ok();
             if current == last_seen {
                 debug!(path = %path.display(), "config directory changed, file did not");
@@ -278,6 +298,67 @@ pub fn watch(
             drop(handle.reload().await);
         }
     }))
+}
+
+/// Watches the directory `path` links to, when that is not `link_dir`, instead of the one
+/// `watched` names (if it differs).
+fn follow_link(
+    watcher: &mut impl Watcher,
+    path: &Path,
+    link_dir: &Path,
+    watched: &mut Option<PathBuf>,
+) {
+    let target_dir = std::fs::canonicalize(path)
+        .ok()
+        .and_then(|target| target.parent().map(Path::to_owned))
+        .filter(|target_dir| target_dir != link_dir);
+    if target_dir == *watched {
+        return;
+    }
+    if let Some(old) = watched.take() {
+        // Gone with its directory, or still there: either way no longer wanted.
+        drop(watcher.unwatch(&old));
+    }
+    if let Some(new) = target_dir {
+        match watcher.watch(&new, RecursiveMode::NonRecursive) {
+            Ok(()) => *watched = Some(new),
+            Err(e) => {
+                warn!(error = %e, dir = %new.display(), "cannot watch the directory the config links to; edits there need SIGHUP");
+            }
+        }
+    }
+}
+
+/// The file names whose events concern the config.
+#[derive(Debug, Default)]
+struct Names {
+    /// The config's own name and, when it is a symlink, its target's.
+    files: Vec<OsString>,
+}
+
+impl Names {
+    fn of(path: &Path) -> Names {
+        let target = std::fs::canonicalize(path).ok();
+        let files = [Some(path), target.as_deref()]
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p.file_name().map(OsStr::to_owned))
+            .collect();
+        Names { files }
+    }
+
+    /// Whether an event on `paths` may have changed what the config path reads: it names the
+    /// config or its target, or a `..`-entry of a Kubernetes volume (`..data` and the
+    /// timestamped directory it is swapped to). An event naming no path (a rescan) counts.
+    fn concern(&self, paths: &[PathBuf]) -> bool {
+        paths.is_empty()
+            || paths.iter().any(|p| {
+                p.file_name().is_some_and(|name| {
+                    self.files.iter().any(|f| f == name)
+                        || name.as_encoded_bytes().starts_with(b"..")
+                })
+            })
+    }
 }
 
 /// Whether a file system event in the config's directory can have changed the file's bytes.
@@ -362,6 +443,24 @@ mod tests {
             read.iter().all(|e| !may_change_content(&e.kind)),
             "a read is not a change: {read:?}"
         );
+    }
+
+    #[test]
+    fn only_events_naming_the_config_its_target_or_a_configmap_entry_concern_it() {
+        let names = Names {
+            files: vec!["wb.toml".into(), "lb.toml".into()],
+        };
+        let at = |name: &str| vec![PathBuf::from("/etc/weighbridge").join(name)];
+        for name in ["wb.toml", "lb.toml", "..data", "..2026_12_06_10_00_00.123"] {
+            assert!(names.concern(&at(name)), "{name}");
+        }
+        for name in ["access.log", "wb.toml.swp", "wb.toml.new", "other.toml"] {
+            assert!(!names.concern(&at(name)), "{name}");
+        }
+        // A rename names both ends; either may be the config.
+        let rename = [at("wb.toml.new"), at("wb.toml")].concat();
+        assert!(names.concern(&rename));
+        assert!(names.concern(&[]), "a rescan names no path");
     }
 
     fn config(text: &str) -> Config {

@@ -14,7 +14,7 @@ use std::io::{self, BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -799,6 +799,51 @@ async fn binary_reloads_a_config_replaced_by_rename() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_reloads_while_files_beside_the_config_are_written_all_the_time() {
+    bounded(Duration::from_secs(40), async {
+        let (a, b) = (backend(1).await, backend(2).await);
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("wb.toml");
+        std::fs::write(&path, two_backends(&a, &b, [3.0, 1.0])).expect("write config");
+        let mut lb = Process::spawn(&path, &[]);
+        let addr = lb.bind_of("main").await;
+        lb.wait_for("watching the configuration file", 1).await;
+
+        // A log appended to beside the config far more often than the debounce's quiet time,
+        // then an entry the watcher cannot tell from a ConfigMap swap churned the same way:
+        // neither may hold an edit back.
+        for (n, noisy, weights) in [(1, "access.log", [1.0, 3.0]), (2, "..data_tmp", [3.0, 1.0])] {
+            let stop = Arc::new(AtomicBool::new(false));
+            let writer = {
+                let (stop, noisy) = (Arc::clone(&stop), dir.path().join(noisy));
+                std::thread::spawn(move || {
+                    // Bounded: the test's own limit ends long before.
+                    for _ in 0..4_000 {
+                        if stop.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        std::fs::write(&noisy, b"noise\n").expect("write beside the config");
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                })
+            };
+            replace_by_rename(&path, &two_backends(&a, &b, weights));
+            lb.wait_for("reload applied", n).await;
+            stop.store(true, Ordering::Relaxed);
+            writer.join().expect("the writer ends");
+            assert_eq!(
+                split(addr, &[&a, &b]).await,
+                expected_split(weights),
+                "{}",
+                lb.tail()
+            );
+        }
+        assert_eq!(lb.count("reload failed"), 0, "{}", lb.tail());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_reloads_a_config_linked_from_another_directory_when_its_target_changes() {
     bounded(Duration::from_secs(30), async {
         let (a, b) = (backend(1).await, backend(2).await);
@@ -820,6 +865,47 @@ async fn binary_reloads_a_config_linked_from_another_directory_when_its_target_c
         lb.wait_for("reload applied", 1).await;
         assert_eq!(split(addr, &[&a, &b]).await, [2, 6], "{}", lb.tail());
         replace_by_rename(&target, &two_backends(&a, &b, [3.0, 1.0]));
+        lb.wait_for("reload applied", 2).await;
+        assert_eq!(split(addr, &[&a, &b]).await, [6, 2], "{}", lb.tail());
+        assert_eq!(lb.count("reload failed"), 0, "{}", lb.tail());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_follows_a_config_link_repointed_to_another_release_directory() {
+    bounded(Duration::from_secs(30), async {
+        let (a, b) = (backend(1).await, backend(2).await);
+        let (etc, v1, v2) = (
+            tempfile::tempdir().expect("temp dir"),
+            tempfile::tempdir().expect("temp dir"),
+            tempfile::tempdir().expect("temp dir"),
+        );
+        let link = etc.path().join("wb.toml");
+        for release in [&v1, &v2] {
+            std::fs::write(
+                release.path().join("lb.toml"),
+                two_backends(&a, &b, [3.0, 1.0]),
+            )
+            .expect("write config");
+        }
+        std::os::unix::fs::symlink(v1.path().join("lb.toml"), &link).expect("link the config");
+        let mut lb = Process::spawn(&link, &[]);
+        let addr = lb.bind_of("main").await;
+        lb.wait_for("watching the configuration file", 1).await;
+
+        // A deploy: the new release's config, then the link swapped to it atomically.
+        std::fs::write(v2.path().join("lb.toml"), two_backends(&a, &b, [1.0, 3.0]))
+            .expect("write the new release");
+        let swap = etc.path().join("wb.toml.new");
+        std::os::unix::fs::symlink(v2.path().join("lb.toml"), &swap).expect("new link");
+        std::fs::rename(&swap, &link).expect("swap the link");
+        lb.wait_for("reload applied", 1).await;
+        assert_eq!(split(addr, &[&a, &b]).await, [2, 6], "{}", lb.tail());
+
+        // An edit where the link now points is seen, as one in the first release was.
+        std::fs::write(v2.path().join("lb.toml"), two_backends(&a, &b, [3.0, 1.0]))
+            .expect("edit the new release");
         lb.wait_for("reload applied", 2).await;
         assert_eq!(split(addr, &[&a, &b]).await, [6, 2], "{}", lb.tail());
         assert_eq!(lb.count("reload failed"), 0, "{}", lb.tail());
