@@ -576,14 +576,13 @@ impl Balancer {
             control.start(bound, config.bind);
         }
 
-        if new.threads != self.config.threads {
-            warn!("`threads` changed: it takes effect at the next restart");
-        }
         self.registry.retain(&new);
         let summary = ReloadSummary::between(&self.config, &new);
-        // The admin endpoint and the log format are set up once, at start. Keeping the values in
-        // force here means the next reload still reports them as waiting for a restart.
+        // The admin endpoint, the log format and the worker threads are set up once, at start.
+        // Keeping the values in force here means the next reload still reports them as waiting
+        // for a restart.
         new.admin = self.config.admin.clone();
+        new.threads = self.config.threads;
         new.log.format = self.config.log.format;
         self.config = new;
         Ok(summary)

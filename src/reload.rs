@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -141,6 +142,14 @@ impl ReloadSummary {
             self.settings_changed.push(format!(
                 "[log] access_log {}->{}",
                 old.log.access_log, new.log.access_log
+            ));
+        }
+        if old.threads != new.threads {
+            let show = |t: Option<NonZeroUsize>| t.map_or("cores".to_owned(), |t| t.to_string());
+            self.needs_restart.push(format!(
+                "threads {}->{}",
+                show(old.threads),
+                show(new.threads)
             ));
         }
         if old.log.format != new.log.format {
@@ -532,7 +541,7 @@ mod tests {
             "[admin]\nbind = \"127.0.0.1:9900\"\ntoken = \"old-secret\"\n{listener}"
         ));
         let new = config(&format!(
-            "shutdown_grace = \"5s\"\n[admin]\nbind = \"127.0.0.1:9901\"\ntoken = \"new-secret\"\n\
+            "shutdown_grace = \"5s\"\nthreads = 3\n[admin]\nbind = \"127.0.0.1:9901\"\ntoken = \"new-secret\"\n\
              [log]\nformat = \"json\"\naccess_log = true\n{listener}"
         ));
         let summary = ReloadSummary::between(&old, &new);
@@ -543,6 +552,7 @@ mod tests {
         assert_eq!(
             summary.needs_restart,
             [
+                "threads cores->3",
                 "[log] format text->json",
                 "[admin] bind 127.0.0.1:9900->127.0.0.1:9901",
                 "[admin] token"
@@ -550,6 +560,9 @@ mod tests {
         );
         let line = summary.to_string();
         assert!(!line.contains("secret"), "{line}");
-        assert!(line.contains("needs a restart: [log] format"), "{line}");
+        assert!(
+            line.contains("needs a restart: threads cores->3, [log] format"),
+            "{line}"
+        );
     }
 }

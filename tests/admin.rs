@@ -393,20 +393,27 @@ async fn reload_over_http_answers_with_the_summary_or_the_check_error() {
             "{metrics}"
         );
 
-        // [admin] applies at restart: the reload says so and the endpoint stays where it was.
+        // [admin] and threads apply at restart: the reload says so and the endpoint stays where
+        // it was. A second reload says so again: nothing took effect in between.
         let moved = text(3.0).replace(
             "[admin]\nbind = \"127.0.0.1:0\"",
             "[admin]\nbind = \"127.0.0.1:1\"\ntoken = \"new-token\"",
         );
         assert_ne!(moved, text(3.0));
-        std::fs::write(file.path(), &moved).expect("rewrite config");
-        let answer = post(&lb, "/reload").await;
-        assert_eq!(answer.status, 200, "{answer:?}");
-        assert_eq!(
-            answer.json()["needs_restart"],
-            serde_json::json!(["[admin] bind 127.0.0.1:0->127.0.0.1:1", "[admin] token"])
-        );
-        assert!(!answer.body.contains("new-token"), "{answer:?}");
+        std::fs::write(file.path(), format!("threads = 7\n{moved}")).expect("rewrite config");
+        for _ in 0..2 {
+            let answer = post(&lb, "/reload").await;
+            assert_eq!(answer.status, 200, "{answer:?}");
+            assert_eq!(
+                answer.json()["needs_restart"],
+                serde_json::json!([
+                    "threads cores->7",
+                    "[admin] bind 127.0.0.1:0->127.0.0.1:1",
+                    "[admin] token"
+                ])
+            );
+            assert!(!answer.body.contains("new-token"), "{answer:?}");
+        }
         // Still no token needed, still on the same port.
         assert_eq!(http(lb.admin(), "GET", "/status", None).await.status, 200);
         lb.stop().await;
