@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -37,6 +37,8 @@ pub struct BackendState {
     connect_failures: AtomicU64,
     /// Failed connects since the last successful one: passive ejection's input.
     consecutive_failures: AtomicU64,
+    /// When the latest connect failed, in [`ticks`]; 0 before the first failure.
+    last_failure: AtomicU64,
     bytes_to_backend: AtomicU64,
     bytes_from_backend: AtomicU64,
     connect_time: Histogram,
@@ -51,12 +53,23 @@ impl Default for BackendState {
             connections: AtomicU64::new(0),
             connect_failures: AtomicU64::new(0),
             consecutive_failures: AtomicU64::new(0),
+            last_failure: AtomicU64::new(0),
             bytes_to_backend: AtomicU64::new(0),
             bytes_from_backend: AtomicU64::new(0),
             connect_time: Histogram::new(CONNECT_TIME_BOUNDS),
             health: Mutex::default(),
         }
     }
+}
+
+/// `at` as nanoseconds since the first call (plus one, so that 0 can mean "never"): an
+/// [`Instant`](std::time::Instant) that fits an atomic.
+fn ticks(at: std::time::Instant) -> u64 {
+    static EPOCH: OnceLock<std::time::Instant> = OnceLock::new();
+    let epoch = *EPOCH.get_or_init(std::time::Instant::now);
+    u64::try_from(at.saturating_duration_since(epoch).as_nanos())
+        .unwrap_or(u64::MAX - 1)
+        .saturating_add(1)
 }
 
 /// What an operator has said about a backend. Live state: it survives reloads for as long as
@@ -126,6 +139,8 @@ impl BackendState {
 
     /// Records a failed connect attempt and returns the failures in a row it makes.
     pub fn record_connect_failure(&self) -> u64 {
+        self.last_failure
+            .store(ticks(std::time::Instant::now()), Ordering::Relaxed);
         self.connect_failures.fetch_add(1, Ordering::Relaxed);
         self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1
     }
@@ -133,6 +148,19 @@ impl BackendState {
     /// Failed connects since the last successful one.
     pub fn consecutive_connect_failures(&self) -> u64 {
         self.consecutive_failures.load(Ordering::Relaxed)
+    }
+
+    /// Whether the latest connect to the backend failed, with no success since, less than
+    /// `window` before `now`. Reads the clock only when there is a streak: `now` is filled in
+    /// on first need, so a pick that asks about many backends reads it once at most.
+    #[inline]
+    pub fn failed_within(&self, now: &mut Option<std::time::Instant>, window: Duration) -> bool {
+        if self.consecutive_failures.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        let now = ticks(*now.get_or_insert_with(std::time::Instant::now));
+        let since = now.saturating_sub(self.last_failure.load(Ordering::Relaxed));
+        u128::from(since) < window.as_nanos()
     }
 
     /// Starts a new streak (the backend was just ejected for the current one).

@@ -10,7 +10,9 @@ use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 use tokio::net::TcpStream;
 
-use support::{Mock, Running, bounded, config, connect_identify, eventually_eq, start_balancer};
+use support::{
+    Mock, Refusing, Running, bounded, config, connect_identify, eventually_eq, start_balancer,
+};
 
 /// Weights of the four backends every test here uses; Σ = 7.
 const WEIGHTS: [f64; 4] = [1.5, 2.0, 1.0, 2.5];
@@ -180,6 +182,45 @@ async fn capacity_proportional_keeps_open_connections_in_proportion() {
             assert_eq!(held.len(), HELD);
             assert_within_one_of_share(&held, &mocks, &lb, &addrs);
         }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capacity_proportional_does_not_send_every_client_first_to_a_refusing_backend() {
+    bounded(Duration::from_secs(40), async {
+        let mocks = Mock::identify_many(2).await;
+        let refusing = Refusing::new();
+        let backends = [
+            (mocks[0].addr, 1.0),
+            (mocks[1].addr, 1.0),
+            (refusing.addr, 1.0),
+        ];
+        let lb = start_balancer(&config(
+            "capacity_proportional",
+            "connect_attempts = 3",
+            &backends,
+        ));
+        // Long-lived streams, as capacity_proportional is for: each stays open. The refusing
+        // backend never holds one, so by count it always looks the least loaded.
+        const CLIENTS: usize = 60;
+        let started = tokio::time::Instant::now();
+        let mut held = Vec::with_capacity(CLIENTS);
+        open_one_by_one(&lb, CLIENTS, &mut held).await;
+        let elapsed = started.elapsed();
+        let failures = lb.backend(refusing.addr).connect_failures;
+        // It is tried again once per second of cooldown, plus the first try.
+        let allowed = 1 + elapsed.as_secs_f64().ceil() as u64;
+        assert!(
+            failures <= allowed,
+            "{failures} of {CLIENTS} clients tried the refusing backend first in {elapsed:?}"
+        );
+        assert!(failures >= 1, "the refusing backend was tried");
+        let mut on = [0_usize; 2];
+        for (_, id) in &held {
+            on[*id] += 1;
+        }
+        assert_eq!(on, [CLIENTS / 2, CLIENTS / 2], "the rest is split evenly");
     })
     .await;
 }

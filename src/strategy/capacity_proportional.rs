@@ -15,13 +15,22 @@
 //! Finding the exact minimum reads every backend's count, about a nanosecond each. Pools of up to
 //! [`FULL_SCAN_MAX`] backends — the fleets one listener usually fronts — get that exact scan. A
 //! larger pool would spend microseconds per connection on it (2.9 µs at 1,024 backends), so
-//! there a pick draws [`CHOICES`] candidates at random in proportion to capacity and takes the
+//! there a pick draws two candidates at random in proportion to capacity and takes the
 //! less loaded of them: "power of two choices", Envoy's `LEAST_REQUEST` and nginx's `random two
 //! least_conn`, weighted. Drawing by capacity keeps every backend's expected share at C_i / ΣC;
 //! comparing two keeps the spread around it to a few connections (the unit tests measure it)
 //! instead of the ±1 of the full scan, at a cost that does not grow with the pool.
+//!
+//! A backend that refuses connections (or times them out) never holds one open, so by count
+//! alone it would look the least loaded forever and be every client's first try: each client
+//! would pay a failed connect before its retry. So a backend whose latest connect failed less
+//! than [`FAILED_COOLDOWN`] ago is picked only when no other is left, as nginx's `max_fails=1`
+//! skips a server for `fail_timeout`. After the cooldown one client tries it again; a success
+//! ends the streak and it is counted as usual. Passive ejection, where configured, takes it out
+//! altogether; this only keeps the strategy from steering everyone at it meanwhile.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use rand::Rng;
 
@@ -30,8 +39,8 @@ use crate::backend::BackendState;
 
 /// Largest pool whose picks scan every backend for the exact minimum.
 pub(super) const FULL_SCAN_MAX: usize = 64;
-/// Candidates drawn per pick in a pool larger than [`FULL_SCAN_MAX`].
-pub(super) const CHOICES: usize = 2;
+/// How long a backend whose latest connect failed is passed over while others are left.
+pub(super) const FAILED_COOLDOWN: Duration = Duration::from_secs(1);
 
 /// Least (active + 1) / capacity.
 #[derive(Debug)]
@@ -73,17 +82,23 @@ impl CapacityProportional {
         match &self.sampler {
             None => self.scan(turn, tried),
             Some(sampler) => {
-                let mut best = sampler.pick_with(rng, tried)?;
-                for _ in 1..CHOICES {
-                    let Some(candidate) = sampler.pick_with(rng, tried) else {
-                        break;
-                    };
-                    let (a, b) = (&self.members[candidate], &self.members[best]);
-                    if below(a.load(), a.capacity, b.load(), b.capacity) {
-                        best = candidate;
-                    }
+                let first = sampler.pick_with(rng, tried)?;
+                let Some(second) = sampler.pick_with(rng, tried) else {
+                    return Some(first);
+                };
+                let (a, b) = (&self.members[first], &self.members[second]);
+                let (best, other) = if below(b.load(), b.capacity, a.load(), a.capacity) {
+                    (second, first)
+                } else {
+                    (first, second)
+                };
+                // A failing backend loses to the other candidate, whatever the counts.
+                let mut now = None;
+                if self.members[best].failing(&mut now) && !self.members[other].failing(&mut now) {
+                    Some(other)
+                } else {
+                    Some(best)
                 }
-                Some(best)
             }
         }
     }
@@ -92,20 +107,42 @@ impl CapacityProportional {
     ///
     /// The scan starts at the backend the connection's turn points to and keeps the first
     /// minimum it meets, so tied backends take turns (as nginx's `least_conn` hands ties to its
-    /// round robin) without drawing a random number on every pick.
+    /// round robin) without drawing a random number on every pick. Whether a backend is failing
+    /// is asked of the winner only, so the common case reads one more atomic per pick, not per
+    /// backend; when the winner is failing, a second scan leaves out every failing backend.
     fn scan(&self, turn: u64, tried: &[usize]) -> Option<usize> {
         let n = self.members.len();
-        if n == 0 {
-            return None;
-        }
         // Below `n`, a usize: the cast cannot truncate.
-        let start = (turn % n as u64) as usize;
+        let start = (turn % n.max(1) as u64) as usize;
+        let best = self.least_loaded_in(start, tried, |_| true)?;
+        let mut now = None;
+        if !self.members[best].failing(&mut now) {
+            return Some(best);
+        }
+        self.least_loaded_in(start, tried, |m| !m.failing(&mut now))
+            .or(Some(best))
+    }
+
+    /// The least loaded eligible backend among those `keep` accepts, scanning from `start`
+    /// round to just before it; ties go to the first met. Two plain loops, not a chained
+    /// iterator: `Chain` costs a branch per step of this hot loop.
+    #[inline(always)]
+    fn least_loaded_in(
+        &self,
+        start: usize,
+        tried: &[usize],
+        mut keep: impl FnMut(&Member) -> bool,
+    ) -> Option<usize> {
         let mut best = Best::default();
-        for i in start..n {
-            best.consider(i, &self.members[i], tried);
+        for i in start..self.members.len() {
+            if keep(&self.members[i]) {
+                best.consider(i, &self.members[i], tried);
+            }
         }
         for i in 0..start {
-            best.consider(i, &self.members[i], tried);
+            if keep(&self.members[i]) {
+                best.consider(i, &self.members[i], tried);
+            }
         }
         best.index
     }
@@ -142,6 +179,12 @@ impl Member {
     fn load(&self) -> f64 {
         self.stats.active() as f64 + 1.0
     }
+
+    /// Whether the latest connect failed within [`FAILED_COOLDOWN`].
+    #[inline]
+    fn failing(&self, now: &mut Option<Instant>) -> bool {
+        self.stats.failed_within(now, FAILED_COOLDOWN)
+    }
 }
 
 /// Whether load / capacity is lower than other_load / other_capacity, compared without dividing
@@ -166,6 +209,37 @@ mod tests {
     fn pool(capacities: &[f64]) -> (CapacityProportional, Vec<Arc<BackendState>>) {
         let live: Vec<_> = capacities.iter().map(|_| Arc::default()).collect();
         (CapacityProportional::new(capacities, &live), live)
+    }
+
+    /// A backend that just failed a connect holds no connection, yet is not everyone's first
+    /// try: it is passed over while another is left, in the exact scan and among sampled
+    /// candidates alike, and counted as usual again once a connect succeeds.
+    #[test]
+    fn a_backend_whose_connects_fail_is_passed_over_while_others_are_left() {
+        for n in [3, FULL_SCAN_MAX + 6] {
+            let (strategy, live) = pool(&vec![1.0; n]);
+            let mut picker = Picker::new(7);
+            // Everyone else busy; backend 0 idle, but failing.
+            let _held: Vec<_> = (1..n)
+                .flat_map(|i| (0..5).map(move |_| i))
+                .map(|i| BackendState::acquire(&live[i]))
+                .collect();
+            live[0].record_connect_failure();
+            for _ in 0..200 {
+                assert_ne!(picker.pick(&strategy, &[]), Some(0), "pool of {n}");
+            }
+            // The last one left.
+            let others: Vec<usize> = (1..n).collect();
+            assert_eq!(picker.pick(&strategy, &others), Some(0));
+            // A success ends the streak: the idle backend is the least loaded again.
+            live[0].record_connected(Duration::from_millis(1));
+            let zero = (0..200)
+                .filter(|_| picker.pick(&strategy, &[]) == Some(0))
+                .count();
+            // The scan always finds it; sampling draws it now and then, and it then wins.
+            let least = if n <= FULL_SCAN_MAX { 200 } else { 1 };
+            assert!(zero >= least, "pool of {n}: picked {zero} of 200");
+        }
     }
 
     /// Picks as an accept loop does: turns 0, 1, 2, … and a seeded random source.
