@@ -224,3 +224,37 @@ async fn capacity_proportional_does_not_send_every_client_first_to_a_refusing_ba
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weighted_round_robin_retries_a_dead_backends_share_by_weight() {
+    bounded(Duration::from_secs(30), async {
+        let mocks = Mock::identify_many(2).await;
+        let refusing = Refusing::new();
+        // nginx's example weights, the heavy one dead: its five slots of every seven are
+        // retried, and the two left, of equal weight, should share them equally.
+        let backends = [
+            (refusing.addr, 5.0),
+            (mocks[0].addr, 1.0),
+            (mocks[1].addr, 1.0),
+        ];
+        let lb = start_balancer(&config(
+            "weighted_round_robin",
+            "connect_attempts = 2",
+            &backends,
+        ));
+        const CLIENTS: usize = 140;
+        let mut on = [0_usize; 2];
+        for _ in 0..CLIENTS {
+            on[pick_once(&lb).await] += 1;
+        }
+        assert_eq!(lb.backend(refusing.addr).connect_failures, 100);
+        for count in on {
+            assert!(
+                count.abs_diff(CLIENTS / 2) <= CLIENTS / 20,
+                "split {on:?}, not about {} each",
+                CLIENTS / 2
+            );
+        }
+    })
+    .await;
+}

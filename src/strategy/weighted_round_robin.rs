@@ -40,6 +40,8 @@ fn max_cycle(backends: usize) -> u64 {
 pub struct WeightedRoundRobin {
     /// One full cycle of picks (backend indices); empty when every weight is 0.
     cycle: Box<[u32]>,
+    /// Each backend's integer weight, for retries.
+    units: Box<[u64]>,
 }
 
 impl WeightedRoundRobin {
@@ -48,6 +50,7 @@ impl WeightedRoundRobin {
         let units = integer_weights(weights);
         WeightedRoundRobin {
             cycle: smooth_cycle(&units).into_boxed_slice(),
+            units: units.into_boxed_slice(),
         }
     }
 
@@ -68,11 +71,40 @@ impl Strategy for WeightedRoundRobin {
         if tried.is_empty() {
             return Some(self.cycle[start] as usize);
         }
-        // A retry: walk on from this position to the next backend not yet tried. Every index in
-        // the cycle has a positive weight, so only `tried` can disqualify one.
-        (0..len)
-            .map(|offset| self.cycle[(start + offset) % len] as usize)
-            .find(|&index| eligible(1.0, index, tried))
+        self.retry(turn, tried)
+    }
+}
+
+impl WeightedRoundRobin {
+    /// A retry: the backends not yet tried, in proportion to their weights.
+    ///
+    /// Walking on along the cycle to the next untried backend would not do: the slot after a
+    /// dead backend's is whoever the smooth order put there, so with weights 5, 1, 1 and the 5
+    /// dead, its five slots went 4 to one of the 1s and 1 to the other. Instead the turn picks
+    /// a point in the untried backends' total weight: multiplied by the golden ratio (a Weyl
+    /// sequence), successive turns spread evenly over it, deterministically and without
+    /// shared state. Retries are rare, so a pass over the weights is cheap enough.
+    fn retry(&self, turn: u64, tried: &[usize]) -> Option<usize> {
+        let untried = || {
+            self.units
+                .iter()
+                .enumerate()
+                .filter(|&(index, &unit)| eligible(unit as f64, index, tried))
+        };
+        let total: u64 = untried().map(|(_, &unit)| unit).sum();
+        if total == 0 {
+            return None;
+        }
+        // frac(turn × φ) scaled to [0, total).
+        let point = turn.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let mut target = ((u128::from(point) * u128::from(total)) >> 64) as u64;
+        for (index, &unit) in untried() {
+            if target < unit {
+                return Some(index);
+            }
+            target -= unit;
+        }
+        None
     }
 }
 
@@ -213,6 +245,35 @@ mod tests {
             assert!(pick == 1 || pick == 2);
         }
         assert_eq!(wrr.pick(0, &[0, 1, 2]), None);
+    }
+
+    /// A dead backend's connections are retried on the others in proportion to their weights,
+    /// not handed to whoever follows it in the cycle.
+    #[test]
+    fn retries_follow_the_weights_of_the_backends_left() {
+        for (weights, dead, expected) in [
+            (vec![5.0, 1.0, 1.0], 0, vec![0.0, 0.5, 0.5]),
+            (vec![5.0, 1.0, 1.0], 2, vec![5.0 / 6.0, 1.0 / 6.0, 0.0]),
+            (vec![1.0, 3.0, 1.0, 2.0], 1, vec![0.25, 0.0, 0.25, 0.5]),
+        ] {
+            let wrr = WeightedRoundRobin::new(&weights);
+            let mut retried = vec![0_usize; weights.len()];
+            let mut total = 0;
+            for turn in 0..7_000 {
+                if wrr.pick(turn, &[]) == Some(dead) {
+                    retried[wrr.pick(turn, &[dead]).expect("others remain")] += 1;
+                    total += 1;
+                }
+            }
+            for (i, &share) in expected.iter().enumerate() {
+                let got = retried[i] as f64 / total as f64;
+                assert!(
+                    (got - share).abs() < 0.02,
+                    "weights {weights:?}, {dead} dead: backend {i} got {got:.3} of the retries, \
+                     not {share:.3} ({retried:?})"
+                );
+            }
+        }
     }
 
     #[test]
