@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 
-use super::{Strategy, WeightedRandom, eligible};
+use super::{Strategy, WeightedRandom, eligible, with_pick_rng};
 use crate::backend::BackendState;
 
 /// Largest pool whose picks scan every backend for the exact minimum.
@@ -196,7 +196,7 @@ fn below(load: f64, capacity: f64, other_load: f64, other_capacity: f64) -> bool
 
 impl Strategy for CapacityProportional {
     fn pick(&self, turn: u64, tried: &[usize]) -> Option<usize> {
-        self.pick_with(&mut rand::rng(), turn, tried)
+        with_pick_rng(|rng| self.pick_with(rng, turn, tried))
     }
 }
 
