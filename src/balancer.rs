@@ -513,7 +513,7 @@ impl Balancer {
         //    has. Meanwhile connections wait in the socket's queue; none is lost.
         let mut handed_over: HashMap<String, Bound> = HashMap::new();
         for old_name in takeovers.values() {
-            if let Some(bound) = control.retire(old_name).await {
+            if let Some(bound) = control.retire(old_name, false).await {
                 handed_over.insert(old_name.clone(), bound);
             }
         }
@@ -556,7 +556,7 @@ impl Balancer {
             .cloned()
             .collect();
         for name in retiring {
-            drop(control.retire(&name).await);
+            drop(control.retire(&name, true).await);
         }
 
         // 5. Start the listeners on handed-over and new sockets.
@@ -647,8 +647,10 @@ impl Control {
         self.running.insert(name, running);
     }
 
-    /// Stops accepting for listener `name` and returns its sockets, still listening.
-    async fn retire(&mut self, name: &str) -> Option<Bound> {
+    /// Stops accepting for listener `name` and returns its sockets, still listening. With
+    /// `serve_queue` (the sockets are about to close), the connections waiting in their queues
+    /// are accepted and served first rather than reset by the close.
+    async fn retire(&mut self, name: &str, serve_queue: bool) -> Option<Bound> {
         let running = self.running.remove(name)?;
         let mut replies = Vec::with_capacity(running.sockets.len());
         for (worker, id) in running.sockets {
@@ -656,7 +658,11 @@ impl Control {
             if self
                 .placement
                 .remote(worker)
-                .send(Command::Unlisten { id, reply })
+                .send(Command::Unlisten {
+                    id,
+                    serve_queue,
+                    reply,
+                })
                 .is_ok()
             {
                 replies.push(answer);
@@ -684,7 +690,7 @@ impl Control {
     async fn stop_accepting(&mut self) {
         let names: Vec<String> = self.running.keys().cloned().collect();
         for name in names {
-            drop(self.retire(&name).await);
+            drop(self.retire(&name, true).await);
         }
     }
 

@@ -863,6 +863,73 @@ mod tests {
         assert_eq!(u64::from_be_bytes(count), STREAM as u64);
     }
 
+    /// A listening socket given back to be closed first serves the connections already in its
+    /// queue: their handshakes completed, and the close would reset them. The worker sees the
+    /// socket and is told to give it back in the same turn, so nothing was accepted before.
+    #[test]
+    fn a_closing_listener_serves_the_connections_in_its_queue_first() {
+        let backend = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a backend");
+        let backend_addr = backend.local_addr().expect("backend address");
+        std::thread::spawn(move || {
+            for mut stream in backend.incoming().map_while(Result::ok) {
+                if let Err(e) = stream.write_all(b"x") {
+                    eprintln!("test backend: {e}");
+                }
+            }
+        });
+        let text = format!(
+            "[[listener]]\nname = \"lb\"\nbind = \"127.0.0.1:0\"\n\
+             [[listener.backend]]\naddr = \"{backend_addr}\"\n"
+        );
+        let config = crate::config::parse(&text, Path::new("t.toml")).expect("valid");
+        let registry = Registry::with_republisher(Republisher::new().0);
+        let snapshot = Snapshot::build(&config, &registry, &HashMap::new(), None);
+        let (placement, reactor) = Workers::unstarted().expect("a worker");
+        let mut bound = listener::bind(&config.listeners[0], 1).expect("bind the listener");
+        // Queued: the kernel completes the handshakes before anyone accepts.
+        let mut clients: Vec<std::net::TcpStream> = (0..3)
+            .map(|_| std::net::TcpStream::connect(bound.local_addr).expect("connect"))
+            .collect();
+        let serving = Serving {
+            snapshots: Arc::new(ArcSwap::from_pointee(snapshot)),
+            connections: TaskTracker::new(),
+            placement: placement.clone(),
+        };
+        let socket = bound.sockets.pop().expect("one socket");
+        let listen = Command::Listen {
+            id: 0,
+            name: "lb".to_owned(),
+            socket,
+            serving,
+        };
+        let (reply, given_back) = tokio::sync::oneshot::channel();
+        let unlisten = Command::Unlisten {
+            id: 0,
+            serve_queue: true,
+            reply,
+        };
+        assert!(placement.remote(0).send(listen).is_ok());
+        assert!(placement.remote(0).send(unlisten).is_ok());
+        let worker = std::thread::spawn(move || reactor.run());
+        let socket = given_back
+            .blocking_recv()
+            .expect("the worker answers")
+            .expect("the socket comes back");
+        drop(socket);
+        for client in &mut clients {
+            client
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .expect("read timeout");
+            let mut byte = [0_u8; 1];
+            client
+                .read_exact(&mut byte)
+                .expect("served, not reset by the close");
+            assert_eq!(&byte, b"x");
+        }
+        assert!(placement.remote(0).send(Command::Exit).is_ok());
+        worker.join().expect("the worker ends");
+    }
+
     /// The connection path, passive ejection's part included, never waits for a backend's health
     /// mutex: with every one of them held by another thread, connections are served at once,
     /// and the connect failures that reach `max_connect_failures` ask for a republish without

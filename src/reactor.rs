@@ -69,8 +69,14 @@ pub(crate) enum Command {
     },
     /// Stop accepting on listener socket `id` and send the socket back, still listening, so a
     /// reload can give it to a renamed listener without a moment in which the port is closed.
+    ///
+    /// With `serve_queue`, the connections already waiting in the socket's queue are accepted
+    /// and served first: the socket is about to close (its listener removed or moved, or the
+    /// balancer stopping), and closing it would reset each of them, clients whose handshake
+    /// had completed. Without, they stay queued for whoever takes the socket over.
     Unlisten {
         id: u64,
+        serve_queue: bool,
         reply: tokio::sync::oneshot::Sender<io::Result<std::net::TcpListener>>,
     },
     /// Serve a connection another worker accepted.
@@ -123,7 +129,9 @@ impl std::fmt::Debug for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Command::Listen { id, name, .. } => write!(f, "Listen({id}, {name})"),
-            Command::Unlisten { id, .. } => write!(f, "Unlisten({id})"),
+            Command::Unlisten {
+                id, serve_queue, ..
+            } => write!(f, "Unlisten({id}, serve_queue: {serve_queue})"),
             Command::Adopt(adopted) => write!(f, "Adopt({})", adopted.peer),
             Command::Cut => f.write_str("Cut"),
             Command::Exit => f.write_str("Exit"),
@@ -350,12 +358,19 @@ impl Worker {
                     errors: ErrorPacer::default(),
                 });
             }
-            Command::Unlisten { id, reply } => {
-                let found = self
+            Command::Unlisten {
+                id,
+                serve_queue,
+                reply,
+            } => {
+                let place = self
                     .listeners
-                    .iter_mut()
-                    .find(|l| l.as_ref().is_some_and(|l| l.id == id));
-                let result = match found.and_then(Option::take) {
+                    .iter()
+                    .position(|l| l.as_ref().is_some_and(|l| l.id == id));
+                if let (Some(place), true) = (place, serve_queue) {
+                    self.serve_queue(poll, place);
+                }
+                let result = match place.and_then(|place| self.listeners[place].take()) {
                     Some(mut listening) => {
                         // Explicitly: the socket stays open, so its close will not do it. Were
                         // it to fail, the socket still goes back: its events would only find
@@ -432,6 +447,28 @@ impl Worker {
 
     /// A connection just accepted on listener `place`: admitted against `max_connections` and
     /// served here or handed to a less loaded worker.
+    /// Accepts and serves every connection waiting on listener `place`, up to the most a
+    /// listen queue can hold (`somaxconn` is at most 65,535), ignoring readiness and pauses.
+    fn serve_queue(&mut self, poll: &Poll, place: usize) {
+        for _ in 0..=u16::MAX {
+            let Some(listener) = self.listeners[place].as_mut() else {
+                return;
+            };
+            match listener.socket.accept() {
+                Ok((stream, peer)) => self.admit(poll, place, stream, peer),
+                Err(e) if is_connection_error(&e) => {}
+                // Empty (WouldBlock), or an error that stops accepting (out of descriptors):
+                // what is left is reset with the socket, as it would have been.
+                Err(e) => {
+                    if e.kind() != io::ErrorKind::WouldBlock {
+                        debug!(listener = %listener.name, error = %e, "cannot serve the rest of a closing socket's queue");
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
     fn admit(&mut self, poll: &Poll, place: usize, stream: TcpStream, peer: SocketAddr) {
         let Some(listener) = self.listeners[place].as_ref() else {
             return;

@@ -169,6 +169,18 @@ impl Workers {
         })
     }
 
+    /// One worker whose loop the caller runs (`Reactor::run`) when it chooses: commands sent
+    /// before then are all handled in its first turn, before it accepts anything.
+    #[cfg(test)]
+    pub(crate) fn unstarted() -> io::Result<(Placement, Reactor)> {
+        let (reactor, remote) = Reactor::new(0)?;
+        let placement = Placement {
+            remotes: vec![remote].into(),
+            loads: vec![Load::default()].into(),
+        };
+        Ok((placement, reactor))
+    }
+
     /// Where connections run, for the accept loops and the status readers.
     pub(crate) fn placement(&self) -> &Placement {
         &self.placement
