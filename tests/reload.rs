@@ -284,6 +284,13 @@ impl InProcess {
         Ok(InProcess { handle, stop, task })
     }
 
+    /// Connections listener `main` has accepted.
+    fn accepted(&self) -> u64 {
+        self.handle
+            .listener_counters("main")
+            .map_or(0, |c| c.accepted)
+    }
+
     fn addr(&self, listener: &str) -> SocketAddr {
         self.handle
             .local_addr(listener)
@@ -1140,12 +1147,23 @@ async fn a_moved_listener_serves_on_the_new_address_only_and_keeps_open_connecti
         echo(&mut fresh, b"new address").await.expect("echo");
         close(fresh).await.expect("close");
 
+        let accepted = lb.accepted();
         let deadline = Instant::now() + SOON;
         loop {
             match TcpStream::connect(old).await {
                 Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => break,
                 Err(e) => panic!("connecting to the old address failed oddly: {e}"),
-                Ok(stream) => {
+                Ok(mut stream) => {
+                    // The freed port is ephemeral: another test's listener (another balancer
+                    // of this test binary, even) may have it by now, which proves the old
+                    // socket closed. Only this balancer counting the connection means it still
+                    // accepts there; whoever did accept it has answered once a byte arrives.
+                    let mut id = [0_u8; 1];
+                    let answer = timeout(POLL * 20, stream.read_exact(&mut id)).await;
+                    if lb.accepted() == accepted {
+                        eprintln!("{old} was taken by another listener: {answer:?}");
+                        break;
+                    }
                     drop(stream);
                     assert!(
                         Instant::now() < deadline,
