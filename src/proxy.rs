@@ -863,11 +863,8 @@ mod tests {
         assert_eq!(u64::from_be_bytes(count), STREAM as u64);
     }
 
-    /// A listening socket given back to be closed first serves the connections already in its
-    /// queue: their handshakes completed, and the close would reset them. The worker sees the
-    /// socket and is told to give it back in the same turn, so nothing was accepted before.
-    #[test]
-    fn a_closing_listener_serves_the_connections_in_its_queue_first() {
+    /// A backend on a thread of its own that sends `x` to every connection; its address.
+    fn greeting_backend() -> SocketAddr {
         let backend = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a backend");
         let backend_addr = backend.local_addr().expect("backend address");
         std::thread::spawn(move || {
@@ -877,6 +874,15 @@ mod tests {
                 }
             }
         });
+        backend_addr
+    }
+
+    /// A listening socket given back to be closed first serves the connections already in its
+    /// queue: their handshakes completed, and the close would reset them. The worker sees the
+    /// socket and is told to give it back in the same turn, so nothing was accepted before.
+    #[test]
+    fn a_closing_listener_serves_the_connections_in_its_queue_first() {
+        let backend_addr = greeting_backend();
         let text = format!(
             "[[listener]]\nname = \"lb\"\nbind = \"127.0.0.1:0\"\n\
              [[listener.backend]]\naddr = \"{backend_addr}\"\n"
@@ -937,15 +943,7 @@ mod tests {
     /// waiting.
     #[test]
     fn connections_are_served_while_every_health_lock_is_held() {
-        let backend = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a backend");
-        let backend_addr = backend.local_addr().expect("backend address");
-        std::thread::spawn(move || {
-            for mut stream in backend.incoming().map_while(Result::ok) {
-                if let Err(e) = stream.write_all(b"x") {
-                    eprintln!("test backend: {e}");
-                }
-            }
-        });
+        let backend_addr = greeting_backend();
         // Bound and closed: connects to it are refused.
         let refusing_addr = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())

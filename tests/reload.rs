@@ -337,6 +337,15 @@ impl Process {
         Process { child, log }
     }
 
+    /// The binary on `config`, once it serves listener `main` and watches the file; the
+    /// listener's address.
+    async fn watching(config: &Path) -> (Process, SocketAddr) {
+        let mut lb = Process::spawn(config, &[]);
+        let addr = lb.bind_of("main").await;
+        lb.wait_for("watching the configuration file", 1).await;
+        (lb, addr)
+    }
+
     fn log(&self) -> Vec<String> {
         self.log.lock().expect("log lock").clone()
     }
@@ -784,9 +793,7 @@ async fn binary_reloads_a_config_replaced_by_rename() {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("wb.toml");
         std::fs::write(&path, two_backends(&a, &b, [3.0, 1.0])).expect("write config");
-        let mut lb = Process::spawn(&path, &[]);
-        let addr = lb.bind_of("main").await;
-        lb.wait_for("watching the configuration file", 1).await;
+        let (mut lb, addr) = Process::watching(&path).await;
         assert_eq!(split(addr, &[&a, &b]).await, [6, 2]);
 
         // Twice: the watch must survive the replacement of the file it first saw.
@@ -812,9 +819,7 @@ async fn binary_reloads_while_files_beside_the_config_are_written_all_the_time()
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("wb.toml");
         std::fs::write(&path, two_backends(&a, &b, [3.0, 1.0])).expect("write config");
-        let mut lb = Process::spawn(&path, &[]);
-        let addr = lb.bind_of("main").await;
-        lb.wait_for("watching the configuration file", 1).await;
+        let (mut lb, addr) = Process::watching(&path).await;
 
         // A log appended to beside the config far more often than the debounce's quiet time,
         // then an entry the watcher cannot tell from a ConfigMap swap churned the same way:
@@ -862,9 +867,7 @@ async fn binary_reloads_a_config_linked_from_another_directory_when_its_target_c
         let link = etc.path().join("wb.toml");
         std::fs::write(&target, two_backends(&a, &b, [3.0, 1.0])).expect("write config");
         std::os::unix::fs::symlink(&target, &link).expect("link the config");
-        let mut lb = Process::spawn(&link, &[]);
-        let addr = lb.bind_of("main").await;
-        lb.wait_for("watching the configuration file", 1).await;
+        let (mut lb, addr) = Process::watching(&link).await;
         assert_eq!(split(addr, &[&a, &b]).await, [6, 2]);
 
         // Edited where it lives, in place and then by rename.
@@ -897,9 +900,7 @@ async fn binary_follows_a_config_link_repointed_to_another_release_directory() {
             .expect("write config");
         }
         std::os::unix::fs::symlink(v1.path().join("lb.toml"), &link).expect("link the config");
-        let mut lb = Process::spawn(&link, &[]);
-        let addr = lb.bind_of("main").await;
-        lb.wait_for("watching the configuration file", 1).await;
+        let (mut lb, addr) = Process::watching(&link).await;
 
         // A deploy: the new release's config, then the link swapped to it atomically.
         std::fs::write(v2.path().join("lb.toml"), two_backends(&a, &b, [1.0, 3.0]))
