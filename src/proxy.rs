@@ -877,6 +877,17 @@ mod tests {
         backend_addr
     }
 
+    /// Reads the greeting backend's `x` through `client` within 5 s; `served` says what a
+    /// failure means.
+    fn assert_greeted(client: &mut std::net::TcpStream, served: &str) {
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("read timeout");
+        let mut byte = [0_u8; 1];
+        client.read_exact(&mut byte).expect(served);
+        assert_eq!(&byte, b"x");
+    }
+
     /// A listening socket given back to be closed first serves the connections already in its
     /// queue: their handshakes completed, and the close would reset them. The worker sees the
     /// socket and is told to give it back in the same turn, so nothing was accepted before.
@@ -923,14 +934,7 @@ mod tests {
             .expect("the socket comes back");
         drop(socket);
         for client in &mut clients {
-            client
-                .set_read_timeout(Some(Duration::from_secs(5)))
-                .expect("read timeout");
-            let mut byte = [0_u8; 1];
-            client
-                .read_exact(&mut byte)
-                .expect("served, not reset by the close");
-            assert_eq!(&byte, b"x");
+            assert_greeted(client, "served, not reset by the close");
         }
         assert!(placement.remote(0).send(Command::Exit).is_ok());
         worker.join().expect("the worker ends");
@@ -975,13 +979,7 @@ mod tests {
 
         for _ in 0..20 {
             let mut client = std::net::TcpStream::connect(lb_addr).expect("connect");
-            client
-                .set_read_timeout(Some(Duration::from_secs(5)))
-                .expect("read timeout");
-            let mut byte = [0_u8; 1];
-            client
-                .read_exact(&mut byte)
-                .expect("served while every health lock is held");
+            assert_greeted(&mut client, "served while every health lock is held");
         }
         let refusing_state = &pool.backends()[1].stats;
         assert!(refusing_state.counters().connect_failures >= 2);
