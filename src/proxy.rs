@@ -927,7 +927,10 @@ mod tests {
         };
         assert!(placement.remote(0).send(listen).is_ok());
         assert!(placement.remote(0).send(unlisten).is_ok());
-        let worker = std::thread::spawn(move || reactor.run());
+        let worker = std::thread::spawn(move || {
+            reactor.run();
+            crate::reactor::QUEUE_ACCEPTS.get()
+        });
         let socket = given_back
             .blocking_recv()
             .expect("the worker answers")

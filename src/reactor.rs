@@ -54,6 +54,12 @@ const LISTENER_BIT: usize = 1 << 62;
 const ACCEPT_BATCH: usize = 16;
 /// Events taken from the kernel per `epoll_wait`.
 const EVENTS: usize = 1024;
+
+#[cfg(test)]
+thread_local! {
+    /// `accept` calls this thread made serving closing sockets' queues.
+    pub(crate) static QUEUE_ACCEPTS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
 /// Stale timer entries tolerated beyond twice the open connections (see
 /// [`Worker::prune_timers`]).
 const PRUNE_FLOOR: usize = 1024;
@@ -454,15 +460,18 @@ impl Worker {
             let Some(listener) = self.listeners[place].as_mut() else {
                 return;
             };
+            #[cfg(test)]
+            QUEUE_ACCEPTS.set(QUEUE_ACCEPTS.get() + 1);
             match listener.socket.accept() {
                 Ok((stream, peer)) => self.admit(poll, place, stream, peer),
+                // Empty. Checked first: `is_connection_error` counts it too, for the accept
+                // loop, and here it would go on asking an empty queue 65,536 times.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if is_connection_error(&e) => {}
-                // Empty (WouldBlock), or an error that stops accepting (out of descriptors):
-                // what is left is reset with the socket, as it would have been.
+                // An error that stops accepting (out of descriptors): what is left is reset
+                // with the socket, as it would have been.
                 Err(e) => {
-                    if e.kind() != io::ErrorKind::WouldBlock {
-                        debug!(listener = %listener.name, error = %e, "cannot serve the rest of a closing socket's queue");
-                    }
+                    debug!(listener = %listener.name, error = %e, "cannot serve the rest of a closing socket's queue");
                     return;
                 }
             }
