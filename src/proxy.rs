@@ -591,6 +591,22 @@ impl Conn {
             self.access.end = self.first_eof.unwrap_or(End::ClientClosed);
             return Status::Done;
         }
+        // A reset on a socket no direction is using: the client half-closed, then reset while
+        // the backend is quiet (or the other way round). Unnoticed, the connection and its
+        // other socket would stay open until the other side sent something or `idle_timeout`.
+        for (ready, socket) in [
+            (&mut self.client_ready, &self.client),
+            (&mut self.backend_ready, backend),
+        ] {
+            if ready.take_error()
+                && let Ok(Some(e)) | Err(e) = socket.take_error()
+            {
+                debug!(client = %self.access.client, error = %e, "relay ended with an error");
+                self.access.end = End::Error;
+                self.access.error = Some(e.to_string());
+                return Status::Done;
+            }
+        }
         if again { Status::Again } else { Status::Open }
     }
 
@@ -940,7 +956,10 @@ mod tests {
             assert_greeted(client, "served, not reset by the close");
         }
         assert!(placement.remote(0).send(Command::Exit).is_ok());
-        worker.join().expect("the worker ends");
+        let accepts = worker.join().expect("the worker ends");
+        // One accept per queued client and one that finds the queue empty: an empty queue ends
+        // the serving at once rather than being asked again up to the largest queue's size.
+        assert_eq!(accepts, clients.len() + 1);
     }
 
     /// The connection path, passive ejection's part included, never waits for a backend's health

@@ -318,7 +318,68 @@ async fn counters_credit_bytes_to_the_backend_that_moved_them(splice: bool) {
     .await;
 }
 
+/// Resets `stream` instead of closing it gracefully: with a zero linger time the close sends
+/// RST.
+fn reset(stream: TcpStream) {
+    rustix::net::sockopt::set_socket_linger(&stream, Some(Duration::ZERO))
+        .expect("set SO_LINGER to 0");
+    drop(stream);
+}
+
+/// One side half-closes, then resets while the other side is quiet. Neither direction reads or
+/// writes the reset socket any more (its end of stream was passed on, nothing goes to it), yet
+/// the balancer closes the connection at once rather than at `idle_timeout` (ten minutes by
+/// default), with its other socket.
+async fn a_reset_after_a_half_close_ends_the_connection(splice: bool) {
+    bounded(LIMIT, async {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind backend");
+        let backend_addr = listener.local_addr().expect("backend address");
+        let lb = start_balancer(&config(
+            "weighted_round_robin",
+            &data_path(splice),
+            &[(backend_addr, 1.0)],
+        ));
+        let active = || lb.backend(backend_addr).active;
+
+        // The client half-closes, then resets; the backend stays silent and open.
+        let mut client = TcpStream::connect(lb.addr).await.expect("connect");
+        let (mut backend, _) = listener.accept().await.expect("accept");
+        client.write_all(b"x").await.expect("send");
+        client.shutdown().await.expect("half-close");
+        let mut request = Vec::new();
+        backend
+            .read_to_end(&mut request)
+            .await
+            .expect("the request and its end arrive");
+        assert_eq!(request, b"x");
+        eventually_eq(SETTLE, "the connection is open", 1, active).await;
+        reset(client);
+        eventually_eq(SETTLE, "closed after the client's reset", 0, active).await;
+        drop(backend);
+
+        // The backend half-closes, then resets; the client stays silent and open.
+        let mut client = TcpStream::connect(lb.addr).await.expect("connect");
+        let (mut backend, _) = listener.accept().await.expect("accept");
+        backend.write_all(b"y").await.expect("send");
+        backend.shutdown().await.expect("half-close");
+        let mut reply = Vec::new();
+        client
+            .read_to_end(&mut reply)
+            .await
+            .expect("the reply and its end arrive");
+        assert_eq!(reply, b"y");
+        reset(backend);
+        eventually_eq(SETTLE, "closed after the backend's reset", 0, active).await;
+        drop(client);
+        assert_eq!(lb.stop().await.cut_connections, 0);
+    })
+    .await;
+}
+
 on_both_paths!(
+    a_reset_after_a_half_close_ends_the_connection,
     bulk_random_data_arrives_intact_both_ways_on_concurrent_connections,
     client_half_close_reaches_backend_and_its_reply_still_arrives,
     backend_half_close_reaches_client_which_can_still_send,

@@ -56,6 +56,8 @@ pub(crate) struct Ready {
     /// The peer's end of stream (or an error) has been reported. Kept once seen: the kernel
     /// reports it once, and a read may still have bytes to return before it.
     read_closed: bool,
+    /// An error (a reset) has been reported and not yet looked at; see [`Ready::take_error`].
+    error: bool,
 }
 
 impl Ready {
@@ -76,6 +78,9 @@ impl Ready {
         if event.is_read_closed() || error {
             self.read_closed = true;
         }
+        if error {
+            self.error = true;
+        }
         if event.is_writable() || event.is_write_closed() || error {
             self.writable = true;
         }
@@ -84,6 +89,13 @@ impl Ready {
     /// Whether the socket reported it could be written to.
     pub(crate) fn is_writable(&self) -> bool {
         self.writable
+    }
+
+    /// Whether an error was reported since the last call. A direction that reads or writes
+    /// the socket meets the error in that call; this is for a socket neither direction is
+    /// using (its peer's end of stream passed on, nothing to write to it).
+    pub(crate) fn take_error(&mut self) -> bool {
+        std::mem::take(&mut self.error)
     }
 }
 
