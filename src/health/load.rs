@@ -17,6 +17,7 @@
 //! the snapshot is rebuilt only when that rounded value changes, so a steady server costs no
 //! rebuilds.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -142,25 +143,42 @@ pub(crate) async fn scrape(
     let fetched = tokio::time::timeout(timeout, probe::get(addr, None, &config.path, SCRAPE_LIMIT))
         .await
         .unwrap_or(Err(ProbeError::Timeout(timeout)));
-    let (status, body) = fetched.map_err(ScrapeError::Http)?;
-    if !status.is_success() {
-        return Err(ScrapeError::Http(ProbeError::Status(status.as_u16())));
+    let answer = fetched.map_err(ScrapeError::Http)?;
+    if !answer.status.is_success() {
+        return Err(ScrapeError::Http(ProbeError::Status(
+            answer.status.as_u16(),
+        )));
     }
-    let text = std::str::from_utf8(&body).map_err(|e| ScrapeError::Parse(e.to_string()))?;
+    // A cut page could end inside the wanted family and give a wrong sum.
+    if answer.truncated {
+        return Err(ScrapeError::Http(ProbeError::BodyTooLarge(SCRAPE_LIMIT)));
+    }
+    let text = std::str::from_utf8(&answer.body).map_err(|e| ScrapeError::Parse(e.to_string()))?;
     metric_value(text, &config.metric)
 }
 
 /// The sum over label sets of gauge `metric` in Prometheus text `text`.
+///
+/// Lenient about the rest of the page, as Prometheus is about what it does not need: a family
+/// the parser refuses elsewhere (Python's `prometheus_client` writes `# HELP` and `# TYPE` with
+/// no sample for a labelled metric nobody has set yet) does not hide the one asked for, and
+/// CRLF line ends read as LF. The page's first problem is reported only when the metric is not
+/// found.
 pub fn metric_value(text: &str, metric: &str) -> Result<f64, ScrapeError> {
-    let (metrics, error) = prom_text_format_parser::parse_scrape(text);
-    if let Some(error) = error {
-        let message = format!("{error:?}");
-        return Err(ScrapeError::Parse(
-            message.lines().next().unwrap_or("").to_owned(),
-        ));
-    }
+    let text = if text.contains('\r') {
+        Cow::Owned(text.replace("\r\n", "\n"))
+    } else {
+        Cow::Borrowed(text)
+    };
+    let (metrics, error) = prom_text_format_parser::parse_scrape(&text);
     let Some(family) = metrics.iter().find(|m| m.name == metric) else {
-        return Err(ScrapeError::Missing);
+        return Err(match error {
+            Some(error) => {
+                let message = format!("{error:?}");
+                ScrapeError::Parse(message.lines().next().unwrap_or("").to_owned())
+            }
+            None => ScrapeError::Missing,
+        });
     };
     if !matches!(family.kind, Type::Gauge | Type::Untyped) {
         return Err(ScrapeError::NotAGauge(family.kind.to_string()));
@@ -240,6 +258,24 @@ nv_inference_pending_request_count{model="simple",version="1"} 4
             Err(ScrapeError::Parse(_))
         ));
         assert_eq!(metric_value("x NaN\n", "x"), Err(ScrapeError::Missing));
+    }
+
+    /// What Python's `prometheus_client` serves for a labelled metric nobody has set yet (vLLM
+    /// and SGLang are Python): a family with no sample, before and after the one wanted.
+    #[test]
+    fn a_family_without_samples_elsewhere_does_not_hide_the_metric() {
+        let page = "# HELP a_total Requests.\n# TYPE a_total counter\n\
+                    # HELP q Queue.\n# TYPE q gauge\nq{engine=\"0\"} 30\n\
+                    # HELP b Unset.\n# TYPE b gauge\n\
+                    # HELP c Unset.\n# TYPE c histogram\n";
+        assert_eq!(metric_value(page, "q"), Ok(30.0));
+        // Asked for, it is missing, and the page's problem is what the error names.
+        assert!(matches!(
+            metric_value(page, "b"),
+            Err(ScrapeError::Parse(_))
+        ));
+        let crlf = page.replace('\n', "\r\n");
+        assert_eq!(metric_value(&crlf, "q"), Ok(30.0));
     }
 
     #[test]

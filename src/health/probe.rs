@@ -12,8 +12,8 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Limited};
+use bytes::{Bytes, BytesMut};
+use http_body_util::{BodyExt, Empty};
 use hyper::StatusCode;
 use hyper::header::{ACCEPT, CONNECTION, HOST, HeaderValue, USER_AGENT};
 use hyper_util::rt::TokioIo;
@@ -45,7 +45,8 @@ pub enum ProbeError {
     Status(u16),
     /// The body lacks the expected substring.
     BodyMismatch,
-    /// The body is longer than the probe reads.
+    /// The body is longer than the caller reads (a metrics page; a health check reads the
+    /// beginning of any body).
     BodyTooLarge(usize),
 }
 
@@ -86,12 +87,17 @@ pub(crate) async fn run(
 }
 
 async fn check_http(probe: &HttpProbe, addr: SocketAddr) -> Result<(), ProbeError> {
-    let (status, body) = get(addr, probe.host.as_deref(), &probe.path, HEALTH_BODY_LIMIT).await?;
-    if !probe.expect_status.matches(status.as_u16()) {
-        return Err(ProbeError::Status(status.as_u16()));
+    // A body longer than the limit is not a failure: only its beginning is searched (HAProxy
+    // and Envoy look at the first buffer too), so `/v1/models` of a server with many models,
+    // or a metrics page, still works as a health path.
+    let answer = get(addr, probe.host.as_deref(), &probe.path, HEALTH_BODY_LIMIT).await?;
+    if !probe.expect_status.matches(answer.status.as_u16()) {
+        return Err(ProbeError::Status(answer.status.as_u16()));
     }
     match &probe.expect_body {
-        Some(expected) if !contains(&body, expected.as_bytes()) => Err(ProbeError::BodyMismatch),
+        Some(expected) if !contains(&answer.body, expected.as_bytes()) => {
+            Err(ProbeError::BodyMismatch)
+        }
         _ => Ok(()),
     }
 }
@@ -107,6 +113,16 @@ async fn connect(addr: SocketAddr) -> Result<TcpStream, ProbeError> {
     })
 }
 
+/// What a GET brought back.
+#[derive(Debug)]
+pub(crate) struct Answer {
+    pub(crate) status: StatusCode,
+    /// The body's first `limit` bytes.
+    pub(crate) body: Bytes,
+    /// The body went on past `limit`; the rest was not read.
+    pub(crate) truncated: bool,
+}
+
 /// GETs `path` from `addr` over a new connection and returns the status and up to `limit` bytes
 /// of body. Not bounded in time: callers wrap it in their timeout.
 pub(crate) async fn get(
@@ -114,7 +130,7 @@ pub(crate) async fn get(
     host: Option<&str>,
     path: &str,
     limit: usize,
-) -> Result<(StatusCode, Bytes), ProbeError> {
+) -> Result<Answer, ProbeError> {
     let stream = connect(addr).await?;
     let protocol = |e: hyper::Error| {
         debug!(%addr, error = %e, "probe: http error");
@@ -142,14 +158,26 @@ pub(crate) async fn get(
     let exchange = async {
         let response = sender.send_request(request).await.map_err(protocol)?;
         let status = response.status();
-        let body = Limited::new(response.into_body(), limit)
-            .collect()
-            .await
-            .map_err(|e| match e.downcast::<hyper::Error>() {
-                Ok(e) => protocol(*e),
-                Err(_) => ProbeError::BodyTooLarge(limit),
-            })?;
-        Ok((status, body.to_bytes()))
+        let mut body = response.into_body();
+        let mut read = BytesMut::new();
+        let mut truncated = false;
+        while let Some(frame) = body.frame().await {
+            let Ok(data) = frame.map_err(protocol)?.into_data() else {
+                continue; // trailers
+            };
+            let room = limit - read.len();
+            if data.len() > room {
+                read.extend_from_slice(&data[..room]);
+                truncated = true;
+                break;
+            }
+            read.extend_from_slice(&data);
+        }
+        Ok(Answer {
+            status,
+            body: read.freeze(),
+            truncated,
+        })
     };
     tokio::pin!(connection, exchange);
     // The connection future moves the bytes; it is polled here, beside the exchange, so that
@@ -217,5 +245,65 @@ mod tests {
             Err(ProbeError::Timeout(timeout))
         );
         assert_eq!(run(&Probe::Tcp, addr, timeout).await, Ok(()));
+    }
+
+    /// Serves each connection one HTTP answer with `status` and a body of `len` bytes that
+    /// starts with `ready`, then closes.
+    async fn large_body_server(status: u16, len: usize) -> SocketAddr {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut request = [0_u8; 1024];
+                    drop(stream.read(&mut request).await);
+                    let mut body = b"ready".to_vec();
+                    body.resize(len, b'.');
+                    let head = format!(
+                        "HTTP/1.1 {status} X\r\ncontent-length: {len}\r\nconnection: close\r\n\r\n"
+                    );
+                    drop(stream.write_all(head.as_bytes()).await);
+                    drop(stream.write_all(&body).await);
+                });
+            }
+        });
+        addr
+    }
+
+    /// A health path whose answer is longer than the probe reads (`/v1/models` of a server with
+    /// many models) passes on its status and its beginning; a 503 is reported as one.
+    #[tokio::test]
+    async fn a_long_body_is_judged_by_its_beginning() {
+        let probe = |expect_body: Option<&str>| {
+            Probe::Http(HttpProbe {
+                path: "/v1/models".into(),
+                host: None,
+                expect_status: crate::config::ExpectStatus::Success,
+                expect_body: expect_body.map(str::to_owned),
+            })
+        };
+        let timeout = Duration::from_secs(5);
+        let long = large_body_server(200, 4 * HEALTH_BODY_LIMIT).await;
+        assert_eq!(run(&probe(None), long, timeout).await, Ok(()));
+        assert_eq!(run(&probe(Some("ready")), long, timeout).await, Ok(()));
+        assert_eq!(
+            run(&probe(Some("absent")), long, timeout).await,
+            Err(ProbeError::BodyMismatch)
+        );
+        let failing = large_body_server(503, 4 * HEALTH_BODY_LIMIT).await;
+        assert_eq!(
+            run(&probe(None), failing, timeout).await,
+            Err(ProbeError::Status(503))
+        );
+        let answer = get(long, None, "/", 100).await.expect("an answer");
+        assert!(answer.truncated);
+        assert_eq!(answer.body.len(), 100);
+        let short = large_body_server(200, 100).await;
+        let answer = get(short, None, "/", 100).await.expect("an answer");
+        assert!(!answer.truncated);
+        assert_eq!(answer.body.len(), 100);
     }
 }
