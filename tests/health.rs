@@ -683,6 +683,73 @@ async fn weights_follow_reported_queue_depth_and_a_failed_scrape_holds_then_rese
     .await;
 }
 
+/// A reload that changes the health settings restarts the checkers; a busy backend keeps its
+/// low load factor through that (rather than starting again from 1, a step per scrape), and
+/// failing scrapes right after the restart hold it like any others.
+#[tokio::test]
+async fn a_reload_that_restarts_the_checker_keeps_the_load_factor() {
+    bounded(LIMIT, async {
+        let busy = mock(MockOptions {
+            waiting: Some(30),
+            ..MockOptions::default()
+        })
+        .await;
+        let tables = |interval: Duration| {
+            format!(
+                "{}[listener.health.load]\npreset = \"vllm\"\nsaturation = 32\n\
+                 min_weight_percent = 10\ninterval = \"{}ms\"\n",
+                health(""),
+                interval.as_millis()
+            )
+        };
+        let backends = [backend(busy.addr())];
+        let lb = start_balancer(&config_text(
+            "weighted_round_robin",
+            &tables(INTERVAL),
+            &backends,
+        ));
+        let factor = || health_of(&lb, busy.addr()).load_factor;
+        // max(0.1, 1 - 30 / 32): the floor, reached in steps of at most 0.25.
+        eventually(SOON, "the load factor reaches its floor", || {
+            factor() == 0.1
+        })
+        .await;
+        let reload = |interval: Duration| {
+            let text = config_text("weighted_round_robin", &tables(interval), &backends);
+            lb.handle
+                .apply(config::parse(&text, Path::new("t.toml")).expect("valid"))
+        };
+        let interval = INTERVAL + Duration::from_millis(10);
+        reload(interval).await.expect("reload");
+        let before = busy.state().scrapes();
+        let deadline = Instant::now() + SOON;
+        while busy.state().scrapes() - before < 3 {
+            assert_eq!(factor(), 0.1, "kept through the checker's restart");
+            assert!(Instant::now() < deadline, "three scrapes within {SOON:?}");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        assert_eq!(factor(), 0.1);
+
+        // Scrapes fail from before the next restart on: the first two after it hold the factor.
+        busy.state().set_metrics_status(Some(500));
+        reload(INTERVAL).await.expect("reload");
+        let before = busy.state().scrapes();
+        let deadline = Instant::now() + SOON;
+        loop {
+            let failed = busy.state().scrapes() - before;
+            if failed <= 2 {
+                assert_eq!(factor(), 0.1, "held after {failed} failed scrape(s)");
+            } else if factor() == 1.0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "factor not reset: {}", factor());
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        lb.stop().await;
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn removed_backends_stop_being_probed_and_their_checkers_end() {
     bounded(LIMIT, async {

@@ -216,7 +216,8 @@ async fn load_loop(target: &Target, config: &LoadConfig, timeout: Duration) {
     let addr = config.port.map_or(target.probe_addr, |port| {
         SocketAddr::new(target.probe_addr.ip(), port)
     });
-    let mut tracker = LoadTracker::new(config);
+    let (smoothed, factor) = target.state.with_health(|h| (h.load_value, h.load_factor));
+    let mut tracker = LoadTracker::resume(config, smoothed, factor);
     let mut next = Instant::now() + first_delay(config.interval);
     loop {
         tokio::time::sleep_until(next).await;

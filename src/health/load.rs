@@ -66,6 +66,18 @@ impl LoadTracker {
         }
     }
 
+    /// A tracker that goes on from `smoothed` and `factor`, what a checker restarted by a
+    /// reload left (the supervisor forgets them when load stops being configured). A busy
+    /// backend then stays at its low factor instead of climbing back from 1 a step per scrape,
+    /// and a first failed scrape holds that factor like any other.
+    pub fn resume(config: &LoadConfig, smoothed: Option<f64>, factor: f64) -> LoadTracker {
+        LoadTracker {
+            smoothed,
+            factor: factor.clamp(config.min_factor, 1.0),
+            ..LoadTracker::new(config)
+        }
+    }
+
     /// Takes in one scraped value (negative values count as 0).
     pub fn observe(&mut self, value: f64) {
         let value = value.max(0.0);
