@@ -303,8 +303,12 @@ pub fn watch(
                 continue;
             }
             last_seen = current;
-            // The control task logs the outcome; nothing more to do with it here.
-            drop(handle.reload().await);
+            // The control task logs the outcome. A reload that failed is not taken as seen:
+            // when it failed for a reason outside the file (a port still taken), saving the
+            // same file again is how an operator tries again.
+            if handle.reload().await.is_err() {
+                last_seen = None;
+            }
         }
     }))
 }

@@ -812,6 +812,40 @@ async fn binary_reloads_a_config_replaced_by_rename() {
     .await;
 }
 
+/// A reload that failed for a reason outside the file (a new listener's port taken) is tried
+/// again when the file is saved again unchanged, once the port is free: the watcher does not
+/// take the failed content as seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_retries_a_failed_reload_when_the_same_file_is_saved_again() {
+    bounded(Duration::from_secs(30), async {
+        let (a, b) = (backend(1).await, backend(2).await);
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("wb.toml");
+        std::fs::write(&path, two_backends(&a, &b, [3.0, 1.0])).expect("write config");
+        let (mut lb, _) = Process::watching(&path).await;
+
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("take a port");
+        let freed = taken.local_addr().expect("address");
+        let mut extra = Listener::wrr("extra", vec![(b.addr, 1.0)]);
+        extra.bind = freed;
+        let text = toml(&[
+            Listener::wrr("main", vec![(a.addr, 3.0), (b.addr, 1.0)]),
+            extra,
+        ]);
+        replace_by_rename(&path, &text);
+        lb.wait_for("reload failed", 1).await;
+
+        drop(taken);
+        replace_by_rename(&path, &text);
+        lb.wait_for("reload applied", 1).await;
+        let (_, id) = within(open(freed))
+            .await
+            .expect("the new listener serves on the freed port");
+        assert_eq!(id, 2);
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_reloads_while_files_beside_the_config_are_written_all_the_time() {
     bounded(Duration::from_secs(40), async {
