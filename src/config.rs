@@ -59,6 +59,9 @@ pub const DEFAULT_MAX_CONNECTIONS: NonZeroUsize = NonZeroUsize::new(10_000).expe
 /// Elsewhere than Linux the key is accepted and ignored.
 pub const DEFAULT_SPLICE: bool = true;
 
+/// Most worker threads `threads` may ask for (HAProxy builds allow 64 by default, 4,096 at most).
+pub const MAX_THREADS: usize = 1024;
+
 /// The validated configuration: every value here is usable as it is.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -269,7 +272,17 @@ impl fmt::Display for ConfigError {
         if let Some(Location { line, column }) = self.location {
             write!(f, ":{line}:{column}")?;
         }
-        write!(f, ": {}", self.kind)
+        // One line whatever the file holds: a control character in a value written back (a
+        // newline in `host`) is shown escaped.
+        f.write_str(": ")?;
+        for c in self.kind.to_string().chars() {
+            if c.is_control() {
+                write!(f, "{}", c.escape_default())?;
+            } else {
+                fmt::Write::write_char(f, c)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -366,6 +379,14 @@ pub enum ConfigErrorKind {
     /// A count of zero where zero would make no sense.
     #[error("`{0}` must be at least 1")]
     ZeroCount(&'static str),
+    /// A count beyond what makes sense.
+    #[error("`{key}` must be at most {max}")]
+    TooLarge {
+        /// The key.
+        key: &'static str,
+        /// The largest value taken.
+        max: u64,
+    },
     /// A negative, NaN or infinite weight.
     #[error("`weight`: invalid value {0}: a weight must be a finite number >= 0")]
     BadWeight(f64),
@@ -457,17 +478,73 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         kind: Box::new(kind),
     };
     let raw: RawConfig = toml::from_str(text).map_err(|e| {
-        let mut message = e.message().trim().replace('\n', "; ");
-        // serde's type errors ("invalid type: string \"x\", expected f64") do not say which key;
-        // the span does, so name the key written on that line.
-        if let Some(key) = e.span().and_then(|span| key_at(text, span.start)) {
-            if !message.contains(&format!("`{key}`")) {
-                message = format!("`{key}`: {message}");
-            }
-        }
+        let message = toml_message(text, e.span(), e.message());
         error_at(e.span(), ConfigErrorKind::Toml(message))
     })?;
     Config::from_raw(raw).map_err(|(span, kind)| error_at(span, kind))
+}
+
+/// Keys whose values are durations, written as strings with a unit.
+const DURATION_KEYS: [&str; 8] = [
+    "shutdown_grace",
+    "connect_timeout",
+    "idle_timeout",
+    "interval",
+    "timeout",
+    "startup_grace",
+    "slow_start",
+    "eject_for",
+];
+
+/// The TOML parser's `message` about `span` of `text`, made to say which key it is about and,
+/// for the usual slips, what to write instead.
+fn toml_message(text: &str, span: Option<Range<usize>>, message: &str) -> String {
+    let mut message = message.trim().replace('\n', "; ");
+    let start = span.as_ref().map(|s| s.start);
+    // A table header written `[listener]` where a list of tables, `[[listener]]`, is meant.
+    let header = start.and_then(|offset| single_header_at(text, offset));
+    if message == "duplicate key" {
+        // The span is the repeated key (or the header's name); say which.
+        let key = span
+            .and_then(|s| text.get(s))
+            .map(|k| k.trim().trim_matches('"'))
+            .filter(|k| !k.is_empty() && !k.contains('\n'));
+        if let Some(key) = key {
+            message = format!("duplicate key `{key}`");
+        }
+    }
+    if let Some(name) = header {
+        if message.contains("expected a sequence") {
+            message = format!("`{name}`: {message}");
+        }
+        if message.starts_with("duplicate key") || message.contains("expected a sequence") {
+            message = format!("{message}: write each entry of `{name}` as [[{name}]]");
+        }
+        return message;
+    }
+    // serde's type errors ("invalid type: string \"x\", expected f64") do not say which key;
+    // the span does, so name the key written on that line.
+    if let Some(key) = start.and_then(|offset| key_at(text, offset)) {
+        if !message.contains(&format!("`{key}`")) {
+            message = format!("`{key}`: {message}");
+        }
+        let number = message.contains("invalid type: integer")
+            || message.contains("invalid type: floating point");
+        if number && DURATION_KEYS.contains(&key) {
+            message.push_str(" (a duration is a string with a unit, e.g. \"2s\" or \"500ms\")");
+        }
+    }
+    message
+}
+
+/// The name of a single-bracket table header (`[listener]`, `[ listener ]`) on the line that
+/// holds `offset`.
+fn single_header_at(text: &str, offset: usize) -> Option<&str> {
+    let offset = offset.min(text.len());
+    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next()?.trim();
+    let inner = line.strip_prefix('[')?.split_once(']')?.0;
+    (!inner.starts_with('[')).then(|| inner.trim())
 }
 
 /// The key of a `key = value` line when `offset` lies in its value.
@@ -523,6 +600,18 @@ impl Config {
         let threads = match raw.threads {
             Some(t) if *t.get_ref() == 0 => {
                 return Err((Some(t.span()), ConfigErrorKind::ZeroCount("threads")));
+            }
+            // Each worker holds an epoll instance, a waker and a socket per listener: far more
+            // than the cores of any machine only runs the process out of descriptors at start,
+            // with an error about a listener's bind.
+            Some(t) if *t.get_ref() > MAX_THREADS as u64 => {
+                return Err((
+                    Some(t.span()),
+                    ConfigErrorKind::TooLarge {
+                        key: "threads",
+                        max: MAX_THREADS as u64,
+                    },
+                ));
             }
             Some(t) => NonZeroUsize::new(usize::try_from(*t.get_ref()).unwrap_or(usize::MAX)),
             None => None,
@@ -1119,6 +1208,31 @@ health_addr = "127.0.0.1:9101"
                 "`connect_timeout`: invalid duration",
             ),
             (
+                format!("{listener}connect_timeout = 2\n{backend}"),
+                Some(4),
+                "`connect_timeout`: invalid type: integer `2`, expected a string (a duration is a string with a unit, e.g. \"2s\"",
+            ),
+            (
+                format!("{listener}{backend}weight = 1\nweight = 2\n"),
+                Some(7),
+                "duplicate key `weight`",
+            ),
+            (
+                "[listener]\nname = \"a\"\n".into(),
+                Some(1),
+                "`listener`: invalid type: map, expected a sequence: write each entry of `listener` as [[listener]]",
+            ),
+            (
+                format!("{listener}{backend}[listener]\nname = \"b\"\n"),
+                Some(6),
+                "duplicate key `listener`: write each entry of `listener` as [[listener]]",
+            ),
+            (
+                format!("threads = 1025\n{listener}{backend}"),
+                Some(1),
+                "`threads` must be at most 1024",
+            ),
+            (
                 format!("{listener}idle_timeout = \"0s\"\n{backend}"),
                 Some(4),
                 "`idle_timeout` must be longer than 0",
@@ -1282,6 +1396,11 @@ health_addr = "127.0.0.1:9101"
                 format!("{listener}{health}host = \"a b\"\n{backend}"),
                 Some(5),
                 "`host`: invalid value `a b`",
+            ),
+            (
+                format!("{listener}{health}host = \"a\\nb\"\n{backend}"),
+                Some(5),
+                "`host`: invalid value `a\\nb`",
             ),
             (
                 format!("{listener}{health}expect_body = \"\"\n{backend}"),
