@@ -7,6 +7,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
@@ -36,8 +37,36 @@ struct Cli {
     no_watch: bool,
     /// Log filter: error, warn, info, debug, trace, or a tracing directive such as
     /// "weighbridge=debug". Overrides RUST_LOG; the default is info.
-    #[arg(long, value_name = "LEVEL")]
+    #[arg(long, value_name = "LEVEL", value_parser = log_filter)]
     log_level: Option<String>,
+}
+
+/// Levels a bare word of `--log-level` may name.
+const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+
+/// Checks a `--log-level` value as the command line is read (a bad one exits 2, `--check`
+/// included) and returns the filter to use. A bare word must be a level: `tracing` would take
+/// any other word (`warning`, `verbose`) as a target name and log nothing at all. `warning`, as
+/// HAProxy and syslog spell it, means `warn`.
+fn log_filter(value: &str) -> Result<String, String> {
+    let mut directives = Vec::new();
+    for directive in value.split(',').map(str::trim) {
+        let directive = match directive.to_ascii_lowercase().as_str() {
+            "warning" => "warn".to_owned(),
+            word if LEVELS.contains(&word) => word.to_owned(),
+            _ if directive.contains(['=', '[']) => directive.to_owned(),
+            _ => {
+                return Err(format!(
+                    "unknown level `{directive}`: use one of {}, or a filter such as weighbridge=debug",
+                    LEVELS.join(", ")
+                ));
+            }
+        };
+        directives.push(directive);
+    }
+    let filter = directives.join(",");
+    EnvFilter::try_new(&filter).map_err(|e| format!("invalid filter `{value}`: {e}"))?;
+    Ok(filter)
 }
 
 /// The guard of the background log writer: dropping it writes out what is still queued. Kept
@@ -141,6 +170,9 @@ fn init_logging(level: Option<&str>, format: LogFormat) -> Result<(), String> {
     Ok(())
 }
 
+/// A stop signal this soon after the first is taken as the same one delivered twice.
+const SAME_SIGNAL: Duration = Duration::from_millis(500);
+
 /// The signals weighbridge acts on.
 struct Signals {
     terminate: Signal,
@@ -159,8 +191,11 @@ impl Signals {
 
     /// SIGHUP reloads the configuration file. The first SIGTERM or SIGINT starts a graceful
     /// shutdown; a second one exits at once (code 1), for an operator who will not wait out
-    /// `shutdown_grace`.
+    /// `shutdown_grace`. A second one within [`SAME_SIGNAL`] of the first is the same request
+    /// delivered twice, as `timeout` and some supervisors do when they signal the process and
+    /// then its process group, and is only logged.
     async fn serve(mut self, handle: Handle, shutdown: CancellationToken) {
+        let mut first: Option<Instant> = None;
         loop {
             let name = tokio::select! {
                 _ = self.terminate.recv() => "SIGTERM",
@@ -172,13 +207,43 @@ impl Signals {
                     continue;
                 }
             };
-            if shutdown.is_cancelled() {
+            if let Some(first) = first {
+                if first.elapsed() < SAME_SIGNAL {
+                    info!(
+                        signal = name,
+                        "signal repeated at once; taken as the same request (send it again to exit now)"
+                    );
+                    continue;
+                }
                 warn!(signal = name, "second signal during shutdown; exiting now");
                 flush_logs();
                 std::process::exit(1);
             }
+            first = Some(Instant::now());
             info!(signal = name, "shutting down");
             shutdown.cancel();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_levels_are_checked_words_or_filters() {
+        assert_eq!(log_filter("warning"), Ok("warn".to_owned()));
+        assert_eq!(log_filter("INFO"), Ok("info".to_owned()));
+        assert_eq!(
+            log_filter("warn, weighbridge=debug"),
+            Ok("warn,weighbridge=debug".to_owned())
+        );
+        assert_eq!(
+            log_filter("weighbridge::proxy=trace"),
+            Ok("weighbridge::proxy=trace".to_owned())
+        );
+        for bad in ["bogus", "verbose,weighbridge=debug", "loud=[[", ""] {
+            assert!(log_filter(bad).is_err(), "{bad:?} is refused");
         }
     }
 }

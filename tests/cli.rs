@@ -153,12 +153,28 @@ fn bind_failure_exits_1_naming_listener_and_address() {
     assert_fails_with(&output, &["listener `busy`", &addr, "cannot bind"]);
 }
 
+/// A `--log-level` that is not a level or a filter is a command-line error (exit 2, as for an
+/// unknown flag), `--check` included; before, a word such as `warning` was taken as a target
+/// name and the balancer ran with every log line off.
 #[test]
-fn bad_log_level_exits_1() {
+fn bad_log_level_exits_2_naming_the_flag() {
     let file = config_file(VALID);
     let path = file.path().to_str().expect("utf-8 temp path");
-    let output = run(&["--config", path, "--log-level", "loud=[["]);
-    assert_fails_with(&output, &["--log-level"]);
+    for level in ["loud=[[", "bogus", "verbose,weighbridge=debug"] {
+        for check in [false, true] {
+            let mut args = vec!["--config", path, "--log-level", level];
+            if check {
+                args.push("--check");
+            }
+            let output = run(&args);
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+            assert!(stderr.contains("--log-level"), "{stderr}");
+            assert!(!stderr.contains("panicked"), "{stderr}");
+        }
+    }
+    let output = run(&["--config", path, "--log-level", "warning", "--check"]);
+    assert_eq!(output.status.code(), Some(0), "`warning` means warn");
 }
 
 #[test]

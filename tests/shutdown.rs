@@ -38,9 +38,21 @@ struct Weighbridge {
 impl Weighbridge {
     /// Starts the binary on `config`, collecting its stderr.
     fn start(config: &Path) -> Weighbridge {
-        let mut child = Command::new(BIN)
-            .arg("--config")
-            .arg(config)
+        Weighbridge::spawn(Command::new(BIN).arg("--config").arg(config))
+    }
+
+    /// Like [`Weighbridge::start`], in a process group of its own that it leads.
+    fn start_group_leader(config: &Path) -> Weighbridge {
+        Weighbridge::spawn(
+            Command::new(BIN)
+                .arg("--config")
+                .arg(config)
+                .process_group(0),
+        )
+    }
+
+    fn spawn(command: &mut Command) -> Weighbridge {
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -198,6 +210,45 @@ async fn sigterm_stops_accepting_but_open_connections_finish_and_exit_is_0() {
         let status = wb.exit_status(Duration::from_secs(10)).await;
         assert_eq!(status.code(), Some(0), "{status}");
         assert!(wb.logged("all connections finished").is_some());
+        assert!(wb.logged("cut_connections=0").is_some());
+    })
+    .await;
+}
+
+/// `timeout` (and supervisors like it) signal the process and then its whole process group, so
+/// one stop arrives as two SIGTERMs: that is still one graceful shutdown, not the operator's
+/// "second signal, exit now".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_to_the_process_and_its_group_at_once_is_one_graceful_shutdown() {
+    bounded(LIMIT, async {
+        let echo = Mock::echo().await;
+        let config = config_file("30s", echo.addr);
+        let mut wb = Weighbridge::start_group_leader(config.path());
+        let addr = wb.listening_addr().await;
+        let mut held = TcpStream::connect(addr)
+            .await
+            .expect("connect to the balancer");
+        round_trip(&mut held, b"before SIGTERM").await;
+
+        let pid = wb.child.id().expect("the balancer is still running");
+        for target in [pid.to_string(), format!("-{pid}")] {
+            let status = Command::new("kill")
+                .args(["-TERM", "--", &target])
+                .status()
+                .await
+                .expect("run kill");
+            assert!(status.success(), "kill -TERM {target}: {status}");
+        }
+        eventually(Duration::from_secs(5), "the draining log line", || {
+            wb.logged("stopped accepting").is_some()
+        })
+        .await;
+        round_trip(&mut held, b"still served while draining").await;
+        assert!(wb.running(), "exited while a connection was open");
+        drop(held);
+        let status = wb.exit_status(Duration::from_secs(10)).await;
+        assert_eq!(status.code(), Some(0), "{status}");
+        assert!(wb.logged("second signal").is_none());
         assert!(wb.logged("cut_connections=0").is_some());
     })
     .await;
