@@ -27,7 +27,7 @@
 mod mock_inference;
 
 use std::error::Error;
-use std::io;
+use std::io::{self, IsTerminal};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -122,6 +122,8 @@ async fn main() -> Result<(), Box<dyn Error>> {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(io::stderr)
+        // Colour only on a terminal: a redirected log stays plain text.
+        .with_ansi(io::stderr().is_terminal())
         .init();
     // 700 held connections take 2,800 descriptors here: client, balancer (two) and mock ends.
     listener::raise_open_file_limit()?;
