@@ -92,6 +92,28 @@ fn shipped_default_config_checks() {
     assert!(String::from_utf8_lossy(&output.stdout).starts_with("conf/weighbridge.toml: ok"));
 }
 
+/// Every example in conf/ is valid as shipped.
+#[test]
+fn every_shipped_example_checks() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("conf");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).expect("read conf/") {
+        let path = entry.expect("a conf/ entry").path();
+        if path.extension().is_none_or(|e| e != "toml") {
+            continue;
+        }
+        let output = Command::new(BIN)
+            .arg("--config")
+            .arg(&path)
+            .arg("--check")
+            .output()
+            .expect("run weighbridge --check");
+        assert!(output.status.success(), "{}: {output:?}", path.display());
+        checked += 1;
+    }
+    assert!(checked >= 2, "conf/ holds the examples: {checked}");
+}
+
 #[test]
 fn config_errors_exit_1_with_file_line_and_key() {
     let cases = [
