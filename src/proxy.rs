@@ -636,14 +636,14 @@ impl Conn {
 
     /// Logs and counts the connection; its sockets close when it is dropped.
     pub(crate) fn finish(mut self, now: Instant) {
-        self.access.bytes_up = self.up.moved;
-        self.access.bytes_down = self.down.moved;
+        self.access.bytes_up = self.up.written;
+        self.access.bytes_down = self.down.written;
         debug!(
             client = %self.access.client,
             backend = self.access.backend.map(tracing::field::display),
             end = %self.access.end,
-            bytes_up = self.up.moved,
-            bytes_down = self.down.moved,
+            bytes_up = self.up.written,
+            bytes_down = self.down.written,
             "closed"
         );
         let open_for = now.duration_since(self.accepted);

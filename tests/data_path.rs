@@ -378,7 +378,69 @@ async fn a_reset_after_a_half_close_ends_the_connection(splice: bool) {
     .await;
 }
 
+/// A connection that ends with bytes still inside the balancer (read from the client, not yet
+/// taken by a backend that stopped reading) counts what reached the backend, not what was read.
+async fn a_reset_mid_transfer_counts_what_reached_the_backend(splice: bool) {
+    bounded(LIMIT, async {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind backend");
+        let backend_addr = listener.local_addr().expect("backend address");
+        let lb = start_balancer(&config(
+            "weighted_round_robin",
+            &data_path(splice),
+            &[(backend_addr, 1.0)],
+        ));
+        let counted = || lb.backend(backend_addr).bytes_to_backend;
+        let mut client = TcpStream::connect(lb.addr).await.expect("connect");
+        // The backend accepts and reads nothing until the end.
+        let (mut backend, _) = listener.accept().await.expect("accept");
+
+        // More than every buffer on the way holds: the transfer stalls with the balancer
+        // holding what the backend cannot take. Written until the count stops moving.
+        let data = vec![7_u8; 64 << 20];
+        {
+            let write = client.write_all(&data);
+            tokio::pin!(write);
+            let deadline = tokio::time::Instant::now() + SETTLE;
+            let (mut last, mut since) = (0, tokio::time::Instant::now());
+            loop {
+                tokio::select! {
+                    written = &mut write => panic!("64 MiB fit in the buffers: {written:?}"),
+                    () = tokio::time::sleep(Duration::from_millis(10)) => {}
+                }
+                let now = counted();
+                if now != last {
+                    (last, since) = (now, tokio::time::Instant::now());
+                } else if now > 0 && since.elapsed() >= Duration::from_millis(200) {
+                    break;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the transfer stalls"
+                );
+            }
+        }
+        reset(client);
+        let mut received = 0_u64;
+        let mut buf = vec![0_u8; 1 << 16];
+        loop {
+            match backend.read(&mut buf).await {
+                Ok(0) => break,
+                Ok(n) => received += n as u64,
+                Err(e) => panic!("the balancer closes the backend side cleanly: {e}"),
+            }
+        }
+        assert!(received > 0);
+        eventually_eq(SETTLE, "bytes counted to the backend", received, counted).await;
+        assert_eq!(lb.backend(backend_addr).active, 0);
+        assert_eq!(lb.stop().await.cut_connections, 0);
+    })
+    .await;
+}
+
 on_both_paths!(
+    a_reset_mid_transfer_counts_what_reached_the_backend,
     a_reset_after_a_half_close_ends_the_connection,
     bulk_random_data_arrives_intact_both_ways_on_concurrent_connections,
     client_half_close_reaches_backend_and_its_reply_still_arrives,

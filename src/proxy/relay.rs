@@ -149,7 +149,11 @@ pub(crate) struct Direction {
 
 impl Direction {
     /// Moves what can be moved from `src` to `dst` without waiting, in at most `budget` reads
-    /// ([`BUDGET`] but in tests); `moved` is called with each chunk moved.
+    /// ([`BUDGET`] but in tests); `delivered` is called with each chunk written to `dst`.
+    ///
+    /// Counters and the access log count what was written, not what was read: a connection
+    /// that ends with bytes still in its buffer or pipe (a reset, a cut at shutdown) reports
+    /// what reached the destination.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn pump(
         &mut self,
@@ -160,7 +164,7 @@ impl Direction {
         dst_ready: &mut Ready,
         mode: Mode,
         scratch: &mut [u8],
-        moved: &mut dyn FnMut(u64),
+        delivered: &mut dyn FnMut(u64),
     ) -> io::Result<Pumped> {
         let mut reads = 0;
         loop {
@@ -170,6 +174,7 @@ impl Direction {
                 }
                 let written = send_now(dst, dst_ready, &self.pending)?;
                 self.written += written as u64;
+                delivered(written as u64);
                 self.pending.drain(..written);
                 if !self.pending.is_empty() {
                     return Ok(Pumped::Waiting);
@@ -178,9 +183,9 @@ impl Direction {
             }
             #[cfg(target_os = "linux")]
             if self.splicing {
-                if let Some(pumped) =
-                    self.splice(budget, &mut reads, src, src_ready, dst, dst_ready, moved)?
-                {
+                if let Some(pumped) = self.splice(
+                    budget, &mut reads, src, src_ready, dst, dst_ready, delivered,
+                )? {
                     return Ok(pumped);
                 }
                 // No pipe to be had: this chunk is copied, and the next full read tries again.
@@ -214,9 +219,9 @@ impl Direction {
                 src_ready.readable = false;
             }
             self.moved += n as u64;
-            moved(n as u64);
             let written = send_now(dst, dst_ready, &scratch[..n])?;
             self.written += written as u64;
+            delivered(written as u64);
             if written < n {
                 self.pending.extend_from_slice(&scratch[written..n]);
             }
@@ -241,7 +246,7 @@ impl Direction {
         src_ready: &mut Ready,
         dst: &TcpStream,
         dst_ready: &mut Ready,
-        moved: &mut dyn FnMut(u64),
+        delivered: &mut dyn FnMut(u64),
     ) -> io::Result<Option<Pumped>> {
         use super::splice::{Pipe, Spliced};
         loop {
@@ -257,6 +262,7 @@ impl Direction {
                     Spliced::Moved(m) => {
                         *left -= m;
                         self.written += m as u64;
+                        delivered(m as u64);
                     }
                 }
                 if *left > 0 {
@@ -292,7 +298,6 @@ impl Direction {
                 }
                 Ok(Spliced::Moved(n)) => {
                     self.moved += n as u64;
-                    moved(n as u64);
                     self.pipe = Some((pipe, n));
                 }
                 Ok(Spliced::WouldBlock) => {
