@@ -462,12 +462,17 @@ pub enum ConfigErrorKind {
 
 /// Reads and validates the config file at `path`.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+    parse(&read(path)?, path)
+}
+
+/// Reads the config file at `path` (to be [`parse`]d), for a caller that keeps the text: the
+/// file watcher compares it with the file once its watch is in place.
+pub fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|e| ConfigError {
         path: path.to_owned(),
         location: None,
         kind: Box::new(ConfigErrorKind::Read(e)),
-    })?;
-    parse(&text, path)
+    })
 }
 
 /// Parses and validates config `text`; `path` is only used in error messages.

@@ -97,7 +97,8 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<(), String> {
-    let config = config::load(&cli.config).map_err(|e| e.to_string())?;
+    let text = config::read(&cli.config).map_err(|e| e.to_string())?;
+    let config = config::parse(&text, &cli.config).map_err(|e| e.to_string())?;
     if cli.check {
         let backends: usize = config.listeners.iter().map(|l| l.backends.len()).sum();
         println!(
@@ -130,7 +131,7 @@ fn run(cli: Cli) -> Result<(), String> {
         let shutdown = CancellationToken::new();
         tokio::spawn(signals.serve(balancer.handle(), shutdown.clone()));
         if !cli.no_watch {
-            reload::watch(&cli.config, balancer.handle(), shutdown.clone())
+            reload::watch(&cli.config, &text, balancer.handle(), shutdown.clone())
                 .map_err(|e| format!("cannot watch {}: {e}", cli.config.display()))?;
             info!(path = %cli.config.display(), "watching the configuration file for changes");
         }

@@ -239,8 +239,14 @@ const DEBOUNCE_CAP: Duration = Duration::from_secs(1);
 /// not keep the debounce from ever settling. Events are debounced by [`DEBOUNCE`] (at most
 /// [`DEBOUNCE_CAP`] in all), and a reload is only asked for when the file's bytes differ from
 /// the last ones seen. Runs until `stop` is cancelled.
+///
+/// `loaded` is the text the running configuration was read from. An edit made after it was
+/// read and before the watch began (while the listeners were binding) sends no event the
+/// watcher can see: the file is compared with `loaded` once the watch is in place, and a
+/// difference is reloaded at once.
 pub fn watch(
     path: &Path,
+    loaded: &str,
     handle: Handle,
     stop: CancellationToken,
 ) -> notify::Result<tokio::task::JoinHandle<()>> {
@@ -250,6 +256,7 @@ pub fn watch(
     };
     let names = Arc::new(Mutex::new(Names::of(path)));
     let (events, mut rx) = mpsc::channel::<()>(16);
+    let events_at_start = events.clone();
     let filter = Arc::clone(&names);
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         match event {
@@ -275,7 +282,12 @@ pub fn watch(
     let mut target_dir = None;
     follow_link(&mut watcher, path, &link_dir, &mut target_dir);
     let path = path.to_owned();
-    let mut last_seen = std::fs::read(&path).ok();
+    let mut last_seen = Some(loaded.as_bytes().to_vec());
+    // The watch is in place: from here on every change sends an event; one made before it is
+    // caught by comparing now.
+    if std::fs::read(&path).ok() != last_seen {
+        let _ = events_at_start.try_send(());
+    }
     Ok(tokio::spawn(async move {
         // Owned by the task: dropping it ends the watch.
         let mut watcher = watcher;

@@ -812,6 +812,33 @@ async fn binary_reloads_a_config_replaced_by_rename() {
     .await;
 }
 
+/// An edit made after the file was read and before the watch began (while the listeners were
+/// binding) sends no event the watcher sees; it is applied once the watch is in place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_made_before_the_watch_began_is_applied() {
+    bounded(Duration::from_secs(30), async {
+        let (a, b) = (backend(1).await, backend(2).await);
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("wb.toml");
+        let loaded = two_backends(&a, &b, [3.0, 1.0]);
+        std::fs::write(&path, &loaded).expect("write config");
+        let lb = InProcess::start(&parse(&loaded), Some(&path));
+        std::fs::write(&path, two_backends(&a, &b, [1.0, 3.0])).expect("edit config");
+        let watcher =
+            weighbridge::reload::watch(&path, &loaded, lb.handle.clone(), lb.stop.clone())
+                .expect("watch the config");
+        let applied = poll_until(SOON, || lb.handle.reload_counters().succeeded == 1).await;
+        assert!(applied, "the edit made before the watch is applied");
+        assert_eq!(split(lb.addr("main"), &[&a, &b]).await, [2, 6]);
+        assert_eq!(lb.stop().await.cut_connections, 0);
+        timeout(SOON, watcher)
+            .await
+            .expect("the watcher ends with the balancer")
+            .expect("the watcher does not panic");
+    })
+    .await;
+}
+
 /// A reload that failed for a reason outside the file (a new listener's port taken) is tried
 /// again when the file is saved again unchanged, once the port is free: the watcher does not
 /// take the failed content as seen.
