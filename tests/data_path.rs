@@ -5,6 +5,7 @@
 mod support;
 
 use std::io;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -13,8 +14,8 @@ use tokio::task::JoinHandle;
 use weighbridge::backend::BackendCounters;
 
 use support::{
-    Bulk, LISTENER, Mock, Transfer, bounded, config, connect_identify, data_path, eventually_eq,
-    exchange, receive_all, send_random, start_balancer,
+    Bulk, LISTENER, Mock, Running, Transfer, bounded, config, connect_identify, data_path,
+    eventually_eq, exchange, receive_all, send_random, start_balancer,
 };
 
 /// A backend's (open connections, connections, bytes to it, bytes from it).
@@ -115,17 +116,28 @@ async fn bulk_random_data_arrives_intact_both_ways_on_concurrent_connections(spl
 /// Request bytes the client sends before half-closing.
 const REQUEST: u64 = 1 << 20;
 /// Bytes the backend answers with after the request's end.
+/// A backend's listening socket nobody accepts on yet, its address, and a balancer in front of
+/// it alone on the data path `splice` chooses.
+async fn behind_balancer(splice: bool) -> (TcpListener, SocketAddr, Running) {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind backend");
+    let addr = listener.local_addr().expect("backend address");
+    let lb = start_balancer(&config(
+        "weighted_round_robin",
+        &data_path(splice),
+        &[(addr, 1.0)],
+    ));
+    (listener, addr, lb)
+}
+
 const REPLY: u64 = 3 << 19;
 /// Count (8 bytes) and SHA-256 (32 bytes) the reply starts with.
 const HEADER: usize = 40;
 
 async fn client_half_close_reaches_backend_and_its_reply_still_arrives(splice: bool) {
     bounded(LIMIT, async {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind backend");
-        let backend_addr = listener.local_addr().expect("backend address");
-        // Answers only once the request has ended: a lost half-close would hang it.
+        let (listener, backend_addr, lb) = behind_balancer(splice).await;
         let backend = tokio::spawn(async move {
             let (mut stream, _) = listener.accept().await?;
             let (received, len) = receive_all(&mut stream).await?;
@@ -135,11 +147,6 @@ async fn client_half_close_reaches_backend_and_its_reply_still_arrives(splice: b
             let sent = send_random(&mut stream, 2, REPLY).await?;
             io::Result::Ok((received, len, sent))
         });
-        let lb = start_balancer(&config(
-            "weighted_round_robin",
-            &data_path(splice),
-            &[(backend_addr, 1.0)],
-        ));
 
         let mut client = TcpStream::connect(lb.addr)
             .await
@@ -182,21 +189,13 @@ const LATE: u64 = 300 * 1024;
 
 async fn backend_half_close_reaches_client_which_can_still_send(splice: bool) {
     bounded(LIMIT, async {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind backend");
-        let backend_addr = listener.local_addr().expect("backend address");
+        let (listener, backend_addr, lb) = behind_balancer(splice).await;
         let backend = tokio::spawn(async move {
             let (mut stream, _) = listener.accept().await?;
             let sent = send_random(&mut stream, 3, GREETING).await?;
             let (received, len) = receive_all(&mut stream).await?;
             io::Result::Ok((sent, received, len))
         });
-        let lb = start_balancer(&config(
-            "weighted_round_robin",
-            &data_path(splice),
-            &[(backend_addr, 1.0)],
-        ));
 
         let mut client = TcpStream::connect(lb.addr)
             .await
@@ -332,15 +331,7 @@ fn reset(stream: TcpStream) {
 /// default), with its other socket.
 async fn a_reset_after_a_half_close_ends_the_connection(splice: bool) {
     bounded(LIMIT, async {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind backend");
-        let backend_addr = listener.local_addr().expect("backend address");
-        let lb = start_balancer(&config(
-            "weighted_round_robin",
-            &data_path(splice),
-            &[(backend_addr, 1.0)],
-        ));
+        let (listener, backend_addr, lb) = behind_balancer(splice).await;
         let active = || lb.backend(backend_addr).active;
 
         // The client half-closes, then resets; the backend stays silent and open.
@@ -382,15 +373,7 @@ async fn a_reset_after_a_half_close_ends_the_connection(splice: bool) {
 /// taken by a backend that stopped reading) counts what reached the backend, not what was read.
 async fn a_reset_mid_transfer_counts_what_reached_the_backend(splice: bool) {
     bounded(LIMIT, async {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind backend");
-        let backend_addr = listener.local_addr().expect("backend address");
-        let lb = start_balancer(&config(
-            "weighted_round_robin",
-            &data_path(splice),
-            &[(backend_addr, 1.0)],
-        ));
+        let (listener, backend_addr, lb) = behind_balancer(splice).await;
         let counted = || lb.backend(backend_addr).bytes_to_backend;
         let mut client = TcpStream::connect(lb.addr).await.expect("connect");
         // The backend accepts and reads nothing until the end.
