@@ -194,6 +194,10 @@ impl Conn {
         counted: Counted,
         now: Instant,
     ) -> (Conn, Status) {
+        #[cfg(test)]
+        if PANIC_AT_START.replace(false) {
+            panic!("injected: a bug in a connection's first step");
+        }
         let settings = pool.settings();
         let mut conn = Conn {
             client,
@@ -654,6 +658,12 @@ impl Conn {
     }
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Makes this thread's next [`Conn::start`] panic, as a bug there would.
+    pub(crate) static PANIC_AT_START: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// `at` + `d`, or a time too far away to matter if that is beyond what `Instant` holds (a
 /// timeout of a few hundred billion years passes validation).
 fn later(at: Instant, d: Duration) -> Instant {
@@ -904,11 +914,14 @@ mod tests {
         assert_eq!(&byte, b"x");
     }
 
-    /// A listening socket given back to be closed first serves the connections already in its
-    /// queue: their handshakes completed, and the close would reset them. The worker sees the
-    /// socket and is told to give it back in the same turn, so nothing was accepted before.
-    #[test]
-    fn a_closing_listener_serves_the_connections_in_its_queue_first() {
+    /// One worker, not started, and the command that gives it listener `lb` (in front of the
+    /// greeting backend), bound at the address returned.
+    fn unstarted_worker_with_listener() -> (
+        crate::workers::Placement,
+        crate::reactor::Reactor,
+        Command,
+        SocketAddr,
+    ) {
         let backend_addr = greeting_backend();
         let text = format!(
             "[[listener]]\nname = \"lb\"\nbind = \"127.0.0.1:0\"\n\
@@ -919,10 +932,6 @@ mod tests {
         let snapshot = Snapshot::build(&config, &registry, &HashMap::new(), None);
         let (placement, reactor) = Workers::unstarted().expect("a worker");
         let mut bound = listener::bind(&config.listeners[0], 1).expect("bind the listener");
-        // Queued: the kernel completes the handshakes before anyone accepts.
-        let mut clients: Vec<std::net::TcpStream> = (0..3)
-            .map(|_| std::net::TcpStream::connect(bound.local_addr).expect("connect"))
-            .collect();
         let serving = Serving {
             snapshots: Arc::new(ArcSwap::from_pointee(snapshot)),
             connections: TaskTracker::new(),
@@ -935,6 +944,45 @@ mod tests {
             socket,
             serving,
         };
+        (placement, reactor, listen, bound.local_addr)
+    }
+
+    /// A bug (a panic) in a connection's first step closes that client only: the worker goes
+    /// on serving the next one.
+    #[test]
+    fn a_panic_while_starting_a_connection_closes_only_that_connection() {
+        let (placement, reactor, listen, addr) = unstarted_worker_with_listener();
+        assert!(placement.remote(0).send(listen).is_ok());
+        let worker = std::thread::spawn(move || {
+            PANIC_AT_START.set(true);
+            reactor.run();
+        });
+        let mut first = std::net::TcpStream::connect(addr).expect("connect");
+        first
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("read timeout");
+        let mut byte = [0_u8; 1];
+        match first.read(&mut byte) {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("the first client is closed, not served: {other:?}"),
+        }
+        let mut second = std::net::TcpStream::connect(addr).expect("connect");
+        assert_greeted(&mut second, "the worker serves the next client");
+        assert!(placement.remote(0).send(Command::Exit).is_ok());
+        worker.join().expect("the worker ends without a panic");
+    }
+
+    /// A listening socket given back to be closed first serves the connections already in its
+    /// queue: their handshakes completed, and the close would reset them. The worker sees the
+    /// socket and is told to give it back in the same turn, so nothing was accepted before.
+    #[test]
+    fn a_closing_listener_serves_the_connections_in_its_queue_first() {
+        let (placement, reactor, listen, addr) = unstarted_worker_with_listener();
+        // Queued: the kernel completes the handshakes before anyone accepts.
+        let mut clients: Vec<std::net::TcpStream> = (0..3)
+            .map(|_| std::net::TcpStream::connect(addr).expect("connect"))
+            .collect();
         let (reply, given_back) = tokio::sync::oneshot::channel();
         let unlisten = Command::Unlisten {
             id: 0,

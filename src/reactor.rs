@@ -555,24 +555,33 @@ impl Worker {
             return;
         }
         let now = self.now;
-        let (slot, status) = self.slots.insert_with(|slot, generation| {
-            // `slot` indexes a table that never holds more than one entry per open descriptor
-            // pair.
-            let tokens = |side| conn_token(slot as u32, generation, side);
-            let (conn, status) = Conn::start(
-                poll.registry(),
-                &tokens,
-                stream,
-                peer,
-                pool,
-                turn,
-                counted,
-                now,
-            );
-            let queued = false;
-            (Slot { conn, queued }, status)
-        });
-        self.after(slot, status);
+        // Like `guarded` for the later steps: a bug in a connection's first step (its pick, its
+        // first connect) closes that client only, not the worker and every connection on it.
+        let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.slots.insert_with(|slot, generation| {
+                // `slot` indexes a table that never holds more than one entry per open descriptor
+                // pair.
+                let tokens = |side| conn_token(slot as u32, generation, side);
+                let (conn, status) = Conn::start(
+                    poll.registry(),
+                    &tokens,
+                    stream,
+                    peer,
+                    pool,
+                    turn,
+                    counted,
+                    now,
+                );
+                let queued = false;
+                (Slot { conn, queued }, status)
+            })
+        }));
+        match started {
+            Ok((slot, status)) => self.after(slot, status),
+            Err(_) => {
+                error!(client = %peer, "starting a connection panicked; closing that connection")
+            }
+        }
     }
 
     /// Makes sure the connection in `slot` has a timer heap entry due no later than its

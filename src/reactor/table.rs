@@ -67,12 +67,21 @@ impl<T> Table<T> {
     }
 
     /// Puts what `make` returns for (index, generation) in the lowest vacant place, created if
-    /// there is none, and gives the index and the rest of what `make` returned.
+    /// there is none, and gives the index and the rest of what `make` returned. If `make`
+    /// panics, the place stays vacant for the next value.
     pub(super) fn insert_with<R>(&mut self, make: impl FnOnce(usize, u32) -> (T, R)) -> (usize, R) {
         let index = self.lowest_vacant();
         let generation = self.stamp;
         self.stamp = self.stamp.wrapping_add(1);
-        let (value, rest) = make(index, generation);
+        let made =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| make(index, generation)));
+        let (value, rest) = match made {
+            Ok(made) => made,
+            Err(panic) => {
+                self.vacant.push(Reverse(index as u32));
+                std::panic::resume_unwind(panic);
+            }
+        };
         self.entries[index] = Entry {
             generation,
             value: Some(value),
@@ -164,6 +173,38 @@ mod tests {
         (0..n)
             .map(|i| table.insert_with(|_, generation| (i, generation)))
             .collect()
+    }
+
+    #[test]
+    fn a_panic_while_making_the_value_leaves_the_place_vacant() {
+        let panics = |table: &mut Table<usize>| {
+            let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                table.insert_with(|_, _| -> (usize, ()) { panic!("a bug in the making") })
+            }));
+            assert!(made.is_err());
+        };
+        let mut table = Table::new();
+        fill(&mut table, 2);
+        // A place freed below an occupied one.
+        assert_eq!(table.remove(0), Some(0));
+        panics(&mut table);
+        assert_eq!(table.occupied(), 1);
+        assert_eq!(
+            table.insert_with(|_, _| (7, ())).0,
+            0,
+            "taken by the next value"
+        );
+        // A place created at the end for the value.
+        table.remove(0);
+        table.remove(1);
+        assert_eq!(table.len(), 0);
+        panics(&mut table);
+        assert_eq!(table.occupied(), 0);
+        assert_eq!(
+            table.insert_with(|_, _| (8, ())).0,
+            0,
+            "taken by the next value"
+        );
     }
 
     #[test]
