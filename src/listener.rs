@@ -129,6 +129,9 @@ pub(crate) struct Serving {
 
 /// Errors that concern one incoming connection only; the next accept is unaffected.
 ///
+/// Not "would block": that says the queue is empty, which each accept loop handles first
+/// (retrying on it would ask an empty queue again).
+///
 /// Besides the reset and aborted connections, Linux `accept(2)` passes on network errors already
 /// pending on the new connection (EPROTO, ENETDOWN, EHOSTUNREACH, ...), and its manual says to
 /// retry those like EAGAIN: they say nothing about the listener or the process.
@@ -139,7 +142,6 @@ pub(crate) fn is_connection_error(e: &io::Error) -> bool {
             | io::ErrorKind::ConnectionReset
             | io::ErrorKind::ConnectionRefused
             | io::ErrorKind::Interrupted
-            | io::ErrorKind::WouldBlock
             | io::ErrorKind::NetworkDown
             | io::ErrorKind::NetworkUnreachable
             | io::ErrorKind::HostUnreachable
@@ -309,7 +311,13 @@ mod tests {
             let e = io::Error::from_raw_os_error(errno.raw_os_error());
             assert!(is_connection_error(&e), "{e}");
         }
-        for errno in [Errno::MFILE, Errno::NFILE, Errno::NOBUFS, Errno::NOMEM] {
+        for errno in [
+            Errno::MFILE,
+            Errno::NFILE,
+            Errno::NOBUFS,
+            Errno::NOMEM,
+            Errno::AGAIN,
+        ] {
             let e = io::Error::from_raw_os_error(errno.raw_os_error());
             assert!(!is_connection_error(&e), "{e}");
         }

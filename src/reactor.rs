@@ -464,8 +464,7 @@ impl Worker {
             QUEUE_ACCEPTS.set(QUEUE_ACCEPTS.get() + 1);
             match listener.socket.accept() {
                 Ok((stream, peer)) => self.admit(poll, place, stream, peer),
-                // Empty. Checked first: `is_connection_error` counts it too, for the accept
-                // loop, and here it would go on asking an empty queue 65,536 times.
+                // Empty: all served.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if is_connection_error(&e) => {}
                 // An error that stops accepting (out of descriptors): what is left is reset
