@@ -4,8 +4,11 @@
 //! [`validate`](Config::from_raw) checks what TOML types cannot express (addresses, durations,
 //! weights, uniqueness) and reports the line of the offending key; [`Config`] is what the runtime
 //! gets, and holds only values that are valid by construction. Nothing here touches the network:
-//! binding a listener is the listener module's job, so `--check` cannot fail on a busy port.
+//! binding a listener is the listener module's job, so `--check` cannot fail on a busy port. One
+//! key is checked against the machine: [`congestion`] tries `backend_congestion_control` on a
+//! socket that is never connected, so an algorithm the kernel refuses fails `--check`.
 
+mod congestion;
 mod health;
 mod raw;
 
@@ -22,6 +25,7 @@ use toml::Spanned;
 use crate::strategy::StrategyKind;
 use raw::{RawAdmin, RawBackend, RawConfig, RawListener, RawLog};
 
+pub use congestion::{CongestionControl, CongestionError};
 pub use health::{
     AllUnhealthy, DEFAULT_EJECT_FOR, DEFAULT_FALL, DEFAULT_HEALTH_PATH, DEFAULT_INTERVAL,
     DEFAULT_LOAD_INTERVAL, DEFAULT_MAX_CONNECT_FAILURES, DEFAULT_METRICS_PATH,
@@ -171,6 +175,9 @@ pub struct ListenerConfig {
     pub max_connections: NonZeroUsize,
     /// Move bytes with `splice(2)` (zero copy, Linux) rather than through user-space buffers.
     pub splice: bool,
+    /// The TCP congestion control set on sockets toward the backends; `None` leaves the
+    /// system's (`net.ipv4.tcp_congestion_control`), as HAProxy and nginx do.
+    pub backend_congestion_control: Option<CongestionControl>,
     /// Active health checks (and load-following weights), if configured.
     pub health: Option<HealthConfig>,
     /// Passive ejection on connect failures of live traffic, if configured.
@@ -458,6 +465,9 @@ pub enum ConfigErrorKind {
         "`min_weight_percent`: invalid value {0}: must be more than 0 and at most 100 (a floor of 0 lets a busy fleet reach weight 0 everywhere and refuse every client)"
     )]
     BadPercent(f64),
+    /// A congestion control this machine cannot give the backend sockets.
+    #[error("`backend_congestion_control`: {0}")]
+    Congestion(CongestionError),
 }
 
 /// Reads and validates the config file at `path`.
@@ -729,6 +739,13 @@ impl ListenerConfig {
         if backends.iter().all(|b| b.weight.is_zero()) {
             return Err((Some(span), ConfigErrorKind::AllWeightsZero(name)));
         }
+        let backend_congestion_control = match &raw.backend_congestion_control {
+            Some(v) => Some(
+                CongestionControl::new(v.get_ref())
+                    .map_err(|e| (Some(v.span()), ConfigErrorKind::Congestion(e)))?,
+            ),
+            None => None,
+        };
         Ok(ListenerConfig {
             name,
             bind,
@@ -742,6 +759,7 @@ impl ListenerConfig {
             connect_attempts,
             max_connections,
             splice: raw.splice.unwrap_or(DEFAULT_SPLICE),
+            backend_congestion_control,
             health,
             passive,
             backends,
@@ -890,6 +908,7 @@ addr = "127.0.0.1:9001"
         assert_eq!(l.connect_attempts, DEFAULT_CONNECT_ATTEMPTS);
         assert_eq!(l.max_connections, DEFAULT_MAX_CONNECTIONS);
         assert_eq!(l.splice, DEFAULT_SPLICE);
+        assert_eq!(l.backend_congestion_control, None);
         assert_eq!(config.threads, None);
         assert_eq!(l.backends[0].weight, Weight::ONE);
         assert_eq!(config.admin, None);
@@ -939,6 +958,7 @@ idle_timeout = "1h"
 connect_attempts = 5
 max_connections = 7
 splice = false
+backend_congestion_control = "reno"
 [[listener.backend]]
 addr = "[::1]:9001"
 weight = 2
@@ -959,6 +979,12 @@ weight = 0.5
         assert_eq!(l.connect_timeout, Duration::from_millis(250));
         assert_eq!(l.idle_timeout, Duration::from_secs(3600));
         assert_eq!((l.connect_attempts.get(), l.max_connections.get()), (5, 7));
+        assert_eq!(
+            l.backend_congestion_control
+                .as_ref()
+                .map(CongestionControl::as_str),
+            Some("reno")
+        );
         let weights: Vec<f64> = l.backends.iter().map(|b| b.weight.get()).collect();
         assert_eq!(weights, [2.0, 0.5]);
         assert_eq!((l.health.as_ref(), l.passive), (None, None));
@@ -1140,6 +1166,16 @@ health_addr = "127.0.0.1:9101"
                 format!("{listener}{backend}weight = -1\n"),
                 Some(6),
                 "invalid value -1",
+            ),
+            (
+                format!("{listener}backend_congestion_control = \"nosuchcc\"\n{backend}"),
+                Some(4),
+                "`backend_congestion_control`: `nosuchcc` is not available on this machine (net.ipv4.tcp_available_congestion_control: ",
+            ),
+            (
+                format!("{listener}backend_congestion_control = \"BBR\"\n{backend}"),
+                Some(4),
+                "`backend_congestion_control`: invalid name `BBR`",
             ),
             (
                 format!("{listener}{backend}weight = nan\n"),

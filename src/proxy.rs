@@ -300,6 +300,14 @@ impl Conn {
                     continue;
                 }
             };
+            // Set while the handshake is under way, before any byte is sent; checked against
+            // the kernel at load, so a failure here (a module unloaded since) is only logged
+            // and the connection goes on with the system's algorithm.
+            if let Some(cc) = settings.backend_congestion_control
+                && let Err(e) = cc.apply(&stream)
+            {
+                debug!(backend = %backend.addr, congestion_control = %cc, error = %e, "cannot set the congestion control on a backend socket");
+            }
             let interest = Interest::READABLE | Interest::WRITABLE;
             if let Err(e) = registry.register(&mut stream, tokens(Side::backend(attempt)), interest)
             {
@@ -1059,6 +1067,73 @@ mod tests {
         );
         drop(done);
         holder.join().expect("the holder thread ends");
+    }
+
+    /// The congestion control of this process's TCP socket from `local` to `peer`, found among
+    /// its descriptors (a copy of each is taken with `pidfd_getfd`, which needs no `unsafe`).
+    fn congestion_control_of(local: SocketAddr, peer: SocketAddr) -> Option<String> {
+        use rustix::process::{PidfdFlags, PidfdGetfdFlags, getpid, pidfd_getfd, pidfd_open};
+        let me = pidfd_open(getpid(), PidfdFlags::empty()).expect("pidfd_open");
+        let addr =
+            |a: Option<rustix::net::SocketAddrAny>| a.and_then(|a| SocketAddr::try_from(a).ok());
+        for entry in std::fs::read_dir("/proc/self/fd").expect("list descriptors") {
+            let Some(fd) = entry
+                .ok()
+                .and_then(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+            else {
+                continue;
+            };
+            let Ok(copy) = pidfd_getfd(&me, fd, PidfdGetfdFlags::empty()) else {
+                continue;
+            };
+            if addr(rustix::net::getsockname(&copy).ok()) == Some(local)
+                && addr(rustix::net::getpeername(&copy).ok().flatten()) == Some(peer)
+            {
+                return rustix::net::sockopt::tcp_congestion(&copy).ok();
+            }
+        }
+        None
+    }
+
+    /// `backend_congestion_control` reaches the socket toward the backend, and only that one.
+    #[test]
+    fn the_backend_socket_gets_the_configured_congestion_control() {
+        // An algorithm this process may set that differs from the system's, so the test tells
+        // the two apart (Reno is always allowed; on a machine whose default is Reno and that
+        // allows nothing else, there is no second one to tell apart).
+        let sysctl = |name: &str| {
+            std::fs::read_to_string(format!("/proc/sys/net/ipv4/{name}")).expect("sysctl")
+        };
+        let default = sysctl("tcp_congestion_control").trim().to_owned();
+        let allowed = sysctl("tcp_allowed_congestion_control");
+        let chosen = allowed
+            .split_whitespace()
+            .find(|cc| *cc != default)
+            .unwrap_or("reno")
+            .to_owned();
+
+        let backend = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a backend");
+        let backend_addr = backend.local_addr().expect("backend address");
+        let text = format!(
+            "[[listener]]\nname = \"lb\"\nbind = \"127.0.0.1:0\"\n\
+             backend_congestion_control = \"{chosen}\"\n\
+             [[listener.backend]]\naddr = \"{backend_addr}\"\n"
+        );
+        let (_workers, lb_addr, _pool, _woken) = one_worker(&text);
+        let client = std::net::TcpStream::connect(lb_addr).expect("connect");
+        let (_accepted, balancer_side) = backend.accept().expect("the balancer connects");
+
+        assert_eq!(
+            congestion_control_of(balancer_side, backend_addr).as_deref(),
+            Some(chosen.as_str()),
+            "the balancer's socket toward the backend"
+        );
+        let client_addr = client.local_addr().expect("client address");
+        assert_eq!(
+            congestion_control_of(lb_addr, client_addr),
+            Some(default),
+            "the balancer's socket toward the client keeps the system's"
+        );
     }
 
     #[test]

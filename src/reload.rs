@@ -192,6 +192,7 @@ fn settings_differ(a: &ListenerConfig, b: &ListenerConfig) -> bool {
         != (b.bind, b.strategy, b.connect_timeout, b.idle_timeout)
         || (a.connect_attempts, a.max_connections, a.splice)
             != (b.connect_attempts, b.max_connections, b.splice)
+        || a.backend_congestion_control != b.backend_congestion_control
         || a.health != b.health
         || a.passive != b.passive
 }

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::backend::{BackendState, ListenerStats, OpenConn, Registry, Republisher};
-use crate::config::{AllUnhealthy, Config, ListenerConfig, Weight};
+use crate::config::{AllUnhealthy, Config, CongestionControl, ListenerConfig, Weight};
 use crate::strategy::{Strategy, StrategyKind};
 
 /// The one place the current snapshot is published.
@@ -114,6 +114,8 @@ pub struct ListenerSettings {
     pub max_connections: NonZeroUsize,
     /// Relay with `splice(2)` where available.
     pub splice: bool,
+    /// Congestion control for the sockets toward the backends, if not the system's.
+    pub backend_congestion_control: Option<CongestionControl>,
     /// Whether each closed (or refused) client connection is logged; `[log] access_log`.
     pub access_log: bool,
     /// Consecutive connect failures that eject a backend, if passive checks are on.
@@ -206,6 +208,7 @@ impl Pool {
                 connect_attempts: listener.connect_attempts,
                 max_connections: listener.max_connections,
                 splice: listener.splice,
+                backend_congestion_control: listener.backend_congestion_control,
                 access_log,
                 max_connect_failures: listener.passive.map(|p| p.max_connect_failures),
             },

@@ -466,6 +466,26 @@ def cmd_report(args):
         check("CPU per GB <= HAPROXY_SPLICE", r, lambda x: x <= 1.0)
     print("\n".join(lines))
 
+    # Extra columns (WEIGHBRIDGE_COPY, WEIGHBRIDGE_CC) are outside the targets, which are about
+    # the defaults; their bulk rows, paired the same way, say what the option would change.
+    extra = [s for s in systems if s not in (subject, "DIRECT", *comp)]
+    if not extra:
+        return
+    print("\nOther columns, bulk rows (median of per-repetition paired ratios):\n")
+    for s in extra:
+        for key in ("bulk1_gbps", "bulk8_gbps"):
+            label = next(m[1] for m in METRICS if m[0] == key)
+            parts = []
+            for name, against, pick in (
+                ("DIRECT", ["DIRECT"], lambda ds: ds[0]),
+                (f"best of {'/'.join(comp)}", comp, max),
+                (subject, [subject], lambda ds: ds[0]),
+            ):
+                if all(a in systems for a in against):
+                    r = paired_ratio(res, key, s, against, pick)
+                    parts.append(f"{'no data' if r is None else f'{r:.2f}x'} {name}")
+            print(f"- {s} {label}: {', '.join(parts)}")
+
 
 # ----------------------------------------------------------------------------- main
 

@@ -6,15 +6,20 @@
 #   QUICK=1 bash benches/compare/run.sh      # smoke run: 2 reps, 1 s runs (< 2 min once built)
 #   AA=1 bash benches/compare/run.sh         # A/A: HAProxy against an identical HAProxy (noise floor)
 #   WB_COPY=1 bash benches/compare/run.sh    # one more column: weighbridge with splice = false
+#   WB_CC=cubic bash benches/compare/run.sh  # one more column: weighbridge with
+#                                            #   backend_congestion_control = "cubic"
 #   TCP_CC=cubic bash benches/compare/run.sh # every socket on another congestion control (root)
 #
 # Knobs (environment): REPS, DURATION (seconds per iperf3/wrk run), PP_COUNT (ping-pong messages
-# per run), IDLE_CONNS, BACKENDS (2-4), CPS_CONNS, OUT_DIR, KEEP_TMP=1, SKIP_INSTALL=1, TCP_CC.
+# per run), IDLE_CONNS, BACKENDS (2-4), CPS_CONNS, OUT_DIR, KEEP_TMP=1, SKIP_INSTALL=1, TCP_CC,
+# WB_CC.
 #
 # TCP_CC sets the machine's default TCP congestion control (net.ipv4.tcp_congestion_control) for
 # the run and puts it back at exit. It applies to every socket of every system alike. It matters
 # on loopback: BBR paces each socket with a high-resolution timer, and a balancer is two paced
-# hops where DIRECT is one. The report names the one that was in force.
+# hops where DIRECT is one. The report names the one that was in force. WB_CC instead leaves the
+# machine alone and adds a column, WEIGHBRIDGE_CC, that sets it on weighbridge's backend sockets
+# only (its `backend_congestion_control` key).
 #
 # It installs what is missing (Debian/apt, as root), builds weighbridge in release mode, starts
 # every backend and balancer itself on free 127.0.0.1 ports, runs every workload for every system
@@ -31,6 +36,7 @@ PY=(python3 "$HERE/bench.py")
 QUICK=${QUICK:-0}
 AA=${AA:-0}
 WB_COPY=${WB_COPY:-0}
+WB_CC=${WB_CC:-}
 TCP_CC=${TCP_CC:-}
 CC_SYSCTL=/proc/sys/net/ipv4/tcp_congestion_control
 if [[ $QUICK == 1 ]]; then
@@ -68,6 +74,8 @@ else
     # weighbridge with splice off (every byte copied through user space): a column of its own,
     # outside the ratios and targets, which are about weighbridge as configured by default.
     if [[ $WB_COPY == 1 ]]; then SYSTEMS+=(WEIGHBRIDGE_COPY); fi
+    # The same for a congestion control on weighbridge's backend sockets.
+    if [[ -n $WB_CC ]]; then SYSTEMS+=(WEIGHBRIDGE_CC); fi
 fi
 (( BACKENDS >= 2 && BACKENDS <= 4 )) || { echo "BACKENDS must be 2..4" >&2; exit 2; }
 (( REPS >= 1 && REPS <= 50 )) || { echo "REPS must be 1..50" >&2; exit 2; }
@@ -390,9 +398,11 @@ write_nginx() {     # write_nginx DIR KIND:PORT...
     } >"$d/nginx.conf"
 }
 
-write_weighbridge() {   # write_weighbridge FILE SPLICE(''|true|false: '' = the default) KIND:PORT...
-    local f=$1 splice=$2 l kind port b
-    shift 2
+# write_weighbridge FILE SPLICE CC KIND:PORT...: SPLICE ''|true|false, CC a congestion control
+# for the backend sockets; '' leaves either at weighbridge's default.
+write_weighbridge() {
+    local f=$1 splice=$2 cc=$3 l kind port b
+    shift 3
     {
         echo 'shutdown_grace = "1s"'
         if (( WB_THREADS )); then echo "threads = $NPROC"; fi
@@ -407,6 +417,7 @@ write_weighbridge() {   # write_weighbridge FILE SPLICE(''|true|false: '' = the 
             echo 'idle_timeout = "10m"'
             echo "max_connections = $MAXCONN"
             if [[ -n $splice ]]; then echo "splice = $splice"; fi
+            if [[ -n $cc ]]; then echo "backend_congestion_control = \"$cc\""; fi
             for b in $(backend_ports "$kind"); do
                 printf '[[listener.backend]]\naddr = "127.0.0.1:%s"\n' "$b"
             done
@@ -433,7 +444,7 @@ if timeout 10 "$WB" --config "$WORK/threads-probe.toml" --check >/dev/null 2>&1;
 # start_balancer INSTANCE SYSTEM KIND:PORT...: config in $WORK/INSTANCE/, validated, started,
 # listening; sets LAST_PID (the `timeout` wrapper leading the instance's process group).
 start_balancer() {
-    local inst=$1 sys=$2 d="$WORK/$1" l splice
+    local inst=$1 sys=$2 d="$WORK/$1" l splice cc
     shift 2
     mkdir -p "$d"
     case $sys in
@@ -447,10 +458,11 @@ start_balancer() {
             timeout 10 nginx -t -q -p "$d" -c "$d/nginx.conf" -e "$d/error.log" >&2
             start_bg "$inst" nginx -p "$d" -c "$d/nginx.conf" -e "$d/error.log"
             ;;
-        WEIGHBRIDGE | WEIGHBRIDGE_COPY)
-            splice=""
+        WEIGHBRIDGE | WEIGHBRIDGE_COPY | WEIGHBRIDGE_CC)
+            splice="" cc=""
             if [[ $sys == WEIGHBRIDGE_COPY ]]; then splice=false; fi
-            write_weighbridge "$d/weighbridge.toml" "$splice" "$@"
+            if [[ $sys == WEIGHBRIDGE_CC ]]; then cc=$WB_CC; fi
+            write_weighbridge "$d/weighbridge.toml" "$splice" "$cc" "$@"
             timeout 10 "$WB" --config "$d/weighbridge.toml" --check >/dev/null
             start_bg "$inst" "$WB" --config "$d/weighbridge.toml" "${WB_FLAGS[@]}"
             ;;
@@ -688,6 +700,9 @@ REPORT="$OUT_DIR/report.md"
         echo "- TCP congestion control: $(cat "$CC_SYSCTL") (TCP_CC; the machine's default is $CC_BEFORE)"
     else
         echo "- TCP congestion control: $(cat "$CC_SYSCTL" 2>/dev/null || echo unknown) (the machine's default)"
+    fi
+    if [[ -n $WB_CC ]]; then
+        echo "- WEIGHBRIDGE_CC: weighbridge with backend_congestion_control = \"$WB_CC\" (its backend sockets only)"
     fi
     echo "- REPS=$REPS (median of rounds; ratios are medians of per-round paired ratios), ${DURATION}s per iperf3/wrk run, ping-pong $PP_COUNT msgs, $IDLE_CONNS idle connections, $BACKENDS backends, $NPROC threads/workers per balancer; took ${ELAPSED}s"
     echo "- other processes used ${FOREIGN[*]} of the machine's CPU during rounds 1..$REPS; load average (1/5/15 min) before: $LOAD_START, after: $LOAD_END"

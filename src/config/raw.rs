@@ -52,6 +52,7 @@ pub(crate) struct RawListener {
     pub(crate) connect_attempts: Option<Spanned<u64>>,
     pub(crate) max_connections: Option<Spanned<u64>>,
     pub(crate) splice: Option<bool>,
+    pub(crate) backend_congestion_control: Option<Spanned<String>>,
     pub(crate) health: Option<Spanned<RawHealth>>,
     pub(crate) passive: Option<Spanned<RawPassive>>,
     #[serde(default)]
