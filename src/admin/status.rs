@@ -183,7 +183,7 @@ impl BackendStatus {
         BackendStatus {
             addr: backend.addr.to_string(),
             weight: backend.weight.get(),
-            effective_weight: backend.effective_weight,
+            effective_weight: rounded(backend.effective_weight),
             admin_state: backend.stats.admin_state().as_str(),
             health: HealthStatus::of(backend.stats.health()),
             active_connections: active,
@@ -212,13 +212,36 @@ impl HealthStatus {
             last_check_at: health
                 .last_check
                 .map(|c| rfc3339(wall - now.saturating_duration_since(c.at))),
-            load_factor: health.load_factor,
-            slow_start: health.slow_start,
+            load_factor: rounded(health.load_factor),
+            slow_start: health.slow_start.map(rounded),
         }
     }
+}
+
+/// `x` to six decimals, for people reading status: a weight of 1.5 at a load factor of 0.2 reads
+/// 0.3, not the 0.30000000000000004 of the exact product. Six decimals are far finer than any
+/// difference an operator acts on; the strategies use the exact figures.
+fn rounded(x: f64) -> f64 {
+    let r = (x * 1e6).round() / 1e6;
+    if r.is_finite() { r } else { x }
 }
 
 /// `2025-01-02T03:04:05Z`: seconds are precise enough for an operator reading status.
 fn rfc3339(at: SystemTime) -> String {
     humantime::format_rfc3339_seconds(at).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rounded;
+
+    #[test]
+    fn products_of_weights_and_factors_read_as_written() {
+        assert_eq!(rounded(1.5 * 0.2), 0.3);
+        assert_eq!(rounded(0.1 + 0.2), 0.3);
+        assert_eq!(rounded(2.5), 2.5);
+        assert_eq!(rounded(0.0), 0.0);
+        assert_eq!(rounded(1.0 / 3.0), 0.333333);
+        assert_eq!(rounded(1e308), 1e308, "too large to scale: kept");
+    }
 }
