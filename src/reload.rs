@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::balancer::Handle;
-use crate::config::{Config, ConfigError, ListenerConfig};
+use crate::config::{Config, ConfigError, CongestionControl, ListenerConfig};
 use crate::listener::BindError;
 
 /// Quiet time after the last file event before a reload starts. Editors and config-management
@@ -89,8 +89,13 @@ impl ReloadSummary {
                 );
                 continue;
             };
-            if settings_differ(before, listener) {
-                summary.listeners_changed.push(listener.name.clone());
+            let changed = changed_settings(before, listener);
+            if !changed.is_empty() {
+                summary.listeners_changed.push(format!(
+                    "{} ({})",
+                    listener.name,
+                    changed.join(", ")
+                ));
             }
             let old_weights: HashMap<SocketAddr, f64> = before
                 .backends
@@ -186,15 +191,67 @@ fn backend_key(listener: &ListenerConfig, addr: SocketAddr) -> String {
     format!("{}/{addr}", listener.name)
 }
 
-/// True when anything but the backends differs (health and passive settings included).
-fn settings_differ(a: &ListenerConfig, b: &ListenerConfig) -> bool {
-    (a.bind, a.strategy, a.connect_timeout, a.idle_timeout)
-        != (b.bind, b.strategy, b.connect_timeout, b.idle_timeout)
-        || (a.connect_attempts, a.max_connections, a.splice)
-            != (b.connect_attempts, b.max_connections, b.splice)
-        || a.backend_congestion_control != b.backend_congestion_control
-        || a.health != b.health
-        || a.passive != b.passive
+/// What differs between two versions of a listener, apart from its backends' weights: each
+/// key as `key old->new`, a health or passive table by its name, and a backend whose
+/// `health_addr` moved. An operator reading the reload line sees what it did (that a bind moved,
+/// and where), not only which listener it touched.
+fn changed_settings(a: &ListenerConfig, b: &ListenerConfig) -> Vec<String> {
+    fn key<T: PartialEq + fmt::Display>(out: &mut Vec<String>, name: &str, old: T, new: T) {
+        if old != new {
+            out.push(format!("{name} {old}->{new}"));
+        }
+    }
+    let duration = |d: Duration| humantime::format_duration(d).to_string();
+    let cc = |c: Option<CongestionControl>| c.map_or("system".to_owned(), |c| c.to_string());
+    let mut out = Vec::new();
+    key(&mut out, "bind", a.bind, b.bind);
+    key(&mut out, "strategy", a.strategy, b.strategy);
+    let timeouts = [
+        ("connect_timeout", a.connect_timeout, b.connect_timeout),
+        ("idle_timeout", a.idle_timeout, b.idle_timeout),
+    ];
+    for (name, old, new) in timeouts {
+        key(&mut out, name, duration(old), duration(new));
+    }
+    key(
+        &mut out,
+        "connect_attempts",
+        a.connect_attempts,
+        b.connect_attempts,
+    );
+    key(
+        &mut out,
+        "max_connections",
+        a.max_connections,
+        b.max_connections,
+    );
+    key(&mut out, "splice", a.splice, b.splice);
+    key(
+        &mut out,
+        "backend_congestion_control",
+        cc(a.backend_congestion_control),
+        cc(b.backend_congestion_control),
+    );
+    if a.health != b.health {
+        out.push("[listener.health]".to_owned());
+    }
+    if a.passive != b.passive {
+        out.push("[listener.passive]".to_owned());
+    }
+    for new in &b.backends {
+        if let Some(old) = a.backends.iter().find(|o| o.addr == new.addr)
+            && old.health_addr != new.health_addr
+        {
+            let shown = |h: Option<SocketAddr>| h.map_or("addr".to_owned(), |h| h.to_string());
+            out.push(format!(
+                "{} health_addr {}->{}",
+                new.addr,
+                shown(old.health_addr),
+                shown(new.health_addr)
+            ));
+        }
+    }
+    out
 }
 
 impl fmt::Display for ReloadSummary {
@@ -532,7 +589,10 @@ mod tests {
         let summary = ReloadSummary::between(&old, &new);
         assert_eq!(summary.listeners_added, ["new"]);
         assert_eq!(summary.listeners_removed, ["gone"]);
-        assert_eq!(summary.listeners_changed, ["a"]);
+        assert_eq!(
+            summary.listeners_changed,
+            ["a (strategy weighted_round_robin->weighted_random)"]
+        );
         assert_eq!(
             summary.backends_added,
             ["a/127.0.0.1:12", "new/127.0.0.1:30"]
@@ -548,6 +608,46 @@ mod tests {
                 .starts_with("listeners added: new; listeners removed: gone")
         );
         assert_eq!(ReloadSummary::between(&new, &new).to_string(), "no changes");
+    }
+
+    #[test]
+    fn a_changed_listener_says_what_changed() {
+        let old = config(
+            r#"
+            [[listener]]
+            name = "a"
+            bind = "127.0.0.1:1"
+            [[listener.backend]]
+            addr = "127.0.0.1:10"
+            "#,
+        );
+        let new = config(
+            r#"
+            [[listener]]
+            name = "a"
+            bind = "127.0.0.1:2"
+            connect_timeout = "500ms"
+            idle_timeout = "1h"
+            connect_attempts = 2
+            max_connections = 9
+            splice = false
+            backend_congestion_control = "reno"
+            [listener.health]
+            kind = "tcp"
+            [listener.passive]
+            [[listener.backend]]
+            addr = "127.0.0.1:10"
+            health_addr = "127.0.0.1:11"
+            "#,
+        );
+        let summary = ReloadSummary::between(&old, &new);
+        assert_eq!(
+            summary.to_string(),
+            "listeners changed: a (bind 127.0.0.1:1->127.0.0.1:2, connect_timeout 2s->500ms, \
+             idle_timeout 10m->1h, connect_attempts 3->2, max_connections 10000->9, \
+             splice true->false, backend_congestion_control system->reno, [listener.health], \
+             [listener.passive], 127.0.0.1:10 health_addr addr->127.0.0.1:11)"
+        );
     }
 
     #[test]
