@@ -23,7 +23,7 @@ use mio::{Interest, Registry, Token};
 use tracing::{debug, info, warn};
 
 use crate::backend::{ActiveConn, BackendState, ListenerStats};
-use crate::config::AllUnhealthy;
+use crate::config::{AllUnhealthy, CongestionControl};
 use crate::reactor::Counted;
 use crate::snapshot::Pool;
 use relay::{BUDGET, Direction, Mode, Pumped, Ready, shutdown_write};
@@ -265,7 +265,7 @@ impl Conn {
             let Some((index, backend)) = pool.pick(turn, &tried) else {
                 return self.no_backend(&pool, attempt - 1);
             };
-            let mut stream = match TcpStream::connect(backend.addr) {
+            let mut stream = match open_backend(backend.addr, settings.backend_congestion_control) {
                 Ok(stream) => stream,
                 // The balancer's own limit, not the backend's fault: nothing is counted against
                 // the backend (passive ejection would otherwise eject healthy backends while
@@ -300,14 +300,6 @@ impl Conn {
                     continue;
                 }
             };
-            // Set while the handshake is under way, before any byte is sent; checked against
-            // the kernel at load, so a failure here (a module unloaded since) is only logged
-            // and the connection goes on with the system's algorithm.
-            if let Some(cc) = settings.backend_congestion_control
-                && let Err(e) = cc.apply(&stream)
-            {
-                debug!(backend = %backend.addr, congestion_control = %cc, error = %e, "cannot set the congestion control on a backend socket");
-            }
             let interest = Interest::READABLE | Interest::WRITABLE;
             if let Err(e) = registry.register(&mut stream, tokens(Side::backend(attempt)), interest)
             {
@@ -685,6 +677,45 @@ fn later(at: Instant, d: Duration) -> Instant {
 const DESCRIPTOR_WAIT: Duration = Duration::from_millis(20);
 
 /// Whether `e` says the process (or the system) has no descriptor or buffer left for a socket.
+/// A non-blocking connect to `addr` under way, with congestion control `cc` if one is set.
+///
+/// `cc` goes on the socket *before* `connect`: on loopback or a fast LAN the handshake can
+/// complete within the `connect` call, and the system's algorithm is initialised at that
+/// moment. Under BBR that switches the kernel's pacing on for the socket, and changing the
+/// algorithm afterwards never switches it off again, so set later the key would rename the
+/// algorithm and keep the pacing it is there to remove. Without `cc` this is mio's connect.
+fn open_backend(addr: SocketAddr, cc: Option<CongestionControl>) -> io::Result<TcpStream> {
+    let Some(cc) = cc else {
+        return TcpStream::connect(addr);
+    };
+    use rustix::net::{AddressFamily, SocketFlags, SocketType};
+    let family = if addr.is_ipv4() {
+        AddressFamily::INET
+    } else {
+        AddressFamily::INET6
+    };
+    let flags = SocketFlags::NONBLOCK | SocketFlags::CLOEXEC;
+    let socket = rustix::net::socket_with(family, SocketType::STREAM, flags, None)?;
+    if let Err(e) = cc.apply(&socket) {
+        // Checked against the kernel when the file was loaded; failing now means the machine
+        // changed since (a sysctl, an unloaded module). The connection goes on with the
+        // system's algorithm; the first such failure is a warning, the rest debug lines.
+        if !CC_FAILED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            warn!(backend = %addr, congestion_control = %cc, error = %e, "cannot set backend_congestion_control; backend connections use the system's congestion control (logged once)");
+        } else {
+            debug!(backend = %addr, congestion_control = %cc, error = %e, "cannot set backend_congestion_control");
+        }
+    }
+    match rustix::net::connect(&socket, &addr) {
+        Ok(()) | Err(rustix::io::Errno::INPROGRESS) => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(TcpStream::from_std(std::net::TcpStream::from(socket)))
+}
+
+/// Set at the first failure to apply `backend_congestion_control` at run time.
+static CC_FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn out_of_descriptors(e: &io::Error) -> bool {
     // EMFILE, ENFILE, ENOBUFS, ENOMEM.
     matches!(e.raw_os_error(), Some(24 | 23 | 105 | 12))
@@ -1069,6 +1100,7 @@ mod tests {
         holder.join().expect("the holder thread ends");
     }
 
+    #[cfg(target_os = "linux")]
     /// The congestion control of this process's TCP socket from `local` to `peer`, found among
     /// its descriptors (a copy of each is taken with `pidfd_getfd`, which needs no `unsafe`).
     fn congestion_control_of(local: SocketAddr, peer: SocketAddr) -> Option<String> {
@@ -1096,6 +1128,8 @@ mod tests {
     }
 
     /// `backend_congestion_control` reaches the socket toward the backend, and only that one.
+    /// (The algorithm is set before `connect`, so it is in place once the backend accepts.)
+    #[cfg(target_os = "linux")]
     #[test]
     fn the_backend_socket_gets_the_configured_congestion_control() {
         // An algorithm this process may set that differs from the system's, so the test tells

@@ -56,7 +56,8 @@ pub struct ReloadSummary {
     pub listeners_added: Vec<String>,
     /// Listeners that are gone (their open connections go on).
     pub listeners_removed: Vec<String>,
-    /// Listeners whose bind address, strategy or timeouts changed.
+    /// Listeners whose settings changed, as `name (key old->new, ...)`: any listener key, a
+    /// health or passive table (by name), a backend's `health_addr`; weights are listed apart.
     pub listeners_changed: Vec<String>,
     /// Backends that are new, as `listener/address`.
     pub backends_added: Vec<String>,
@@ -239,15 +240,15 @@ fn changed_settings(a: &ListenerConfig, b: &ListenerConfig) -> Vec<String> {
         out.push("[listener.passive]".to_owned());
     }
     for new in &b.backends {
+        // Where probes go, not what was written: `health_addr` equal to `addr` changes nothing.
         if let Some(old) = a.backends.iter().find(|o| o.addr == new.addr)
-            && old.health_addr != new.health_addr
+            && old.probe_addr() != new.probe_addr()
         {
-            let shown = |h: Option<SocketAddr>| h.map_or("addr".to_owned(), |h| h.to_string());
             out.push(format!(
                 "{} health_addr {}->{}",
                 new.addr,
-                shown(old.health_addr),
-                shown(new.health_addr)
+                old.probe_addr(),
+                new.probe_addr()
             ));
         }
     }
@@ -646,7 +647,7 @@ mod tests {
             "listeners changed: a (bind 127.0.0.1:1->127.0.0.1:2, connect_timeout 2s->500ms, \
              idle_timeout 10m->1h, connect_attempts 3->2, max_connections 10000->9, \
              splice true->false, backend_congestion_control system->reno, [listener.health], \
-             [listener.passive], 127.0.0.1:10 health_addr addr->127.0.0.1:11)"
+             [listener.passive], 127.0.0.1:10 health_addr 127.0.0.1:10->127.0.0.1:11)"
         );
     }
 

@@ -435,11 +435,21 @@ if grep -q -- '--no-watch' <<<"$WB_HELP"; then WB_FLAGS+=(--no-watch); fi
 # Worker threads = NPROC like the others: explicit where the build has the `threads` key (it
 # rejects unknown keys, so ask --check); its default is one per core anyway. Everything else
 # stays at weighbridge's defaults, `splice` included (only the WEIGHBRIDGE_COPY column sets
-# it).
+# it, and only WEIGHBRIDGE_CC sets backend_congestion_control).
 WB_THREADS=0
 printf 'threads = %s\n[[listener]]\nname = "p"\nbind = "127.0.0.1:0"\n[[listener.backend]]\naddr = "127.0.0.1:9"\n' \
     "$NPROC" >"$WORK/threads-probe.toml"
 if timeout 10 "$WB" --config "$WORK/threads-probe.toml" --check >/dev/null 2>&1; then WB_THREADS=1; fi
+# WB_CC: fail now, with weighbridge's own message, rather than at the first WEIGHBRIDGE_CC start.
+if [[ -n $WB_CC ]]; then
+    [[ $WB_CC =~ ^[a-z0-9_-]{1,15}$ ]] || die "WB_CC=$WB_CC: not a congestion control name"
+    printf '[[listener]]\nname = "p"\nbind = "127.0.0.1:0"\nbackend_congestion_control = "%s"\n[[listener.backend]]\naddr = "127.0.0.1:9"\n' \
+        "$WB_CC" >"$WORK/cc-probe.toml"
+    timeout 10 "$WB" --config "$WORK/cc-probe.toml" --check >/dev/null || die "WB_CC=$WB_CC: refused (above)"
+    if [[ $WB_CC == "$(cat "$CC_SYSCTL" 2>/dev/null)" ]]; then
+        log "WB_CC=$WB_CC is the machine's default already: WEIGHBRIDGE_CC will measure the same as WEIGHBRIDGE"
+    fi
+fi
 
 # start_balancer INSTANCE SYSTEM KIND:PORT...: config in $WORK/INSTANCE/, validated, started,
 # listening; sets LAST_PID (the `timeout` wrapper leading the instance's process group).

@@ -218,12 +218,12 @@ impl HealthStatus {
     }
 }
 
-/// `x` to six decimals, for people reading status: a weight of 1.5 at a load factor of 0.2 reads
-/// 0.3, not the 0.30000000000000004 of the exact product. Six decimals are far finer than any
-/// difference an operator acts on; the strategies use the exact figures.
+/// `x` to twelve significant digits, for people reading status: a weight of 1.5 at a load
+/// factor of 0.2 reads 0.3, not the 0.30000000000000004 of the exact product. Significant
+/// digits rather than decimals, so that a small positive weight never reads as 0 (drained).
+/// The strategies use the exact figures.
 fn rounded(x: f64) -> f64 {
-    let r = (x * 1e6).round() / 1e6;
-    if r.is_finite() { r } else { x }
+    format!("{x:.11e}").parse().unwrap_or(x)
 }
 
 /// `2025-01-02T03:04:05Z`: seconds are precise enough for an operator reading status.
@@ -241,7 +241,9 @@ mod tests {
         assert_eq!(rounded(0.1 + 0.2), 0.3);
         assert_eq!(rounded(2.5), 2.5);
         assert_eq!(rounded(0.0), 0.0);
-        assert_eq!(rounded(1.0 / 3.0), 0.333333);
-        assert_eq!(rounded(1e308), 1e308, "too large to scale: kept");
+        assert_eq!(rounded(1.0 / 3.0), 0.333333333333);
+        assert_eq!(rounded(5e-8 * 3.0), 1.5e-7, "small stays positive");
+        assert_eq!(rounded(1e308), 1e308);
+        assert!(rounded(f64::NAN).is_nan());
     }
 }

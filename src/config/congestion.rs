@@ -34,7 +34,7 @@ pub enum CongestionError {
     BadName(String),
     /// The kernel has no such algorithm (and this process may not load its module).
     #[error(
-        "`{name}` is not available on this machine (net.ipv4.tcp_available_congestion_control: {available})"
+        "`{name}` is not available on this machine (net.ipv4.tcp_available_congestion_control: {available}); if the kernel has it as a module, `modprobe tcp_{name}` loads it"
     )]
     NotAvailable {
         /// The name written.
@@ -117,14 +117,19 @@ impl fmt::Debug for CongestionControl {
 /// Sets `cc` on a fresh, unconnected TCP socket, and says in the kernel's terms why it failed.
 #[cfg(target_os = "linux")]
 fn probe(cc: CongestionControl) -> Result<(), CongestionError> {
-    use rustix::net::{AddressFamily, SocketType, socket};
+    use rustix::net::{AddressFamily, SocketFlags, SocketType, socket_with};
 
     let unusable = |e: std::io::Error| CongestionError::Unusable {
         name: cc.as_str().to_owned(),
         reason: e.to_string(),
     };
-    let socket =
-        socket(AddressFamily::INET, SocketType::STREAM, None).map_err(|e| unusable(e.into()))?;
+    let socket = socket_with(
+        AddressFamily::INET,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC,
+        None,
+    )
+    .map_err(|e| unusable(e.into()))?;
     match cc.apply(&socket) {
         Ok(()) => Ok(()),
         Err(e) if e.raw_os_error() == Some(rustix::io::Errno::NOENT.raw_os_error()) => {
