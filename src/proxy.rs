@@ -676,7 +676,6 @@ fn later(at: Instant, d: Duration) -> Instant {
 /// is out of descriptors.
 const DESCRIPTOR_WAIT: Duration = Duration::from_millis(20);
 
-/// Whether `e` says the process (or the system) has no descriptor or buffer left for a socket.
 /// A non-blocking connect to `addr` under way, with congestion control `cc` if one is set.
 ///
 /// `cc` goes on the socket *before* `connect`: on loopback or a fast LAN the handshake can
@@ -685,10 +684,10 @@ const DESCRIPTOR_WAIT: Duration = Duration::from_millis(20);
 /// algorithm afterwards never switches it off again, so set later the key would rename the
 /// algorithm and keep the pacing it is there to remove. Without `cc` this is mio's connect.
 fn open_backend(addr: SocketAddr, cc: Option<CongestionControl>) -> io::Result<TcpStream> {
+    use rustix::net::{AddressFamily, SocketFlags, SocketType};
     let Some(cc) = cc else {
         return TcpStream::connect(addr);
     };
-    use rustix::net::{AddressFamily, SocketFlags, SocketType};
     let family = if addr.is_ipv4() {
         AddressFamily::INET
     } else {
@@ -716,6 +715,7 @@ fn open_backend(addr: SocketAddr, cc: Option<CongestionControl>) -> io::Result<T
 /// Set at the first failure to apply `backend_congestion_control` at run time.
 static CC_FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// Whether `e` says the process (or the system) has no descriptor or buffer left for a socket.
 fn out_of_descriptors(e: &io::Error) -> bool {
     // EMFILE, ENFILE, ENOBUFS, ENOMEM.
     matches!(e.raw_os_error(), Some(24 | 23 | 105 | 12))
