@@ -29,14 +29,19 @@ fn config_file(text: &str) -> tempfile::NamedTempFile {
     file
 }
 
-/// Backend `addr` of listener `lb` in a `/status` answer.
-fn backend_status(status: &Value, addr: SocketAddr) -> Value {
+/// Listener `lb` in a `/status` answer.
+fn listener_status(status: &Value) -> &Value {
     status["listeners"]
         .as_array()
         .expect("listeners is an array")
         .iter()
         .find(|l| l["name"] == LISTENER)
-        .expect("listener lb in status")["backends"]
+        .expect("listener lb in status")
+}
+
+/// Backend `addr` of listener `lb` in a `/status` answer.
+fn backend_status(status: &Value, addr: SocketAddr) -> Value {
+    listener_status(status)["backends"]
         .as_array()
         .expect("backends is an array")
         .iter()
@@ -416,6 +421,34 @@ async fn reload_over_http_answers_with_the_summary_or_the_check_error() {
         }
         // Still no token needed, still on the same port.
         assert_eq!(http(lb.admin(), "GET", "/status", None).await.status, 200);
+        lb.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn status_shows_the_backend_congestion_control_in_force() {
+    bounded(LIMIT, async {
+        let mocks = Mock::identify_many(1).await;
+        let a = mocks[0].addr;
+        let text =
+            |settings: &str| config_with_admin("weighted_round_robin", settings, &[(a, 1.0)], None);
+        let file = config_file(&text(""));
+        let lb = start_balancer_from_file(file.path());
+        let shown = |status: Value| listener_status(&status)["backend_congestion_control"].clone();
+        assert_eq!(shown(status(&lb).await), Value::Null, "the system's");
+
+        // Reno: built into every Linux kernel and open to every process.
+        std::fs::write(file.path(), text("backend_congestion_control = \"reno\""))
+            .expect("rewrite");
+        let answer = post(&lb, "/reload").await;
+        assert_eq!(answer.status, 200, "{answer:?}");
+        let changes = answer.json()["changes"].clone();
+        assert_eq!(
+            changes,
+            format!("listeners changed: {LISTENER} (backend_congestion_control system->reno)")
+        );
+        assert_eq!(shown(status(&lb).await), "reno");
         lb.stop().await;
     })
     .await;

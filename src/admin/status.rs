@@ -49,6 +49,8 @@ struct ListenerStatus {
     bind: Option<String>,
     strategy: &'static str,
     max_connections: usize,
+    /// `null`: the system's.
+    backend_congestion_control: Option<String>,
     connections: ListenerConnections,
     backends: Vec<BackendStatus>,
 }
@@ -165,6 +167,10 @@ impl ListenerStatus {
             bind: pool.local_addr().map(|a| a.to_string()),
             strategy: pool.settings().strategy.as_str(),
             max_connections: pool.settings().max_connections.get(),
+            backend_congestion_control: pool
+                .settings()
+                .backend_congestion_control
+                .map(|cc| cc.to_string()),
             connections: pool.stats().counters().into(),
             backends: pool.backends().iter().map(BackendStatus::of).collect(),
         }
