@@ -117,6 +117,8 @@ pub(crate) struct HealthState {
     /// has been confirmed.
     pub(crate) confirmed: bool,
     pub(crate) last_check: Option<LastCheck>,
+    /// Streaks and grace start of the active checks, for a restarted checker to resume.
+    pub(crate) progress: Option<checker::Progress>,
     pub(crate) ejections: Ejections,
     pub(crate) ramp: Option<Ramp>,
     pub(crate) load_value: Option<f64>,
@@ -129,6 +131,7 @@ impl Default for HealthState {
             status: HealthStatus::Healthy,
             confirmed: false,
             last_check: None,
+            progress: None,
             ejections: Ejections::default(),
             ramp: None,
             load_value: None,

@@ -750,6 +750,50 @@ async fn a_reload_that_restarts_the_checker_keeps_the_load_factor() {
     .await;
 }
 
+/// Reloads that restart a starting backend's checker (here: a new interval each time) do not
+/// grant it a new `startup_grace`: it turns unhealthy when the first grace period ends, though
+/// a reload comes far more often than the grace is long.
+#[tokio::test]
+async fn reloads_that_restart_the_checker_keep_the_startup_grace_deadline() {
+    bounded(LIMIT, async {
+        let refusing = Refusing::new();
+        let grace = Duration::from_millis(1500);
+        let tables = |interval: Duration| {
+            format!(
+                "[listener.health]\nkind = \"tcp\"\ninterval = \"{}ms\"\nstartup_grace = \"{}ms\"\n",
+                interval.as_millis(),
+                grace.as_millis()
+            )
+        };
+        let backends = [backend(refusing.addr)];
+        let lb = start_balancer(&config_text(
+            "weighted_round_robin",
+            &tables(INTERVAL),
+            &backends,
+        ));
+        until_status(&lb, refusing.addr, HealthStatus::Starting).await;
+        let deadline = Instant::now() + SOON;
+        let mut reloads = 0_u32;
+        while status(&lb, refusing.addr) != HealthStatus::Unhealthy {
+            assert!(
+                Instant::now() < deadline,
+                "still {} after {reloads} reloads: each one restarted the grace period",
+                status(&lb, refusing.addr)
+            );
+            let interval = INTERVAL + Duration::from_millis(u64::from(reloads % 2));
+            let text = config_text("weighted_round_robin", &tables(interval), &backends);
+            lb.handle
+                .apply(config::parse(&text, Path::new("t.toml")).expect("valid"))
+                .await
+                .expect("reload");
+            reloads += 1;
+            tokio::time::sleep(grace / 5).await;
+        }
+        lb.stop().await;
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn removed_backends_stop_being_probed_and_their_checkers_end() {
     bounded(LIMIT, async {

@@ -59,7 +59,19 @@ pub struct Tracker {
     rise: u32,
     fall: u32,
     startup_grace: Duration,
+    began: Instant,
     grace_until: Instant,
+}
+
+/// What a [`Tracker`] has seen short of a verdict, kept in the backend's health state so that
+/// a checker restarted by a reload (new interval, path, `rise`...) picks up where the last one
+/// stopped: a backend two failures into `fall = 3` falls at the next one, and a backend still
+/// starting keeps its original `startup_grace` deadline instead of getting a new one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    passes: u32,
+    failures: u32,
+    began: Instant,
 }
 
 impl Tracker {
@@ -70,15 +82,38 @@ impl Tracker {
         config: &HealthConfig,
         now: Instant,
     ) -> Tracker {
+        Tracker::resume(status, confirmed, None, config, now)
+    }
+
+    /// As [`new`](Tracker::new), continuing the streaks and the grace period of `progress`
+    /// (from an earlier tracker of the same backend) when there is one.
+    pub fn resume(
+        status: HealthStatus,
+        confirmed: bool,
+        progress: Option<Progress>,
+        config: &HealthConfig,
+        now: Instant,
+    ) -> Tracker {
+        let began = progress.map_or(now, |p| p.began);
         Tracker {
             status,
             confirmed,
-            passes: 0,
-            failures: 0,
+            passes: progress.map_or(0, |p| p.passes),
+            failures: progress.map_or(0, |p| p.failures),
             rise: config.rise.get(),
             fall: config.fall.get(),
             startup_grace: config.startup_grace,
-            grace_until: now + config.startup_grace,
+            began,
+            grace_until: began + config.startup_grace,
+        }
+    }
+
+    /// What a successor should resume from.
+    pub fn progress(&self) -> Progress {
+        Progress {
+            passes: self.passes,
+            failures: self.failures,
+            began: self.began,
         }
     }
 
@@ -174,8 +209,12 @@ pub(crate) async fn run(target: Target, config: HealthConfig) {
 }
 
 async fn probe_loop(target: &Target, config: &HealthConfig) {
-    let (status, confirmed) = target.state.with_health(|h| (h.status, h.confirmed));
-    let mut tracker = Tracker::new(status, confirmed, config, Instant::now());
+    let mut tracker = target.state.with_health(|h| {
+        let tracker = Tracker::resume(h.status, h.confirmed, h.progress, config, Instant::now());
+        // Stored at once: a reload before the first probe must not restart the grace period.
+        h.progress = Some(tracker.progress());
+        tracker
+    });
     let mut next = Instant::now() + first_delay(config.interval);
     loop {
         tokio::time::sleep_until(next).await;
@@ -189,6 +228,7 @@ async fn probe_loop(target: &Target, config: &HealthConfig) {
         target.state.with_health(|h| {
             h.last_check = Some(LastCheck { at: now, result });
             h.confirmed = tracker.confirmed();
+            h.progress = Some(tracker.progress());
             if let Some(t) = &transition {
                 h.status = t.to;
                 match t.to {
@@ -397,6 +437,37 @@ mod tests {
         assert!(t.confirmed());
         // Now confirmed: it takes `fall` failures again.
         assert_eq!(t.observe(FAIL, now + Duration::from_secs(100)), None);
+    }
+
+    /// A checker restarted by a reload continues the streak and the grace period.
+    #[tokio::test(start_paused = true)]
+    async fn a_resumed_tracker_continues_streaks_and_the_grace_period() {
+        let now = Instant::now();
+        let c = config(2, 3, Duration::from_secs(60));
+        let mut t = Tracker::new(HealthStatus::Healthy, true, &c, now);
+        assert_eq!(t.observe(FAIL, now), None);
+        assert_eq!(t.observe(FAIL, now), None);
+        let mut resumed = Tracker::resume(t.status(), t.confirmed(), Some(t.progress()), &c, now);
+        let down = resumed.observe(FAIL, now).expect("third failure in a row");
+        assert_eq!(down.reason, "http 503 (3 in a row)");
+        let mut fresh = Tracker::new(t.status(), t.confirmed(), &c, now);
+        assert_eq!(fresh.observe(FAIL, now), None, "a new tracker starts over");
+
+        // Starting since `now`; restarted 50 s later with the same 60 s grace.
+        let mut t = Tracker::new(HealthStatus::Healthy, false, &c, now);
+        t.observe(FAIL, now).expect("starting");
+        let later = now + Duration::from_secs(50);
+        let mut resumed = Tracker::resume(t.status(), false, Some(t.progress()), &c, later);
+        let out = resumed
+            .observe(FAIL, now + Duration::from_secs(61))
+            .expect("the first grace period is over");
+        assert_eq!(out.to, HealthStatus::Unhealthy);
+        let mut fresh = Tracker::new(t.status(), false, &c, later);
+        assert_eq!(
+            fresh.observe(FAIL, now + Duration::from_secs(61)),
+            None,
+            "a new tracker would grant a new grace period"
+        );
     }
 
     #[tokio::test(start_paused = true)]

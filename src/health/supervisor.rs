@@ -253,6 +253,7 @@ fn forget(h: &mut HealthState, old: &Spec, next: Option<&Spec>) {
         h.status = HealthStatus::Healthy;
         h.confirmed = false;
         h.last_check = None;
+        h.progress = None;
         h.ramp = None;
     }
     if !load_kept {
