@@ -240,8 +240,7 @@ impl Conn {
         if let Err(e) = conn.client.set_nodelay(true) {
             debug!(error = %e, "cannot set TCP_NODELAY on client socket");
         }
-        let interest = Interest::READABLE | Interest::WRITABLE;
-        if let Err(e) = registry.register(&mut conn.client, tokens(Side::Client), interest) {
+        if let Err(e) = registry.register(&mut conn.client, tokens(Side::Client), INTEREST) {
             return (conn.failed(e), Status::Done);
         }
         let status = conn.connect(registry, tokens, pool, turn, Vec::new(), 1, now);
@@ -300,8 +299,7 @@ impl Conn {
                     continue;
                 }
             };
-            let interest = Interest::READABLE | Interest::WRITABLE;
-            if let Err(e) = registry.register(&mut stream, tokens(Side::backend(attempt)), interest)
+            if let Err(e) = registry.register(&mut stream, tokens(Side::backend(attempt)), INTEREST)
             {
                 // The worker's own epoll set refused it (out of memory, `max_user_watches`):
                 // not the backend's fault either.
@@ -671,6 +669,16 @@ fn later(at: Instant, d: Duration) -> Instant {
         .or_else(|| at.checked_add(Duration::from_secs(100 * 365 * 24 * 3600)))
         .unwrap_or(at)
 }
+
+/// What the worker watches on both sockets of a connection. Priority is TCP urgent data: a read
+/// stops short at its mark, and a splice stops there as if the stream had ended, so the relay
+/// needs to know one is queued (see `relay::Ready`).
+#[cfg(any(target_os = "linux", target_os = "android"))]
+const INTEREST: Interest = Interest::READABLE
+    .add(Interest::WRITABLE)
+    .add(Interest::PRIORITY);
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+const INTEREST: Interest = Interest::READABLE.add(Interest::WRITABLE);
 
 /// How long a connection waits before trying again to open a backend socket when the process
 /// is out of descriptors.

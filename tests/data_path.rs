@@ -422,7 +422,107 @@ async fn a_reset_mid_transfer_counts_what_reached_the_backend(splice: bool) {
     .await;
 }
 
+/// TCP urgent data (`MSG_OOB`) is left out of the stream, as the kernel leaves it out for any
+/// reader that has not asked for it inline, and as HAProxy and nginx pass it on. Every byte
+/// around it goes through, with the stream's end after them. The urgent mark stops a read
+/// short of what is queued, and a splice stops there as at an end of stream.
+async fn urgent_data_is_left_out_and_the_bytes_around_it_go_through(splice: bool) {
+    /// Connections to try: whether the end of stream is already in when the balancer reaches
+    /// the mark depends on timing, so one connection alone would not always meet that case.
+    const CONNECTIONS: u64 = 8;
+
+    bounded(LIMIT, async {
+        let (listener, backend_addr, lb) = behind_balancer(splice).await;
+        for _ in 0..CONNECTIONS {
+            let mut client = TcpStream::connect(lb.addr).await.expect("connect");
+            let (mut backend, _) = listener.accept().await.expect("accept");
+            exchange_around_marks(&mut client, &mut backend).await;
+        }
+        let to_backend = CONNECTIONS * (2 * BEFORE_MARK as u64 + 12);
+        eventually_eq(
+            SETTLE,
+            "counters after close",
+            (0, CONNECTIONS, to_backend, CONNECTIONS * 5),
+            || flow(lb.backend(backend_addr)),
+        )
+        .await;
+        assert_eq!(lb.stop().await.cut_connections, 0);
+    })
+    .await;
+}
+
+/// Bytes sent before each urgent byte: enough for full reads, after which the splice path takes
+/// the direction over.
+const BEFORE_MARK: usize = 1 << 20;
+
+/// Two urgent bytes on one connection, one in the middle of the stream and one right before
+/// its end.
+async fn exchange_around_marks(client: &mut TcpStream, backend: &mut TcpStream) {
+    send_around_mark(client, backend, [b"abc", b"def"], false).await;
+    let mut tail = [0_u8; 6];
+    backend
+        .read_exact(&mut tail)
+        .await
+        .expect("the bytes after the mark arrive");
+    assert_eq!(&tail, b"abcdef");
+    // The connection still carries bytes both ways.
+    backend.write_all(b"reply").await.expect("reply");
+    let mut reply = [0_u8; 5];
+    client
+        .read_exact(&mut reply)
+        .await
+        .expect("the reply arrives");
+    assert_eq!(&reply, b"reply");
+
+    // The end of stream right behind the mark: a splice at the mark then moves nothing and
+    // reports no error either, as at the end itself.
+    send_around_mark(client, backend, [b"ghi", b"jkl"], true).await;
+    let mut rest = Vec::new();
+    backend
+        .read_to_end(&mut rest)
+        .await
+        .expect("the bytes after the mark and the end of stream arrive");
+    assert_eq!(rest, b"ghijkl");
+}
+
+/// Sends [`BEFORE_MARK`] bytes and waits until it has arrived; then `parts[0]`, one urgent byte and
+/// `parts[1]` in one segment, so that nothing after them wakes the balancer again. With `end`,
+/// the end of stream goes in that segment too.
+async fn send_around_mark(
+    client: &mut TcpStream,
+    backend: &mut TcpStream,
+    parts: [&[u8]; 2],
+    end: bool,
+) {
+    let before = vec![1_u8; BEFORE_MARK];
+    client
+        .write_all(&before)
+        .await
+        .expect("send the bytes before");
+    let mut received = vec![0_u8; BEFORE_MARK];
+    backend
+        .read_exact(&mut received)
+        .await
+        .expect("the bytes before arrive");
+    assert!(received == before);
+    rustix::net::sockopt::set_tcp_cork(&*client, true).expect("cork");
+    client
+        .write_all(parts[0])
+        .await
+        .expect("send before the mark");
+    rustix::net::send(&*client, b"!", rustix::net::SendFlags::OOB).expect("send urgent data");
+    client
+        .write_all(parts[1])
+        .await
+        .expect("send after the mark");
+    if end {
+        client.shutdown().await.expect("half-close");
+    }
+    rustix::net::sockopt::set_tcp_cork(&*client, false).expect("uncork");
+}
+
 on_both_paths!(
+    urgent_data_is_left_out_and_the_bytes_around_it_go_through,
     a_reset_mid_transfer_counts_what_reached_the_backend,
     a_reset_after_a_half_close_ends_the_connection,
     bulk_random_data_arrives_intact_both_ways_on_concurrent_connections,

@@ -58,6 +58,10 @@ pub(crate) struct Ready {
     read_closed: bool,
     /// An error (a reset) has been reported and not yet looked at; see [`Ready::take_error`].
     error: bool,
+    /// TCP urgent data has been reported and a read has not yet come up empty since. A read
+    /// stops short at the urgent mark with bytes still queued behind it, and a splice stops
+    /// there as if the stream had ended, so neither may be taken at its word while this is set.
+    urgent: bool,
 }
 
 impl Ready {
@@ -80,6 +84,9 @@ impl Ready {
         }
         if error {
             self.error = true;
+        }
+        if event.is_priority() {
+            self.urgent = true;
         }
         if event.is_writable() || event.is_write_closed() || error {
             self.writable = true;
@@ -188,7 +195,8 @@ impl Direction {
                 )? {
                     return Ok(pumped);
                 }
-                // No pipe to be had: this chunk is copied, and the next full read tries again.
+                // No pipe to be had, or a mark or an end to tell apart: this chunk is copied,
+                // and the next full read splices again.
             }
             if self.done || !src_ready.readable {
                 return Ok(Pumped::Waiting);
@@ -206,6 +214,7 @@ impl Direction {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     src_ready.readable = false;
+                    src_ready.urgent = false;
                     return Ok(Pumped::Waiting);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -215,7 +224,9 @@ impl Direction {
             // queue, so the next read would only fail with "would block": one wasted system
             // call per message, a third of a small message's cost. Bytes arriving after it
             // are a new edge. An end of stream already reported is not: it stays readable.
-            if n < scratch.len() && !src_ready.read_closed {
+            // Nor is an urgent mark: the read stopped at it, and the next one steps over it
+            // (the urgent byte itself is left out, as by any reader that does not ask for it).
+            if n < scratch.len() && !src_ready.read_closed && !src_ready.urgent {
                 src_ready.readable = false;
             }
             self.moved += n as u64;
@@ -233,9 +244,14 @@ impl Direction {
 
     /// The splice path of [`Direction::pump`], sharing its count of `reads`.
     ///
-    /// `None` when no pipe can be had (the process is out of descriptors, say) and the pipe of
-    /// the last chunk is empty: the direction is back on the copy path, which needs no
-    /// descriptor, instead of ending a connection the balancer can still serve.
+    /// `None` when the pipe of the last chunk is empty and the next chunk is to be copied: the
+    /// direction is back on the copy path until a read fills the scratch buffer again.
+    /// - No pipe can be had (the process is out of descriptors, say): the copy path needs no
+    ///   descriptor, so the connection goes on instead of ending.
+    /// - The splice moved nothing, as at an end of stream, or there may be urgent data: a
+    ///   splice stops at the urgent mark, moving nothing, while a `recv` steps over it. The
+    ///   copy path's `recv` tells an end of stream from a mark, at one system call per
+    ///   direction's end.
     #[allow(clippy::too_many_arguments)]
     #[cfg(target_os = "linux")]
     fn splice(
@@ -290,20 +306,20 @@ impl Direction {
             // No "short read means drained" shortcut here: a splice may also stop early when
             // the pipe runs out of slots, with bytes still queued on the socket.
             match pipe.fill_from(src) {
-                Ok(Spliced::Moved(0)) => {
-                    pipe.give_back();
-                    self.done = true;
-                    src_ready.readable = false;
-                    return Ok(Some(Pumped::Eof));
-                }
-                Ok(Spliced::Moved(n)) => {
+                Ok(Spliced::Moved(n)) if n > 0 => {
                     self.moved += n as u64;
                     self.pipe = Some((pipe, n));
                 }
-                Ok(Spliced::WouldBlock) => {
+                Ok(Spliced::WouldBlock) if !src_ready.urgent => {
                     pipe.give_back();
                     src_ready.readable = false;
                     return Ok(Some(Pumped::Waiting));
+                }
+                // Nothing moved: the end of the stream, or an urgent mark. `recv` tells.
+                Ok(_) => {
+                    pipe.give_back();
+                    self.splicing = false;
+                    return Ok(None);
                 }
                 Err(e) => {
                     pipe.give_back();
