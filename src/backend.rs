@@ -331,7 +331,7 @@ pub struct ListenerCounters {
     pub rejected_no_backend: u64,
     /// Connects to backends started, over all backends (retries included).
     pub connect_attempts: u64,
-    /// Of those, the ones refused, failed or timed out.
+    /// Of those, the ones refused, failed or timed out, or with no local port left.
     pub connect_failures: u64,
     /// True while no backend is healthy (or every one is ejected).
     pub all_unhealthy: bool,
@@ -380,7 +380,7 @@ impl ListenerStats {
         self.connect_attempts.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Records a connect to a backend that was refused, failed or timed out.
+    /// Records a connect to a backend that was refused, failed or timed out, or found no local port.
     pub fn record_connect_failure(&self) {
         self.connect_failures.fetch_add(1, Ordering::Relaxed);
     }

@@ -291,6 +291,18 @@ impl Conn {
                     }));
                     return Status::Open;
                 }
+                // No local port left toward this backend: the balancer's shortage too, so it is
+                // not counted against the backend (whose health it says nothing about). Linux
+                // picks a port per destination, so another backend may well have ports left:
+                // the attempt moves on to it, as after a failed connect.
+                Err(e) if no_local_port(&e) => {
+                    pool.stats().record_connect_attempt();
+                    pool.stats().record_connect_failure();
+                    log_no_local_port(&pool, self.access.client, backend.addr, attempt, now);
+                    tried.push(index);
+                    attempt += 1;
+                    continue;
+                }
                 Err(e) => {
                     pool.stats().record_connect_attempt();
                     connect_failed(&pool, self.access.client, index, attempt, &e.to_string());
@@ -660,6 +672,9 @@ impl Conn {
 thread_local! {
     /// Makes this thread's next [`Conn::start`] panic, as a bug there would.
     pub(crate) static PANIC_AT_START: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Makes this thread's next backend socket fail to open with this `errno`, as the kernel
+    /// would when short of a resource a test cannot exhaust on a shared machine.
+    pub(crate) static OPEN_FAILS_WITH: std::cell::Cell<Option<i32>> = const { std::cell::Cell::new(None) };
 }
 
 /// `at` + `d`, or a time too far away to matter if that is beyond what `Instant` holds (a
@@ -693,6 +708,10 @@ const DESCRIPTOR_WAIT: Duration = Duration::from_millis(20);
 /// algorithm and keep the pacing it is there to remove. Without `cc` this is mio's connect.
 fn open_backend(addr: SocketAddr, cc: Option<CongestionControl>) -> io::Result<TcpStream> {
     use rustix::net::{AddressFamily, SocketFlags, SocketType};
+    #[cfg(test)]
+    if let Some(errno) = OPEN_FAILS_WITH.take() {
+        return Err(io::Error::from_raw_os_error(errno));
+    }
     let Some(cc) = cc else {
         return TcpStream::connect(addr);
     };
@@ -722,6 +741,54 @@ fn open_backend(addr: SocketAddr, cc: Option<CongestionControl>) -> io::Result<T
 
 /// Set at the first failure to apply `backend_congestion_control` at run time.
 static CC_FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether `e` is `connect`'s EADDRNOTAVAIL: every local port of the ephemeral range is taken
+/// toward that destination.
+fn no_local_port(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(rustix::io::Errno::ADDRNOTAVAIL.raw_os_error())
+}
+
+/// When [`log_no_local_port`] last logged, in milliseconds since [`log_clock`]'s start (0:
+/// never). A shortage of ports comes with thousands of connections a second: a line for
+/// each would add the cost of logging to a machine already short of a resource.
+static NO_LOCAL_PORT_LOGGED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The start of the clock [`NO_LOCAL_PORT_LOGGED`] counts on.
+fn log_clock() -> Instant {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *START.get_or_init(Instant::now)
+}
+
+/// Logs, at most once a second, that a connect to `backend` found no local port.
+fn log_no_local_port(
+    pool: &Pool,
+    client: SocketAddr,
+    backend: SocketAddr,
+    attempt: u32,
+    now: Instant,
+) {
+    use std::sync::atomic::Ordering;
+    // 1 ms past the clock's start at the least, so that a first line is never mistaken for
+    // "never logged".
+    let at = now.saturating_duration_since(log_clock()).as_millis() as u64 + 1;
+    let last = NO_LOCAL_PORT_LOGGED.load(Ordering::Relaxed);
+    if last != 0 && at < last + 1000 {
+        return;
+    }
+    if NO_LOCAL_PORT_LOGGED
+        .compare_exchange(last, at, Ordering::Relaxed, Ordering::Relaxed)
+        .is_ok()
+    {
+        warn!(
+            listener = %pool.name(),
+            %client,
+            %backend,
+            attempt,
+            "no local port left for a connection to the backend (net.ipv4.ip_local_port_range); \
+             not counted against the backend, trying another (logged at most once a second)"
+        );
+    }
+}
 
 /// Whether `e` says the process (or the system) has no descriptor or buffer left for a socket.
 fn out_of_descriptors(e: &io::Error) -> bool {
@@ -974,9 +1041,25 @@ mod tests {
             "[[listener]]\nname = \"lb\"\nbind = \"127.0.0.1:0\"\n\
              [[listener.backend]]\naddr = \"{backend_addr}\"\n"
         );
-        let config = crate::config::parse(&text, Path::new("t.toml")).expect("valid");
+        let (placement, reactor, listen, addr, _pool) = unstarted_worker(&text);
+        (placement, reactor, listen, addr)
+    }
+
+    /// One worker, not started, and the command that gives it listener `lb` of config `text`,
+    /// bound at the address returned, with its pool.
+    fn unstarted_worker(
+        text: &str,
+    ) -> (
+        crate::workers::Placement,
+        crate::reactor::Reactor,
+        Command,
+        SocketAddr,
+        Arc<Pool>,
+    ) {
+        let config = crate::config::parse(text, Path::new("t.toml")).expect("valid");
         let registry = Registry::with_republisher(Republisher::new().0);
         let snapshot = Snapshot::build(&config, &registry, &HashMap::new(), None);
+        let pool = Arc::clone(snapshot.pool("lb").expect("listener lb"));
         let (placement, reactor) = Workers::unstarted().expect("a worker");
         let mut bound = listener::bind(&config.listeners[0], 1).expect("bind the listener");
         let serving = Serving {
@@ -991,7 +1074,7 @@ mod tests {
             socket,
             serving,
         };
-        (placement, reactor, listen, bound.local_addr)
+        (placement, reactor, listen, bound.local_addr, pool)
     }
 
     /// A bug (a panic) in a connection's first step closes that client only: the worker goes
@@ -1055,6 +1138,47 @@ mod tests {
         // One accept per queued client and one that finds the queue empty: an empty queue ends
         // the serving at once rather than being asked again up to the largest queue's size.
         assert_eq!(accepts, clients.len() + 1);
+    }
+
+    /// No local port left toward a backend (EADDRNOTAVAIL) is the balancer's shortage, not the
+    /// backend's failure: nothing is counted against the backend, so passive ejection cannot
+    /// eject it, and the connection is served by another backend.
+    #[test]
+    fn no_local_port_is_not_counted_against_the_backend() {
+        let (first, second) = (greeting_backend(), greeting_backend());
+        let text = format!(
+            "[[listener]]\nname = \"lb\"\nbind = \"127.0.0.1:0\"\n\
+             [listener.passive]\nmax_connect_failures = 1\n\
+             [[listener.backend]]\naddr = \"{first}\"\n\
+             [[listener.backend]]\naddr = \"{second}\"\n"
+        );
+        let (placement, reactor, listen, addr, pool) = unstarted_worker(&text);
+        assert!(placement.remote(0).send(listen).is_ok());
+        let worker = std::thread::spawn(move || {
+            OPEN_FAILS_WITH.set(Some(rustix::io::Errno::ADDRNOTAVAIL.raw_os_error()));
+            reactor.run();
+        });
+        let mut client = std::net::TcpStream::connect(addr).expect("connect");
+        assert_greeted(&mut client, "served by the other backend");
+        let failures: Vec<_> = pool
+            .backends()
+            .iter()
+            .map(|b| {
+                let state = &b.stats;
+                (
+                    state.consecutive_connect_failures(),
+                    state.counters().connect_failures,
+                )
+            })
+            .collect();
+        assert_eq!(failures, [(0, 0), (0, 0)]);
+        let listener = pool.stats().counters();
+        assert_eq!(
+            (listener.connect_attempts, listener.connect_failures),
+            (2, 1)
+        );
+        assert!(placement.remote(0).send(Command::Exit).is_ok());
+        worker.join().expect("the worker ends without a panic");
     }
 
     /// The connection path, passive ejection's part included, never waits for a backend's health

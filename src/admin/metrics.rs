@@ -156,7 +156,7 @@ impl Collector for Metrics {
         counter(
             e,
             "weighbridge_connect_failures",
-            "Connects to backends refused, failed or timed out.",
+            "Connects to backends refused, failed or timed out, or with no local port left.",
             listeners
                 .iter()
                 .map(|l| (l.labels(), l.counters.connect_failures)),
