@@ -502,6 +502,18 @@ pub struct Registry {
     republisher: Republisher,
 }
 
+/// A backend the running configuration no longer has that still carries connections (see
+/// [`Registry::removed_with_connections`]).
+#[derive(Debug, Clone)]
+pub struct RemovedBackend {
+    /// The listener it was removed from.
+    pub listener: Arc<str>,
+    /// Its address.
+    pub addr: SocketAddr,
+    /// Its live state, the counters of its remaining connections included.
+    pub state: Arc<BackendState>,
+}
+
 #[derive(Debug, Default)]
 struct RegistryInner {
     listeners: HashMap<String, Arc<ListenerStats>>,
@@ -559,6 +571,29 @@ impl Registry {
             }
             configured || Arc::strong_count(stats) > 1
         });
+    }
+
+    /// The backends for which `configured` is false that still carry connections, in
+    /// (listener, address) order: a reload removed them (or their listener) and their
+    /// connections go on. `/metrics` and `/status` show them until the last one ends.
+    pub fn removed_with_connections(
+        &self,
+        configured: impl Fn(&str, SocketAddr) -> bool,
+    ) -> Vec<RemovedBackend> {
+        let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut removed: Vec<RemovedBackend> = inner
+            .backends
+            .iter()
+            .filter(|((listener, addr), state)| state.active() > 0 && !configured(listener, *addr))
+            .map(|((listener, addr), state)| RemovedBackend {
+                listener: Arc::from(listener.as_str()),
+                addr: *addr,
+                state: Arc::clone(state),
+            })
+            .collect();
+        drop(inner);
+        removed.sort_by(|a, b| (&a.listener, a.addr).cmp(&(&b.listener, b.addr)));
+        removed
     }
 
     /// How many listener and backend entries are kept.

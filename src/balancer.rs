@@ -30,7 +30,9 @@ use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 use tracing::{debug, error, info, warn};
 
 use crate::admin;
-use crate::backend::{AdminState, BackendCounters, ListenerCounters, Registry, Republisher};
+use crate::backend::{
+    AdminState, BackendCounters, ListenerCounters, Registry, RemovedBackend, Republisher,
+};
 use crate::config::{self, Config, ListenerConfig};
 use crate::health::Health;
 use crate::health::supervisor::Supervisor;
@@ -81,7 +83,7 @@ pub struct Balancer {
     admin: Option<TcpListener>,
     config: Config,
     config_path: Option<PathBuf>,
-    registry: Registry,
+    registry: Arc<Registry>,
     requests: mpsc::Receiver<Request>,
     /// Wake-ups from [`Republisher`]s (checkers, passive ejection, [`Handle::republish`]).
     woken: mpsc::Receiver<()>,
@@ -107,6 +109,8 @@ struct Shared {
     checkers: TaskTracker,
     /// The workers, for their loads.
     placement: Placement,
+    /// Every backend's live state, those a reload removed included.
+    registry: Arc<Registry>,
 }
 
 type Reply = oneshot::Sender<Result<ReloadSummary, ReloadError>>;
@@ -221,7 +225,7 @@ impl Balancer {
             source,
         })?;
         let (republisher, woken) = Republisher::new();
-        let registry = Registry::with_republisher(republisher.clone());
+        let registry = Arc::new(Registry::with_republisher(republisher.clone()));
         let addrs = bound
             .iter()
             .map(|b| (b.name.clone(), b.local_addr))
@@ -242,7 +246,7 @@ impl Balancer {
             admin,
             config: config.clone(),
             config_path: None,
-            registry,
+            registry: Arc::clone(&registry),
             requests,
             woken,
             handle: Handle {
@@ -253,6 +257,7 @@ impl Balancer {
                     republisher,
                     checkers: TaskTracker::new(),
                     placement,
+                    registry,
                 }),
                 requests: sender,
             },
@@ -782,6 +787,18 @@ impl Handle {
         let pool = snapshot.pool(listener)?;
         let backend = pool.backends().iter().find(|b| b.addr == addr)?;
         Some(backend.stats.health())
+    }
+
+    /// The backends `snapshot` does not have that still carry connections: a reload removed
+    /// them, and their connections go on until they end.
+    pub fn removed_backends(&self, snapshot: &Snapshot) -> Vec<RemovedBackend> {
+        let configured: std::collections::HashSet<(&str, SocketAddr)> = snapshot
+            .pools()
+            .flat_map(|p| p.backends().iter().map(|b| (&**p.name(), b.addr)))
+            .collect();
+        self.shared
+            .registry
+            .removed_with_connections(|listener, addr| configured.contains(&(listener, addr)))
     }
 
     /// Health checker tasks running now: one per backend of every listener with

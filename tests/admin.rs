@@ -454,6 +454,84 @@ async fn status_shows_the_backend_congestion_control_in_force() {
     .await;
 }
 
+/// A backend a reload removes keeps its open connections, and the operator can watch them to
+/// their end: `/status` lists it under `removed_backends`, and `/metrics` keeps its connection
+/// series (it has no weight any more) until the last one has closed.
+#[tokio::test]
+async fn a_removed_backend_is_shown_until_its_last_connection_ends() {
+    bounded(LIMIT, async {
+        let mocks = Mock::identify_many(2).await;
+        let (a, b) = (mocks[0].addr, mocks[1].addr);
+        let text = |backends: &[(SocketAddr, f64)]| {
+            config_with_admin("weighted_round_robin", "", backends, None)
+        };
+        let file = config_file(&text(&[(a, 1.0), (b, 1.0)]));
+        let lb = start_balancer_from_file(file.path());
+        // Round robin over two: one of two connections goes to each.
+        let mut on_b = None;
+        for _ in 0..2 {
+            let (stream, id) = connect_identify(lb.addr).await;
+            if id == 1 {
+                on_b = Some(stream);
+            }
+        }
+        let mut on_b = on_b.expect("one of two connections goes to b");
+        let removed = |status: &Value| status["removed_backends"].clone();
+        assert_eq!(removed(&status(&lb).await), serde_json::json!([]));
+
+        std::fs::write(file.path(), text(&[(a, 1.0)])).expect("rewrite config");
+        let answer = post(&lb, "/reload").await;
+        assert_eq!(answer.status, 200, "{answer:?}");
+        // The connection goes on.
+        on_b.write_all(b"ping")
+            .await
+            .expect("send after the reload");
+        let mut echo = [0_u8; 4];
+        on_b.read_exact(&mut echo)
+            .await
+            .expect("echo after the reload");
+        assert_eq!(&echo, b"ping");
+
+        let shown = removed(&status(&lb).await);
+        assert_eq!(shown.as_array().map(Vec::len), Some(1), "{shown}");
+        assert_eq!(shown[0]["listener"], LISTENER);
+        assert_eq!(shown[0]["addr"], b.to_string());
+        assert_eq!(shown[0]["active_connections"], 1);
+        assert_eq!(shown[0]["connections_total"], 1);
+        assert!(
+            listener_status(&status(&lb).await)["backends"]
+                .as_array()
+                .expect("backends is an array")
+                .iter()
+                .all(|backend| backend["addr"] != b.to_string())
+        );
+        let metrics = http(lb.admin(), "GET", "/metrics", None).await.body;
+        assert_eq!(
+            backend_metric(&metrics, "weighbridge_backend_connections_active", b),
+            1.0
+        );
+        assert_eq!(
+            backend_metric(&metrics, "weighbridge_backend_connections_total", b),
+            1.0
+        );
+        let b_weight =
+            format!("weighbridge_backend_weight{{listener=\"{LISTENER}\",backend=\"{b}\"}}");
+        assert!(!metrics.contains(&b_weight), "{metrics}");
+
+        drop(on_b);
+        eventually_async(
+            SOON,
+            "the removed backend is gone once its connection is",
+            || async { removed(&status(&lb).await) == serde_json::json!([]) },
+        )
+        .await;
+        let metrics = http(lb.admin(), "GET", "/metrics", None).await.body;
+        assert!(!metrics.contains(&format!("backend=\"{b}\"")), "{metrics}");
+        lb.stop().await;
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn healthz_fails_once_shutdown_begins_while_reads_still_work() {
     bounded(LIMIT, async {

@@ -3,8 +3,11 @@
 //!
 //! Nothing is kept twice: the connection path counts into `ListenerStats` and `BackendState` as
 //! it always does, and a [`Collector`] turns those into metric families when Prometheus asks.
-//! Series exist for the listeners and backends of the running configuration; a backend removed
-//! by a reload disappears from the next scrape.
+//! Series exist for the listeners and backends of the running configuration. A backend a reload
+//! removed keeps its connection series (active, totals, bytes, connect time) while it still
+//! carries connections, so the streams it serves can be watched to their end; it has no weight
+//! or health series, being in no rotation, and disappears from the scrape after its last
+//! connection.
 //!
 //! | metric | type | labels |
 //! |---|---|---|
@@ -31,6 +34,7 @@
 //! | `weighbridge_build_info` | gauge | version |
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use prometheus_client::collector::Collector;
@@ -40,7 +44,7 @@ use prometheus_client::encoding::{
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-use crate::backend::{AdminState, BackendCounters, ListenerCounters};
+use crate::backend::{AdminState, BackendCounters, BackendState, ListenerCounters};
 use crate::balancer::Handle;
 use crate::health::Health;
 use crate::histogram::HistogramSnapshot;
@@ -64,16 +68,22 @@ struct ListenerSample {
     name: Arc<str>,
     counters: ListenerCounters,
     duration: HistogramSnapshot,
-    backends: Vec<BackendSample>,
 }
 
 /// One backend's values, read once per scrape.
 struct BackendSample {
+    listener: Arc<str>,
     addr: String,
-    weight: f64,
-    effective_weight: f64,
     counters: BackendCounters,
     connect_time: HistogramSnapshot,
+    /// `None` for a backend a reload removed that still carries connections.
+    rotation: Option<Rotation>,
+}
+
+/// What only a backend of the running configuration has: a place in its listener's rotation.
+struct Rotation {
+    weight: f64,
+    effective_weight: f64,
     health: Health,
     drained: bool,
 }
@@ -84,31 +94,41 @@ impl ListenerSample {
             name: Arc::clone(pool.name()),
             counters: pool.stats().counters(),
             duration: pool.stats().duration().snapshot(),
-            backends: pool
-                .backends()
-                .iter()
-                .map(|b| BackendSample {
-                    addr: b.addr.to_string(),
-                    weight: b.weight.get(),
-                    effective_weight: b.effective_weight,
-                    counters: b.stats.counters(),
-                    connect_time: b.stats.connect_time().snapshot(),
-                    health: b.stats.health(),
-                    drained: b.stats.admin_state() == AdminState::Drained,
-                })
-                .collect(),
         }
     }
 
     fn labels(&self) -> [(&'static str, &str); 1] {
         [("listener", &self.name)]
     }
+}
 
-    /// Every backend with its `listener` and `backend` labels.
-    fn backends(&self) -> impl Iterator<Item = ([(&'static str, &str); 2], &BackendSample)> {
-        self.backends
-            .iter()
-            .map(|b| ([("listener", &*self.name), ("backend", b.addr.as_str())], b))
+impl BackendSample {
+    fn of(listener: &Arc<str>, addr: SocketAddr, state: &BackendState) -> BackendSample {
+        BackendSample {
+            listener: Arc::clone(listener),
+            addr: addr.to_string(),
+            counters: state.counters(),
+            connect_time: state.connect_time().snapshot(),
+            rotation: None,
+        }
+    }
+
+    /// Every backend of `pool`.
+    fn configured(pool: &Pool) -> impl Iterator<Item = BackendSample> {
+        pool.backends().iter().map(|b| BackendSample {
+            rotation: Some(Rotation {
+                weight: b.weight.get(),
+                effective_weight: b.effective_weight,
+                health: b.stats.health(),
+                drained: b.stats.admin_state() == AdminState::Drained,
+            }),
+            ..BackendSample::of(pool.name(), b.addr, &b.stats)
+        })
+    }
+
+    /// Its `listener` and `backend` labels.
+    fn labels(&self) -> [(&'static str, &str); 2] {
+        [("listener", &self.listener), ("backend", &self.addr)]
     }
 }
 
@@ -117,6 +137,16 @@ impl Collector for Metrics {
         let snapshot = self.handle.snapshot();
         let listeners: Vec<ListenerSample> =
             snapshot.pools().map(|p| ListenerSample::of(p)).collect();
+        let mut backends: Vec<BackendSample> = snapshot
+            .pools()
+            .flat_map(|p| BackendSample::configured(p))
+            .collect();
+        backends.extend(
+            self.handle
+                .removed_backends(&snapshot)
+                .iter()
+                .map(|r| BackendSample::of(&r.listener, r.addr, &r.state)),
+        );
         drop(snapshot);
         let e = &mut encoder;
 
@@ -192,30 +222,35 @@ impl Collector for Metrics {
             listeners.iter().map(|l| (l.labels(), &l.duration)),
         )?;
 
-        let backends = || listeners.iter().flat_map(ListenerSample::backends);
+        let every = || backends.iter().map(|b| (b.labels(), b));
+        let in_rotation = || {
+            backends
+                .iter()
+                .filter_map(|b| Some((b.labels(), b.rotation.as_ref()?)))
+        };
         gauge(
             e,
             "weighbridge_backend_connections_active",
             "Connections assigned to the backend and not yet closed (connects in progress included).",
-            backends().map(|(labels, b)| (labels, b.counters.active)),
+            every().map(|(labels, b)| (labels, b.counters.active)),
         )?;
         counter(
             e,
             "weighbridge_backend_connections",
             "Connections established to the backend.",
-            backends().map(|(labels, b)| (labels, b.counters.connections)),
+            every().map(|(labels, b)| (labels, b.counters.connections)),
         )?;
         counter(
             e,
             "weighbridge_backend_connect_failures",
             "Connects to the backend refused, failed or timed out.",
-            backends().map(|(labels, b)| (labels, b.counters.connect_failures)),
+            every().map(|(labels, b)| (labels, b.counters.connect_failures)),
         )?;
         counter(
             e,
             "weighbridge_backend_bytes",
             "Bytes relayed: to_backend is read from clients and sent to the backend, from_backend the answer.",
-            backends().flat_map(|([listener, backend], b)| {
+            every().flat_map(|([listener, backend], b)| {
                 [
                     ("to_backend", b.counters.bytes_to_backend),
                     ("from_backend", b.counters.bytes_from_backend),
@@ -227,37 +262,37 @@ impl Collector for Metrics {
             e,
             "weighbridge_backend_connect_duration_seconds",
             "How long successful connects to the backend took.",
-            backends().map(|(labels, b)| (labels, &b.connect_time)),
+            every().map(|(labels, b)| (labels, &b.connect_time)),
         )?;
         gauge(
             e,
             "weighbridge_backend_weight",
             "Weight (capacity under capacity_proportional) from the configuration file.",
-            backends().map(|(labels, b)| (labels, b.weight)),
+            in_rotation().map(|(labels, r)| (labels, r.weight)),
         )?;
         gauge(
             e,
             "weighbridge_backend_effective_weight",
             "Weight the strategy uses now: 0 while drained, unhealthy or ejected.",
-            backends().map(|(labels, b)| (labels, b.effective_weight)),
+            in_rotation().map(|(labels, r)| (labels, r.effective_weight)),
         )?;
         gauge(
             e,
             "weighbridge_backend_healthy",
             "1 while the backend is in rotation: active checks find it healthy and passive ejection does not keep it out (as /status `healthy`; 1 without health checks).",
-            backends().map(|(labels, b)| (labels, flag(b.health.in_rotation()))),
+            in_rotation().map(|(labels, r)| (labels, flag(r.health.in_rotation()))),
         )?;
         gauge(
             e,
             "weighbridge_backend_ejected",
             "1 while passive health checks have ejected the backend.",
-            backends().map(|(labels, b)| (labels, flag(b.health.ejected))),
+            in_rotation().map(|(labels, r)| (labels, flag(r.health.ejected))),
         )?;
         gauge(
             e,
             "weighbridge_backend_drained",
             "1 while an operator has drained the backend.",
-            backends().map(|(labels, b)| (labels, flag(b.drained))),
+            in_rotation().map(|(labels, r)| (labels, flag(r.drained))),
         )?;
 
         let reloads = self.handle.reload_counters();

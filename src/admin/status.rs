@@ -23,6 +23,18 @@ pub(super) struct Status {
     worker_connections: Vec<usize>,
     reloads: Reloads,
     listeners: Vec<ListenerStatus>,
+    /// Backends a reload removed (with their listener, or from it) that still carry
+    /// connections: those go on until they end, and are listed here until the last one has.
+    removed_backends: Vec<RemovedStatus>,
+}
+
+#[derive(Debug, Serialize)]
+struct RemovedStatus {
+    listener: String,
+    addr: String,
+    active_connections: u64,
+    #[serde(flatten)]
+    counters: BackendTotals,
 }
 
 #[derive(Debug, Serialize)]
@@ -156,6 +168,19 @@ impl Status {
                 }),
             },
             listeners: snapshot.pools().map(|p| ListenerStatus::of(p)).collect(),
+            removed_backends: handle
+                .removed_backends(&snapshot)
+                .iter()
+                .map(|r| {
+                    let (active_connections, counters) = BackendTotals::of(r.state.counters());
+                    RemovedStatus {
+                        listener: r.listener.to_string(),
+                        addr: r.addr.to_string(),
+                        active_connections,
+                        counters,
+                    }
+                })
+                .collect(),
         }
     }
 }
@@ -179,13 +204,7 @@ impl ListenerStatus {
 
 impl BackendStatus {
     fn of(backend: &Backend) -> BackendStatus {
-        let BackendCounters {
-            active,
-            connections,
-            connect_failures,
-            bytes_to_backend,
-            bytes_from_backend,
-        } = backend.stats.counters();
+        let (active, counters) = BackendTotals::of(backend.stats.counters());
         BackendStatus {
             addr: backend.addr.to_string(),
             weight: backend.weight.get(),
@@ -193,13 +212,28 @@ impl BackendStatus {
             admin_state: backend.stats.admin_state().as_str(),
             health: HealthStatus::of(backend.stats.health()),
             active_connections: active,
-            counters: BackendTotals {
-                connections_total: connections,
-                connect_failures,
-                bytes_to_backend,
-                bytes_from_backend,
-            },
+            counters,
         }
+    }
+}
+
+impl BackendTotals {
+    /// (Connections open now, the totals) of `counters`.
+    fn of(counters: BackendCounters) -> (u64, BackendTotals) {
+        let BackendCounters {
+            active,
+            connections,
+            connect_failures,
+            bytes_to_backend,
+            bytes_from_backend,
+        } = counters;
+        let totals = BackendTotals {
+            connections_total: connections,
+            connect_failures,
+            bytes_to_backend,
+            bytes_from_backend,
+        };
+        (active, totals)
     }
 }
 
