@@ -494,8 +494,9 @@ impl Republisher {
 
 /// Where live state is found by name when a snapshot is built.
 ///
-/// Holds a mutex, but only snapshot builds (start, reload, health changes) take it; the
-/// connection path never does.
+/// Holds a mutex, taken by snapshot builds (start, reload, health changes) and by `/status`
+/// and `/metrics` for the removed backends still carrying connections; the connection path
+/// never takes it.
 #[derive(Debug, Default)]
 pub struct Registry {
     inner: Mutex<RegistryInner>,

@@ -295,7 +295,7 @@ impl Conn {
                 // not counted against the backend (whose health it says nothing about). Linux
                 // picks a port per destination, so another backend may well have ports left:
                 // the attempt moves on to it, as after a failed connect.
-                Err(e) if no_local_port(&e) => {
+                Err(e) if no_local_port(&e, backend.addr) => {
                     pool.stats().record_connect_attempt();
                     pool.stats().record_connect_failure();
                     log_no_local_port(&pool, self.access.client, backend.addr, attempt, now);
@@ -742,10 +742,24 @@ fn open_backend(addr: SocketAddr, cc: Option<CongestionControl>) -> io::Result<T
 /// Set at the first failure to apply `backend_congestion_control` at run time.
 static CC_FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// Whether `e` is `connect`'s EADDRNOTAVAIL: every local port of the ephemeral range is taken
-/// toward that destination.
-fn no_local_port(e: &io::Error) -> bool {
-    e.raw_os_error() == Some(rustix::io::Errno::ADDRNOTAVAIL.raw_os_error())
+/// Whether `e`, from a TCP connect to `addr`, says every local port of the ephemeral range is
+/// taken toward `addr`.
+///
+/// The kernel answers EADDRNOTAVAIL for that, and also when it has no source address for
+/// `addr` at all: an IPv6 backend on a host with IPv6 disabled, say. That one is the backend's
+/// address being unusable from here, which passive ejection should see, so the two are told
+/// apart with a UDP socket connected to `addr`: it takes the same route and source address
+/// choice without TCP's ports. One socket more, and only on this rare error.
+fn no_local_port(e: &io::Error, addr: SocketAddr) -> bool {
+    if e.raw_os_error() != Some(rustix::io::Errno::ADDRNOTAVAIL.raw_os_error()) {
+        return false;
+    }
+    let any: SocketAddr = if addr.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    std::net::UdpSocket::bind(any).is_ok_and(|probe| probe.connect(addr).is_ok())
 }
 
 /// When [`log_no_local_port`] last logged, in milliseconds since [`log_clock`]'s start (0:
@@ -1177,6 +1191,36 @@ mod tests {
             (listener.connect_attempts, listener.connect_failures),
             (2, 1)
         );
+        assert!(placement.remote(0).send(Command::Exit).is_ok());
+        worker.join().expect("the worker ends without a panic");
+    }
+
+    /// EADDRNOTAVAIL for a backend no socket can reach from here (no source address for it) is
+    /// the backend's address being unusable, and counts against it like any failed connect.
+    /// A link-local IPv6 address without a scope is one: no interface to send from.
+    #[test]
+    fn an_address_with_no_source_is_counted_against_the_backend() {
+        let reachable = greeting_backend();
+        let unusable: SocketAddr = "[fe80::1]:9".parse().expect("an address");
+        let text = format!(
+            "[[listener]]\nname = \"lb\"\nbind = \"127.0.0.1:0\"\n\
+             [[listener.backend]]\naddr = \"{unusable}\"\n\
+             [[listener.backend]]\naddr = \"{reachable}\"\n"
+        );
+        let (placement, reactor, listen, addr, pool) = unstarted_worker(&text);
+        assert!(placement.remote(0).send(listen).is_ok());
+        let worker = std::thread::spawn(move || {
+            OPEN_FAILS_WITH.set(Some(rustix::io::Errno::ADDRNOTAVAIL.raw_os_error()));
+            reactor.run();
+        });
+        let mut client = std::net::TcpStream::connect(addr).expect("connect");
+        assert_greeted(&mut client, "served by the reachable backend");
+        let failures: Vec<_> = pool
+            .backends()
+            .iter()
+            .map(|b| b.stats.counters().connect_failures)
+            .collect();
+        assert_eq!(failures, [1, 0]);
         assert!(placement.remote(0).send(Command::Exit).is_ok());
         worker.join().expect("the worker ends without a panic");
     }
