@@ -478,6 +478,65 @@ mod tests {
         assert_eq!(&got, b"last words");
     }
 
+    /// Bytes behind a TCP urgent mark, all queued before the direction reads, so that no later
+    /// event comes: a read stops short at the mark and a splice there moves nothing (0, as at
+    /// an end of stream, when the end is queued too), yet with the urgent data reported by the
+    /// worker's registration the direction steps over the mark (leaving the urgent byte out)
+    /// and moves them in the same pass, on either path, the end of stream after them.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn bytes_behind_an_urgent_mark_go_through_in_the_same_pass() {
+        for (splicing, end) in [(false, false), (true, false), (false, true), (true, true)] {
+            let case = format!("splicing: {splicing}, end of stream: {end}");
+            let mut rig = Rig::new();
+            rig.mode = Mode::Splice;
+            rig.direction.splicing = splicing;
+            let mut poll = mio::Poll::new().expect("a poll");
+            poll.registry()
+                .register(&mut rig.src, mio::Token(0), super::super::INTEREST)
+                .expect("register as a connection's sockets are");
+            // Waits for an event `until` accepts, taking every event in as the worker does.
+            let mut poll_until = |until: &dyn Fn(&mio::event::Event) -> bool, ready: &mut Ready| {
+                let mut events = mio::Events::with_capacity(8);
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+                loop {
+                    poll.poll(&mut events, Some(std::time::Duration::from_millis(100)))
+                        .expect("poll");
+                    events.iter().for_each(|e| ready.update(e));
+                    if events.iter().any(until) {
+                        return;
+                    }
+                    assert!(std::time::Instant::now() < deadline, "no event in time");
+                }
+            };
+            rig.src_peer.write_all(b"abc").expect("write");
+            rustix::net::send(&rig.src_peer, b"!", rustix::net::SendFlags::OOB)
+                .expect("send urgent data");
+            poll_until(&|e| e.is_priority(), &mut rig.src_ready);
+            // The last bytes (and the end): once their event is in, they are queued, and no
+            // event follows.
+            rig.src_peer.write_all(b"def").expect("write");
+            if end {
+                rig.src_peer
+                    .shutdown(std::net::Shutdown::Write)
+                    .expect("FIN");
+                poll_until(&|e| e.is_read_closed(), &mut rig.src_ready);
+            } else {
+                poll_until(&|e| e.is_readable(), &mut rig.src_ready);
+            }
+            let expected = if end { Pumped::Eof } else { Pumped::Waiting };
+            assert_eq!(rig.pump(8), expected, "{case}");
+            assert_eq!((rig.direction.moved, rig.counted), (6, 6), "{case}");
+            assert!(!rig.src_ready.readable, "drained: {case}");
+            assert!(end || !rig.src_ready.urgent, "the mark passed: {case}");
+            let mut got = [0_u8; 6];
+            rig.dst_peer
+                .read_exact(&mut got)
+                .expect("the bytes arrived");
+            assert_eq!(&got, b"abcdef", "{case}");
+        }
+    }
+
     #[test]
     fn a_short_read_marks_the_source_drained() {
         let mut rig = Rig::new();
