@@ -1154,19 +1154,11 @@ mod tests {
         assert_eq!(accepts, clients.len() + 1);
     }
 
-    /// No local port left toward a backend (EADDRNOTAVAIL) is the balancer's shortage, not the
-    /// backend's failure: nothing is counted against the backend, so passive ejection cannot
-    /// eject it, and the connection is served by another backend.
-    #[test]
-    fn no_local_port_is_not_counted_against_the_backend() {
-        let (first, second) = (greeting_backend(), greeting_backend());
-        let text = format!(
-            "[[listener]]\nname = \"lb\"\nbind = \"127.0.0.1:0\"\n\
-             [listener.passive]\nmax_connect_failures = 1\n\
-             [[listener.backend]]\naddr = \"{first}\"\n\
-             [[listener.backend]]\naddr = \"{second}\"\n"
-        );
-        let (placement, reactor, listen, addr, pool) = unstarted_worker(&text);
+    /// Serves one client through listener `lb` of config `text` on a worker whose first backend
+    /// socket fails to open with EADDRNOTAVAIL; asserts the client is served (by the next
+    /// backend) and returns the listener's pool once the worker has ended.
+    fn serve_past_addrnotavail(text: &str) -> Arc<Pool> {
+        let (placement, reactor, listen, addr, pool) = unstarted_worker(text);
         assert!(placement.remote(0).send(listen).is_ok());
         let worker = std::thread::spawn(move || {
             OPEN_FAILS_WITH.set(Some(rustix::io::Errno::ADDRNOTAVAIL.raw_os_error()));
@@ -1174,6 +1166,23 @@ mod tests {
         });
         let mut client = std::net::TcpStream::connect(addr).expect("connect");
         assert_greeted(&mut client, "served by the other backend");
+        assert!(placement.remote(0).send(Command::Exit).is_ok());
+        worker.join().expect("the worker ends without a panic");
+        pool
+    }
+
+    /// No local port left toward a backend (EADDRNOTAVAIL) is the balancer's shortage, not the
+    /// backend's failure: nothing is counted against the backend, so passive ejection cannot
+    /// eject it, and the connection is served by another backend.
+    #[test]
+    fn no_local_port_is_not_counted_against_the_backend() {
+        let (first, second) = (greeting_backend(), greeting_backend());
+        let pool = serve_past_addrnotavail(&format!(
+            "[[listener]]\nname = \"lb\"\nbind = \"127.0.0.1:0\"\n\
+             [listener.passive]\nmax_connect_failures = 1\n\
+             [[listener.backend]]\naddr = \"{first}\"\n\
+             [[listener.backend]]\naddr = \"{second}\"\n"
+        ));
         let failures: Vec<_> = pool
             .backends()
             .iter()
@@ -1191,8 +1200,6 @@ mod tests {
             (listener.connect_attempts, listener.connect_failures),
             (2, 1)
         );
-        assert!(placement.remote(0).send(Command::Exit).is_ok());
-        worker.join().expect("the worker ends without a panic");
     }
 
     /// EADDRNOTAVAIL for a backend no socket can reach from here (no source address for it) is
@@ -1200,29 +1207,19 @@ mod tests {
     /// A link-local IPv6 address without a scope is one: no interface to send from.
     #[test]
     fn an_address_with_no_source_is_counted_against_the_backend() {
-        let reachable = greeting_backend();
         let unusable: SocketAddr = "[fe80::1]:9".parse().expect("an address");
-        let text = format!(
+        let reachable = greeting_backend();
+        let pool = serve_past_addrnotavail(&format!(
             "[[listener]]\nname = \"lb\"\nbind = \"127.0.0.1:0\"\n\
              [[listener.backend]]\naddr = \"{unusable}\"\n\
              [[listener.backend]]\naddr = \"{reachable}\"\n"
-        );
-        let (placement, reactor, listen, addr, pool) = unstarted_worker(&text);
-        assert!(placement.remote(0).send(listen).is_ok());
-        let worker = std::thread::spawn(move || {
-            OPEN_FAILS_WITH.set(Some(rustix::io::Errno::ADDRNOTAVAIL.raw_os_error()));
-            reactor.run();
-        });
-        let mut client = std::net::TcpStream::connect(addr).expect("connect");
-        assert_greeted(&mut client, "served by the reachable backend");
+        ));
         let failures: Vec<_> = pool
             .backends()
             .iter()
             .map(|b| b.stats.counters().connect_failures)
             .collect();
         assert_eq!(failures, [1, 0]);
-        assert!(placement.remote(0).send(Command::Exit).is_ok());
-        worker.join().expect("the worker ends without a panic");
     }
 
     /// The connection path, passive ejection's part included, never waits for a backend's health
