@@ -41,6 +41,8 @@ pub struct BackendState {
     last_failure: AtomicU64,
     bytes_to_backend: AtomicU64,
     bytes_from_backend: AtomicU64,
+    spliced_to_backend: AtomicU64,
+    spliced_from_backend: AtomicU64,
     connect_time: Histogram,
     health: Mutex<HealthState>,
 }
@@ -56,6 +58,8 @@ impl Default for BackendState {
             last_failure: AtomicU64::new(0),
             bytes_to_backend: AtomicU64::new(0),
             bytes_from_backend: AtomicU64::new(0),
+            spliced_to_backend: AtomicU64::new(0),
+            spliced_from_backend: AtomicU64::new(0),
             connect_time: Histogram::new(CONNECT_TIME_BOUNDS),
             health: Mutex::default(),
         }
@@ -106,6 +110,10 @@ pub struct BackendCounters {
     pub bytes_to_backend: u64,
     /// Bytes read from the backend and written towards clients.
     pub bytes_from_backend: u64,
+    /// Of `bytes_to_backend`, those moved by splice(2), without entering user space.
+    pub spliced_to_backend: u64,
+    /// Of `bytes_from_backend`, those moved by splice(2).
+    pub spliced_from_backend: u64,
 }
 
 impl BackendState {
@@ -187,14 +195,20 @@ impl BackendState {
         f(&mut health)
     }
 
-    /// Adds bytes moved from a client to this backend.
-    pub fn add_bytes_to_backend(&self, n: u64) {
+    /// Adds bytes moved from a client to this backend; `spliced` when splice(2) moved them.
+    pub(crate) fn add_bytes_to_backend(&self, n: u64, spliced: bool) {
         self.bytes_to_backend.fetch_add(n, Ordering::Relaxed);
+        if spliced {
+            self.spliced_to_backend.fetch_add(n, Ordering::Relaxed);
+        }
     }
 
-    /// Adds bytes moved from this backend to a client.
-    pub fn add_bytes_from_backend(&self, n: u64) {
+    /// Adds bytes moved from this backend to a client; `spliced` when splice(2) moved them.
+    pub(crate) fn add_bytes_from_backend(&self, n: u64, spliced: bool) {
         self.bytes_from_backend.fetch_add(n, Ordering::Relaxed);
+        if spliced {
+            self.spliced_from_backend.fetch_add(n, Ordering::Relaxed);
+        }
     }
 
     /// The operator's state for this backend.
@@ -259,6 +273,8 @@ impl BackendState {
             connect_failures: self.connect_failures.load(Ordering::Relaxed),
             bytes_to_backend: self.bytes_to_backend.load(Ordering::Relaxed),
             bytes_from_backend: self.bytes_from_backend.load(Ordering::Relaxed),
+            spliced_to_backend: self.spliced_to_backend.load(Ordering::Relaxed),
+            spliced_from_backend: self.spliced_from_backend.load(Ordering::Relaxed),
         }
     }
 }

@@ -26,7 +26,7 @@ use crate::backend::{ActiveConn, BackendState, ListenerStats};
 use crate::config::{AllUnhealthy, CongestionControl};
 use crate::reactor::Counted;
 use crate::snapshot::Pool;
-use relay::{BUDGET, Direction, Mode, Pumped, Ready, shutdown_write};
+use relay::{BUDGET, Direction, Mode, Path, Pumped, Ready, shutdown_write};
 
 pub(crate) use relay::SCRATCH;
 
@@ -548,7 +548,7 @@ impl Conn {
                 &mut self.backend_ready,
                 self.mode,
                 scratch,
-                &mut |n| stats.add_bytes_to_backend(n),
+                &mut |n, path| stats.add_bytes_to_backend(n, path == Path::Spliced),
             )
         };
         let down = if self.down.done {
@@ -562,7 +562,7 @@ impl Conn {
                 &mut self.client_ready,
                 self.mode,
                 scratch,
-                &mut |n| stats.add_bytes_from_backend(n),
+                &mut |n, path| stats.add_bytes_from_backend(n, path == Path::Spliced),
             )
         };
         if progress(self) != before {

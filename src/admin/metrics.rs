@@ -258,6 +258,18 @@ impl Collector for Metrics {
                 .map(|(direction, n)| ([listener, backend, ("direction", direction)], n))
             }),
         )?;
+        counter(
+            e,
+            "weighbridge_backend_spliced_bytes",
+            "Of weighbridge_backend_bytes, those moved by splice(2), never entering user space.",
+            every().flat_map(|([listener, backend], b)| {
+                [
+                    ("to_backend", b.counters.spliced_to_backend),
+                    ("from_backend", b.counters.spliced_from_backend),
+                ]
+                .map(|(direction, n)| ([listener, backend, ("direction", direction)], n))
+            }),
+        )?;
         histogram(
             e,
             "weighbridge_backend_connect_duration_seconds",

@@ -226,6 +226,7 @@ impl BackendTotals {
             connect_failures,
             bytes_to_backend,
             bytes_from_backend,
+            ..
         } = counters;
         let totals = BackendTotals {
             connections_total: connections,

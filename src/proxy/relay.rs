@@ -39,6 +39,15 @@ use mio::net::TcpStream;
 /// GB, 48 and 56 KiB 0.34–0.46, and 32 KiB 0.50–0.55 (more system calls per byte).
 pub(crate) const SCRATCH: usize = 56 * 1024;
 
+/// The way a chunk of bytes went from source to destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Path {
+    /// Read into the scratch buffer and written out of it.
+    Copied,
+    /// Through a pipe by splice(2), never entering user space.
+    Spliced,
+}
+
 /// How bytes are moved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Mode {
@@ -171,7 +180,7 @@ impl Direction {
         dst_ready: &mut Ready,
         mode: Mode,
         scratch: &mut [u8],
-        delivered: &mut dyn FnMut(u64),
+        delivered: &mut dyn FnMut(u64, Path),
     ) -> io::Result<Pumped> {
         let mut reads = 0;
         loop {
@@ -181,7 +190,7 @@ impl Direction {
                 }
                 let written = send_now(dst, dst_ready, &self.pending)?;
                 self.written += written as u64;
-                delivered(written as u64);
+                delivered(written as u64, Path::Copied);
                 self.pending.drain(..written);
                 if !self.pending.is_empty() {
                     return Ok(Pumped::Waiting);
@@ -232,7 +241,7 @@ impl Direction {
             self.moved += n as u64;
             let written = send_now(dst, dst_ready, &scratch[..n])?;
             self.written += written as u64;
-            delivered(written as u64);
+            delivered(written as u64, Path::Copied);
             if written < n {
                 self.pending.extend_from_slice(&scratch[written..n]);
             }
@@ -262,7 +271,7 @@ impl Direction {
         src_ready: &mut Ready,
         dst: &TcpStream,
         dst_ready: &mut Ready,
-        delivered: &mut dyn FnMut(u64),
+        delivered: &mut dyn FnMut(u64, Path),
     ) -> io::Result<Option<Pumped>> {
         use super::splice::{Pipe, Spliced};
         loop {
@@ -278,7 +287,7 @@ impl Direction {
                     Spliced::Moved(m) => {
                         *left -= m;
                         self.written += m as u64;
-                        delivered(m as u64);
+                        delivered(m as u64, Path::Spliced);
                     }
                 }
                 if *left > 0 {
@@ -447,7 +456,7 @@ mod tests {
                     &mut self.dst_ready,
                     self.mode,
                     &mut self.scratch,
-                    &mut |n| *counted += n,
+                    &mut |n, _| *counted += n,
                 )
                 .expect("pump")
         }
