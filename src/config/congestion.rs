@@ -2,9 +2,9 @@
 //! the backends.
 //!
 //! Why a balancer would set it: a machine whose default is BBR paces every socket, and a
-//! balancer is two paced hops where a direct connection is one. On a 2-core VM the pacing of the
-//! backend hop cost about a quarter of one stream's throughput (README, "Congestion control"),
-//! while the hop to GPU servers in the same rack gains nothing from pacing. Clients keep the
+//! balancer is two paced hops where a direct connection is one. Pacing the backend hop costs
+//! throughput (measured in docs/benchmarks.md, "Congestion control"), while the hop to GPU
+//! servers in the same rack gains nothing from pacing. Clients keep the
 //! system's choice; only the backend sockets change, and only when the key is written.
 //!
 //! The name is checked against this machine when the file is loaded, by setting it on a socket

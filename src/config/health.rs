@@ -11,8 +11,9 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+use super::ConfigErrorKind;
 use super::raw::{RawHealth, RawLoad, RawPassive};
-use super::{ConfigErrorKind, Invalid, count, duration, optional_duration};
+use super::validate::{Invalid, count, duration, optional_duration};
 
 /// Time between two probes of one backend. 2 s is HAProxy's `inter`: a dead backend is noticed
 /// within seconds while a fleet of hundreds costs a few probes per second.
@@ -24,7 +25,7 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Consecutive passes that bring an unhealthy backend back (HAProxy's and SGLang router's 2).
 pub const DEFAULT_RISE: NonZeroU32 = NonZeroU32::new(2).expect("2 is not zero");
 /// Consecutive failures that take a healthy backend out (HAProxy's and SGLang router's 3): one
-/// lost probe is not an outage; single-miss ejection is what produced "23 flaps/2.3 h" at gonka.
+/// lost probe is not an outage, and ejecting on a single miss makes busy backends flap.
 pub const DEFAULT_FALL: NonZeroU32 = NonZeroU32::new(3).expect("3 is not zero");
 /// How long a backend that has never passed may keep failing while it is reported as
 /// *starting* rather than unhealthy. 5 minutes is SGLang router's worker start-up timeout; model

@@ -1,0 +1,321 @@
+//! From the serde mirror to the typed [`Config`]: every check TOML types cannot express
+//! (addresses, durations, counts, weights, uniqueness), each failure with the span of the value
+//! it is about so the error can name its line.
+
+use std::net::{IpAddr, SocketAddr};
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::ops::Range;
+use std::time::Duration;
+
+use toml::Spanned;
+
+use super::raw::{RawAdmin, RawBackend, RawConfig, RawListener, RawLog};
+use super::{
+    AdminConfig, BackendConfig, Config, ConfigErrorKind, CongestionControl,
+    DEFAULT_CONNECT_ATTEMPTS, DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_SHUTDOWN_GRACE, DEFAULT_SPLICE, HealthConfig, ListenerConfig,
+    LogConfig, MAX_DURATION, MAX_THREADS, PassiveConfig, Token, Weight,
+};
+
+/// A validation failure and the span of the value it is about.
+pub(super) type Invalid = (Option<Range<usize>>, ConfigErrorKind);
+
+impl Config {
+    pub(super) fn from_raw(raw: RawConfig) -> Result<Config, Invalid> {
+        let shutdown_grace = duration(
+            &raw.shutdown_grace,
+            "shutdown_grace",
+            DEFAULT_SHUTDOWN_GRACE,
+        )?;
+        if raw.listener.is_empty() {
+            return Err((None, ConfigErrorKind::NoListeners));
+        }
+        let log = raw.log.map(LogConfig::from_raw).unwrap_or_default();
+        let mut listeners: Vec<ListenerConfig> = Vec::with_capacity(raw.listener.len());
+        for spanned in raw.listener {
+            let span = spanned.span();
+            let raw_listener = spanned.into_inner();
+            let (name_span, bind_span) = (raw_listener.name.span(), raw_listener.bind.span());
+            let listener = ListenerConfig::from_raw(raw_listener, span)?;
+            if listeners.iter().any(|l| l.name == listener.name) {
+                return Err((
+                    Some(name_span),
+                    ConfigErrorKind::DuplicateName(listener.name),
+                ));
+            }
+            if let Some(other) = listeners
+                .iter()
+                .find(|l| binds_overlap(l.bind, listener.bind))
+            {
+                return Err((
+                    Some(bind_span),
+                    ConfigErrorKind::DuplicateBind {
+                        listener: listener.name.clone(),
+                        other: other.name.clone(),
+                        addrs: Box::new((listener.bind, other.bind)),
+                    },
+                ));
+            }
+            listeners.push(listener);
+        }
+        let threads = match raw.threads {
+            Some(t) if *t.get_ref() == 0 => {
+                return Err((Some(t.span()), ConfigErrorKind::ZeroCount("threads")));
+            }
+            // Each worker holds an epoll instance, a waker and a socket per listener: far more
+            // than the cores of any machine only runs the process out of descriptors at start,
+            // with an error about a listener's bind.
+            Some(t) if *t.get_ref() > MAX_THREADS as u64 => {
+                return Err((
+                    Some(t.span()),
+                    ConfigErrorKind::TooLarge {
+                        key: "threads",
+                        max: MAX_THREADS as u64,
+                    },
+                ));
+            }
+            Some(t) => NonZeroUsize::new(usize::try_from(*t.get_ref()).unwrap_or(usize::MAX)),
+            None => None,
+        };
+        let admin = match raw.admin {
+            None => None,
+            Some(admin) => Some(AdminConfig::from_raw(admin.into_inner(), &listeners)?),
+        };
+        Ok(Config {
+            shutdown_grace,
+            threads,
+            admin,
+            log,
+            listeners,
+        })
+    }
+}
+
+impl AdminConfig {
+    fn from_raw(raw: RawAdmin, listeners: &[ListenerConfig]) -> Result<AdminConfig, Invalid> {
+        let bind = address(&raw.bind, "bind")?;
+        let token = match &raw.token {
+            None => None,
+            Some(t) => {
+                Some(Token::new(t.get_ref()).ok_or((Some(t.span()), ConfigErrorKind::BadToken))?)
+            }
+        };
+        if token.is_none() && !bind.ip().to_canonical().is_loopback() {
+            return Err((
+                Some(raw.bind.span()),
+                ConfigErrorKind::AdminTokenRequired(bind),
+            ));
+        }
+        if let Some(listener) = listeners.iter().find(|l| binds_overlap(l.bind, bind)) {
+            return Err((
+                Some(raw.bind.span()),
+                ConfigErrorKind::AdminBindTaken {
+                    listener: listener.name.clone(),
+                    addr: bind,
+                    other_addr: listener.bind,
+                },
+            ));
+        }
+        Ok(AdminConfig { bind, token })
+    }
+}
+
+impl LogConfig {
+    fn from_raw(raw: RawLog) -> LogConfig {
+        LogConfig {
+            format: raw.format.unwrap_or_default(),
+            access_log: raw.access_log.unwrap_or(false),
+        }
+    }
+}
+
+impl ListenerConfig {
+    fn from_raw(raw: RawListener, span: Range<usize>) -> Result<ListenerConfig, Invalid> {
+        let name = raw.name.get_ref().trim().to_owned();
+        if name.is_empty() {
+            return Err((Some(raw.name.span()), ConfigErrorKind::EmptyName));
+        }
+        // HAProxy's rule for proxy names: nothing a text log line prints raw can break it.
+        if !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
+        {
+            return Err((Some(raw.name.span()), ConfigErrorKind::BadName(name)));
+        }
+        let bind = address(&raw.bind, "bind")?;
+        let connect_attempts =
+            count(&raw.connect_attempts, "connect_attempts")?.unwrap_or(DEFAULT_CONNECT_ATTEMPTS);
+        let max_connections = match &raw.max_connections {
+            Some(v) if *v.get_ref() == 0 => {
+                return Err((
+                    Some(v.span()),
+                    ConfigErrorKind::ZeroCount("max_connections"),
+                ));
+            }
+            Some(v) => NonZeroUsize::new(usize::try_from(*v.get_ref()).unwrap_or(usize::MAX))
+                .unwrap_or(DEFAULT_MAX_CONNECTIONS),
+            None => DEFAULT_MAX_CONNECTIONS,
+        };
+        let health = match &raw.health {
+            Some(h) => Some(HealthConfig::from_raw(h.get_ref())?),
+            None => None,
+        };
+        let passive = match &raw.passive {
+            Some(p) => Some(PassiveConfig::from_raw(p.get_ref())?),
+            None => None,
+        };
+        if raw.backend.is_empty() {
+            return Err((Some(span), ConfigErrorKind::NoBackends(name)));
+        }
+        let mut backends: Vec<BackendConfig> = Vec::with_capacity(raw.backend.len());
+        for spanned in raw.backend {
+            let backend = BackendConfig::from_raw(spanned.get_ref())?;
+            if backends.iter().any(|b| b.addr == backend.addr) {
+                let addr_span = spanned.get_ref().addr.span();
+                return Err((
+                    Some(addr_span),
+                    ConfigErrorKind::DuplicateBackend {
+                        listener: name,
+                        addr: backend.addr,
+                    },
+                ));
+            }
+            backends.push(backend);
+        }
+        if backends.iter().all(|b| b.weight.is_zero()) {
+            return Err((Some(span), ConfigErrorKind::AllWeightsZero(name)));
+        }
+        let backend_congestion_control = match &raw.backend_congestion_control {
+            Some(v) => Some(
+                CongestionControl::new(v.get_ref())
+                    .map_err(|e| (Some(v.span()), ConfigErrorKind::Congestion(e)))?,
+            ),
+            None => None,
+        };
+        Ok(ListenerConfig {
+            name,
+            bind,
+            strategy: raw.strategy.map(Spanned::into_inner).unwrap_or_default(),
+            connect_timeout: duration(
+                &raw.connect_timeout,
+                "connect_timeout",
+                DEFAULT_CONNECT_TIMEOUT,
+            )?,
+            idle_timeout: duration(&raw.idle_timeout, "idle_timeout", DEFAULT_IDLE_TIMEOUT)?,
+            connect_attempts,
+            max_connections,
+            splice: raw.splice.unwrap_or(DEFAULT_SPLICE),
+            backend_congestion_control,
+            health,
+            passive,
+            backends,
+        })
+    }
+}
+
+impl BackendConfig {
+    fn from_raw(raw: &RawBackend) -> Result<BackendConfig, Invalid> {
+        let addr = backend_address(&raw.addr, "addr")?;
+        let weight = match &raw.weight {
+            None => Weight::ONE,
+            Some(w) => Weight::new(*w.get_ref())
+                .ok_or((Some(w.span()), ConfigErrorKind::BadWeight(*w.get_ref())))?,
+        };
+        let health_addr = match &raw.health_addr {
+            Some(value) => Some(backend_address(value, "health_addr")?),
+            None => None,
+        };
+        Ok(BackendConfig {
+            addr,
+            weight,
+            health_addr,
+        })
+    }
+}
+
+fn address(value: &Spanned<String>, key: &'static str) -> Result<SocketAddr, Invalid> {
+    value.get_ref().trim().parse().map_err(|_| {
+        let kind = ConfigErrorKind::BadAddress {
+            key,
+            value: value.get_ref().clone(),
+        };
+        (Some(value.span()), kind)
+    })
+}
+
+/// An address to connect to: as [`address`], and not port 0 (which a listener may bind, to
+/// pick a free port, but which every connect would fail on).
+fn backend_address(value: &Spanned<String>, key: &'static str) -> Result<SocketAddr, Invalid> {
+    let addr = address(value, key)?;
+    if addr.port() == 0 {
+        let kind = ConfigErrorKind::BackendPortZero {
+            key,
+            value: value.get_ref().clone(),
+        };
+        return Err((Some(value.span()), kind));
+    }
+    Ok(addr)
+}
+
+/// True when two listening sockets on `a` and `b` cannot both be bound: the same port (not 0,
+/// which picks a free one) and addresses that overlap. A wildcard covers its own family, and
+/// `[::ffff:a.b.c.d]` is `a.b.c.d`. Caught here, such a pair fails `--check` instead of the
+/// start. (`[::]` also covers IPv4 unless `net.ipv6.bindv6only` is set; that depends on the
+/// host, so it is left to the bind to report.)
+pub(super) fn binds_overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    if a.port() == 0 || a.port() != b.port() {
+        return false;
+    }
+    let (a, b) = (a.ip().to_canonical(), b.ip().to_canonical());
+    let covers =
+        |wild: IpAddr, other: IpAddr| wild.is_unspecified() && wild.is_ipv4() == other.is_ipv4();
+    a == b || covers(a, b) || covers(b, a)
+}
+
+/// A count of at least 1; values beyond `u32::MAX` saturate.
+pub(super) fn count(
+    value: &Option<Spanned<u64>>,
+    key: &'static str,
+) -> Result<Option<NonZeroU32>, Invalid> {
+    match value {
+        Some(v) => NonZeroU32::new(u32::try_from(*v.get_ref()).unwrap_or(u32::MAX))
+            .map(Some)
+            .ok_or((Some(v.span()), ConfigErrorKind::ZeroCount(key))),
+        None => Ok(None),
+    }
+}
+
+/// A duration if one is written, else `default`; zero is refused.
+pub(super) fn duration(
+    value: &Option<Spanned<String>>,
+    key: &'static str,
+    default: Duration,
+) -> Result<Duration, Invalid> {
+    Ok(optional_duration(value, key, false)?.unwrap_or(default))
+}
+
+/// A duration if one is written; zero is refused unless `zero_ok`.
+pub(super) fn optional_duration(
+    value: &Option<Spanned<String>>,
+    key: &'static str,
+    zero_ok: bool,
+) -> Result<Option<Duration>, Invalid> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    let parsed = humantime::parse_duration(value.get_ref().trim()).map_err(|e| {
+        let kind = ConfigErrorKind::BadDuration {
+            key,
+            value: value.get_ref().clone(),
+            reason: e.to_string(),
+        };
+        (Some(value.span()), kind)
+    })?;
+    if parsed.is_zero() && !zero_ok {
+        return Err((Some(value.span()), ConfigErrorKind::ZeroDuration(key)));
+    }
+    if parsed > MAX_DURATION {
+        return Err((Some(value.span()), ConfigErrorKind::LongDuration(key)));
+    }
+    Ok(Some(parsed))
+}
