@@ -101,7 +101,7 @@ impl Proxy {
             "threads = 1\n[[listener]]\nname = \"bench\"\nbind = \"127.0.0.1:0\"\n\
              splice = {splice}\n[[listener.backend]]\naddr = \"{backend}\"\n"
         );
-        let config = weighbridge::config::parse(&text, Path::new("bench.toml"))
+        let config = weighbridge::Config::parse(&text, Path::new("bench.toml"))
             .expect("a valid bench config");
         let balancer = Balancer::bind(&config).expect("bind the balancer on loopback");
         let addr = balancer

@@ -16,12 +16,12 @@
 //! always a tie.
 
 use std::hint::black_box;
-use std::sync::{Arc, Barrier};
+use std::net::SocketAddr;
+use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use weighbridge::backend::{ActiveConn, BackendState};
-use weighbridge::strategy::{Strategy, StrategyKind};
+use weighbridge::{BuildStrategy, Candidate, LiveBackend, OpenGuard, Strategy, StrategyKind};
 
 /// Backend counts `pick` is measured over: a small pool, a large one, and a very large one.
 const BACKEND_COUNTS: [usize; 3] = [4, 64, 1024];
@@ -46,27 +46,31 @@ fn weights(backends: usize) -> Vec<f64> {
         .collect()
 }
 
-/// Fresh live counters, one per backend.
-fn live(backends: usize) -> Vec<Arc<BackendState>> {
-    (0..backends).map(|_| Arc::default()).collect()
-}
-
-/// Opens `(3i + 1) mod OPEN_LEVELS` connections on backend i; they stay counted while the
-/// returned guards live.
-fn hold_connections(live: &[Arc<BackendState>]) -> Vec<ActiveConn> {
-    live.iter()
-        .enumerate()
-        .flat_map(|(i, stats)| {
-            (0..(3 * i + 1) % OPEN_LEVELS).map(move |_| BackendState::acquire(stats))
+/// A pool of `backends` with uneven weights and fresh live counters.
+fn pool(backends: usize) -> Vec<Candidate> {
+    (0..backends)
+        .zip(weights(backends))
+        .map(|(i, weight)| {
+            let addr = SocketAddr::from(([127, 0, 0, 1], 1 + i as u16));
+            Candidate::new(addr, weight, LiveBackend::detached())
         })
         .collect()
 }
 
+/// Opens `(3i + 1) mod OPEN_LEVELS` connections on backend i; they stay counted while the
+/// returned guards live.
+fn hold_connections(pool: &[Candidate]) -> Vec<OpenGuard> {
+    pool.iter()
+        .enumerate()
+        .flat_map(|(i, backend)| (0..(3 * i + 1) % OPEN_LEVELS).map(move |_| backend.live().open()))
+        .collect()
+}
+
 /// `kind` built over `backends` uneven weights, with uneven open counts held by the guards.
-fn loaded(kind: StrategyKind, backends: usize) -> (Box<dyn Strategy>, Vec<ActiveConn>) {
-    let live = live(backends);
-    let open = hold_connections(&live);
-    (kind.build(&weights(backends), &live), open)
+fn loaded(kind: StrategyKind, backends: usize) -> (Box<dyn Strategy>, Vec<OpenGuard>) {
+    let pool = pool(backends);
+    let open = hold_connections(&pool);
+    (kind.build(&pool), open)
 }
 
 fn pick(c: &mut Criterion) {
@@ -133,11 +137,10 @@ fn pick_concurrently(c: &mut Criterion) {
 
 fn build(c: &mut Criterion) {
     let mut group = c.benchmark_group("build");
-    let weights = weights(BUILD_BACKENDS);
-    let live = live(BUILD_BACKENDS);
+    let pool = pool(BUILD_BACKENDS);
     for kind in StrategyKind::ALL {
         group.bench_function(BenchmarkId::new(kind.as_str(), BUILD_BACKENDS), |b| {
-            b.iter(|| kind.build(black_box(&weights), black_box(&live)))
+            b.iter(|| kind.build(black_box(&pool)))
         });
     }
     group.finish();

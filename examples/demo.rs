@@ -40,9 +40,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 use tracing_subscriber::EnvFilter;
-use weighbridge::health::HealthStatus;
-use weighbridge::strategy::StrategyKind;
-use weighbridge::{Balancer, Handle, config, listener};
+use weighbridge::{Balancer, Config, Handle, HealthStatus, StrategyKind};
 
 use mock_inference::{Mock, MockOptions};
 
@@ -117,7 +115,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
     // Health transitions as they happen; not the connect failure of every request that meets
     // the dying server before the checks take it out (each is retried on another server).
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        EnvFilter::new("warn,weighbridge::proxy=error,weighbridge::health=info")
+        EnvFilter::new("warn,weighbridge::dataplane=error,weighbridge::control::checker=info,weighbridge::control::supervisor=info")
     });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -126,7 +124,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
         .with_ansi(io::stderr().is_terminal())
         .init();
     // 700 held connections take 2,800 descriptors here: client, balancer (two) and mock ends.
-    listener::raise_open_file_limit()?;
+    rlimit::increase_nofile_limit(u64::MAX)?;
 
     let mut backends = Vec::with_capacity(CAPACITIES.len());
     for capacity in CAPACITIES {
@@ -144,7 +142,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
     }
     let inference_addrs: Vec<SocketAddr> = inference.iter().map(Mock::addr).collect();
     let text = config_text(&backends, options.admin) + &health_config_text(&inference_addrs);
-    let config = config::parse(&text, Path::new("<demo>"))?;
+    let config = Config::parse(&text, Path::new("<demo>"))?;
     let balancer = Balancer::bind(&config)?;
     let admin = balancer.admin_addr();
     let handle = balancer.handle();

@@ -1,19 +1,7 @@
 //! The admin HTTP endpoint: Prometheus metrics, JSON status, drain and enable, reload, and a
 //! liveness probe.
 //!
-//! | method | path | what |
-//! |---|---|---|
-//! | GET | `/metrics` | Prometheus text exposition (see [`metrics`]) |
-//! | GET | `/status` | JSON: listeners, backends, live state, last reload (see [`status`]) |
-//! | GET | `/healthz` | `{"status":"ok"}`, or 503 once shutdown has begun; never needs the token |
-//! | POST | `/reload` | re-reads the file, as SIGHUP does, and answers with the outcome |
-//! | POST | `/listeners/{listener}/backends/{addr}/drain` | no new connections for that backend |
-//! | POST | `/listeners/{listener}/backends/{addr}/enable` | undoes a drain |
-//!
-//! Every error is JSON, `{"error": "..."}`, with its status: 400 for an address that is not
-//! `IP:port`, 401 for a missing or wrong bearer token, 404 for an unknown path, listener or
-//! backend, 405 for a wrong method, 422 for a reload the file's content refuses, 503 while
-//! shutting down.
+//! The routes, their answers and errors: docs/observability.md, "Admin endpoint".
 //!
 //! The endpoint stays off the data path: reads load the snapshot and atomics, as connections
 //! do, and take no lock a connection takes; actions and reloads are messages to the control
@@ -46,11 +34,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
-use crate::AdminError;
-use crate::backend::AdminState;
-use crate::balancer::Handle;
 use crate::config::Token;
-use crate::reload::ReloadError;
+use crate::control::AdminError;
+use crate::control::Handle;
+use crate::control::ReloadError;
+use crate::state::AdminState;
 
 /// Listen backlog of the admin socket: a scraper and an operator or two, never a crowd.
 const BACKLOG: u32 = 64;
@@ -119,7 +107,7 @@ pub(crate) async fn serve(socket: TcpListener, endpoint: Endpoint, stop: Cancell
         };
         let stream = match accepted {
             Ok((stream, _)) => stream,
-            Err(e) if crate::listener::is_connection_error(&e) => continue,
+            Err(e) if crate::dataplane::accept::is_connection_error(&e) => continue,
             Err(e) => {
                 // Out of descriptors, most likely: pause rather than spin.
                 error!(error = %e, "admin endpoint: accept failed; pausing 100ms");

@@ -16,6 +16,7 @@ mod congestion;
 mod error;
 mod health;
 mod raw;
+mod strategy;
 mod token;
 mod validate;
 
@@ -31,37 +32,38 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::strategy::StrategyKind;
 use error::toml_message;
 use raw::RawConfig;
 
-pub use congestion::{CongestionControl, CongestionError};
-pub use error::{ConfigError, ConfigErrorKind, Location};
-pub use health::{
-    AllUnhealthy, DEFAULT_EJECT_FOR, DEFAULT_FALL, DEFAULT_HEALTH_PATH, DEFAULT_INTERVAL,
-    DEFAULT_LOAD_INTERVAL, DEFAULT_MAX_CONNECT_FAILURES, DEFAULT_METRICS_PATH,
-    DEFAULT_MIN_WEIGHT_PERCENT, DEFAULT_RISE, DEFAULT_SATURATION, DEFAULT_STARTUP_GRACE,
-    DEFAULT_TIMEOUT, ExpectStatus, HealthConfig, HttpProbe, LoadConfig, LoadPreset, MAX_EJECTION,
-    PassiveConfig, Probe, ProbeKind,
+pub(crate) use congestion::{CongestionControl, CongestionError};
+pub use error::ConfigError;
+pub(crate) use error::{ConfigErrorKind, Location};
+#[cfg(test)]
+pub(crate) use health::ExpectStatus;
+pub(crate) use health::{
+    AllUnhealthy, HealthConfig, HttpProbe, LoadConfig, LoadPreset, MAX_EJECTION, PassiveConfig,
+    Probe, ProbeKind,
 };
-pub use token::Token;
+pub use strategy::StrategyKind;
+pub(crate) use token::Token;
 
 /// Path read when `--config` is not given, relative to the working directory.
 pub const DEFAULT_CONFIG_PATH: &str = "conf/weighbridge.toml";
 /// How long open connections may take to finish after SIGTERM before the process exits anyway.
 /// 30 s matches Kubernetes' default termination grace period.
-pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// Upper bound on one TCP connect to a backend. 2 s is long for a LAN (a healthy backend answers in
 /// microseconds) yet short enough that a dead one costs a client little before the next is tried.
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// A connection with no byte in either direction for this long is closed. 10 minutes is nginx's
 /// `proxy_timeout`; inference streams send tokens far more often than that.
-pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+pub(crate) const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 /// Distinct backends tried per client connection when connects are refused or time out
 /// (HAProxy's `retries` defaults to 3 too).
-pub const DEFAULT_CONNECT_ATTEMPTS: NonZeroU32 = NonZeroU32::new(3).expect("3 is not zero");
+pub(crate) const DEFAULT_CONNECT_ATTEMPTS: NonZeroU32 = NonZeroU32::new(3).expect("3 is not zero");
 /// Open client connections per listener beyond which new ones are closed at once.
-pub const DEFAULT_MAX_CONNECTIONS: NonZeroUsize = NonZeroUsize::new(10_000).expect("not zero");
+pub(crate) const DEFAULT_MAX_CONNECTIONS: NonZeroUsize =
+    NonZeroUsize::new(10_000).expect("not zero");
 
 /// Whether listeners splice by default: yes. A direction starts on the copy path and moves to
 /// `splice(2)` only at its first read that fills the whole buffer, so request/response traffic
@@ -72,34 +74,34 @@ pub const DEFAULT_MAX_CONNECTIONS: NonZeroUsize = NonZeroUsize::new(10_000).expe
 /// keeps a single stream's rate steady wherever the scheduler puts the threads; the
 /// measurements are in docs/benchmarks.md, "Copy or splice". `splice = false` copies.
 /// Elsewhere than Linux the key is accepted and ignored.
-pub const DEFAULT_SPLICE: bool = true;
+pub(crate) const DEFAULT_SPLICE: bool = true;
 
 /// Most worker threads `threads` may ask for (HAProxy builds allow 64 by default, 4,096 at most).
-pub const MAX_THREADS: usize = 1024;
+pub(crate) const MAX_THREADS: usize = 1024;
 
 /// The longest duration any key accepts. Deadlines are `Instant`s, and an instant plus
 /// "300000000000y" overflows (a panic in the timer code); a year is far beyond any sensible
 /// timeout, interval or ejection (HAProxy's timeouts stop at about 24 days).
-pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+pub(crate) const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// The validated configuration: every value here is usable as it is.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// How long shutdown waits for open connections.
-    pub shutdown_grace: Duration,
+    pub(crate) shutdown_grace: Duration,
     /// Worker threads; `None` means one per CPU core. Read at start only.
-    pub threads: Option<NonZeroUsize>,
+    pub(crate) threads: Option<NonZeroUsize>,
     /// The admin HTTP endpoint, if the file has an `[admin]` table.
-    pub admin: Option<AdminConfig>,
+    pub(crate) admin: Option<AdminConfig>,
     /// Log format and the access log.
-    pub log: LogConfig,
+    pub(crate) log: LogConfig,
     /// At least one listener; names and bind addresses are unique.
-    pub listeners: Vec<ListenerConfig>,
+    pub(crate) listeners: Vec<ListenerConfig>,
 }
 
 /// The `[admin]` table: where the admin HTTP endpoint listens and who may use it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AdminConfig {
+pub(crate) struct AdminConfig {
     /// Address of the endpoint; no listener binds the same one.
     pub bind: SocketAddr,
     /// Bearer token every request but `GET /healthz` must carry. Always set when `bind` is not
@@ -109,7 +111,7 @@ pub struct AdminConfig {
 
 /// The `[log]` table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct LogConfig {
+pub(crate) struct LogConfig {
     /// How every log line is written.
     pub format: LogFormat,
     /// One info line per closed client connection (target `weighbridge::access`). Off by
@@ -140,7 +142,7 @@ impl LogFormat {
 
 /// One listening socket, its backends and how it spreads connections over them.
 #[derive(Debug, Clone, PartialEq)]
-pub struct ListenerConfig {
+pub(crate) struct ListenerConfig {
     /// Unique, non-empty name used in logs and to key live state.
     pub name: String,
     /// Address to listen on; port 0 asks the kernel for a free port.
@@ -170,7 +172,7 @@ pub struct ListenerConfig {
 
 /// One upstream server.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct BackendConfig {
+pub(crate) struct BackendConfig {
     /// Where to connect.
     pub addr: SocketAddr,
     /// Configured weight (capacity for `capacity_proportional`).
@@ -181,7 +183,7 @@ pub struct BackendConfig {
 
 impl BackendConfig {
     /// The address health probes (and load scrapes) go to: `health_addr`, else `addr`.
-    pub fn probe_addr(&self) -> SocketAddr {
+    pub(crate) fn probe_addr(&self) -> SocketAddr {
         self.health_addr.unwrap_or(self.addr)
     }
 }
@@ -191,26 +193,27 @@ impl BackendConfig {
 /// A newtype so that a NaN, an infinity or a negative weight cannot reach a strategy, whose
 /// arithmetic (shares, ratios, cumulative sums) would silently go wrong with one.
 #[derive(Debug, Clone, Copy, PartialEq, PartialOrd)]
-pub struct Weight(f64);
+pub(crate) struct Weight(f64);
 
 impl Weight {
     /// Weight 1, the default.
-    pub const ONE: Weight = Weight(1.0);
+    pub(crate) const ONE: Weight = Weight(1.0);
     /// Weight 0: drained.
-    pub const ZERO: Weight = Weight(0.0);
+    #[cfg(test)]
+    pub(crate) const ZERO: Weight = Weight(0.0);
 
     /// Returns the weight if `value` is finite and not negative.
-    pub fn new(value: f64) -> Option<Weight> {
+    pub(crate) fn new(value: f64) -> Option<Weight> {
         (value.is_finite() && value >= 0.0).then_some(Weight(value + 0.0))
     }
 
     /// The weight as a number.
-    pub fn get(self) -> f64 {
+    pub(crate) fn get(self) -> f64 {
         self.0
     }
 
     /// True for weight 0.
-    pub fn is_zero(self) -> bool {
+    pub(crate) fn is_zero(self) -> bool {
         self.0 == 0.0
     }
 }
@@ -221,14 +224,52 @@ impl fmt::Display for Weight {
     }
 }
 
+impl Config {
+    /// Reads and validates the config file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        load(path)
+    }
+
+    /// Reads and validates the config file at `path`, and returns the text it was read from
+    /// too: [`watch`](crate::watch) compares it with the file once its watch is in place.
+    pub fn read(path: &Path) -> Result<(Config, String), ConfigError> {
+        let text = read(path)?;
+        Ok((parse(&text, path)?, text))
+    }
+
+    /// Validates config `text`; `path` is only used in error messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        parse(text, path)
+    }
+
+    /// The listeners' names, in file order.
+    pub fn listener_names(&self) -> impl Iterator<Item = &str> {
+        self.listeners.iter().map(|l| l.name.as_str())
+    }
+
+    /// How many listeners the file has.
+    pub fn listener_count(&self) -> usize {
+        self.listeners.len()
+    }
+
+    /// How many backends the file has, over every listener.
+    pub fn backend_count(&self) -> usize {
+        self.listeners.iter().map(|l| l.backends.len()).sum()
+    }
+
+    /// How log lines are written (`[log] format`).
+    pub fn log_format(&self) -> LogFormat {
+        self.log.format
+    }
+}
+
 /// Reads and validates the config file at `path`.
-pub fn load(path: &Path) -> Result<Config, ConfigError> {
+pub(crate) fn load(path: &Path) -> Result<Config, ConfigError> {
     parse(&read(path)?, path)
 }
 
-/// Reads the config file at `path` (to be [`parse`]d), for a caller that keeps the text: the
-/// file watcher compares it with the file once its watch is in place.
-pub fn read(path: &Path) -> Result<String, ConfigError> {
+/// Reads the config file at `path`, to be [`parse`]d.
+pub(crate) fn read(path: &Path) -> Result<String, ConfigError> {
     std::fs::read_to_string(path).map_err(|e| ConfigError {
         path: path.to_owned(),
         location: None,
@@ -237,7 +278,7 @@ pub fn read(path: &Path) -> Result<String, ConfigError> {
 }
 
 /// Parses and validates config `text`; `path` is only used in error messages.
-pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+pub(crate) fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
     let error_at = |span: Option<Range<usize>>, kind| ConfigError {
         path: path.to_owned(),
         location: span.map(|s| Location::of(text, s.start)),

@@ -2,15 +2,17 @@
 //! things that move a backend's effective weight without an operator.
 //!
 //! - [`probe`]: one TCP connect or HTTP GET, judged.
-//! - [`checker`]: a backend's probe schedule, its rise/fall state machine with startup grace,
-//!   and the task that runs both (and the load scraper) for one backend.
 //! - [`passive`]: ejection on consecutive connect failures of live traffic, doubling.
 //! - [`slow_start`]: the linear weight ramp after a backend comes (back) into rotation.
 //! - [`load`]: a Prometheus gauge, smoothed, turned into a load factor.
-//! - `supervisor`: owns every checker task and every ejection and ramp deadline; lives in the
-//!   control task, which is the only writer of snapshots.
+//! - [`HealthState`]: one backend's verdict, ejection and ramp, as the state machine they form.
 //!
-//! All results land in the backend's [`BackendState`](crate::backend::BackendState), where
+//! This module knows nothing of snapshots or the live-state registry. The tasks that run the
+//! checks (`control::checker`, one per backend) and the supervisor that owns them and every
+//! ejection and ramp deadline (`control::supervisor`) belong to the control plane, the only
+//! writer of snapshots.
+//!
+//! All results land in the backend's live state (`state::BackendState`), where
 //! `effective_weight` combines them: configured weight × (0 if unhealthy or ejected) × slow-start
 //! ramp × load factor, with an operator's drain above everything. Changes reach the connection
 //! path only through a rebuilt snapshot: a checker that changes state asks the control task to
@@ -22,12 +24,11 @@
 //! once (it is *starting*, or *unhealthy* once `startup_grace` is over), a first pass confirms
 //! it. From then on rise and fall apply.
 
-pub mod checker;
-pub mod load;
-pub mod passive;
-pub mod probe;
-pub mod slow_start;
-pub(crate) mod supervisor;
+pub(crate) mod load;
+pub(crate) mod passive;
+pub(crate) mod probe;
+pub(crate) mod slow_start;
+pub(crate) mod tracker;
 
 use std::fmt;
 use std::time::Duration;
@@ -35,7 +36,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use passive::Ejections;
-use probe::ProbeError;
+pub use probe::ProbeError;
 use slow_start::Ramp;
 
 /// What the active checks say about a backend.
@@ -118,7 +119,7 @@ pub(crate) struct HealthState {
     pub(crate) confirmed: bool,
     pub(crate) last_check: Option<LastCheck>,
     /// Streaks and grace start of the active checks, for a restarted checker to resume.
-    pub(crate) progress: Option<checker::Progress>,
+    pub(crate) progress: Option<tracker::Progress>,
     pub(crate) ejections: Ejections,
     pub(crate) ramp: Option<Ramp>,
     pub(crate) load_value: Option<f64>,

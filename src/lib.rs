@@ -1,33 +1,35 @@
 //! weighbridge: a Layer-4 TCP load balancer for fleets of AI inference servers.
 //!
-//! Clients connect to a listener; the listener's [`strategy`] picks a backend by weight from the
-//! current [`snapshot`]; the [`proxy`] relays bytes both ways until both sides are done. An
-//! optional admin HTTP endpoint (`[admin]` in the file) serves Prometheus metrics and status and
-//! takes drain, enable and reload requests.
-//! [`health`] checks, passive ejection, slow start and reported load move the effective weights
-//! while it runs.
+//! Clients connect to a listener; the listener's strategy picks a backend by weight from the
+//! current snapshot; the data plane relays bytes both ways until both sides are done. Health
+//! checks, passive ejection, slow start and reported load move the effective weights while it
+//! runs; an optional admin HTTP endpoint serves Prometheus metrics and status and takes drain,
+//! enable and reload requests.
 //!
 //! The library holds all of it; the `weighbridge` binary is a thin command line over
-//! [`config::load`], [`Balancer::bind`] and [`Balancer::run`]. See `ARCHITECTURE` in the README
-//! for the map of modules and the invariants they keep.
+//! [`Config::load`], [`Balancer::bind`] and [`Balancer::run`]. ARCHITECTURE.md at the root of
+//! the repository maps the modules and the invariants they keep.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, rust_2018_idioms, unreachable_pub)]
 
 mod admin;
-pub mod backend;
 mod balancer;
-pub mod config;
-pub mod health;
-pub mod histogram;
-pub mod listener;
-pub mod proxy;
-mod reactor;
-pub mod reload;
-pub mod snapshot;
-pub mod strategy;
-mod workers;
+mod config;
+mod control;
+mod dataplane;
+mod health;
+mod snapshot;
+mod state;
+mod strategy;
 
-pub use balancer::{AdminError, Balancer, Handle, LastReload, ReloadCounters, StartError, Stopped};
-pub use config::{Config, ConfigError};
-pub use listener::BindError;
+pub use balancer::{Balancer, Builder, StartError};
+pub use config::{Config, ConfigError, DEFAULT_CONFIG_PATH, LogFormat};
+pub use control::{
+    AdminError, Handle, LastReload, ReloadCounters, ReloadError, ReloadSummary, Stopped, watch,
+};
+pub use dataplane::ACCESS_LOG_TARGET;
+pub use dataplane::accept::BindError;
+pub use health::{Health, HealthStatus, LastCheck, ProbeError};
+pub use state::{AdminState, BackendCounters, ListenerCounters};
+pub use strategy::{BuildStrategy, Candidate, LiveBackend, OpenGuard, Strategy, StrategyKind};

@@ -16,8 +16,7 @@ use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
 
 use tokio::signal::unix::{Signal, SignalKind, signal};
-use weighbridge::config::{self, DEFAULT_CONFIG_PATH, LogFormat};
-use weighbridge::{Balancer, Handle, listener, reload};
+use weighbridge::{Balancer, Config, DEFAULT_CONFIG_PATH, Handle, LogFormat};
 
 /// Log lines queued for the writer thread before new ones are dropped (a few MB at most).
 const LOG_QUEUE_LINES: usize = 16_384;
@@ -97,19 +96,17 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<(), String> {
-    let text = config::read(&cli.config).map_err(|e| e.to_string())?;
-    let config = config::parse(&text, &cli.config).map_err(|e| e.to_string())?;
+    let (config, text) = Config::read(&cli.config).map_err(|e| e.to_string())?;
     if cli.check {
-        let backends: usize = config.listeners.iter().map(|l| l.backends.len()).sum();
         println!(
             "{}: ok: {} listener(s), {} backend(s)",
             cli.config.display(),
-            config.listeners.len(),
-            backends
+            config.listener_count(),
+            config.backend_count()
         );
         return Ok(());
     }
-    init_logging(cli.log_level.as_deref(), config.log.format)?;
+    init_logging(cli.log_level.as_deref(), config.log_format())?;
     // The control plane (signals, reloads, health checks, admin) runs here, on one thread;
     // connections run on the balancer's own worker threads, `threads` of them.
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -121,17 +118,20 @@ fn run(cli: Cli) -> Result<(), String> {
         // `listening` line must find the handlers in place, not the default (die at once).
         let signals =
             Signals::install().map_err(|e| format!("cannot install signal handlers: {e}"))?;
-        match listener::raise_open_file_limit() {
+        // Every proxied connection holds two descriptors; distributions default the soft limit
+        // to 1024, which a busy balancer reaches at 500 connections.
+        match rlimit::increase_nofile_limit(u64::MAX) {
             Ok(limit) => info!(limit, "open file limit"),
             Err(e) => warn!(error = %e, "cannot raise the open file limit"),
         }
-        let balancer = Balancer::bind(&config)
-            .map_err(|e| e.to_string())?
-            .with_config_path(&cli.config);
+        let balancer = Balancer::builder(config)
+            .config_path(&cli.config)
+            .bind()
+            .map_err(|e| e.to_string())?;
         let shutdown = CancellationToken::new();
         tokio::spawn(signals.serve(balancer.handle(), shutdown.clone()));
         if !cli.no_watch {
-            reload::watch(&cli.config, &text, balancer.handle(), shutdown.clone())
+            weighbridge::watch(&cli.config, &text, balancer.handle(), shutdown.clone())
                 .map_err(|e| format!("cannot watch {}: {e}", cli.config.display()))?;
             info!(path = %cli.config.display(), "watching the configuration file for changes");
         }

@@ -2,8 +2,8 @@
 //!
 //! A [`Snapshot`] is built from a validated [`Config`] and the live-state [`Registry`], then
 //! published through one `ArcSwap` ([`SnapshotCell`]). A connection loads it once, takes the
-//! [`Pool`] of its listener, and never sees it change under its feet; a writer (start-up today,
-//! reloads and health checks later) builds a whole new snapshot and swaps it in, so a reader can
+//! [`Pool`] of its listener, and never sees it change under its feet; the one writer (the control
+//! task: at start, on a reload, when live state changes) builds a whole new snapshot and swaps it in, so a reader can
 //! never observe half an update and neither side ever waits for the other.
 
 use std::collections::HashMap;
@@ -16,16 +16,19 @@ use arc_swap::ArcSwap;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use crate::backend::{BackendState, ListenerStats, OpenConn, Registry, Republisher};
 use crate::config::{AllUnhealthy, Config, CongestionControl, ListenerConfig, Weight};
-use crate::strategy::{Strategy, StrategyKind};
+use crate::state::{BackendState, ListenerStats, OpenConn, Registry, Republisher};
+use crate::strategy::{BuildStrategy, Candidate, LiveBackend, Strategy};
+
+/// Strategies a library caller set by listener name, in place of the file's `strategy`.
+pub(crate) type CustomStrategies = HashMap<String, Arc<dyn BuildStrategy>>;
 
 /// The one place the current snapshot is published.
-pub type SnapshotCell = ArcSwap<Snapshot>;
+pub(crate) type SnapshotCell = ArcSwap<Snapshot>;
 
 /// Every listener's pool, as of one configuration and one set of effective weights.
 #[derive(Debug)]
-pub struct Snapshot {
+pub(crate) struct Snapshot {
     /// In configuration order, so status output reads like the file.
     pools: Vec<Arc<Pool>>,
     by_name: HashMap<String, usize>,
@@ -38,11 +41,12 @@ impl Snapshot {
     /// state, which can come many times a second: starting over each time would hand the first
     /// backends of the cycle more than their share); without, every pool's next connection is
     /// turn 0 and round robins start their cycle over (a new configuration).
-    pub fn build(
+    pub(crate) fn build(
         config: &Config,
         registry: &Registry,
         local_addrs: &HashMap<String, SocketAddr>,
         previous: Option<&Snapshot>,
+        custom: &CustomStrategies,
     ) -> Snapshot {
         let pools: Vec<Arc<Pool>> = config
             .listeners
@@ -58,6 +62,7 @@ impl Snapshot {
                     local_addr,
                     config.log.access_log,
                     turn_base,
+                    custom,
                 );
                 Arc::new(pool)
             })
@@ -72,19 +77,19 @@ impl Snapshot {
     }
 
     /// The pool of listener `name`.
-    pub fn pool(&self, name: &str) -> Option<&Arc<Pool>> {
+    pub(crate) fn pool(&self, name: &str) -> Option<&Arc<Pool>> {
         self.pools.get(*self.by_name.get(name)?)
     }
 
     /// Every pool, in configuration order.
-    pub fn pools(&self) -> impl Iterator<Item = &Arc<Pool>> {
+    pub(crate) fn pools(&self) -> impl Iterator<Item = &Arc<Pool>> {
         self.pools.iter()
     }
 }
 
 /// One listener's backends, settings and strategy.
 #[derive(Debug)]
-pub struct Pool {
+pub(crate) struct Pool {
     name: Arc<str>,
     /// The listener's accepted count when this pool's turn numbering began (see [`Pool::turn`]).
     turn_base: u64,
@@ -92,6 +97,8 @@ pub struct Pool {
     settings: ListenerSettings,
     backends: Box<[Backend]>,
     strategy: Box<dyn Strategy>,
+    /// What status output calls the strategy.
+    strategy_name: Arc<str>,
     stats: Arc<ListenerStats>,
     /// What the listener does now because no backend is healthy; `None` while one is.
     all_unhealthy: Option<AllUnhealthy>,
@@ -101,9 +108,7 @@ pub struct Pool {
 
 /// The per-connection settings of a listener.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ListenerSettings {
-    /// The strategy in use.
-    pub strategy: StrategyKind,
+pub(crate) struct ListenerSettings {
     /// Upper bound on one connect attempt.
     pub connect_timeout: Duration,
     /// Idle time after which a connection is closed.
@@ -124,7 +129,7 @@ pub struct ListenerSettings {
 
 /// One backend as a snapshot sees it.
 #[derive(Debug)]
-pub struct Backend {
+pub(crate) struct Backend {
     /// Where to connect.
     pub addr: SocketAddr,
     /// The weight the configuration gives it.
@@ -143,6 +148,7 @@ impl Pool {
         local_addr: Option<SocketAddr>,
         access_log: bool,
         turn_base: Option<u64>,
+        custom: &CustomStrategies,
     ) -> Pool {
         let now = Instant::now();
         let states: Vec<Arc<BackendState>> = listener
@@ -195,14 +201,19 @@ impl Pool {
                 }
             }
         }
-        let weights: Vec<f64> = backends.iter().map(|b| b.effective_weight).collect();
-        let live: Vec<Arc<BackendState>> = backends.iter().map(|b| Arc::clone(&b.stats)).collect();
+        let candidates: Vec<Candidate> = backends
+            .iter()
+            .map(|b| Candidate::new(b.addr, b.effective_weight, LiveBackend::of(&b.stats)))
+            .collect();
+        let builder: &dyn BuildStrategy = match custom.get(&listener.name) {
+            Some(custom) => &**custom,
+            None => &listener.strategy,
+        };
         Pool {
             name: listener.name.as_str().into(),
             turn_base: turn_base.unwrap_or_else(|| stats.accepted()),
             local_addr,
             settings: ListenerSettings {
-                strategy: listener.strategy,
                 connect_timeout: listener.connect_timeout,
                 idle_timeout: listener.idle_timeout,
                 connect_attempts: listener.connect_attempts,
@@ -212,7 +223,8 @@ impl Pool {
                 access_log,
                 max_connect_failures: listener.passive.map(|p| p.max_connect_failures),
             },
-            strategy: listener.strategy.build(&weights, &live),
+            strategy: builder.build(&candidates),
+            strategy_name: builder.name().into(),
             backends,
             stats,
             all_unhealthy,
@@ -220,38 +232,43 @@ impl Pool {
         }
     }
 
+    /// The name of the strategy in use.
+    pub(crate) fn strategy_name(&self) -> &str {
+        &self.strategy_name
+    }
+
     /// What the listener does because no backend is healthy, or `None` while one is.
-    pub fn all_unhealthy(&self) -> Option<AllUnhealthy> {
+    pub(crate) fn all_unhealthy(&self) -> Option<AllUnhealthy> {
         self.all_unhealthy
     }
 
     /// Asks the control task to rebuild the snapshot (lock-free; see [`Republisher`]).
-    pub fn republish(&self) {
+    pub(crate) fn republish(&self) {
         self.republisher.republish();
     }
 
     /// The listener's name.
-    pub fn name(&self) -> &Arc<str> {
+    pub(crate) fn name(&self) -> &Arc<str> {
         &self.name
     }
 
     /// The address the listener is bound to, if it is.
-    pub fn local_addr(&self) -> Option<SocketAddr> {
+    pub(crate) fn local_addr(&self) -> Option<SocketAddr> {
         self.local_addr
     }
 
     /// The listener's per-connection settings.
-    pub fn settings(&self) -> &ListenerSettings {
+    pub(crate) fn settings(&self) -> &ListenerSettings {
         &self.settings
     }
 
     /// The backends, in configuration order.
-    pub fn backends(&self) -> &[Backend] {
+    pub(crate) fn backends(&self) -> &[Backend] {
         &self.backends
     }
 
     /// The listener's live counters.
-    pub fn stats(&self) -> &Arc<ListenerStats> {
+    pub(crate) fn stats(&self) -> &Arc<ListenerStats> {
         &self.stats
     }
 
@@ -261,13 +278,13 @@ impl Pool {
     /// The number comes from the listener's `accepted` counter, which admitting a connection
     /// increments anyway, so however many threads accept for the listener, its connections
     /// form one sequence and round robin stays exact, at no extra cost.
-    pub fn turn(&self, open: &OpenConn) -> u64 {
+    pub(crate) fn turn(&self, open: &OpenConn) -> u64 {
         open.number().wrapping_sub(self.turn_base)
     }
 
     /// Picks a backend for the connection numbered `turn` (see [`Strategy::pick`]), skipping
     /// the indices in `tried`.
-    pub fn pick(&self, turn: u64, tried: &[usize]) -> Option<(usize, &Backend)> {
+    pub(crate) fn pick(&self, turn: u64, tried: &[usize]) -> Option<(usize, &Backend)> {
         let index = self.strategy.pick(turn, tried)?;
         Some((index, &self.backends[index]))
     }
@@ -297,8 +314,8 @@ mod tests {
     fn rebuilt_snapshots_share_live_state() {
         let config = crate::config::parse(TWO_LISTENERS, Path::new("t.toml")).expect("valid");
         let registry = Registry::default();
-        let first = Snapshot::build(&config, &registry, &HashMap::new(), None);
-        let second = Snapshot::build(&config, &registry, &HashMap::new(), None);
+        let first = Snapshot::build(&config, &registry, &HashMap::new(), None, &HashMap::new());
+        let second = Snapshot::build(&config, &registry, &HashMap::new(), None, &HashMap::new());
         let a1 = &first.pool("a").expect("a").backends()[0];
         let a2 = &second.pool("a").expect("a").backends()[0];
         let b1 = &first.pool("b").expect("b").backends()[0];
@@ -321,13 +338,19 @@ mod tests {
             let open = ListenerStats::admit(pool.stats(), 10).expect("admitted");
             pool.pick(pool.turn(&open), &[]).expect("a pick").0
         };
-        let first = Snapshot::build(&config, &registry, &HashMap::new(), None);
+        let first = Snapshot::build(&config, &registry, &HashMap::new(), None, &HashMap::new());
         assert_eq!(pick(&first), 0);
-        let rebuilt = Snapshot::build(&config, &registry, &HashMap::new(), Some(&first));
+        let rebuilt = Snapshot::build(
+            &config,
+            &registry,
+            &HashMap::new(),
+            Some(&first),
+            &HashMap::new(),
+        );
         assert_eq!(pick(&rebuilt), 1, "carries on after backend 0");
         assert_eq!(pick(&rebuilt), 0);
         assert_eq!(pick(&rebuilt), 1);
-        let reloaded = Snapshot::build(&config, &registry, &HashMap::new(), None);
+        let reloaded = Snapshot::build(&config, &registry, &HashMap::new(), None, &HashMap::new());
         assert_eq!(
             pick(&reloaded),
             0,
@@ -338,7 +361,13 @@ mod tests {
     #[test]
     fn pool_picks_through_its_strategy() {
         let config = crate::config::parse(TWO_LISTENERS, Path::new("t.toml")).expect("valid");
-        let snapshot = Snapshot::build(&config, &Registry::default(), &HashMap::new(), None);
+        let snapshot = Snapshot::build(
+            &config,
+            &Registry::default(),
+            &HashMap::new(),
+            None,
+            &HashMap::new(),
+        );
         let pool = snapshot.pool("b").expect("b");
         let (index, backend) = pool.pick(0, &[]).expect("one backend");
         assert_eq!((index, backend.addr.port()), (0, 9001));

@@ -3,7 +3,7 @@
 //! One trait, [`Strategy`], and one file per algorithm. A strategy is *built* from a pool's
 //! effective weights whenever a snapshot is built, and *picks* many times from `&self`: picking
 //! only reads immutable tables and atomics and writes nothing shared, so any number of
-//! connection tasks may pick at once on any number of cores without a lock and without fighting
+//! worker threads may pick at once on any number of cores without a lock and without fighting
 //! over a cache line (Pingora's "build once, pick many").
 //!
 //! Where a strategy needs to know where it is in a sequence (round robin), the caller tells it:
@@ -30,94 +30,155 @@ use std::sync::Arc;
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
 
-use serde::Deserialize;
+use std::net::SocketAddr;
 
-use crate::backend::BackendState;
+pub use crate::config::StrategyKind;
+use crate::state::{ActiveConn, BackendCounters, BackendState};
 
-pub use capacity_proportional::CapacityProportional;
-pub use weighted_random::WeightedRandom;
-pub use weighted_round_robin::WeightedRoundRobin;
+use capacity_proportional::CapacityProportional;
+use weighted_random::WeightedRandom;
+use weighted_round_robin::WeightedRoundRobin;
 
-/// Picks backends for new connections.
+/// Picks backends for new connections: the one extension point of the balancer.
+///
+/// A strategy is built by a [`BuildStrategy`] each time the pool's snapshot is rebuilt, and
+/// then picks from `&self` on every worker thread at once: keep picking to reads of immutable
+/// tables and atomics. `examples/custom_strategy.rs` shows one defined outside the crate.
 pub trait Strategy: Send + Sync + fmt::Debug {
     /// Returns the index of the backend a connection should go to.
     ///
     /// `turn` is the connection's number in its listener's sequence (0, 1, 2, …); round robin
     /// maps it onto its cycle, capacity-proportional starts its scan there, weighted random
-    /// ignores it. Never returns an
-    /// index in `tried` nor one whose weight is 0; returns `None` when no backend is left.
-    /// `tried` is empty for a connection's first attempt and holds the backends already tried
-    /// (at most `connect_attempts - 1`) on retries, which keep the connection's turn.
+    /// ignores it. Never returns an index in `tried` nor one whose weight is 0; returns `None`
+    /// when no backend is left. `tried` is empty for a connection's first attempt and holds
+    /// the backends already tried (at most `connect_attempts - 1`) on retries, which keep the
+    /// connection's turn.
     fn pick(&self, turn: u64, tried: &[usize]) -> Option<usize>;
 }
 
-/// The strategies a listener can use; the `strategy` key of `[[listener]]`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StrategyKind {
-    /// Smooth weighted round robin, as nginx does it. The default.
-    #[default]
-    WeightedRoundRobin,
-    /// Independent random picks with probability proportional to weight.
-    WeightedRandom,
-    /// Keeps open connections proportional to weight (capacity).
-    CapacityProportional,
+/// Builds a [`Strategy`] over a pool's backends. Called whenever the pool's effective weights
+/// change (a reload, a health verdict, a drain, a slow-start step), never per connection.
+pub trait BuildStrategy: Send + Sync + fmt::Debug {
+    /// The strategy over `backends`, in pool order: the index [`Strategy::pick`] returns is an
+    /// index into this slice.
+    fn build(&self, backends: &[Candidate]) -> Box<dyn Strategy>;
+
+    /// The name status output and logs show for the strategy.
+    fn name(&self) -> &str;
 }
 
-impl StrategyKind {
-    /// Every strategy, in the order the docs list them.
-    pub const ALL: [StrategyKind; 3] = [
-        StrategyKind::WeightedRoundRobin,
-        StrategyKind::WeightedRandom,
-        StrategyKind::CapacityProportional,
-    ];
+/// One backend of a pool, as a strategy is built over it.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    addr: SocketAddr,
+    weight: f64,
+    live: LiveBackend,
+}
 
-    /// The name used in the config file.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            StrategyKind::WeightedRoundRobin => "weighted_round_robin",
-            StrategyKind::WeightedRandom => "weighted_random",
-            StrategyKind::CapacityProportional => "capacity_proportional",
-        }
+impl Candidate {
+    /// A backend at `addr` with effective weight `weight` (finite and ≥ 0; anything else counts
+    /// as 0) and live counters `live`.
+    pub fn new(addr: SocketAddr, weight: f64, live: LiveBackend) -> Candidate {
+        let weight = if weight.is_finite() && weight > 0.0 {
+            weight
+        } else {
+            0.0
+        };
+        Candidate { addr, weight, live }
     }
 
-    /// Builds this strategy over a pool.
-    ///
-    /// `weights[i]` is backend i's effective weight (finite, ≥ 0); `live[i]` its live counters,
-    /// read by load-aware strategies. Both slices have one entry per backend.
-    pub fn build(self, weights: &[f64], live: &[Arc<BackendState>]) -> Box<dyn Strategy> {
-        debug_assert_eq!(weights.len(), live.len());
+    /// Where the backend is.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Its effective weight: the configured one as drain, health, ejection, slow start and
+    /// reported load leave it. A strategy never picks a backend of weight 0.
+    pub fn weight(&self) -> f64 {
+        self.weight
+    }
+
+    /// Its live counters, which go on changing after the strategy is built.
+    pub fn live(&self) -> &LiveBackend {
+        &self.live
+    }
+}
+
+/// Read access to one backend's live counters, shared with the data path: a strategy may keep
+/// it and read it on every pick (relaxed atomic loads, no lock).
+#[derive(Debug, Clone, Default)]
+pub struct LiveBackend(Arc<BackendState>);
+
+impl LiveBackend {
+    /// Counters of a backend that no balancer serves, for testing and benchmarking strategies.
+    pub fn detached() -> LiveBackend {
+        LiveBackend::default()
+    }
+
+    pub(crate) fn of(state: &Arc<BackendState>) -> LiveBackend {
+        LiveBackend(Arc::clone(state))
+    }
+
+    pub(crate) fn state(&self) -> &Arc<BackendState> {
+        &self.0
+    }
+
+    /// Connections open to the backend now, those still connecting included.
+    pub fn active(&self) -> u64 {
+        self.0.active()
+    }
+
+    /// All of its counters.
+    pub fn counters(&self) -> BackendCounters {
+        self.0.counters()
+    }
+
+    /// Counts one connection as open to this backend until the guard drops, as the data path
+    /// does from pick to close; for testing and benchmarking strategies.
+    pub fn open(&self) -> OpenGuard {
+        OpenGuard(BackendState::acquire(&self.0))
+    }
+}
+
+/// One connection counted by [`LiveBackend::open`].
+#[derive(Debug)]
+#[must_use = "the connection is only counted while the guard lives"]
+pub struct OpenGuard(#[allow(dead_code)] ActiveConn);
+
+impl BuildStrategy for StrategyKind {
+    fn build(&self, backends: &[Candidate]) -> Box<dyn Strategy> {
+        let weights: Vec<f64> = backends.iter().map(Candidate::weight).collect();
         // Each weight is finite, but their sum need not be (two weights of 1e308): the samplers'
         // cumulative sums would then fail and the pool would route nothing. Only the ratios
         // matter, so such weights are scaled down to a largest weight of 1.
-        let scaled: Vec<f64>;
         let weights = if weights.iter().sum::<f64>().is_finite() {
             weights
         } else {
             let max = weights.iter().copied().fold(0.0, f64::max);
-            scaled = weights.iter().map(|w| w / max).collect();
-            &scaled
+            weights.iter().map(|w| w / max).collect()
         };
         match self {
-            StrategyKind::WeightedRoundRobin => Box::new(WeightedRoundRobin::new(weights)),
-            StrategyKind::WeightedRandom => Box::new(WeightedRandom::new(weights)),
+            StrategyKind::WeightedRoundRobin => Box::new(WeightedRoundRobin::new(&weights)),
+            StrategyKind::WeightedRandom => Box::new(WeightedRandom::new(&weights)),
             StrategyKind::CapacityProportional => {
-                Box::new(CapacityProportional::new(weights, live))
+                let live: Vec<Arc<BackendState>> = backends
+                    .iter()
+                    .map(|b| Arc::clone(b.live().state()))
+                    .collect();
+                Box::new(CapacityProportional::new(&weights, &live))
             }
         }
     }
-}
 
-impl fmt::Display for StrategyKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+    fn name(&self) -> &str {
+        self.as_str()
     }
 }
 
 thread_local! {
     /// The random strategies' generator, one per thread: picks need an even spread, not
-    /// secrecy, and rand's thread generator (ChaCha, for secrets) cost about 8 ns of an 11 ns
-    /// weighted-random pick. Seeded from that generator, so threads and processes differ.
+    /// secrecy, and rand's thread generator (ChaCha, for secrets) would be most of a
+    /// weighted-random pick's cost. Seeded from that generator, so threads and processes differ.
     static PICK_RNG: RefCell<SmallRng> = RefCell::new(SmallRng::from_rng(&mut rand::rng()));
 }
 
@@ -143,16 +204,20 @@ mod tests {
             let mut weights = vec![f64::MAX / 2.0; n];
             weights[0] = f64::MAX;
             weights[1] = 0.0;
-            let live: Vec<Arc<BackendState>> = (0..n).map(|_| Arc::default()).collect();
+            let addr: SocketAddr = "127.0.0.1:1".parse().expect("literal");
+            let live: Vec<LiveBackend> = (0..n).map(|_| LiveBackend::detached()).collect();
+            let backends: Vec<Candidate> = (weights.iter().zip(&live))
+                .map(|(&w, l)| Candidate::new(addr, w, l.clone()))
+                .collect();
             for kind in StrategyKind::ALL {
-                let strategy = kind.build(&weights, &live);
+                let strategy = kind.build(&backends);
                 let mut picked = vec![0_usize; n];
                 // Connections stay open, as capacity-proportional balances open connections.
                 let mut open = Vec::new();
                 for turn in 0..(40 * n as u64) {
                     let i = strategy.pick(turn, &[]).expect("a backend to route to");
                     picked[i] += 1;
-                    open.push(BackendState::acquire(&live[i]));
+                    open.push(live[i].open());
                 }
                 assert_eq!(picked[1], 0, "{kind} at {n}: weight 0 was picked");
                 assert!(picked[0] > 0 && picked[2] > 0, "{kind} at {n}: {picked:?}");

@@ -4,34 +4,12 @@
 //! Nothing is kept twice: the connection path counts into `ListenerStats` and `BackendState` as
 //! it always does, and a [`Collector`] turns those into metric families when Prometheus asks.
 //! Series exist for the listeners and backends of the running configuration. A backend a reload
-//! removed keeps its connection series (active, totals, bytes, connect time) while it still
+//! removed keeps its connection series (active, totals, bytes, spliced bytes, connect time) while it still
 //! carries connections, so the streams it serves can be watched to their end; it has no weight
 //! or health series, being in no rotation, and disappears from the scrape after its last
 //! connection.
 //!
-//! | metric | type | labels |
-//! |---|---|---|
-//! | `weighbridge_connections_accepted_total` | counter | listener |
-//! | `weighbridge_connections_active` | gauge | listener |
-//! | `weighbridge_connections_rejected_total` | counter | listener, reason |
-//! | `weighbridge_connect_attempts_total` | counter | listener |
-//! | `weighbridge_connect_failures_total` | counter | listener |
-//! | `weighbridge_connection_duration_seconds` | histogram | listener |
-//! | `weighbridge_all_unhealthy` | gauge | listener |
-//! | `weighbridge_all_unhealthy_episodes_total` | counter | listener |
-//! | `weighbridge_routed_all_unhealthy_total` | counter | listener |
-//! | `weighbridge_backend_connections_active` | gauge | listener, backend |
-//! | `weighbridge_backend_connections_total` | counter | listener, backend |
-//! | `weighbridge_backend_connect_failures_total` | counter | listener, backend |
-//! | `weighbridge_backend_bytes_total` | counter | listener, backend, direction |
-//! | `weighbridge_backend_connect_duration_seconds` | histogram | listener, backend |
-//! | `weighbridge_backend_weight` | gauge | listener, backend |
-//! | `weighbridge_backend_effective_weight` | gauge | listener, backend |
-//! | `weighbridge_backend_healthy` | gauge | listener, backend |
-//! | `weighbridge_backend_ejected` | gauge | listener, backend |
-//! | `weighbridge_backend_drained` | gauge | listener, backend |
-//! | `weighbridge_reloads_total` | counter | result |
-//! | `weighbridge_build_info` | gauge | version |
+//! Every metric, its type, labels and meaning: docs/observability.md, "Metrics".
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -44,11 +22,11 @@ use prometheus_client::encoding::{
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-use crate::backend::{AdminState, BackendCounters, BackendState, ListenerCounters};
-use crate::balancer::Handle;
+use crate::control::Handle;
 use crate::health::Health;
-use crate::histogram::HistogramSnapshot;
 use crate::snapshot::Pool;
+use crate::state::histogram::HistogramSnapshot;
+use crate::state::{AdminState, BackendCounters, BackendState, ListenerCounters};
 
 /// A registry holding the one collector that reads `handle` at each scrape.
 pub(super) fn registry(handle: Handle) -> Registry {

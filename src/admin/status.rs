@@ -8,9 +8,9 @@ use std::time::SystemTime;
 use serde::Serialize;
 
 use super::Endpoint;
-use crate::backend::{BackendCounters, ListenerCounters};
 use crate::health::Health;
 use crate::snapshot::{Backend, Pool};
+use crate::state::{BackendCounters, ListenerCounters};
 
 /// The whole answer.
 #[derive(Debug, Serialize)]
@@ -59,7 +59,7 @@ struct ListenerStatus {
     name: String,
     /// The address actually bound (port 0 resolved).
     bind: Option<String>,
-    strategy: &'static str,
+    strategy: String,
     max_connections: usize,
     /// `null`: the system's.
     backend_congestion_control: Option<String>,
@@ -190,7 +190,7 @@ impl ListenerStatus {
         ListenerStatus {
             name: pool.name().to_string(),
             bind: pool.local_addr().map(|a| a.to_string()),
-            strategy: pool.settings().strategy.as_str(),
+            strategy: pool.strategy_name().to_owned(),
             max_connections: pool.settings().max_connections.get(),
             backend_congestion_control: pool
                 .settings()

@@ -21,14 +21,14 @@ const MAX_LEN: usize = 15;
 /// Inline and `Copy`, so that it travels in every listener's per-connection settings without
 /// an allocation or a reference count.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub struct CongestionControl {
+pub(crate) struct CongestionControl {
     name: [u8; MAX_LEN],
     len: u8,
 }
 
 /// Why a name cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum CongestionError {
+pub(crate) enum CongestionError {
     /// Not a name the kernel could have.
     #[error("invalid name `{0}`: expected 1 to 15 lowercase letters, digits, `_` or `-`")]
     BadName(String),
@@ -64,7 +64,7 @@ pub enum CongestionError {
 
 impl CongestionControl {
     /// Checks `name`'s form and that this process can set it on a TCP socket.
-    pub fn new(name: &str) -> Result<CongestionControl, CongestionError> {
+    pub(crate) fn new(name: &str) -> Result<CongestionControl, CongestionError> {
         let valid = !name.is_empty()
             && name.len() <= MAX_LEN
             && name
@@ -84,14 +84,14 @@ impl CongestionControl {
     }
 
     /// The name.
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         // Only ASCII is ever stored (checked in `new`).
         std::str::from_utf8(&self.name[..usize::from(self.len)]).unwrap_or_default()
     }
 
     /// Sets it on `socket`.
     #[cfg(target_os = "linux")]
-    pub fn apply(&self, socket: impl std::os::fd::AsFd) -> std::io::Result<()> {
+    pub(crate) fn apply(&self, socket: impl std::os::fd::AsFd) -> std::io::Result<()> {
         rustix::net::sockopt::set_tcp_congestion(socket, self.as_str()).map_err(Into::into)
     }
 

@@ -14,7 +14,7 @@ use super::CongestionError;
 
 /// Line and column (both 1-based) in the config file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Location {
+pub(crate) struct Location {
     /// 1-based line.
     pub line: usize,
     /// 1-based column, in characters.
@@ -39,11 +39,23 @@ impl Location {
 #[derive(Debug)]
 pub struct ConfigError {
     /// The file.
-    pub path: PathBuf,
+    pub(crate) path: PathBuf,
     /// Where in it, when the problem has a place.
-    pub location: Option<Location>,
+    pub(crate) location: Option<Location>,
     /// What is wrong (boxed: errors are rare, `Result`s of config are moved around often).
-    pub kind: Box<ConfigErrorKind>,
+    pub(crate) kind: Box<ConfigErrorKind>,
+}
+
+impl ConfigError {
+    /// The file the error is about.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    /// The line of the offending key or value (1-based), when the problem has a place.
+    pub fn line(&self) -> Option<usize> {
+        self.location.map(|l| l.line)
+    }
 }
 
 impl fmt::Display for ConfigError {
@@ -75,7 +87,7 @@ impl std::error::Error for ConfigError {
 /// Everything that can be wrong with a config file.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum ConfigErrorKind {
+pub(crate) enum ConfigErrorKind {
     /// The file could not be read.
     #[error("cannot read config file: {0}")]
     Read(#[source] std::io::Error),

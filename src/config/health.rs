@@ -17,46 +17,47 @@ use super::validate::{Invalid, count, duration, optional_duration};
 
 /// Time between two probes of one backend. 2 s is HAProxy's `inter`: a dead backend is noticed
 /// within seconds while a fleet of hundreds costs a few probes per second.
-pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(2);
+pub(crate) const DEFAULT_INTERVAL: Duration = Duration::from_secs(2);
 /// Upper bound on one probe, connect included. 2 s: SGLang's `/health` takes about 1 s when it
 /// runs its one-token generation, and a saturated vLLM is known to miss 1 s probes
 /// (llm-d-benchmark PR #1734), so 1 s would call busy servers broken.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Consecutive passes that bring an unhealthy backend back (HAProxy's and SGLang router's 2).
-pub const DEFAULT_RISE: NonZeroU32 = NonZeroU32::new(2).expect("2 is not zero");
+pub(crate) const DEFAULT_RISE: NonZeroU32 = NonZeroU32::new(2).expect("2 is not zero");
 /// Consecutive failures that take a healthy backend out (HAProxy's and SGLang router's 3): one
 /// lost probe is not an outage, and ejecting on a single miss makes busy backends flap.
-pub const DEFAULT_FALL: NonZeroU32 = NonZeroU32::new(3).expect("3 is not zero");
+pub(crate) const DEFAULT_FALL: NonZeroU32 = NonZeroU32::new(3).expect("3 is not zero");
 /// How long a backend that has never passed may keep failing while it is reported as
 /// *starting* rather than unhealthy. 5 minutes is SGLang router's worker start-up timeout; model
 /// loads, torch.compile and CUDA-graph capture routinely take minutes.
-pub const DEFAULT_STARTUP_GRACE: Duration = Duration::from_secs(300);
+pub(crate) const DEFAULT_STARTUP_GRACE: Duration = Duration::from_secs(300);
 /// HTTP probe path when none is given: vLLM, TGI, SGLang and llama.cpp all serve `/health`.
-pub const DEFAULT_HEALTH_PATH: &str = "/health";
+pub(crate) const DEFAULT_HEALTH_PATH: &str = "/health";
 /// Load scrape path when neither `path` nor a preset gives one: the Prometheus convention.
-pub const DEFAULT_METRICS_PATH: &str = "/metrics";
+pub(crate) const DEFAULT_METRICS_PATH: &str = "/metrics";
 /// Value of the load metric at which the weight has fallen to its floor. 32 queued requests is
 /// several batches of backlog for a typical vLLM/SGLang deployment.
-pub const DEFAULT_SATURATION: f64 = 32.0;
+pub(crate) const DEFAULT_SATURATION: f64 = 32.0;
 /// Floor of the load factor, in percent: a busy server keeps a trickle of new connections, so its
 /// reported load can fall and its weight recover (Envoy's slow-start floor is 10 % too).
-pub const DEFAULT_MIN_WEIGHT_PERCENT: f64 = 10.0;
+pub(crate) const DEFAULT_MIN_WEIGHT_PERCENT: f64 = 10.0;
 /// Time between two load scrapes of one backend. 1 s follows load changes within a few seconds
 /// while a scrape (a few hundred KiB of text for vLLM) stays cheap.
-pub const DEFAULT_LOAD_INTERVAL: Duration = Duration::from_secs(1);
+pub(crate) const DEFAULT_LOAD_INTERVAL: Duration = Duration::from_secs(1);
 /// Consecutive failed connects from live traffic that eject a backend (Envoy's
 /// `consecutive_5xx`, which counts connect failures for TCP, is 5).
-pub const DEFAULT_MAX_CONNECT_FAILURES: NonZeroU32 = NonZeroU32::new(5).expect("5 is not zero");
+pub(crate) const DEFAULT_MAX_CONNECT_FAILURES: NonZeroU32 =
+    NonZeroU32::new(5).expect("5 is not zero");
 /// First ejection's length; it doubles on each repeat up to [`MAX_EJECTION`]. 10 s is nginx's
 /// `fail_timeout`: long enough to stop hammering a dead server, short enough to find it back.
-pub const DEFAULT_EJECT_FOR: Duration = Duration::from_secs(10);
+pub(crate) const DEFAULT_EJECT_FOR: Duration = Duration::from_secs(10);
 /// Cap on the doubling ejection time (Envoy's `max_ejection_time`).
-pub const MAX_EJECTION: Duration = Duration::from_secs(300);
+pub(crate) const MAX_EJECTION: Duration = Duration::from_secs(300);
 
 /// How a backend's health is probed; the `kind` key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum ProbeKind {
+pub(crate) enum ProbeKind {
     /// A TCP connect that succeeds is a pass.
     Tcp,
     /// An HTTP GET answered with an expected status (and body) is a pass. The default: a TCP
@@ -69,7 +70,7 @@ pub enum ProbeKind {
 /// What a listener does when none of its backends is healthy; the `all_unhealthy` key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum AllUnhealthy {
+pub(crate) enum AllUnhealthy {
     /// Ignore health and spread connections over every backend by configured weight (and
     /// operator drain): when every check fails, the checks are the likelier culprit, and a
     /// refused client is a certain failure. The default (Envoy's panic mode, Sōzu's fail-open).
@@ -81,7 +82,7 @@ pub enum AllUnhealthy {
 
 impl AllUnhealthy {
     /// The name used in the config file.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             AllUnhealthy::RouteAnyway => "route_anyway",
             AllUnhealthy::Reject => "reject",
@@ -92,7 +93,7 @@ impl AllUnhealthy {
 /// An inference engine whose queue gauge and metrics endpoint are known; the `preset` key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum LoadPreset {
+pub(crate) enum LoadPreset {
     /// vLLM's OpenAI server: `vllm:num_requests_waiting` on `/metrics`, same port.
     Vllm,
     /// SGLang (with `--enable-metrics`): `sglang:num_queue_reqs` on `/metrics`, same port.
@@ -107,7 +108,7 @@ pub enum LoadPreset {
 
 impl LoadPreset {
     /// The engine's queue gauge.
-    pub fn metric(self) -> &'static str {
+    pub(crate) fn metric(self) -> &'static str {
         match self {
             LoadPreset::Vllm => "vllm:num_requests_waiting",
             LoadPreset::Sglang => "sglang:num_queue_reqs",
@@ -118,13 +119,13 @@ impl LoadPreset {
     }
 
     /// Where the engine serves its metrics.
-    pub fn path(self) -> &'static str {
+    pub(crate) fn path(self) -> &'static str {
         DEFAULT_METRICS_PATH
     }
 
     /// The port the engine serves metrics on when it is not the serving port: Triton serves
     /// HTTP on 8000, gRPC on 8001 and metrics on 8002 (`--metrics-port`).
-    pub fn port(self) -> Option<u16> {
+    pub(crate) fn port(self) -> Option<u16> {
         match self {
             LoadPreset::Triton => Some(8002),
             _ => None,
@@ -134,7 +135,7 @@ impl LoadPreset {
 
 /// A listener's active health checks: `[listener.health]`.
 #[derive(Debug, Clone, PartialEq)]
-pub struct HealthConfig {
+pub(crate) struct HealthConfig {
     /// What one probe does.
     pub probe: Probe,
     /// Time between two probes of one backend (jittered by up to ±10 %).
@@ -157,7 +158,7 @@ pub struct HealthConfig {
 
 /// What one probe does.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Probe {
+pub(crate) enum Probe {
     /// Connect, then close.
     Tcp,
     /// GET a path and judge the answer.
@@ -166,7 +167,7 @@ pub enum Probe {
 
 /// An HTTP/1.1 probe.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HttpProbe {
+pub(crate) struct HttpProbe {
     /// Absolute path (and query) to GET, starting with `/`.
     pub path: String,
     /// `Host` header; the probed address when `None`.
@@ -179,7 +180,7 @@ pub struct HttpProbe {
 
 /// Statuses that make an HTTP probe pass.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ExpectStatus {
+pub(crate) enum ExpectStatus {
     /// Any 2xx (the default).
     Success,
     /// Exactly these (each 100..=599; at least one).
@@ -188,7 +189,7 @@ pub enum ExpectStatus {
 
 impl ExpectStatus {
     /// True when `status` passes.
-    pub fn matches(&self, status: u16) -> bool {
+    pub(crate) fn matches(&self, status: u16) -> bool {
         match self {
             ExpectStatus::Success => (200..300).contains(&status),
             ExpectStatus::AnyOf(list) => list.contains(&status),
@@ -198,7 +199,7 @@ impl ExpectStatus {
 
 /// Weight that follows the load a server reports: `[listener.health.load]`.
 #[derive(Debug, Clone, PartialEq)]
-pub struct LoadConfig {
+pub(crate) struct LoadConfig {
     /// Path of the Prometheus text endpoint.
     pub path: String,
     /// Port to scrape instead of the probed address's port (Triton's 8002).
@@ -215,7 +216,7 @@ pub struct LoadConfig {
 
 /// Passive ejection from live traffic: `[listener.passive]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PassiveConfig {
+pub(crate) struct PassiveConfig {
     /// Consecutive failed connects that eject the backend.
     pub max_connect_failures: NonZeroU32,
     /// First ejection's length; doubles on each repeat up to [`MAX_EJECTION`].

@@ -9,8 +9,8 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::LogFormat;
+use super::StrategyKind;
 use crate::config::{AllUnhealthy, LoadPreset, ProbeKind};
-use crate::strategy::StrategyKind;
 
 /// The whole file.
 #[derive(Debug, Deserialize)]

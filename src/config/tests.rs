@@ -8,6 +8,11 @@ use std::num::NonZeroUsize;
 use std::path::Path;
 use std::time::Duration;
 
+use super::health::{
+    DEFAULT_EJECT_FOR, DEFAULT_FALL, DEFAULT_HEALTH_PATH, DEFAULT_INTERVAL, DEFAULT_LOAD_INTERVAL,
+    DEFAULT_MAX_CONNECT_FAILURES, DEFAULT_METRICS_PATH, DEFAULT_MIN_WEIGHT_PERCENT, DEFAULT_RISE,
+    DEFAULT_SATURATION, DEFAULT_STARTUP_GRACE, DEFAULT_TIMEOUT,
+};
 use super::validate::binds_overlap;
 use super::*;
 

@@ -8,11 +8,11 @@ use subtle::ConstantTimeEq;
 ///
 /// `Debug` does not show it, so a logged or printed configuration never leaks it.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Token(String);
+pub(crate) struct Token(String);
 
 impl Token {
     /// Returns the token if `value` can be sent in an `Authorization` header as it is.
-    pub fn new(value: &str) -> Option<Token> {
+    pub(crate) fn new(value: &str) -> Option<Token> {
         (!value.is_empty() && value.bytes().all(|b| b.is_ascii_graphic()))
             .then(|| Token(value.to_owned()))
     }
@@ -21,7 +21,7 @@ impl Token {
     /// takes the same time wherever the first differing byte is, so response times do not
     /// reveal how much of a guess was right; a guess of another length is refused at once,
     /// which tells only the length.
-    pub fn matches(&self, presented: &[u8]) -> bool {
+    pub(crate) fn matches(&self, presented: &[u8]) -> bool {
         self.0.as_bytes().ct_eq(presented).into()
     }
 }

@@ -29,24 +29,25 @@ use crate::config::LoadConfig;
 
 /// Weight α of each new scrape in the moving average; 0.5 halves the distance to a new level at
 /// every scrape, so a real change shows within 2–3 intervals while a one-scrape blip counts half.
-pub const SMOOTHING: f64 = 0.5;
+pub(crate) const SMOOTHING: f64 = 0.5;
 /// Largest change of the load factor from one scrape to the next (a quarter of full weight).
-pub const MAX_FACTOR_STEP: f64 = 0.25;
+pub(crate) const MAX_FACTOR_STEP: f64 = 0.25;
 /// Failed scrapes in a row during which the last factor is held; at this many it returns to 1.
-pub const HOLD_SCRAPES: u32 = 3;
+pub(crate) const HOLD_SCRAPES: u32 = 3;
 /// Resolution of the published load factor: steps per unit, so 1 % of the weight.
-pub const FACTOR_RESOLUTION: f64 = 100.0;
+pub(crate) const FACTOR_RESOLUTION: f64 = 100.0;
 /// Largest metrics page read. vLLM's is a few hundred KiB with all its histograms.
 const SCRAPE_LIMIT: usize = 8 * 1024 * 1024;
 
+#[cfg(test)]
 /// The load factor for a (smoothed) metric value.
-pub fn factor_for(value: f64, config: &LoadConfig) -> f64 {
+pub(crate) fn factor_for(value: f64, config: &LoadConfig) -> f64 {
     (1.0 - value / config.saturation).clamp(config.min_factor, 1.0)
 }
 
 /// Smoothing and hold/reset state of one backend's load.
 #[derive(Debug, Clone)]
-pub struct LoadTracker {
+pub(crate) struct LoadTracker {
     saturation: f64,
     min_factor: f64,
     smoothed: Option<f64>,
@@ -56,7 +57,7 @@ pub struct LoadTracker {
 
 impl LoadTracker {
     /// A tracker with no scrape yet: factor 1.
-    pub fn new(config: &LoadConfig) -> LoadTracker {
+    pub(crate) fn new(config: &LoadConfig) -> LoadTracker {
         LoadTracker {
             saturation: config.saturation,
             min_factor: config.min_factor,
@@ -70,7 +71,7 @@ impl LoadTracker {
     /// reload left (the supervisor forgets them when load stops being configured). A busy
     /// backend then stays at its low factor instead of climbing back from 1 a step per scrape,
     /// and a first failed scrape holds that factor like any other.
-    pub fn resume(config: &LoadConfig, smoothed: Option<f64>, factor: f64) -> LoadTracker {
+    pub(crate) fn resume(config: &LoadConfig, smoothed: Option<f64>, factor: f64) -> LoadTracker {
         LoadTracker {
             smoothed,
             factor: factor.clamp(config.min_factor, 1.0),
@@ -79,7 +80,7 @@ impl LoadTracker {
     }
 
     /// Takes in one scraped value (negative values count as 0).
-    pub fn observe(&mut self, value: f64) {
+    pub(crate) fn observe(&mut self, value: f64) {
         let value = value.max(0.0);
         let smoothed = match self.smoothed {
             None => value,
@@ -93,7 +94,7 @@ impl LoadTracker {
     }
 
     /// Takes in a failed scrape; true when this one ended the hold (the factor went back to 1).
-    pub fn fail(&mut self) -> bool {
+    pub(crate) fn fail(&mut self) -> bool {
         self.failures = self.failures.saturating_add(1);
         if self.failures == HOLD_SCRAPES {
             self.smoothed = None;
@@ -104,24 +105,24 @@ impl LoadTracker {
     }
 
     /// The smoothed value, if the latest scrapes gave one.
-    pub fn smoothed(&self) -> Option<f64> {
+    pub(crate) fn smoothed(&self) -> Option<f64> {
         self.smoothed
     }
 
     /// Failed scrapes in a row.
-    pub fn failures(&self) -> u32 {
+    pub(crate) fn failures(&self) -> u32 {
         self.failures
     }
 
     /// The factor to publish, rounded to 1 % ([`FACTOR_RESOLUTION`]).
-    pub fn factor(&self) -> f64 {
+    pub(crate) fn factor(&self) -> f64 {
         ((self.factor * FACTOR_RESOLUTION).round() / FACTOR_RESOLUTION).clamp(self.min_factor, 1.0)
     }
 }
 
 /// Why a scrape gave no value.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ScrapeError {
+pub(crate) enum ScrapeError {
     /// The request failed or answered with a non-2xx status.
     Http(ProbeError),
     /// The page is not UTF-8 Prometheus text.
@@ -176,7 +177,7 @@ pub(crate) async fn scrape(
 /// no sample for a labelled metric nobody has set yet) does not hide the one asked for, and
 /// CRLF line ends read as LF. The page's first problem is reported only when the metric is not
 /// found.
-pub fn metric_value(text: &str, metric: &str) -> Result<f64, ScrapeError> {
+pub(crate) fn metric_value(text: &str, metric: &str) -> Result<f64, ScrapeError> {
     let text = if text.contains('\r') {
         Cow::Owned(text.replace("\r\n", "\n"))
     } else {

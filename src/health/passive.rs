@@ -19,7 +19,7 @@ use crate::config::MAX_EJECTION;
 
 /// The ejection record of one backend.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Ejections {
+pub(crate) struct Ejections {
     /// Ejected until then (kept after it passes, until [`expire`](Ejections::expire) runs).
     until: Option<Instant>,
     /// Ejections in a row without a long enough stay in rotation in between.
@@ -32,28 +32,28 @@ pub struct Ejections {
 
 impl Ejections {
     /// True while an ejection is in force.
-    pub fn is_ejected(&self, now: Instant) -> bool {
+    pub(crate) fn is_ejected(&self, now: Instant) -> bool {
         self.until.is_some_and(|until| now < until)
     }
 
     /// When the current ejection ends, if there is one (it may be just over and not yet
     /// expired).
-    pub fn until(&self) -> Option<Instant> {
+    pub(crate) fn until(&self) -> Option<Instant> {
         self.until
     }
 
     /// Ejections in a row; the next one lasts `eject_for` × 2^streak (capped).
-    pub fn streak(&self) -> u32 {
+    pub(crate) fn streak(&self) -> u32 {
         self.streak
     }
 
     /// How long the latest ejection lasted (or lasts).
-    pub fn last_length(&self) -> Duration {
+    pub(crate) fn last_length(&self) -> Duration {
         self.last_length
     }
 
     /// Ejects the backend at `now` and returns for how long.
-    pub fn eject(&mut self, now: Instant, eject_for: Duration) -> Duration {
+    pub(crate) fn eject(&mut self, now: Instant, eject_for: Duration) -> Duration {
         if self
             .returned_at
             .is_some_and(|back| now.saturating_duration_since(back) >= self.last_length)
@@ -72,7 +72,7 @@ impl Ejections {
     }
 
     /// Ends the ejection if its time is over at `now`; true if one ended.
-    pub fn expire(&mut self, now: Instant) -> bool {
+    pub(crate) fn expire(&mut self, now: Instant) -> bool {
         match self.until {
             Some(until) if now >= until => {
                 self.until = None;
@@ -84,7 +84,7 @@ impl Ejections {
     }
 
     /// Forgets everything (passive checks were switched off).
-    pub fn clear(&mut self) {
+    pub(crate) fn clear(&mut self) {
         *self = Ejections::default();
     }
 }

@@ -20,11 +20,11 @@ use tokio::time::Instant;
 
 /// Number of equal steps of a ramp. The weight starts at 1/STEPS of full, never at zero: a
 /// backend at zero would get no traffic to warm up with.
-pub const STEPS: u32 = 20;
+pub(crate) const STEPS: u32 = 20;
 
 /// A weight ramp in progress.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Ramp {
+pub(crate) struct Ramp {
     /// When it started.
     pub start: Instant,
     /// How long it lasts.
@@ -33,17 +33,17 @@ pub struct Ramp {
 
 impl Ramp {
     /// The share of the weight the ramp allows at `now`: 1/[`STEPS`] to 1.
-    pub fn factor(&self, now: Instant) -> f64 {
+    pub(crate) fn factor(&self, now: Instant) -> f64 {
         f64::from(self.step(now)) / f64::from(STEPS)
     }
 
     /// True once the ramp has reached full weight.
-    pub fn is_over(&self, now: Instant) -> bool {
+    pub(crate) fn is_over(&self, now: Instant) -> bool {
         self.step(now) >= STEPS
     }
 
     /// When the weight changes next, if it still will.
-    pub fn next_step(&self, now: Instant) -> Option<Instant> {
+    pub(crate) fn next_step(&self, now: Instant) -> Option<Instant> {
         let step = self.step(now);
         // The first instant of step + 1, rounded up to the nanosecond so that it lies in it.
         // (Steps 0 and 1 share the factor 1/STEPS, so the first boundary is that of step 2.)

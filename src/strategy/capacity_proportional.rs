@@ -14,7 +14,7 @@
 //!
 //! Finding the exact minimum reads every backend's count, about a nanosecond each. Pools of up to
 //! [`FULL_SCAN_MAX`] backends — the fleets one listener usually fronts — get that exact scan. A
-//! larger pool would spend microseconds per connection on it (2.9 µs at 1,024 backends), so
+//! larger pool would spend microseconds per connection on it, so
 //! there a pick draws two candidates at random in proportion to capacity and takes the
 //! less loaded of them: "power of two choices", Envoy's `LEAST_REQUEST` and nginx's `random two
 //! least_conn`, weighted. Drawing by capacity keeps every backend's expected share at C_i / ΣC;
@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 
 use super::{Strategy, WeightedRandom, eligible, with_pick_rng};
-use crate::backend::BackendState;
+use crate::state::BackendState;
 
 /// Largest pool whose picks scan every backend for the exact minimum.
 pub(super) const FULL_SCAN_MAX: usize = 64;
@@ -44,7 +44,7 @@ pub(super) const FAILED_COOLDOWN: Duration = Duration::from_secs(1);
 
 /// Least (active + 1) / capacity.
 #[derive(Debug)]
-pub struct CapacityProportional {
+pub(super) struct CapacityProportional {
     members: Box<[Member]>,
     /// Draws candidates by capacity; only for pools larger than [`FULL_SCAN_MAX`].
     sampler: Option<WeightedRandom>,
@@ -58,7 +58,7 @@ struct Member {
 
 impl CapacityProportional {
     /// Builds the strategy; `capacities[i]` and `live[i]` describe backend i.
-    pub fn new(capacities: &[f64], live: &[Arc<BackendState>]) -> CapacityProportional {
+    pub(super) fn new(capacities: &[f64], live: &[Arc<BackendState>]) -> CapacityProportional {
         let members = capacities
             .iter()
             .zip(live)
@@ -73,7 +73,7 @@ impl CapacityProportional {
 
     /// Picks for the connection numbered `turn` with a caller-supplied random source (seeded in
     /// tests).
-    pub fn pick_with<R: Rng + ?Sized>(
+    pub(super) fn pick_with<R: Rng + ?Sized>(
         &self,
         rng: &mut R,
         turn: u64,
@@ -267,7 +267,7 @@ mod tests {
             strategy: &CapacityProportional,
             live: &[Arc<BackendState>],
             n: usize,
-        ) -> Vec<crate::backend::ActiveConn> {
+        ) -> Vec<crate::state::ActiveConn> {
             (0..n)
                 .map(|_| {
                     let i = self.pick(strategy, &[]).expect("a pick");
@@ -296,9 +296,9 @@ mod tests {
         picker: &mut Picker,
         strategy: &CapacityProportional,
         live: &[Arc<BackendState>],
-        held: Vec<crate::backend::ActiveConn>,
+        held: Vec<crate::state::ActiveConn>,
         round: usize,
-    ) -> Vec<crate::backend::ActiveConn> {
+    ) -> Vec<crate::state::ActiveConn> {
         let before = held.len();
         let mut kept: Vec<_> = held
             .into_iter()

@@ -3,9 +3,9 @@
 //! No shared state is written on a pick (unlike round robin's counter), so pickers on different
 //! threads never touch the same cache line. The sampling itself is Walker's alias method (in
 //! Vose's O(n) construction): one random number picks a slot and decides between the slot's
-//! backend and its alias, so a pick is one table read whatever the pool's size. A binary search
-//! over cumulative weights (rand's `WeightedIndex`) cost 25 ns at 1,024 backends, ten dependent
-//! reads; capacity-proportional draws twice per pick from this sampler in large pools.
+//! backend and its alias, so a pick is one table read whatever the pool's size, where a binary
+//! search over cumulative weights (rand's `WeightedIndex`) makes ten dependent reads at 1,024
+//! backends; capacity-proportional draws twice per pick from this sampler in large pools.
 //!
 //! On a retry the backends in `tried` are excluded by rejection sampling, which keeps the
 //! probabilities exactly proportional among the rest; if the tried ones carry nearly all the
@@ -20,7 +20,7 @@ const REJECTION_TRIES: usize = 8;
 
 /// Independent weighted random picks.
 #[derive(Debug)]
-pub struct WeightedRandom {
+pub(super) struct WeightedRandom {
     /// `None` when every weight is 0 (or there is no backend).
     index: Option<AliasTable>,
     weights: Box<[f64]>,
@@ -28,7 +28,7 @@ pub struct WeightedRandom {
 
 impl WeightedRandom {
     /// Builds the sampler for `weights` (finite, ≥ 0).
-    pub fn new(weights: &[f64]) -> WeightedRandom {
+    pub(super) fn new(weights: &[f64]) -> WeightedRandom {
         WeightedRandom {
             index: AliasTable::new(weights),
             weights: weights.into(),
@@ -36,7 +36,7 @@ impl WeightedRandom {
     }
 
     /// Picks with a caller-supplied random source (seeded in tests).
-    pub fn pick_with<R: Rng + ?Sized>(&self, rng: &mut R, tried: &[usize]) -> Option<usize> {
+    pub(super) fn pick_with<R: Rng + ?Sized>(&self, rng: &mut R, tried: &[usize]) -> Option<usize> {
         let index = self.index.as_ref()?;
         for _ in 0..REJECTION_TRIES {
             let pick = index.sample(rng.next_u64());

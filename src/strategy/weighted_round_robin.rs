@@ -10,8 +10,8 @@
 //! Weights only change when a snapshot is built, so the whole cycle is computed there instead,
 //! and a pick is an array read at the connection's turn (see [`Strategy::pick`]): the sequence is
 //! the one nginx would produce, and nothing shared is written, so pickers on two cores never
-//! contend for a counter. (A shared `fetch_add` here cost 7 ns alone and ~70 ns per pick with two
-//! threads picking at once.)
+//! contend for a counter: a shared `fetch_add` per pick would make two threads picking at once
+//! fight over one cache line (docs/benchmarks.md has the figures).
 //!
 //! Weights are real numbers; the cycle needs integers. They are scaled so that the heaviest
 //! backend gets 10^6 units, rounded (a positive weight never rounds to 0) and divided by their
@@ -37,7 +37,7 @@ fn max_cycle(backends: usize) -> u64 {
 
 /// Smooth weighted round robin over a precomputed cycle.
 #[derive(Debug)]
-pub struct WeightedRoundRobin {
+pub(super) struct WeightedRoundRobin {
     /// One full cycle of picks (backend indices); empty when every weight is 0.
     cycle: Box<[u32]>,
     /// Each backend's integer weight, for retries.
@@ -46,7 +46,7 @@ pub struct WeightedRoundRobin {
 
 impl WeightedRoundRobin {
     /// Builds the cycle for `weights` (finite, ≥ 0).
-    pub fn new(weights: &[f64]) -> WeightedRoundRobin {
+    pub(super) fn new(weights: &[f64]) -> WeightedRoundRobin {
         let units = integer_weights(weights);
         WeightedRoundRobin {
             cycle: smooth_cycle(&units).into_boxed_slice(),
@@ -55,7 +55,8 @@ impl WeightedRoundRobin {
     }
 
     /// The number of picks after which the sequence repeats.
-    pub fn cycle_len(&self) -> usize {
+    #[cfg(test)]
+    pub(super) fn cycle_len(&self) -> usize {
         self.cycle.len()
     }
 }

@@ -1,6 +1,6 @@
 //! Listening sockets: binding one per worker, and how accept errors are told apart and paced.
 //!
-//! The workers ([`crate::reactor`]) accept, admit (against `max_connections`) and start
+//! The workers (`event_loop`) accept, admit (against `max_connections`) and start
 //! connections. Accept errors never stop a listener: connection-level ones (the peer gave up)
 //! are skipped, resource exhaustion such as EMFILE is logged at most once a second and backed
 //! off, so a full fd table is neither a busy loop nor an exit.
@@ -15,8 +15,8 @@ use tokio_util::task::TaskTracker;
 use tracing::error;
 
 use crate::config::ListenerConfig;
+use crate::dataplane::workers::Placement;
 use crate::snapshot::SnapshotCell;
-use crate::workers::Placement;
 
 /// Listen backlog: room for a burst of connections while the loop is busy. The kernel caps it at
 /// `net.core.somaxconn` (4096 on current kernels).
@@ -198,14 +198,6 @@ impl ErrorPacer {
     }
 }
 
-/// Raises the soft limit on open files to the hard limit and returns the new soft limit.
-///
-/// Every proxied connection holds two descriptors; distributions default the soft limit to 1024,
-/// which a busy balancer reaches at 500 connections.
-pub fn raise_open_file_limit() -> io::Result<u64> {
-    rlimit::increase_nofile_limit(u64::MAX)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -220,7 +212,7 @@ mod tests {
             .remove(0)
     }
 
-    /// `proxy::serve` relies on this instead of setting TCP_NODELAY on every client socket.
+    /// `Conn::start` relies on this instead of setting TCP_NODELAY on every client socket.
     #[cfg(target_os = "linux")]
     #[tokio::test]
     async fn accepted_sockets_inherit_nodelay_from_the_listener() {

@@ -1,37 +1,17 @@
-//! One backend's active checks: the probe schedule, the rise/fall state machine with startup
-//! grace ([`Tracker`]), and the task that runs them together with the load scraper.
-//!
-//! Schedule: the first probe comes at a random point within the first tenth of an interval (a new
-//! backend is presumed healthy until then, so that presumption is checked soon), and each next one
-//! `interval` ± 10 % after the previous one started (HAProxy's `spread-checks`): the random walk
-//! spreads a fleet's probes within a few rounds, so they never stay lined up, however many
-//! backends start at once. A probe that outlasts the
-//! interval delays the next one rather than overlapping it. Detection of a dead backend therefore
-//! takes about fall × interval, plus up to one timeout when probes hang rather than fail fast.
-//!
-//! The task only writes the backend's health state and asks the control task to republish; the
-//! snapshot itself is never touched here.
+//! One backend's rise/fall state machine with startup grace: the verdict a run of probe
+//! results gives. The task that feeds it probes is `control::checker`.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
-use rand::RngExt;
 use tokio::time::Instant;
-use tracing::{debug, info, warn};
 
-use super::load::{self, HOLD_SCRAPES, LoadTracker};
-use super::probe::{self, ProbeError};
-use super::{HealthStatus, LastCheck};
-use crate::backend::{BackendState, Republisher};
-use crate::config::{HealthConfig, LoadConfig};
-
-/// Largest deviation of one probe interval from the configured one, as a fraction.
-const JITTER: f64 = 0.1;
+use super::HealthStatus;
+use super::probe::ProbeError;
+use crate::config::HealthConfig;
 
 /// A change of health status and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Transition {
+pub(crate) struct Transition {
     /// Status before.
     pub from: HealthStatus,
     /// Status after.
@@ -51,7 +31,7 @@ pub struct Transition {
 ///
 /// Every kind of failure (refused, timeout, status, body) counts the same.
 #[derive(Debug, Clone)]
-pub struct Tracker {
+pub(crate) struct Tracker {
     status: HealthStatus,
     confirmed: bool,
     passes: u32,
@@ -68,15 +48,16 @@ pub struct Tracker {
 /// stopped: a backend two failures into `fall = 3` falls at the next one, and a backend still
 /// starting keeps its original `startup_grace` deadline instead of getting a new one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Progress {
+pub(crate) struct Progress {
     passes: u32,
     failures: u32,
     began: Instant,
 }
 
 impl Tracker {
+    #[cfg(test)]
     /// A tracker picking up from `status` (kept across checker restarts) at `now`.
-    pub fn new(
+    pub(crate) fn new(
         status: HealthStatus,
         confirmed: bool,
         config: &HealthConfig,
@@ -87,7 +68,7 @@ impl Tracker {
 
     /// As [`new`](Tracker::new), continuing the streaks and the grace period of `progress`
     /// (from an earlier tracker of the same backend) when there is one.
-    pub fn resume(
+    pub(crate) fn resume(
         status: HealthStatus,
         confirmed: bool,
         progress: Option<Progress>,
@@ -109,7 +90,7 @@ impl Tracker {
     }
 
     /// What a successor should resume from.
-    pub fn progress(&self) -> Progress {
+    pub(crate) fn progress(&self) -> Progress {
         Progress {
             passes: self.passes,
             failures: self.failures,
@@ -117,18 +98,23 @@ impl Tracker {
         }
     }
 
+    #[cfg(test)]
     /// The current status.
-    pub fn status(&self) -> HealthStatus {
+    pub(crate) fn status(&self) -> HealthStatus {
         self.status
     }
 
     /// True once the backend has passed a probe (or been brought back by `rise` passes).
-    pub fn confirmed(&self) -> bool {
+    pub(crate) fn confirmed(&self) -> bool {
         self.confirmed
     }
 
     /// Takes in one probe result at `now`; returns the transition it causes, if any.
-    pub fn observe(&mut self, result: Result<(), ProbeError>, now: Instant) -> Option<Transition> {
+    pub(crate) fn observe(
+        &mut self,
+        result: Result<(), ProbeError>,
+        now: Instant,
+    ) -> Option<Transition> {
         let from = self.status;
         let (to, reason) = match result {
             Ok(()) => {
@@ -185,129 +171,6 @@ impl Tracker {
 }
 
 /// The backend a checker task works for.
-#[derive(Debug, Clone)]
-pub(crate) struct Target {
-    pub(crate) listener: Arc<str>,
-    /// The backend's address (for logs).
-    pub(crate) addr: SocketAddr,
-    /// Where probes go: `health_addr`, else `addr`.
-    pub(crate) probe_addr: SocketAddr,
-    pub(crate) state: Arc<BackendState>,
-    pub(crate) republisher: Republisher,
-}
-
-/// Probes (and scrapes, when load is configured) `target` forever; the supervisor ends it by
-/// dropping the future, which closes any probe socket at once.
-pub(crate) async fn run(target: Target, config: HealthConfig) {
-    let probes = probe_loop(&target, &config);
-    match &config.load {
-        Some(load) => {
-            tokio::join!(probes, load_loop(&target, load, config.timeout));
-        }
-        None => probes.await,
-    }
-}
-
-async fn probe_loop(target: &Target, config: &HealthConfig) {
-    let mut tracker = target.state.with_health(|h| {
-        let tracker = Tracker::resume(h.status, h.confirmed, h.progress, config, Instant::now());
-        // Stored at once: a reload before the first probe must not restart the grace period.
-        h.progress = Some(tracker.progress());
-        tracker
-    });
-    let mut next = Instant::now() + first_delay(config.interval);
-    loop {
-        tokio::time::sleep_until(next).await;
-        let started = Instant::now();
-        let result = probe::run(&config.probe, target.probe_addr, config.timeout).await;
-        let now = Instant::now();
-        if let Err(e) = result {
-            debug!(listener = %target.listener, backend = %target.addr, reason = %e, "probe failed");
-        }
-        let transition = tracker.observe(result, now);
-        target.state.with_health(|h| {
-            h.last_check = Some(LastCheck { at: now, result });
-            h.confirmed = tracker.confirmed();
-            h.progress = Some(tracker.progress());
-            if let Some(t) = &transition {
-                h.status = t.to;
-                match t.to {
-                    HealthStatus::Healthy => h.start_ramp(now, config.slow_start),
-                    _ => h.ramp = None,
-                }
-            }
-        });
-        if let Some(t) = transition {
-            info!(
-                listener = %target.listener,
-                backend = %target.addr,
-                from = t.from.as_str(),
-                to = t.to.as_str(),
-                reason = %t.reason,
-                "backend health changed"
-            );
-            target.republisher.republish();
-        }
-        next = (started + jittered(config.interval)).max(now);
-    }
-}
-
-async fn load_loop(target: &Target, config: &LoadConfig, timeout: Duration) {
-    let addr = config.port.map_or(target.probe_addr, |port| {
-        SocketAddr::new(target.probe_addr.ip(), port)
-    });
-    let (smoothed, factor) = target.state.with_health(|h| (h.load_value, h.load_factor));
-    let mut tracker = LoadTracker::resume(config, smoothed, factor);
-    let mut next = Instant::now() + first_delay(config.interval);
-    loop {
-        tokio::time::sleep_until(next).await;
-        let started = Instant::now();
-        match load::scrape(addr, config, timeout).await {
-            Ok(value) => {
-                if tracker.failures() >= HOLD_SCRAPES {
-                    info!(listener = %target.listener, backend = %target.addr, value, "load reported again");
-                }
-                tracker.observe(value);
-            }
-            Err(e) => {
-                if tracker.fail() {
-                    warn!(
-                        listener = %target.listener,
-                        backend = %target.addr,
-                        scrape = %addr,
-                        reason = %e,
-                        failures = HOLD_SCRAPES,
-                        "load scrapes failing; load factor back to 1"
-                    );
-                } else {
-                    debug!(listener = %target.listener, backend = %target.addr, reason = %e, "load scrape failed");
-                }
-            }
-        }
-        let (value, factor) = (tracker.smoothed(), tracker.factor());
-        let changed = target.state.with_health(|h| {
-            h.load_value = value;
-            let changed = h.load_factor != factor;
-            h.load_factor = factor;
-            changed
-        });
-        if changed {
-            debug!(listener = %target.listener, backend = %target.addr, factor, ?value, "load factor changed");
-            target.republisher.republish();
-        }
-        next = (started + jittered(config.interval)).max(Instant::now());
-    }
-}
-
-/// A random point within the first [`JITTER`] of an interval.
-fn first_delay(interval: Duration) -> Duration {
-    interval.mul_f64(rand::rng().random_range(0.0..JITTER))
-}
-
-/// `interval` ± [`JITTER`].
-fn jittered(interval: Duration) -> Duration {
-    interval.mul_f64(rand::rng().random_range(1.0 - JITTER..=1.0 + JITTER))
-}
 
 #[cfg(test)]
 mod tests {
@@ -502,18 +365,5 @@ mod tests {
             t.observe(FAIL, now).map(|t| t.to),
             Some(HealthStatus::Unhealthy)
         );
-    }
-
-    #[test]
-    fn jitter_stays_within_ten_percent() {
-        let interval = Duration::from_secs(2);
-        for _ in 0..1000 {
-            let j = jittered(interval);
-            assert!(
-                j >= Duration::from_millis(1800) && j <= Duration::from_millis(2200),
-                "{j:?}"
-            );
-            assert!(first_delay(interval) < interval / 10);
-        }
     }
 }

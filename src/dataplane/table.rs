@@ -20,7 +20,7 @@ const FLOOR: usize = 256;
 
 /// The capacity to shrink a collection of `len` items to, if its `capacity` is four times what
 /// it needs (and the floor): halfway, so that growing again does not reallocate at once.
-pub(super) fn shrunk(capacity: usize, len: usize, floor: usize) -> Option<usize> {
+pub(crate) fn shrunk(capacity: usize, len: usize, floor: usize) -> Option<usize> {
     let need = len.max(floor);
     (capacity >= 4 * need).then_some(2 * need)
 }
@@ -32,7 +32,7 @@ struct Entry<T> {
 }
 
 /// Places for values of type `T` (a worker's connections).
-pub(super) struct Table<T> {
+pub(crate) struct Table<T> {
     entries: Vec<Entry<T>>,
     /// Vacant places, lowest first. May also hold indices at or past the end, left when
     /// [`Table::trim`] dropped the places above the highest occupied one; those are the

@@ -360,9 +360,9 @@ fn send_now(dst: &TcpStream, ready: &mut Ready, buf: &[u8]) -> io::Result<usize>
 /// `recv(2)`.
 ///
 /// Through rustix, not the C library: glibc's `recv` and `send` are thread-cancellation points
-/// that switch cancellation on and off around every call, and set the thread-local `errno`,
-/// about 2 % of the samples of a keep-alive load where each request is one `recv` and one
-/// `send` each way. weighbridge never cancels threads.
+/// that switch cancellation on and off around every call, and set the thread-local `errno`, a
+/// visible share of a keep-alive load where each request is one `recv` and one `send` each
+/// way. weighbridge never cancels threads.
 fn recv(src: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     rustix::net::recv(src, buf, rustix::net::RecvFlags::empty())
         .map(|(n, _)| n)
@@ -502,7 +502,11 @@ mod tests {
             rig.direction.splicing = splicing;
             let mut poll = mio::Poll::new().expect("a poll");
             poll.registry()
-                .register(&mut rig.src, mio::Token(0), super::super::INTEREST)
+                .register(
+                    &mut rig.src,
+                    mio::Token(0),
+                    crate::dataplane::conn::INTEREST,
+                )
                 .expect("register as a connection's sockets are");
             // Waits for an event `until` accepts, taking every event in as the worker does.
             let mut poll_until = |until: &dyn Fn(&mio::event::Event) -> bool, ready: &mut Ready| {

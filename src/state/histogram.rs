@@ -2,7 +2,7 @@
 //!
 //! Prometheus histograms are a count per bucket plus a sum and a count. Recording one value here
 //! is a short linear search over a dozen static bounds and two relaxed atomic additions, so a
-//! connection task never waits for another one or for a scrape. A scrape reads the atomics one by
+//! connection never waits for another one or for a scrape. A scrape reads the atomics one by
 //! one: it may see a value in a bucket but not yet in the sum (or the other way round) for a
 //! moment, which Prometheus tolerates; the count it reports is the sum of the buckets it read, so
 //! the `+Inf` bucket and `_count` always agree.
@@ -13,20 +13,20 @@ use std::time::Duration;
 /// Upper bounds, in seconds, of the buckets of the time one connect to a backend takes. A
 /// backend on the same LAN answers in well under a millisecond; the top bounds cover connects
 /// that crawl towards `connect_timeout` (default 2 s).
-pub const CONNECT_TIME_BOUNDS: &[f64] = &[
+pub(crate) const CONNECT_TIME_BOUNDS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
 /// Upper bounds, in seconds, of the buckets of how long client connections stay open. Inference
 /// requests last from milliseconds (embeddings) to many minutes (long generations and streams);
 /// the top bound is the default `idle_timeout` doubled.
-pub const CONNECTION_DURATION_BOUNDS: &[f64] = &[
+pub(crate) const CONNECTION_DURATION_BOUNDS: &[f64] = &[
     0.005, 0.05, 0.25, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0,
 ];
 
 /// A histogram of durations with fixed bucket bounds (in seconds).
 #[derive(Debug)]
-pub struct Histogram {
+pub(crate) struct Histogram {
     bounds: &'static [f64],
     /// One counter per bound, then one for values above the last bound; not cumulative.
     buckets: Box<[AtomicU64]>,
@@ -37,7 +37,7 @@ pub struct Histogram {
 
 /// A copy of a [`Histogram`] at one moment, in the shape Prometheus encoders want.
 #[derive(Debug, Clone, PartialEq)]
-pub struct HistogramSnapshot {
+pub(crate) struct HistogramSnapshot {
     /// `(upper bound in seconds, values in this bucket)`, not cumulative; the last bound is
     /// `f64::INFINITY`.
     pub buckets: Vec<(f64, u64)>,
@@ -49,7 +49,7 @@ pub struct HistogramSnapshot {
 
 impl Histogram {
     /// An empty histogram over `bounds`, which must be finite and increasing.
-    pub fn new(bounds: &'static [f64]) -> Histogram {
+    pub(crate) fn new(bounds: &'static [f64]) -> Histogram {
         debug_assert!(bounds.windows(2).all(|w| w[0] < w[1]), "bounds increase");
         Histogram {
             bounds,
@@ -59,7 +59,7 @@ impl Histogram {
     }
 
     /// Records one value.
-    pub fn record(&self, value: Duration) {
+    pub(crate) fn record(&self, value: Duration) {
         let seconds = value.as_secs_f64();
         let index = self
             .bounds
@@ -72,7 +72,7 @@ impl Histogram {
     }
 
     /// A copy of the buckets, count and sum.
-    pub fn snapshot(&self) -> HistogramSnapshot {
+    pub(crate) fn snapshot(&self) -> HistogramSnapshot {
         let buckets: Vec<(f64, u64)> = self
             .bounds
             .iter()

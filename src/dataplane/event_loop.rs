@@ -1,19 +1,14 @@
 //! One worker's event loop: its listening sockets, its connections and their timers, driven by
 //! one `epoll` instance (through `mio`) on one thread.
 //!
-//! Why not a tokio runtime per worker: a relayed request costs the balancer two `recv` and two
-//! `send` either way, and everything else is overhead. With a task per connection, every
-//! readiness event went through tokio's readiness slots, waker registration, the scheduler's
-//! queue and a poll of the connection's whole future (both directions, its idle timer and its
-//! stop signal); and every closed socket was removed from `epoll` explicitly before its close
-//! (two `epoll_ctl` calls per connection, which the close does by itself), with a wake-up of
-//! the driver every sixteen of them. Measured with `perf` under the same loads on one machine:
-//! user space was 13 % of the balancer's CPU under keep-alive load and 14.5 % under
-//! `Connection: close` with tokio, 5.5 % and 6.6 % with this loop (nginx: 9 %); the
-//! benchsuite's CPU per new connection went from 44.6 to 36–37 µs and per keep-alive request
-//! from 8.0 to 7.0–7.3 µs. HAProxy, nginx and Sōzu all run loops of this kind.
+//! Why not an async runtime per worker: a relayed request costs the balancer two `recv` and two
+//! `send` either way, and everything else is overhead. A task per connection sends every
+//! readiness event through waker registration, a scheduler queue and a poll of the
+//! connection's whole future, and removes every socket from `epoll` explicitly before closing
+//! it, which the close does by itself. HAProxy, nginx and Sōzu all run loops of this kind;
+//! docs/benchmarks.md has what the difference measures.
 //!
-//! Here an event goes straight to its connection's state machine ([`crate::proxy::Conn`]),
+//! Here an event goes straight to its connection's state machine (`conn::Conn`),
 //! which moves the bytes and returns. Timers are one heap of deadlines per worker, checked
 //! lazily: a connection's activity only updates a timestamp, and an expired entry whose
 //! connection has been active since is pushed again for its new deadline. The clock is read
@@ -35,19 +30,17 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use tracing::{debug, error};
 
-use crate::backend::{ListenerStats, OpenConn};
-use crate::listener::{ErrorPacer, Serving, is_connection_error};
-use crate::proxy::{self, Conn, Side, Status};
+use super::conn::{Conn, Status};
+use super::relay::SCRATCH;
+use super::token::{LISTENER_BIT, MASK, Side, WAKER, conn_of, conn_token};
+use crate::dataplane::accept::{ErrorPacer, Serving, is_connection_error};
+use crate::dataplane::workers::Placed;
 use crate::snapshot::Pool;
-use crate::workers::Placed;
+use crate::state::{ListenerStats, OpenConn};
 
-mod table;
-use table::Table;
+use super::access_log::log_rejected;
+use super::table::{Table, shrunk};
 
-/// Token of the waker, which [`Remote::send`] fires after queuing a command.
-const WAKER: Token = Token(usize::MAX);
-/// Listener tokens have this bit set; connection tokens do not.
-const LISTENER_BIT: usize = 1 << 62;
 /// Connections accepted from one listener before the loop looks at the other events again: a
 /// burst of new connections does not hold up the ones already open (nginx accepts one per
 /// event by default; HAProxy a few dozen).
@@ -147,15 +140,15 @@ impl std::fmt::Debug for Command {
 
 /// A worker's loop before it runs: created on the thread that starts the workers, so that a
 /// failure to create the `epoll` instance is an error there.
-pub(crate) struct Reactor {
+pub(crate) struct EventLoop {
     poll: Poll,
     commands: mpsc::Receiver<Command>,
     index: usize,
 }
 
-impl Reactor {
+impl EventLoop {
     /// A new worker loop numbered `index`, and how to reach it.
-    pub(crate) fn new(index: usize) -> io::Result<(Reactor, Remote)> {
+    pub(crate) fn new(index: usize) -> io::Result<(EventLoop, Remote)> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let (send, commands) = mpsc::channel();
@@ -164,7 +157,7 @@ impl Reactor {
             waker,
         };
         Ok((
-            Reactor {
+            EventLoop {
                 poll,
                 commands,
                 index,
@@ -175,7 +168,7 @@ impl Reactor {
 
     /// Runs until [`Command::Exit`] or until every [`Remote`] is gone.
     pub(crate) fn run(self) {
-        let Reactor {
+        let EventLoop {
             mut poll,
             commands,
             index,
@@ -267,7 +260,7 @@ fn guarded(conn: &mut Conn, step: impl FnOnce(&mut Conn) -> Status) -> Status {
         Ok(status) => status,
         Err(_) => {
             error!("a connection's handler panicked; closing that connection");
-            conn.broke();
+            conn.mark_panicked();
             Status::Done
         }
     }
@@ -281,20 +274,6 @@ fn queue(again: &mut Vec<(u32, u32)>, queued: &mut bool, slot: usize, generation
     }
 }
 
-/// Bits a token keeps of a slot and of a generation: 30 each, clear of [`LISTENER_BIT`] and of
-/// [`WAKER`].
-const MASK: usize = 0x3fff_ffff;
-
-/// A connection socket's token: slot, generation and which socket of the connection.
-fn conn_token(slot: u32, generation: u32, side: Side) -> Token {
-    Token(((generation as usize & MASK) << 32) | ((slot as usize) << 2) | side.bits())
-}
-
-/// What a connection socket's token holds: (slot, generation as far as the token keeps it).
-fn conn_of(token: Token) -> (usize, u32) {
-    ((token.0 >> 2) & MASK, ((token.0 >> 32) & MASK) as u32)
-}
-
 impl Worker {
     fn new(index: usize) -> Worker {
         Worker {
@@ -305,7 +284,7 @@ impl Worker {
             timers: BinaryHeap::new(),
             cut: false,
             again: Vec::new(),
-            scratch: vec![0; proxy::SCRATCH].into_boxed_slice(),
+            scratch: vec![0; SCRATCH].into_boxed_slice(),
         }
     }
 
@@ -336,7 +315,7 @@ impl Worker {
                 serving,
             } => {
                 let mut socket = TcpListener::from_std(socket);
-                let place = self
+                let entry = self
                     .listeners
                     .iter()
                     .position(Option::is_none)
@@ -346,7 +325,7 @@ impl Worker {
                     });
                 if let Err(e) = poll.registry().register(
                     &mut socket,
-                    Token(place | LISTENER_BIT),
+                    Token(entry | LISTENER_BIT),
                     Interest::READABLE,
                 ) {
                     // Closing it is the best left: the kernel then spreads the listener's
@@ -354,7 +333,7 @@ impl Worker {
                     error!(listener = %name, worker = self.index, error = %e, "cannot watch a listening socket; closing it");
                     return;
                 }
-                self.listeners[place] = Some(Listening {
+                self.listeners[entry] = Some(Listening {
                     id,
                     name,
                     socket,
@@ -369,18 +348,18 @@ impl Worker {
                 serve_queue,
                 reply,
             } => {
-                let place = self
+                let entry = self
                     .listeners
                     .iter()
                     .position(|l| l.as_ref().is_some_and(|l| l.id == id));
-                if let (Some(place), true) = (place, serve_queue) {
-                    self.serve_queue(poll, place);
+                if let (Some(entry), true) = (entry, serve_queue) {
+                    self.serve_queue(poll, entry);
                 }
-                let result = match place.and_then(|place| self.listeners[place].take()) {
+                let result = match entry.and_then(|entry| self.listeners[entry].take()) {
                     Some(mut listening) => {
                         // Explicitly: the socket stays open, so its close will not do it. Were
                         // it to fail, the socket still goes back: its events would only find
-                        // an empty place here, and closing it would close the port.
+                        // an empty entry here, and closing it would close the port.
                         if let Err(e) = poll.registry().deregister(&mut listening.socket) {
                             debug!(listener = %listening.name, error = %e, "cannot unwatch a listening socket");
                         }
@@ -397,7 +376,7 @@ impl Worker {
             Command::Adopt(adopted) => self.adopt(poll, *adopted),
             Command::Cut => {
                 self.cut = true;
-                // Highest first: closing the highest open place drops the table's end.
+                // Highest first: closing the highest open entry drops the table's end.
                 for slot in (0..self.slots.len()).rev() {
                     if let Some((_, entry)) = self.slots.entry(slot) {
                         entry.conn.cut();
@@ -411,8 +390,8 @@ impl Worker {
 
     /// Accepts from every listener that has connections waiting, up to [`ACCEPT_BATCH`] each.
     fn accept_all(&mut self, poll: &Poll) {
-        for place in 0..self.listeners.len() {
-            let Some(listener) = self.listeners[place].as_mut() else {
+        for entry in 0..self.listeners.len() {
+            let Some(listener) = self.listeners[entry].as_mut() else {
                 continue;
             };
             if let Some(until) = listener.paused_until {
@@ -426,13 +405,13 @@ impl Worker {
                 continue;
             }
             for _ in 0..ACCEPT_BATCH {
-                let Some(listener) = self.listeners[place].as_mut() else {
+                let Some(listener) = self.listeners[entry].as_mut() else {
                     break;
                 };
                 match listener.socket.accept() {
                     Ok((stream, peer)) => {
                         listener.errors.reset();
-                        self.admit(poll, place, stream, peer);
+                        self.admit(poll, entry, stream, peer);
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         listener.ready = false;
@@ -451,19 +430,17 @@ impl Worker {
         }
     }
 
-    /// A connection just accepted on listener `place`: admitted against `max_connections` and
-    /// served here or handed to a less loaded worker.
-    /// Accepts and serves every connection waiting on listener `place`, up to the most a
+    /// Accepts and serves every connection waiting on listener entry `entry`, up to the most a
     /// listen queue can hold (`somaxconn` is at most 65,535), ignoring readiness and pauses.
-    fn serve_queue(&mut self, poll: &Poll, place: usize) {
+    fn serve_queue(&mut self, poll: &Poll, entry: usize) {
         for _ in 0..=u16::MAX {
-            let Some(listener) = self.listeners[place].as_mut() else {
+            let Some(listener) = self.listeners[entry].as_mut() else {
                 return;
             };
             #[cfg(test)]
             QUEUE_ACCEPTS.set(QUEUE_ACCEPTS.get() + 1);
             match listener.socket.accept() {
-                Ok((stream, peer)) => self.admit(poll, place, stream, peer),
+                Ok((stream, peer)) => self.admit(poll, entry, stream, peer),
                 // Empty: all served.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if is_connection_error(&e) => {}
@@ -477,8 +454,10 @@ impl Worker {
         }
     }
 
-    fn admit(&mut self, poll: &Poll, place: usize, stream: TcpStream, peer: SocketAddr) {
-        let Some(listener) = self.listeners[place].as_ref() else {
+    /// A connection just accepted on listener entry `entry`: admitted against `max_connections` and
+    /// served here or handed to a less loaded worker.
+    fn admit(&mut self, poll: &Poll, entry: usize, stream: TcpStream, peer: SocketAddr) {
+        let Some(listener) = self.listeners[entry].as_ref() else {
             return;
         };
         let name = &listener.name;
@@ -490,7 +469,7 @@ impl Worker {
         let max = pool.settings().max_connections.get() as u64;
         let Some(open) = ListenerStats::admit(pool.stats(), max) else {
             debug!(listener = %name, client = %peer, max, "max_connections reached, closing");
-            proxy::log_rejected(&pool, peer);
+            log_rejected(&pool, peer);
             return;
         };
         let turn = pool.turn(&open);
@@ -576,7 +555,7 @@ impl Worker {
             })
         }));
         match started {
-            Ok((slot, status)) => self.after(slot, status),
+            Ok((slot, status)) => self.follow_up(slot, status),
             Err(_) => {
                 error!(client = %peer, "starting a connection panicked; closing that connection")
             }
@@ -621,11 +600,12 @@ impl Worker {
                 scratch,
             )
         });
-        self.after(slot, status);
+        self.follow_up(slot, status);
     }
 
-    /// What follows a call on the connection in `slot` that returned `status`.
-    fn after(&mut self, slot: usize, status: Status) {
+    /// Acts on the `status` a call on the connection in `slot` returned: pumps it again next
+    /// turn, reschedules its timer, or closes it.
+    fn follow_up(&mut self, slot: usize, status: Status) {
         match status {
             Status::Done => self.close(slot),
             Status::Open => self.schedule(slot),
@@ -650,7 +630,7 @@ impl Worker {
             entry.queued = false;
             let scratch = &mut self.scratch;
             let status = guarded(&mut entry.conn, |conn| conn.resume(now, scratch));
-            self.after(slot, status);
+            self.follow_up(slot, status);
         }
         // Keeps the allocation for the next turn.
         again.clear();
@@ -687,9 +667,7 @@ impl Worker {
                 .is_some_and(|entry| entry.conn.timer_at() == *at)
         });
         // A spike's worth of entries is gone: so is its memory.
-        if let Some(capacity) =
-            table::shrunk(self.timers.capacity(), self.timers.len(), PRUNE_FLOOR)
-        {
+        if let Some(capacity) = shrunk(self.timers.capacity(), self.timers.len(), PRUNE_FLOOR) {
             self.timers.shrink_to(capacity);
         }
     }
@@ -711,7 +689,7 @@ impl Worker {
             let tokens = |side| conn_token(slot as u32, generation, side);
             let now = self.now;
             let status = guarded(conn, |conn| conn.timer(poll.registry(), &tokens, now));
-            self.after(slot, status);
+            self.follow_up(slot, status);
         }
     }
 }
@@ -722,10 +700,10 @@ mod tests {
 
     #[test]
     fn a_worker_ends_on_exit_and_its_remote_says_so_after() {
-        let (reactor, remote) = Reactor::new(0).expect("an epoll instance");
+        let (event_loop, remote) = EventLoop::new(0).expect("an epoll instance");
         let (ended, has_ended) = mpsc::channel();
         std::thread::spawn(move || {
-            reactor.run();
+            event_loop.run();
             ended.send(()).expect("the test waits");
         });
         assert!(remote.send(Command::Exit).is_ok());

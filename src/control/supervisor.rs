@@ -22,9 +22,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info};
 
 use super::checker::{self, Target};
-use super::{HealthState, HealthStatus};
-use crate::backend::{BackendState, Registry, Republisher};
 use crate::config::{Config, HealthConfig, PassiveConfig};
+use crate::health::{HealthState, HealthStatus};
+use crate::state::{BackendState, Registry, Republisher};
 
 /// What a backend is watched with; a change restarts its checker.
 #[derive(Debug, Clone, PartialEq)]

@@ -1,14 +1,13 @@
-//! The data path's threads: one event loop per thread ([`crate::reactor`]), "thread per core".
+//! The data path's threads: one event loop per thread (`event_loop`), "thread per core".
 //!
 //! Every listener has one listening socket per worker (`SO_REUSEPORT`), and each worker runs an
 //! accept loop on its own socket. The kernel spreads new connections over the sockets, and a
 //! connection lives its whole life on the worker that accepted it, so a readiness event wakes
-//! the thread that will do the work, and the per-thread buffers and pipes of [`crate::proxy`]
+//! the thread that will do the work, and the per-thread buffers and pipes of the relay
 //! stay in that core's cache. This is how
 //! HAProxy (`nbthread` with per-thread listeners) and nginx (`reuseport`) spend their cores.
-//! A work-stealing runtime measured 10–25 % fewer short connections and keep-alive requests per
-//! second here, most of the difference being cross-thread wake-ups (see the README's
-//! Performance section).
+//! A work-stealing runtime serves fewer short connections and keep-alive requests per second,
+//! most of the difference being cross-thread wake-ups (docs/benchmarks.md).
 //!
 //! The kernel spreads connections by a hash of their addresses, blind to how busy each worker
 //! is: 16 long-lived streams over two workers land 10/6 or worse about half the time, and a
@@ -19,7 +18,7 @@
 //! thread at accept). Short connections at a steady rate seldom move; long-lived streams end up even.
 //!
 //! The control plane (control task, health checkers, admin endpoint, reload watcher) stays on the
-//! runtime that calls [`crate::balancer::Balancer::run`]; it reaches the workers only through
+//! runtime that calls `Balancer::run`; it reaches the workers only through
 //! their [`Remote`]s and the shared snapshot and counters.
 
 use std::io;
@@ -27,7 +26,7 @@ use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::reactor::{Command, Reactor, Remote};
+use crate::dataplane::event_loop::{Command, EventLoop, Remote};
 
 /// Worker threads, each running its own event loop until the set is dropped.
 #[derive(Debug)]
@@ -141,10 +140,10 @@ impl Workers {
     pub(crate) fn start(count: NonZeroUsize) -> io::Result<Workers> {
         let mut remotes = Vec::with_capacity(count.get());
         for index in 0..count.get() {
-            let started = Reactor::new(index).and_then(|(reactor, remote)| {
+            let started = EventLoop::new(index).and_then(|(event_loop, remote)| {
                 std::thread::Builder::new()
                     .name(format!("weighbridge-worker-{index}"))
-                    .spawn(move || reactor.run())?;
+                    .spawn(move || event_loop.run())?;
                 Ok(remote)
             });
             match started {
@@ -169,16 +168,16 @@ impl Workers {
         })
     }
 
-    /// One worker whose loop the caller runs (`Reactor::run`) when it chooses: commands sent
+    /// One worker whose loop the caller runs (`EventLoop::run`) when it chooses: commands sent
     /// before then are all handled in its first turn, before it accepts anything.
     #[cfg(test)]
-    pub(crate) fn unstarted() -> io::Result<(Placement, Reactor)> {
-        let (reactor, remote) = Reactor::new(0)?;
+    pub(crate) fn unstarted() -> io::Result<(Placement, EventLoop)> {
+        let (event_loop, remote) = EventLoop::new(0)?;
         let placement = Placement {
             remotes: vec![remote].into(),
             loads: vec![Load::default()].into(),
         };
-        Ok((placement, reactor))
+        Ok((placement, event_loop))
     }
 
     /// Where connections run, for the accept loops and the status readers.

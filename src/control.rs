@@ -1,0 +1,23 @@
+//! The control plane: everything that changes what the data plane does.
+//!
+//! One control task ([`task`]) owns the snapshot and is its only writer. Reloads (file edits
+//! seen by the [`watch`]er, SIGHUP, the admin endpoint), operator drain and enable, and health
+//! verdicts from the checkers the [`supervisor`] runs all reach it as messages or wake-ups
+//! through a [`Handle`]; it rebuilds what changed ([`reload`]) and publishes one new snapshot.
+//! The listening sockets it hands to the workers are kept in [`listeners`].
+
+mod checker;
+mod handle;
+mod listeners;
+mod reload;
+mod summary;
+mod supervisor;
+pub(crate) mod task;
+mod watch;
+
+pub(crate) use handle::Request;
+pub use handle::{AdminError, Handle, LastReload, ReloadCounters};
+pub use listeners::Stopped;
+pub(crate) use listeners::log_listening;
+pub use summary::{ReloadError, ReloadSummary};
+pub use watch::watch;

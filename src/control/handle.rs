@@ -1,0 +1,310 @@
+//! [`Handle`]: how everything outside the control task (the admin endpoint, the command line,
+//! the file watcher, tests) reads live state and asks for changes. Requests reach the control
+//! task over a bounded channel and are answered one at a time; reads go straight to the
+//! snapshot and the live state, never through the control task.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::task::TaskTracker;
+
+use super::summary::{ReloadError, ReloadSummary};
+use crate::config::Config;
+use crate::dataplane::workers::Placement;
+use crate::health::Health;
+use crate::snapshot::{Snapshot, SnapshotCell};
+use crate::state::{
+    AdminState, BackendCounters, ListenerCounters, Registry, RemovedBackend, Republisher,
+};
+
+/// Requests waiting for the control task; senders wait when it is full.
+const REQUEST_QUEUE: usize = 16;
+
+/// A cheap, cloneable handle on a balancer: live state, and reload requests.
+#[derive(Debug, Clone)]
+pub struct Handle {
+    shared: Arc<Shared>,
+    requests: mpsc::Sender<Request>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    snapshots: Arc<SnapshotCell>,
+    reloads: ReloadStats,
+    /// Where the admin endpoint listens, if there is one.
+    admin_addr: Option<SocketAddr>,
+    /// Marks live state as changed and wakes the control task, which then rebuilds.
+    republisher: Republisher,
+    /// The health checker tasks.
+    checkers: TaskTracker,
+    /// The workers, for their loads.
+    placement: Placement,
+    /// Every backend's live state, those a reload removed included.
+    registry: Arc<Registry>,
+}
+
+pub(crate) type Reply = oneshot::Sender<Result<ReloadSummary, ReloadError>>;
+
+#[derive(Debug)]
+pub(crate) enum Request {
+    /// Re-read the configuration file.
+    ReloadFile(Reply),
+    /// Apply this configuration.
+    Apply(Box<Config>, Reply),
+    /// Set an operator state on a backend.
+    SetAdmin {
+        listener: String,
+        addr: SocketAddr,
+        state: AdminState,
+        reply: oneshot::Sender<Result<(), AdminError>>,
+    },
+}
+
+/// Why an operator action was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AdminError {
+    /// No listener of that name.
+    #[error("no listener named `{0}`")]
+    UnknownListener(String),
+    /// The listener has no backend at that address.
+    #[error("listener `{0}` has no backend {1}")]
+    UnknownBackend(String, SocketAddr),
+    /// The balancer has stopped.
+    #[error("the balancer is shutting down")]
+    ShuttingDown,
+}
+
+/// Reload outcomes since start.
+#[derive(Debug, Default)]
+struct ReloadStats {
+    succeeded: AtomicU64,
+    failed: AtomicU64,
+    /// Taken by the control task once per reload and by status requests; never by connections.
+    last: Mutex<Option<LastReload>>,
+}
+
+/// A copy of the reload outcomes since start.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReloadCounters {
+    /// Reloads applied.
+    pub succeeded: u64,
+    /// Reloads refused.
+    pub failed: u64,
+    /// The error of the latest reload, if it failed.
+    pub last_error: Option<String>,
+    /// The latest reload, if there has been one.
+    pub last: Option<LastReload>,
+}
+
+/// The outcome of the latest reload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LastReload {
+    /// When it finished.
+    pub at: SystemTime,
+    /// Whether it was applied.
+    pub ok: bool,
+    /// What changed if it was applied, else why it was refused (the text `--check` prints).
+    pub message: String,
+}
+
+impl ReloadStats {
+    pub(crate) fn record(&self, result: &Result<ReloadSummary, ReloadError>) {
+        let counter = match result {
+            Ok(_) => &self.succeeded,
+            Err(_) => &self.failed,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let outcome = LastReload {
+            at: SystemTime::now(),
+            ok: result.is_ok(),
+            message: match result {
+                Ok(summary) => summary.to_string(),
+                Err(e) => e.to_string(),
+            },
+        };
+        *self.last.lock().unwrap_or_else(PoisonError::into_inner) = Some(outcome);
+    }
+}
+
+impl Handle {
+    /// A handle on `snapshot`, and the receiver of its requests, which the control task owns.
+    pub(crate) fn new(
+        snapshot: Snapshot,
+        admin_addr: Option<SocketAddr>,
+        placement: Placement,
+        registry: Arc<Registry>,
+    ) -> (Handle, mpsc::Receiver<Request>) {
+        let (requests, receiver) = mpsc::channel(REQUEST_QUEUE);
+        let handle = Handle {
+            shared: Arc::new(Shared {
+                snapshots: Arc::new(ArcSwap::from_pointee(snapshot)),
+                reloads: ReloadStats::default(),
+                admin_addr,
+                republisher: registry.republisher().clone(),
+                checkers: TaskTracker::new(),
+                placement,
+                registry,
+            }),
+            requests,
+        };
+        (handle, receiver)
+    }
+
+    /// The cell the snapshot is published in; the control task is its only writer.
+    pub(crate) fn snapshots(&self) -> &Arc<SnapshotCell> {
+        &self.shared.snapshots
+    }
+
+    /// The health checker tasks, which the control task starts and stops.
+    pub(crate) fn checkers(&self) -> &TaskTracker {
+        &self.shared.checkers
+    }
+
+    /// Records a reload's outcome for [`Handle::reload_counters`].
+    pub(crate) fn record_reload(&self, result: &Result<ReloadSummary, ReloadError>) {
+        self.shared.reloads.record(result);
+    }
+
+    /// The snapshot in force now.
+    pub(crate) fn snapshot(&self) -> Arc<Snapshot> {
+        self.shared.snapshots.load_full()
+    }
+
+    /// The address listener `name` is bound to now.
+    pub fn local_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.shared.snapshots.load().pool(name)?.local_addr()
+    }
+
+    /// Counters of backend `addr` in listener `listener`, if it is configured.
+    pub fn backend_counters(&self, listener: &str, addr: SocketAddr) -> Option<BackendCounters> {
+        let snapshot = self.shared.snapshots.load();
+        let pool = snapshot.pool(listener)?;
+        let backend = pool.backends().iter().find(|b| b.addr == addr)?;
+        Some(backend.stats.counters())
+    }
+
+    /// The weight strategies give backend `addr` of `listener` now: its configured weight as
+    /// drain, health, ejection, slow start and reported load leave it. `None` if it is not
+    /// configured.
+    pub fn effective_weight(&self, listener: &str, addr: SocketAddr) -> Option<f64> {
+        let snapshot = self.shared.snapshots.load();
+        let pool = snapshot.pool(listener)?;
+        let backend = pool.backends().iter().find(|b| b.addr == addr)?;
+        Some(backend.effective_weight)
+    }
+
+    /// Health of backend `addr` in listener `listener`, if it is configured.
+    pub fn backend_health(&self, listener: &str, addr: SocketAddr) -> Option<Health> {
+        let snapshot = self.shared.snapshots.load();
+        let pool = snapshot.pool(listener)?;
+        let backend = pool.backends().iter().find(|b| b.addr == addr)?;
+        Some(backend.stats.health())
+    }
+
+    /// The backends `snapshot` does not have that still carry connections: a reload removed
+    /// them, and their connections go on until they end.
+    pub(crate) fn removed_backends(&self, snapshot: &Snapshot) -> Vec<RemovedBackend> {
+        let configured: std::collections::HashSet<(&str, SocketAddr)> = snapshot
+            .pools()
+            .flat_map(|p| p.backends().iter().map(|b| (&**p.name(), b.addr)))
+            .collect();
+        self.shared
+            .registry
+            .removed_with_connections(|listener, addr| configured.contains(&(listener, addr)))
+    }
+
+    /// Health checker tasks running now: one per backend of every listener with
+    /// `[listener.health]`.
+    pub fn health_checkers(&self) -> usize {
+        self.shared.checkers.len()
+    }
+
+    /// Counters of listener `name`, if it is configured.
+    pub fn listener_counters(&self, name: &str) -> Option<ListenerCounters> {
+        Some(self.shared.snapshots.load().pool(name)?.stats().counters())
+    }
+
+    /// Open client connections on each worker thread, in worker order (see `threads`).
+    pub fn worker_connections(&self) -> Vec<usize> {
+        self.shared.placement.loads()
+    }
+
+    /// Reload outcomes since start.
+    pub fn reload_counters(&self) -> ReloadCounters {
+        let reloads = &self.shared.reloads;
+        let last = reloads
+            .last
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        ReloadCounters {
+            succeeded: reloads.succeeded.load(Ordering::Relaxed),
+            failed: reloads.failed.load(Ordering::Relaxed),
+            last_error: last.as_ref().filter(|l| !l.ok).map(|l| l.message.clone()),
+            last,
+        }
+    }
+
+    /// Where the admin endpoint listens, if `[admin]` is configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.shared.admin_addr
+    }
+
+    /// Re-reads the configuration file and applies it, all or nothing (as SIGHUP does).
+    pub async fn reload(&self) -> Result<ReloadSummary, ReloadError> {
+        self.request(Request::ReloadFile).await
+    }
+
+    /// Applies `config`, all or nothing, as if it had been read from the file.
+    pub async fn apply(&self, config: Config) -> Result<ReloadSummary, ReloadError> {
+        self.request(|reply| Request::Apply(Box::new(config), reply))
+            .await
+    }
+
+    /// Sets the operator state of backend `addr` of `listener`: [`AdminState::Drained`] takes it
+    /// out of every strategy (open connections go on), [`AdminState::Ready`] brings it back. The
+    /// state survives reloads while the backend stays in the file.
+    pub async fn set_admin_state(
+        &self,
+        listener: &str,
+        addr: SocketAddr,
+        state: AdminState,
+    ) -> Result<(), AdminError> {
+        let (reply, answer) = oneshot::channel();
+        let request = Request::SetAdmin {
+            listener: listener.to_owned(),
+            addr,
+            state,
+            reply,
+        };
+        self.requests
+            .send(request)
+            .await
+            .map_err(|_| AdminError::ShuttingDown)?;
+        answer.await.map_err(|_| AdminError::ShuttingDown)?
+    }
+
+    /// Asks the control task to rebuild the snapshot because live state changed. Never waits,
+    /// and never loses a change: the request is a flag plus a wake-up, and when the queue is full
+    /// the requests already in it wake the control task, which then sees the flag.
+    pub fn republish(&self) {
+        self.shared.republisher.republish();
+    }
+
+    async fn request(
+        &self,
+        make: impl FnOnce(Reply) -> Request,
+    ) -> Result<ReloadSummary, ReloadError> {
+        let (reply, answer) = oneshot::channel();
+        self.requests
+            .send(make(reply))
+            .await
+            .map_err(|_| ReloadError::ShuttingDown)?;
+        answer.await.map_err(|_| ReloadError::ShuttingDown)?
+    }
+}

@@ -1,0 +1,184 @@
+//! The listening sockets a running balancer hands to its workers, taken back on a reload or at
+//! shutdown, and the wait for open connections at the end.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::config::ListenerConfig;
+use crate::dataplane::accept::{Bound, Serving};
+use crate::dataplane::event_loop::Command;
+use crate::dataplane::workers::Placement;
+use crate::snapshot::SnapshotCell;
+
+/// How [`Balancer::run`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stopped {
+    /// Connections still open when the grace period ran out, and therefore closed.
+    pub cut_connections: usize,
+}
+
+/// A listener the control task runs: one socket per worker, each accepted on by its worker.
+#[derive(Debug)]
+pub(crate) struct Running {
+    /// The configured address (port 0 stays 0), to tell whether a reload moved it.
+    pub(crate) bind: SocketAddr,
+    /// The address actually bound.
+    pub(crate) local_addr: SocketAddr,
+    /// (worker, socket id): one listening socket per worker, accepted on by that worker.
+    sockets: Vec<(usize, u64)>,
+}
+
+/// The accept loops and connections of a running balancer.
+#[derive(Debug)]
+pub(crate) struct Listeners {
+    /// The workers accept loops run on, one per worker and listener, and their loads.
+    pub(crate) placement: Placement,
+    pub(crate) running: HashMap<String, Running>,
+    connections: TaskTracker,
+    pub(crate) snapshots: Arc<SnapshotCell>,
+    /// Numbers the listening sockets handed to workers, for taking them back.
+    next_socket: u64,
+}
+
+impl Listeners {
+    pub(crate) fn new(placement: Placement, snapshots: Arc<SnapshotCell>) -> Listeners {
+        Listeners {
+            placement,
+            running: HashMap::new(),
+            connections: TaskTracker::new(),
+            snapshots,
+            next_socket: 0,
+        }
+    }
+
+    pub(crate) fn start(&mut self, bound: Bound, bind: SocketAddr) {
+        let name = bound.name.clone();
+        let local_addr = bound.local_addr;
+        let serving = Serving {
+            snapshots: Arc::clone(&self.snapshots),
+            connections: self.connections.clone(),
+            placement: self.placement.clone(),
+        };
+        let sockets = bound
+            .sockets
+            .into_iter()
+            .enumerate()
+            .map(|(index, socket)| {
+                let worker = index % self.placement.count();
+                let id = self.next_socket;
+                self.next_socket += 1;
+                let listen = Command::Listen {
+                    id,
+                    name: name.clone(),
+                    socket,
+                    serving: serving.clone(),
+                };
+                if self.placement.remote(worker).send(listen).is_err() {
+                    warn!(listener = %name, worker, "worker gone; socket not accepted on");
+                }
+                (worker, id)
+            })
+            .collect();
+        let running = Running {
+            bind,
+            local_addr,
+            sockets,
+        };
+        self.running.insert(name, running);
+    }
+
+    /// Stops accepting for listener `name` and returns its sockets, still listening. With
+    /// `serve_queue` (the sockets are about to close), the connections waiting in their queues
+    /// are accepted and served first rather than reset by the close.
+    pub(crate) async fn retire(&mut self, name: &str, serve_queue: bool) -> Option<Bound> {
+        let running = self.running.remove(name)?;
+        let mut replies = Vec::with_capacity(running.sockets.len());
+        for (worker, id) in running.sockets {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            if self
+                .placement
+                .remote(worker)
+                .send(Command::Unlisten {
+                    id,
+                    serve_queue,
+                    reply,
+                })
+                .is_ok()
+            {
+                replies.push(answer);
+            }
+        }
+        let mut sockets = Vec::with_capacity(replies.len());
+        for answer in replies {
+            match answer.await {
+                Ok(Ok(socket)) => sockets.push(socket),
+                Ok(Err(e)) => warn!(listener = name, error = %e, "accept loop lost its socket"),
+                Err(_) => warn!(
+                    listener = name,
+                    "worker ended before giving its socket back"
+                ),
+            }
+        }
+        (!sockets.is_empty()).then(|| Bound {
+            name: name.to_owned(),
+            sockets,
+            local_addr: running.local_addr,
+        })
+    }
+
+    /// Stops every accept loop; once this returns, nothing listens any more.
+    pub(crate) async fn stop_accepting(&mut self) {
+        let names: Vec<String> = self.running.keys().cloned().collect();
+        for name in names {
+            drop(self.retire(&name, true).await);
+        }
+    }
+
+    /// Waits up to `grace` for open connections, then closes the rest.
+    pub(crate) async fn drain(self, grace: std::time::Duration) -> Stopped {
+        self.connections.close();
+        let open = self.connections.len();
+        info!(
+            open_connections = open,
+            grace = %humantime::format_duration(grace),
+            "stopped accepting; waiting for open connections"
+        );
+        if tokio::time::timeout(grace, self.connections.wait())
+            .await
+            .is_ok()
+        {
+            info!("all connections finished");
+            return Stopped { cut_connections: 0 };
+        }
+        let cut = self.connections.len();
+        warn!(
+            cut_connections = cut,
+            "shutdown grace period over; closing remaining connections"
+        );
+        self.placement.broadcast(|| Command::Cut);
+        self.connections.wait().await;
+        Stopped {
+            cut_connections: cut,
+        }
+    }
+}
+
+/// Logs that `listener` listens on `local_addr`, with its strategy and backends.
+pub(crate) fn log_listening(listener: &ListenerConfig, local_addr: SocketAddr) {
+    let backends: Vec<String> = listener
+        .backends
+        .iter()
+        .map(|b| format!("{}*{}", b.addr, b.weight))
+        .collect();
+    info!(
+        listener = %listener.name,
+        bind = %local_addr,
+        strategy = %listener.strategy,
+        backends = %backends.join(","),
+        "listening"
+    );
+}

@@ -1,0 +1,236 @@
+//! The control task: the one writer of the snapshot.
+//!
+//! It owns the configuration in force, the live-state registry and the listening sockets.
+//! Reload requests (SIGHUP, the file watcher, the admin endpoint), operator actions and health
+//! results reach it as messages or wake-ups and are handled one at a time, so two writers never
+//! race and a reader never sees half an update. Checkers and the connection path (passive
+//! ejection) only mark live state as changed and wake it; the health supervisor it owns applies
+//! ejections and tells it when the next weight change falls due (an ejection's end, a
+//! slow-start step), and it sleeps until then.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use super::handle::{AdminError, Handle, Reply, Request};
+use super::listeners::{Listeners, Stopped};
+use super::summary::{ReloadError, ReloadSummary};
+use super::supervisor::Supervisor;
+use crate::config::{self, Config};
+use crate::dataplane::accept::Bound;
+use crate::dataplane::workers::Placement;
+use crate::snapshot::{CustomStrategies, Snapshot};
+use crate::state::{AdminState, Registry};
+
+/// The control task's state.
+#[derive(Debug)]
+pub(crate) struct ControlTask {
+    pub(super) config: Config,
+    pub(super) config_path: Option<PathBuf>,
+    pub(super) registry: Arc<Registry>,
+    requests: mpsc::Receiver<Request>,
+    /// Wake-ups from the registry's republisher (checkers, passive ejection, [`Handle::republish`]).
+    woken: mpsc::Receiver<()>,
+    pub(super) handle: Handle,
+    pub(super) listeners: Listeners,
+    pub(super) health: Supervisor,
+    /// Strategies set by the library caller in place of the file's, by listener name.
+    pub(super) strategies: CustomStrategies,
+}
+
+impl ControlTask {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        config: Config,
+        config_path: Option<PathBuf>,
+        registry: Arc<Registry>,
+        requests: mpsc::Receiver<Request>,
+        woken: mpsc::Receiver<()>,
+        handle: Handle,
+        placement: Placement,
+        strategies: CustomStrategies,
+        shutdown: &CancellationToken,
+    ) -> ControlTask {
+        let health = Supervisor::new(
+            handle.checkers().clone(),
+            shutdown.child_token(),
+            registry.republisher().clone(),
+        );
+        let listeners = Listeners::new(placement, Arc::clone(handle.snapshots()));
+        ControlTask {
+            config,
+            config_path,
+            registry,
+            requests,
+            woken,
+            handle,
+            listeners,
+            health,
+            strategies,
+        }
+    }
+
+    /// Starts accepting on `bound`, the listeners bound at start, then serves requests and
+    /// wake-ups until `shutdown` is cancelled; then stops accepting, waits up to
+    /// `shutdown_grace` for open connections and closes the rest.
+    pub(crate) async fn run(mut self, bound: Vec<Bound>, shutdown: CancellationToken) -> Stopped {
+        let binds: HashMap<&str, SocketAddr> = self
+            .config
+            .listeners
+            .iter()
+            .map(|l| (l.name.as_str(), l.bind))
+            .collect();
+        for bound in bound {
+            let bind = binds[bound.name.as_str()];
+            self.listeners.start(bound, bind);
+        }
+        self.health.sync(&self.config, &self.registry);
+        // New backends may have started slow-start ramps.
+        self.registry.republisher().republish();
+        loop {
+            let deadline = self.health.next_deadline(Instant::now());
+            let mut due = false;
+            let request = tokio::select! {
+                () = shutdown.cancelled() => break,
+                request = self.requests.recv() => match request {
+                    Some(request) => Some(request),
+                    None => break,
+                },
+                Some(()) = self.woken.recv() => None,
+                () = sleep_until(deadline) => {
+                    due = true;
+                    None
+                }
+            };
+            if let Some(request) = request {
+                self.handle_request(request).await;
+            }
+            // Live state changed since the last build (a health result, a passive ejection, a
+            // ramp step, ...): apply what is due, then rebuild once, however many changes and
+            // wake-ups came in meanwhile.
+            let changed = self.health.update(Instant::now());
+            if self.registry.republisher().take() || changed || due {
+                self.republish();
+            }
+        }
+        // The listening sockets close first: a client that connects from now on is refused
+        // rather than left waiting in a backlog nobody accepts from.
+        self.listeners.stop_accepting().await;
+        self.health.shutdown().await;
+        // Requests from now on (SIGHUP, the watcher, the admin endpoint) are answered "shutting
+        // down" at once instead of waiting for a control task that no longer listens.
+        self.requests.close();
+        while let Ok(request) = self.requests.try_recv() {
+            drop(request);
+        }
+        self.listeners.drain(self.config.shutdown_grace).await
+    }
+
+    /// Handles one request from a [`Handle`].
+    async fn handle_request(&mut self, request: Request) {
+        match request {
+            Request::ReloadFile(reply) => {
+                let result = self.reload_file().await;
+                self.finish_reload(result, reply);
+            }
+            Request::Apply(config, reply) => {
+                let result = self.apply(*config).await;
+                self.finish_reload(result, reply);
+            }
+            Request::SetAdmin {
+                listener,
+                addr,
+                state,
+                reply,
+            } => {
+                let result = self.set_admin(&listener, addr, state);
+                // The requester may have given up waiting; the change stands all the same.
+                drop(reply.send(result));
+            }
+        }
+    }
+
+    /// Records, logs and answers a reload's outcome.
+    fn finish_reload(&self, result: Result<ReloadSummary, ReloadError>, reply: Reply) {
+        self.handle.record_reload(&result);
+        match &result {
+            Ok(summary) => {
+                info!(changes = %summary, "reload applied");
+                if !summary.needs_restart.is_empty() {
+                    warn!(
+                        settings = %summary.needs_restart.join(", "),
+                        "changed in the file but applied only at the next restart; the values in force stay"
+                    );
+                }
+            }
+            Err(e) => error!(error = %e, "reload failed; the running configuration stays in force"),
+        }
+        // The requester may have given up waiting; the reload happened all the same.
+        drop(reply.send(result));
+    }
+
+    /// Sets an operator state on a configured backend and republishes.
+    fn set_admin(
+        &self,
+        listener: &str,
+        addr: SocketAddr,
+        state: AdminState,
+    ) -> Result<(), AdminError> {
+        let snapshot = self.listeners.snapshots.load();
+        let pool = snapshot
+            .pool(listener)
+            .ok_or_else(|| AdminError::UnknownListener(listener.to_owned()))?;
+        let backend = pool
+            .backends()
+            .iter()
+            .find(|b| b.addr == addr)
+            .ok_or_else(|| AdminError::UnknownBackend(listener.to_owned(), addr))?;
+        let before = backend.stats.admin_state();
+        backend.stats.set_admin_state(state);
+        drop(snapshot);
+        if before != state {
+            info!(listener, backend = %addr, from = before.as_str(), to = state.as_str(), "admin state changed");
+            self.republish();
+        }
+        Ok(())
+    }
+
+    /// Rebuilds the snapshot from the configuration in force, so that changed live state
+    /// (admin state, ...) reaches the strategies.
+    fn republish(&self) {
+        let current = self.listeners.snapshots.load();
+        let addrs: HashMap<String, SocketAddr> = current
+            .pools()
+            .filter_map(|p| Some((p.name().to_string(), p.local_addr()?)))
+            .collect();
+        let snapshot = Snapshot::build(
+            &self.config,
+            &self.registry,
+            &addrs,
+            Some(&current),
+            &self.strategies,
+        );
+        drop(current);
+        self.listeners.snapshots.store(Arc::new(snapshot));
+    }
+
+    async fn reload_file(&mut self) -> Result<ReloadSummary, ReloadError> {
+        let path = self.config_path.as_ref().ok_or(ReloadError::NoConfigFile)?;
+        let config = config::load(path)?;
+        self.apply(config).await
+    }
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,26 @@
+//! The data plane: where a connection lives, from accept to close.
+//!
+//! Worker threads ([`workers`]), one per core, each run an `epoll` event loop
+//! ([`event_loop`]) over their own listening sockets ([`accept`]) and connections. A connection
+//! is a state machine ([`conn`]) that picks a backend from the snapshot it loaded at accept,
+//! connects ([`connect`]), relays bytes both ways ([`relay`], [`splice`]) and writes its access
+//! log line ([`access_log`]) when it ends.
+//!
+//! Nothing here waits on a lock or on the control plane: a connection reads the snapshot once
+//! and updates live state with atomics. The control plane reaches a worker only through its
+//! `Remote` (a command channel and a waker).
+
+pub(crate) mod accept;
+pub(crate) mod access_log;
+mod conn;
+mod connect;
+pub(crate) mod event_loop;
+mod relay;
+#[cfg(target_os = "linux")]
+mod splice;
+mod table;
+mod throttle;
+mod token;
+pub(crate) mod workers;
+
+pub use access_log::ACCESS_LOG_TARGET;

@@ -1,0 +1,610 @@
+//! One client connection: pick a backend, connect (trying others on failure), relay both ways.
+//!
+//! [`Conn`] is a state machine its worker (`event_loop`) drives with readiness events and one
+//! timer; each call does what can be done without waiting and returns. Everything that can go
+//! wrong here stays with this connection: errors are logged and end it, never the worker or
+//! another connection.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mio::event::Event;
+use mio::net::TcpStream;
+use mio::{Interest, Registry};
+use tracing::{debug, warn};
+
+use super::access_log::{AccessLine, End, REASON_ALL_UNHEALTHY};
+use super::connect::{
+    DESCRIPTOR_WAIT, connect_failed, log_no_local_port, no_local_port, open_backend,
+    out_of_descriptors,
+};
+use super::event_loop::Counted;
+use super::relay::{BUDGET, Direction, Mode, Path, Pumped, Ready, shutdown_write};
+use super::token::{Side, Tokens};
+use crate::config::AllUnhealthy;
+use crate::snapshot::Pool;
+use crate::state::{ActiveConn, BackendState, ListenerStats};
+
+/// Whether a connection goes on after a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Status {
+    Open,
+    /// Open, with bytes possibly left to move: [`Conn::resume`] in the next turn of the loop.
+    Again,
+    /// Over: the worker closes it with [`Conn::finish`].
+    Done,
+}
+
+/// One client connection: pick a backend, connect (trying others on failure), relay both ways.
+///
+/// A state machine driven by its worker (`event_loop`): readiness events, its timer and
+/// the order to cut. Everything that can go wrong here stays with this connection: errors end
+/// it, never the worker or another connection.
+pub(crate) struct Conn {
+    client: TcpStream,
+    client_ready: Ready,
+    backend: Option<TcpStream>,
+    backend_ready: Ready,
+    phase: Phase,
+    up: Direction,
+    down: Direction,
+    /// Which side's end of stream came first.
+    first_eof: Option<End>,
+    mode: Mode,
+    idle: Duration,
+    last_active: Instant,
+    /// The deadline of this connection's entry in its worker's timer heap.
+    timer_at: Instant,
+    accepted: Instant,
+    access: AccessLine,
+    listener_stats: Arc<ListenerStats>,
+    /// Keeps the connection in its worker's count while it lives.
+    _counted: Counted,
+}
+
+/// Where a connection is in its life.
+enum Phase {
+    /// Waiting for a backend to accept.
+    Connecting(Box<Connecting>),
+    /// Relaying; counts itself active on its backend.
+    Relaying(ActiveConn),
+    /// Over, or never started.
+    Ended,
+}
+
+/// A connect in progress and what the next attempt needs.
+struct Connecting {
+    pool: Arc<Pool>,
+    turn: u64,
+    /// Backends already tried (indices into the pool).
+    tried: Vec<usize>,
+    /// The backend being tried now.
+    index: usize,
+    /// Counts the connection active on that backend from the attempt on (none while waiting
+    /// for a descriptor).
+    active: Option<ActiveConn>,
+    attempt: u32,
+    started: Instant,
+    deadline: Instant,
+    /// No socket could be opened (the process is out of descriptors): the attempt waits for
+    /// one until `deadline` and is made again then.
+    no_socket: bool,
+}
+
+/// A function from a side to the token of that side's socket.
+impl Conn {
+    /// Starts serving `client`: the first connect attempt is under way when this returns, unless
+    /// the connection is already over ([`Status::Done`]).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn start(
+        registry: &Registry,
+        tokens: Tokens<'_>,
+        client: TcpStream,
+        peer: SocketAddr,
+        pool: Arc<Pool>,
+        turn: u64,
+        counted: Counted,
+        now: Instant,
+    ) -> (Conn, Status) {
+        #[cfg(test)]
+        if PANIC_AT_START.replace(false) {
+            panic!("injected: a bug in a connection's first step");
+        }
+        let settings = pool.settings();
+        let mut conn = Conn {
+            client,
+            client_ready: Ready::writable(),
+            backend: None,
+            backend_ready: Ready::default(),
+            phase: Phase::Ended,
+            up: Direction::default(),
+            down: Direction::default(),
+            first_eof: None,
+            mode: if settings.splice {
+                Mode::Splice
+            } else {
+                Mode::Copy
+            },
+            idle: settings.idle_timeout,
+            last_active: now,
+            timer_at: now,
+            accepted: now,
+            access: AccessLine::new(peer, &pool, End::ShutDown),
+            listener_stats: Arc::clone(pool.stats()),
+            _counted: counted,
+        };
+        // No backend is healthy: the pool was built for it, and the transition was logged
+        // once; each connection is only counted here.
+        match pool.all_unhealthy() {
+            Some(AllUnhealthy::Reject) => {
+                pool.stats().record_rejected_all_unhealthy();
+                debug!(client = %peer, "no backend is healthy; closing (all_unhealthy = \"reject\")");
+                conn.access.end = End::Rejected;
+                conn.access.reason = Some(REASON_ALL_UNHEALTHY);
+                return (conn, Status::Done);
+            }
+            Some(AllUnhealthy::RouteAnyway) => pool.stats().record_routed_all_unhealthy(),
+            None => {}
+        }
+        // Small messages (requests, tokens) go out at once, not after Nagle's delay. On Linux
+        // the client socket has it already, inherited from its listener (`listener::bind_one`).
+        #[cfg(not(target_os = "linux"))]
+        if let Err(e) = conn.client.set_nodelay(true) {
+            debug!(error = %e, "cannot set TCP_NODELAY on client socket");
+        }
+        if let Err(e) = registry.register(&mut conn.client, tokens(Side::Client), INTEREST) {
+            return (conn.failed(e), Status::Done);
+        }
+        let status = conn.connect(registry, tokens, pool, turn, Vec::new(), 1, now);
+        (conn, status)
+    }
+
+    /// Tries backends from attempt `attempt` on until a connect is under way or none is left.
+    #[allow(clippy::too_many_arguments)]
+    fn connect(
+        &mut self,
+        registry: &Registry,
+        tokens: Tokens<'_>,
+        pool: Arc<Pool>,
+        turn: u64,
+        mut tried: Vec<usize>,
+        mut attempt: u32,
+        now: Instant,
+    ) -> Status {
+        let settings = pool.settings();
+        while attempt <= settings.connect_attempts.get() {
+            let Some((index, backend)) = pool.pick(turn, &tried) else {
+                return self.no_backend(&pool, attempt - 1);
+            };
+            let mut stream = match open_backend(backend.addr, settings.backend_congestion_control) {
+                Ok(stream) => stream,
+                // The balancer's own limit, not the backend's fault: nothing is counted against
+                // the backend (passive ejection would otherwise eject healthy backends while
+                // the process is out of descriptors), and the client is kept waiting for a
+                // descriptor rather than closed, which would only free one for the next accept
+                // to take. The accept loop meanwhile backs off on the same error and logs it.
+                Err(e) if out_of_descriptors(&e) => {
+                    let give_up = later(self.accepted, settings.connect_timeout);
+                    if now >= give_up {
+                        return self.no_backend(&pool, attempt - 1);
+                    }
+                    debug!(client = %self.access.client, error = %e, "no descriptor for a backend socket; waiting");
+                    self.backend = None;
+                    self.phase = Phase::Connecting(Box::new(Connecting {
+                        deadline: (now + DESCRIPTOR_WAIT).min(give_up),
+                        pool,
+                        turn,
+                        tried,
+                        index,
+                        active: None,
+                        attempt,
+                        started: now,
+                        no_socket: true,
+                    }));
+                    return Status::Open;
+                }
+                // No local port left toward this backend: the balancer's shortage too, so it is
+                // not counted against the backend (whose health it says nothing about). Linux
+                // picks a port per destination, so another backend may well have ports left:
+                // the attempt moves on to it, as after a failed connect.
+                Err(e) if no_local_port(&e, backend.addr) => {
+                    pool.stats().record_connect_attempt();
+                    pool.stats().record_connect_failure();
+                    log_no_local_port(&pool, self.access.client, backend.addr, attempt, now);
+                    tried.push(index);
+                    attempt += 1;
+                    continue;
+                }
+                Err(e) => {
+                    pool.stats().record_connect_attempt();
+                    connect_failed(&pool, self.access.client, index, attempt, &e.to_string());
+                    tried.push(index);
+                    attempt += 1;
+                    continue;
+                }
+            };
+            if let Err(e) = registry.register(&mut stream, tokens(Side::backend(attempt)), INTEREST)
+            {
+                // The worker's own epoll set refused it (out of memory, `max_user_watches`):
+                // not the backend's fault either.
+                self.access.end = End::Error;
+                self.access.error = Some(format!("cannot watch the backend socket: {e}"));
+                self.phase = Phase::Ended;
+                return Status::Done;
+            }
+            pool.stats().record_connect_attempt();
+            let active = BackendState::acquire(&backend.stats);
+            self.backend = Some(stream);
+            self.backend_ready = Ready::default();
+            self.phase = Phase::Connecting(Box::new(Connecting {
+                deadline: later(now, settings.connect_timeout),
+                pool,
+                turn,
+                tried,
+                index,
+                active: Some(active),
+                attempt,
+                started: now,
+                no_socket: false,
+            }));
+            return Status::Open;
+        }
+        self.no_backend(&pool, settings.connect_attempts.get())
+    }
+
+    /// No backend could be reached after `attempts` tries.
+    fn no_backend(&mut self, pool: &Pool, attempts: u32) -> Status {
+        pool.stats().record_no_backend();
+        warn!(
+            listener = %pool.name(),
+            client = %self.access.client,
+            attempts,
+            "no backend reachable, closing client connection"
+        );
+        self.access.attempts = attempts;
+        self.access.end = End::ConnectFailed;
+        self.phase = Phase::Ended;
+        Status::Done
+    }
+
+    /// The deadline of the connection's next timeout.
+    pub(crate) fn deadline(&self) -> Instant {
+        match &self.phase {
+            Phase::Connecting(connecting) => connecting.deadline,
+            _ => later(self.last_active, self.idle),
+        }
+    }
+
+    /// The deadline of the connection's entry in the timer heap.
+    pub(crate) fn timer_at(&self) -> Instant {
+        self.timer_at
+    }
+
+    /// Records that the connection's timer heap entry is now due at `at`.
+    pub(crate) fn set_timer_at(&mut self, at: Instant) {
+        self.timer_at = at;
+    }
+
+    /// A readiness event for the socket on `side`.
+    pub(crate) fn event(
+        &mut self,
+        registry: &Registry,
+        tokens: Tokens<'_>,
+        side: Side,
+        event: &Event,
+        now: Instant,
+        scratch: &mut [u8],
+    ) -> Status {
+        match side {
+            Side::Client => self.client_ready.update(event),
+            Side::Backend { .. } => {
+                if let Phase::Connecting(connecting) = &self.phase
+                    && (connecting.no_socket || Side::backend(connecting.attempt) != side)
+                {
+                    // For the socket of an earlier attempt, closed since.
+                    return Status::Open;
+                }
+                self.backend_ready.update(event);
+            }
+        }
+        if let Phase::Connecting(_) = self.phase {
+            if side == Side::Client || !(self.backend_ready.is_writable() || event.is_error()) {
+                return Status::Open;
+            }
+            // A connect that failed is reported with EPOLLERR and EPOLLHUP; writable alone
+            // means it succeeded (HAProxy reads the poll flags the same way). `SO_ERROR` is
+            // then only read to name a failure: one system call less per connection.
+            let clean = event.is_writable()
+                && !event.is_error()
+                && !event.is_write_closed()
+                && !event.is_read_closed();
+            let error = match self.backend.as_ref() {
+                None => Some("no socket".to_owned()),
+                Some(_) if clean => None,
+                Some(backend) => match backend.take_error() {
+                    Ok(None) => None,
+                    Ok(Some(e)) | Err(e) => Some(e.to_string()),
+                },
+            };
+            let status = match error {
+                None => self.connected(now),
+                Some(error) => self.retry(registry, tokens, &error, now),
+            };
+            if status == Status::Done || matches!(self.phase, Phase::Connecting(_)) {
+                return status;
+            }
+        }
+        self.relay(now, scratch)
+    }
+
+    /// The backend accepted: from now on the connection relays.
+    fn connected(&mut self, now: Instant) -> Status {
+        let Phase::Connecting(connecting) = std::mem::replace(&mut self.phase, Phase::Ended) else {
+            return Status::Open;
+        };
+        let Connecting {
+            pool,
+            index,
+            active,
+            attempt,
+            started,
+            ..
+        } = *connecting;
+        let backend = &pool.backends()[index];
+        let addr = backend.addr;
+        let active = active.unwrap_or_else(|| BackendState::acquire(&backend.stats));
+        active.stats().record_connected(now.duration_since(started));
+        if let Some(backend) = &self.backend
+            && let Err(e) = backend.set_nodelay(true)
+        {
+            debug!(error = %e, "cannot set TCP_NODELAY on backend socket");
+        }
+        debug!(client = %self.access.client, backend = %addr, "connected");
+        self.access.backend = Some(addr);
+        self.access.attempts = attempt;
+        self.access.connect_time = Some(now.duration_since(self.accepted));
+        self.last_active = now;
+        // The pool goes with `connecting`: a long-lived stream does not keep a replaced
+        // snapshot (and its tables) alive.
+        self.phase = Phase::Relaying(active);
+        Status::Open
+    }
+
+    /// The attempt under way failed with `error`: on to the next backend, if any.
+    fn retry(
+        &mut self,
+        registry: &Registry,
+        tokens: Tokens<'_>,
+        error: &str,
+        now: Instant,
+    ) -> Status {
+        let Phase::Connecting(connecting) = std::mem::replace(&mut self.phase, Phase::Ended) else {
+            return Status::Open;
+        };
+        let Connecting {
+            pool,
+            turn,
+            mut tried,
+            index,
+            active,
+            attempt,
+            ..
+        } = *connecting;
+        // Closing the socket takes it out of the worker's epoll set.
+        self.backend = None;
+        drop(active);
+        connect_failed(&pool, self.access.client, index, attempt, error);
+        tried.push(index);
+        self.connect(registry, tokens, pool, turn, tried, attempt + 1, now)
+    }
+
+    /// The connection's deadline may have passed.
+    pub(crate) fn timer(
+        &mut self,
+        registry: &Registry,
+        tokens: Tokens<'_>,
+        now: Instant,
+    ) -> Status {
+        let deadline = self.deadline();
+        if now < deadline {
+            return Status::Open;
+        }
+        match &self.phase {
+            Phase::Connecting(connecting) if connecting.no_socket => {
+                let Phase::Connecting(connecting) =
+                    std::mem::replace(&mut self.phase, Phase::Ended)
+                else {
+                    return Status::Done;
+                };
+                let Connecting {
+                    pool,
+                    turn,
+                    tried,
+                    attempt,
+                    ..
+                } = *connecting;
+                self.connect(registry, tokens, pool, turn, tried, attempt, now)
+            }
+            Phase::Connecting(connecting) => {
+                let timeout = connecting.pool.settings().connect_timeout;
+                let error = format!("timed out after {}", humantime::format_duration(timeout));
+                self.retry(registry, tokens, &error, now)
+            }
+            Phase::Relaying(_) => {
+                self.access.end = End::IdleTimeout;
+                Status::Done
+            }
+            Phase::Ended => Status::Done,
+        }
+    }
+
+    /// Moves what can be moved both ways.
+    fn relay(&mut self, now: Instant, scratch: &mut [u8]) -> Status {
+        let Phase::Relaying(active) = &self.phase else {
+            return Status::Open;
+        };
+        let Some(backend) = &self.backend else {
+            return Status::Done;
+        };
+        let stats = active.stats();
+        let progress = |c: &Conn| c.up.moved + c.up.written + c.down.moved + c.down.written;
+        let before = progress(self);
+        let up = if self.up.done {
+            Ok(Pumped::Waiting)
+        } else {
+            self.up.pump(
+                BUDGET,
+                &self.client,
+                &mut self.client_ready,
+                backend,
+                &mut self.backend_ready,
+                self.mode,
+                scratch,
+                &mut |n, path| stats.add_bytes_to_backend(n, path == Path::Spliced),
+            )
+        };
+        let down = if self.down.done {
+            Ok(Pumped::Waiting)
+        } else {
+            self.down.pump(
+                BUDGET,
+                backend,
+                &mut self.backend_ready,
+                &self.client,
+                &mut self.client_ready,
+                self.mode,
+                scratch,
+                &mut |n, path| stats.add_bytes_from_backend(n, path == Path::Spliced),
+            )
+        };
+        if progress(self) != before {
+            self.last_active = now;
+        }
+        let mut again = false;
+        for (pumped, first, dst) in [
+            (up, End::ClientClosed, backend),
+            (down, End::BackendClosed, &self.client),
+        ] {
+            match pumped {
+                Ok(Pumped::Waiting) => {}
+                Ok(Pumped::Budget) => again = true,
+                Ok(Pumped::Eof) => {
+                    self.last_active = now;
+                    if self.first_eof.is_none() {
+                        // The first direction to end half-closes its destination so the peer
+                        // sees the end of stream while the other direction goes on. When the
+                        // other has already ended, the close that follows sends the same FIN:
+                        // the shutdown is skipped, one system call fewer per connection
+                        // (HAProxy skips it too). Nothing is left unread then, so the close is
+                        // a FIN, not a reset.
+                        self.first_eof = Some(first);
+                        if let Err(e) = shutdown_write(dst) {
+                            self.access.end = End::Error;
+                            self.access.error = Some(e.to_string());
+                            return Status::Done;
+                        }
+                    }
+                }
+                Err(e) => {
+                    debug!(client = %self.access.client, error = %e, "relay ended with an error");
+                    self.access.end = End::Error;
+                    self.access.error = Some(e.to_string());
+                    return Status::Done;
+                }
+            }
+        }
+        if self.up.done && self.down.done {
+            self.access.end = self.first_eof.unwrap_or(End::ClientClosed);
+            return Status::Done;
+        }
+        // A reset on a socket no direction is using: the client half-closed, then reset while
+        // the backend is quiet (or the other way round). Unnoticed, the connection and its
+        // other socket would stay open until the other side sent something or `idle_timeout`.
+        for (ready, socket) in [
+            (&mut self.client_ready, &self.client),
+            (&mut self.backend_ready, backend),
+        ] {
+            if ready.take_error()
+                && let Ok(Some(e)) | Err(e) = socket.take_error()
+            {
+                debug!(client = %self.access.client, error = %e, "relay ended with an error");
+                self.access.end = End::Error;
+                self.access.error = Some(e.to_string());
+                return Status::Done;
+            }
+        }
+        if again { Status::Again } else { Status::Open }
+    }
+
+    /// Goes on moving bytes after a [`Status::Again`].
+    pub(crate) fn resume(&mut self, now: Instant, scratch: &mut [u8]) -> Status {
+        self.relay(now, scratch)
+    }
+
+    /// Shutdown's grace period is over: the connection ends now.
+    pub(crate) fn cut(&mut self) {
+        debug!(client = %self.access.client, "shut down before the connection was done");
+        self.access.end = End::ShutDown;
+    }
+
+    /// Marks the connection as ended by a bug (a panic in one of its steps).
+    pub(crate) fn mark_panicked(&mut self) {
+        self.access.end = End::Error;
+        self.access.error = Some("internal error: the connection's handler panicked".to_owned());
+    }
+
+    /// A setup step failed: the connection ends with `error`.
+    fn failed(mut self, error: io::Error) -> Conn {
+        self.access.end = End::Error;
+        self.access.error = Some(error.to_string());
+        self
+    }
+
+    /// Logs and counts the connection; its sockets close when it is dropped.
+    pub(crate) fn finish(mut self, now: Instant) {
+        self.access.bytes_up = self.up.written;
+        self.access.bytes_down = self.down.written;
+        debug!(
+            client = %self.access.client,
+            backend = self.access.backend.map(tracing::field::display),
+            end = %self.access.end,
+            bytes_up = self.up.written,
+            bytes_down = self.down.written,
+            "closed"
+        );
+        let open_for = now.duration_since(self.accepted);
+        self.listener_stats.record_duration(open_for);
+        if self.access.enabled {
+            self.access.log(open_for);
+        }
+    }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Makes this thread's next [`Conn::start`] panic, as a bug there would.
+    pub(crate) static PANIC_AT_START: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// `at` + `d`, or a time too far away to matter if that is beyond what `Instant` holds (a
+/// timeout of a few hundred billion years passes validation).
+fn later(at: Instant, d: Duration) -> Instant {
+    at.checked_add(d)
+        .or_else(|| at.checked_add(Duration::from_secs(100 * 365 * 24 * 3600)))
+        .unwrap_or(at)
+}
+
+/// What the worker watches on both sockets of a connection. Priority is TCP urgent data: a read
+/// stops short at its mark, and a splice stops there as if the stream had ended, so the relay
+/// needs to know one is queued (see `relay::Ready`).
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub(super) const INTEREST: Interest = Interest::READABLE
+    .add(Interest::WRITABLE)
+    .add(Interest::PRIORITY);
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+pub(super) const INTEREST: Interest = Interest::READABLE.add(Interest::WRITABLE);
+
+#[cfg(test)]
+mod tests;

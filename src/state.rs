@@ -1,0 +1,17 @@
+//! Live state that the data plane and the control plane share beside the snapshot: counters,
+//! operator and health states, and the registry that keeps them across snapshots.
+//!
+//! A snapshot is immutable and rebuilt on every change; what must survive a rebuild (the
+//! connections open to a backend, its drain, its health streaks) lives here, reached from the
+//! snapshot through `Arc`s. The connection path only touches atomics here, never a lock.
+
+pub(crate) mod backend;
+pub(crate) mod histogram;
+pub(crate) mod listener;
+pub(crate) mod registry;
+
+pub(crate) use backend::{ActiveConn, BackendState};
+pub use backend::{AdminState, BackendCounters};
+pub use listener::ListenerCounters;
+pub(crate) use listener::{ListenerStats, OpenConn};
+pub(crate) use registry::{Registry, RemovedBackend, Republisher};
