@@ -10,10 +10,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 use tracing::error;
 
+use super::throttle::Throttle;
 use crate::config::ListenerConfig;
 use crate::dataplane::workers::Placement;
 use crate::snapshot::SnapshotCell;
@@ -163,8 +163,7 @@ pub(crate) fn is_connection_error(e: &io::Error) -> bool {
 #[derive(Debug, Default)]
 pub(crate) struct ErrorPacer {
     pause: Option<Duration>,
-    last_log: Option<Instant>,
-    suppressed: u64,
+    log: Throttle,
 }
 
 impl ErrorPacer {
@@ -174,21 +173,16 @@ impl ErrorPacer {
 
     /// Logs (at most once per period) and returns how long to pause before accepting again.
     pub(crate) fn failed(&mut self, listener: &str, e: &io::Error) -> Duration {
-        let now = Instant::now();
-        if self
-            .last_log
-            .is_none_or(|last| now.duration_since(last) >= ACCEPT_LOG_PERIOD)
+        if let Some(suppressed) = self
+            .log
+            .allow_counting(std::time::Instant::now(), ACCEPT_LOG_PERIOD)
         {
             error!(
                 listener,
                 error = %e,
-                suppressed = self.suppressed,
+                suppressed,
                 "accept failed; backing off (raise the open-file limit if this is EMFILE)"
             );
-            self.last_log = Some(now);
-            self.suppressed = 0;
-        } else {
-            self.suppressed += 1;
         }
         let pause = self
             .pause
@@ -201,6 +195,7 @@ impl ErrorPacer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::time::Instant;
 
     fn listener(bind: SocketAddr) -> ListenerConfig {
         let text = format!(
@@ -283,7 +278,12 @@ mod tests {
         assert_eq!(pauses[0], ACCEPT_BACKOFF_MIN);
         assert_eq!(pauses[1], ACCEPT_BACKOFF_MIN * 2);
         assert_eq!(*pauses.last().expect("12 pauses"), ACCEPT_BACKOFF_MAX);
-        assert_eq!(pacer.suppressed, 11);
+        let later = std::time::Instant::now() + ACCEPT_LOG_PERIOD;
+        assert_eq!(
+            pacer.log.allow_counting(later, ACCEPT_LOG_PERIOD),
+            Some(11),
+            "one line logged, eleven held back"
+        );
         pacer.reset();
         assert_eq!(pacer.failed("t", &e), ACCEPT_BACKOFF_MIN);
     }
