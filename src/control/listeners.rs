@@ -14,7 +14,7 @@ use crate::dataplane::event_loop::Command;
 use crate::dataplane::workers::Placement;
 use crate::snapshot::SnapshotCell;
 
-/// How [`Balancer::run`] ended.
+/// How [`Balancer::run`](crate::Balancer::run) ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Stopped {
     /// Connections still open when the grace period ran out, and therefore closed.

@@ -86,7 +86,7 @@ impl AdminState {
     }
 }
 
-/// A point-in-time copy of [`BackendState`]'s counters.
+/// A point-in-time copy of one backend's live counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BackendCounters {
     /// Connections assigned to the backend and not yet closed (including ones still connecting).

@@ -41,7 +41,7 @@ impl Default for ListenerStats {
     }
 }
 
-/// A point-in-time copy of [`ListenerStats`].
+/// A point-in-time copy of one listener's live counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ListenerCounters {
     /// Client connections open now.
