@@ -32,9 +32,8 @@ const DEBOUNCE_CAP: Duration = Duration::from_secs(1);
 /// watched as well, and again after every change, so a link repointed to a new release
 /// directory is followed. Only events that name the config (its name, its link target's name,
 /// or a Kubernetes `..`-entry) count: a log file written beside it every few milliseconds must
-/// not keep the debounce from ever settling. Events are debounced by `DEBOUNCE` (200 ms) (at most
-/// `DEBOUNCE_CAP` (1 s) in all), and a reload is only asked for when the file's bytes differ from
-/// the last ones seen. Runs until `stop` is cancelled.
+/// not keep the debounce from ever settling. A reload waits for 200 ms without events (1 s at
+/// most in all), and is only asked for when the file's bytes differ from the last ones seen. Runs until `stop` is cancelled.
 ///
 /// `loaded` is the text the running configuration was read from. An edit made after it was
 /// read and before the watch began (while the listeners were binding) sends no event the
