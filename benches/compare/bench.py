@@ -11,7 +11,8 @@ Subcommands:
   busy --root PID              prints machine busy CPU seconds and those of PID's process tree
   parse-iperf FILE             prints "bits_per_second bytes" from iperf3 -J output
   parse-wrk FILE               prints "req_per_s p50_us p99_us errors" from wrk --latency output
-  report RESULTS --systems ... prints the markdown table (and target checks)
+  report RESULTS --systems ... prints the markdown table (and target checks; with --pair BASE,
+                               the subject's per-round ratios against BASE)
 
 Measuring helpers print one line on stdout and exit non-zero on any failure, so the shell
 script can tell a measurement from an error.
@@ -400,6 +401,33 @@ def fmt(v, decimals):
     return f"{v:,.{decimals}f}"
 
 
+def pair_report(res, systems, subject, base):
+    """Before/after: every metric's per-round paired ratio SUBJECT/BASE.
+
+    The two builds ran side by side in every round, so machine drift between rounds cancels in
+    each round's ratio; how far the rounds' ratios scatter around 1.0 is the noise, and a change
+    shows as ratios that stay on one side of it round after round.
+    """
+    if subject not in systems or base not in systems:
+        return
+    print(f"\nBefore/after: {subject} / {base}, per round (paired; for a 'higher' metric above "
+          f"1.00x is better, for a 'lower' one below):\n")
+    print("| metric | better | median | change | per round | rounds better : worse |")
+    print("|---|---|---:|---:|---|---:|")
+    for key, label, _unit, higher, _dec in METRICS:
+        by = res.get(key, {})
+        s, b = by.get(subject, {}), by.get(base, {})
+        ratios = [(r, s[r] / b[r]) for r in sorted(s) if r in b and b[r] > 0]
+        if not ratios:
+            continue
+        med = statistics.median(v for _, v in ratios)
+        better = sum(1 for _, v in ratios if (v > 1.0 if higher else v < 1.0))
+        worse = sum(1 for _, v in ratios if (v < 1.0 if higher else v > 1.0))
+        rounds = " ".join(f"{v:.3f}" for _, v in ratios)
+        print(f"| {label} | {'higher' if higher else 'lower'} | {med:.3f}x | "
+              f"{(med - 1) * 100:+.1f}% | {rounds} | {better} : {worse} |")
+
+
 def cmd_report(args):
     res = load_results(args.results)
     systems = args.systems.split(",")
@@ -431,6 +459,8 @@ def cmd_report(args):
     if notes:
         print("\nWarnings:\n" + "\n".join(notes))
 
+    if args.pair:
+        pair_report(res, systems, subject, args.pair)
     if not args.targets:
         return
     comp = [c for c in ("HAPROXY", "HAPROXY_SPLICE", "NGINX") if c in systems]
@@ -468,7 +498,7 @@ def cmd_report(args):
 
     # Extra columns (WEIGHBRIDGE_COPY, WEIGHBRIDGE_CC) are outside the targets, which are about
     # the defaults; their bulk rows, paired the same way, say what the option would change.
-    extra = [s for s in systems if s not in (subject, "DIRECT", *comp)]
+    extra = [s for s in systems if s not in (subject, "DIRECT", *comp, args.pair)]
     if not extra:
         return
     print("\nOther columns, bulk rows (median of per-repetition paired ratios):\n")
@@ -533,6 +563,7 @@ def main():
     a.add_argument("--subject", required=True)
     a.add_argument("--baselines", default="")
     a.add_argument("--targets", action="store_true")
+    a.add_argument("--pair", default="", help="a system to compare the subject with round by round")
     a.set_defaults(fn=cmd_report)
     args = p.parse_args()
     args.fn(args)

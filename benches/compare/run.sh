@@ -9,10 +9,13 @@
 #   WB_CC=cubic bash benches/compare/run.sh  # one more column: weighbridge with
 #                                            #   backend_congestion_control = "cubic"
 #   TCP_CC=cubic bash benches/compare/run.sh # every socket on another congestion control (root)
+#   WB_BASE=/path/to/weighbridge bash benches/compare/run.sh
+#                                            # before/after: one more column, WEIGHBRIDGE_BASE,
+#                                            #   that binary with the same config as WEIGHBRIDGE
 #
 # Knobs (environment): REPS, DURATION (seconds per iperf3/wrk run), PP_COUNT (ping-pong messages
 # per run), IDLE_CONNS, BACKENDS (2-4), CPS_CONNS, OUT_DIR, KEEP_TMP=1, SKIP_INSTALL=1, TCP_CC,
-# WB_CC.
+# WB_CC, WB_BASE.
 #
 # TCP_CC sets the machine's default TCP congestion control (net.ipv4.tcp_congestion_control) for
 # the run and puts it back at exit. It applies to every socket of every system alike. It matters
@@ -20,6 +23,22 @@
 # hops where DIRECT is one. The report names the one that was in force. WB_CC instead leaves the
 # machine alone and adds a column, WEIGHBRIDGE_CC, that sets it on weighbridge's backend sockets
 # only (its `backend_congestion_control` key).
+#
+# WB_BASE compares two builds of weighbridge in one run: the one built here (WEIGHBRIDGE, the
+# "after") and a binary built elsewhere, e.g. from a worktree of an older commit (WEIGHBRIDGE_BASE,
+# the "before"):
+#
+#   git worktree add --detach ../wb-base <commit> && (cd ../wb-base && cargo build --release)
+#   WB_BASE=../wb-base/target/release/weighbridge REPS=6 bash benches/compare/run.sh
+#
+# Both get the very same generated config and flags (a key or flag that only one of the two
+# builds knows is left out for both), and both binaries are copied aside at the start, so a
+# rebuild of either tree during the run changes nothing measured. Within the usual rotation the
+# pair's order alternates round by round, so each runs first of the two equally often (with an
+# even REPS). The ratio columns are then WEIGHBRIDGE/WEIGHBRIDGE_BASE only, and the report adds
+# every round's paired ratio, to tell a change from noise. WB_BASE set to the binary built here
+# (target/release/weighbridge) measures weighbridge against itself: the noise floor for those
+# ratios.
 #
 # It installs what is missing (Debian/apt, as root), builds weighbridge in release mode, starts
 # every backend and balancer itself on free 127.0.0.1 ports, runs every workload for every system
@@ -38,6 +57,7 @@ AA=${AA:-0}
 WB_COPY=${WB_COPY:-0}
 WB_CC=${WB_CC:-}
 TCP_CC=${TCP_CC:-}
+WB_BASE=${WB_BASE:-}
 CC_SYSCTL=/proc/sys/net/ipv4/tcp_congestion_control
 if [[ $QUICK == 1 ]]; then
     REPS=${REPS:-2}
@@ -76,6 +96,17 @@ else
     if [[ $WB_COPY == 1 ]]; then SYSTEMS+=(WEIGHBRIDGE_COPY); fi
     # The same for a congestion control on weighbridge's backend sockets.
     if [[ -n $WB_CC ]]; then SYSTEMS+=(WEIGHBRIDGE_CC); fi
+    # Before/after: the other build, next to WEIGHBRIDGE (which of the two goes first alternates
+    # by round, see the run loop), and the one baseline of the ratio columns.
+    if [[ -n $WB_BASE ]]; then
+        SYSTEMS=(DIRECT HAPROXY HAPROXY_SPLICE NGINX WEIGHBRIDGE WEIGHBRIDGE_BASE "${SYSTEMS[@]:5}")
+        BASELINES=WEIGHBRIDGE_BASE
+    fi
+fi
+if [[ -n $WB_BASE ]]; then
+    if [[ $AA == 1 ]]; then echo "WB_BASE and AA=1 are separate runs" >&2; exit 2; fi
+    [[ -f $WB_BASE && -x $WB_BASE ]] || { echo "WB_BASE=$WB_BASE: not an executable file" >&2; exit 2; }
+    WB_BASE=$(realpath "$WB_BASE")
 fi
 (( BACKENDS >= 2 && BACKENDS <= 4 )) || { echo "BACKENDS must be 2..4" >&2; exit 2; }
 (( REPS >= 1 && REPS <= 50 )) || { echo "REPS must be 1..50" >&2; exit 2; }
@@ -256,6 +287,35 @@ raise_nofile
 WORK=$(mktemp -d /tmp/weighbridge-compare.XXXXXX)
 chmod 755 "$WORK"   # nginx workers run as an unprivileged user when started as root
 
+# WB_BASE: both binaries are copied aside, so a rebuild of either tree while the run goes (every
+# round starts fresh instances for the idle test) cannot change what is measured.
+WB_BASE_DESC=""
+if [[ -n $WB_BASE ]]; then
+    mkdir -p "$WORK/bin"
+    cp "$WB" "$WORK/bin/weighbridge"
+    cp "$WB_BASE" "$WORK/bin/weighbridge-base"
+    WB_BASE_SRC=$WB_BASE
+    WB="$WORK/bin/weighbridge"
+    WB_BASE="$WORK/bin/weighbridge-base"
+    # Its revision, if it was built in a git tree (the HEAD of that tree, as for WEIGHBRIDGE).
+    WB_BASE_REV="?"
+    if base_top=$(git -C "$(dirname "$WB_BASE_SRC")" rev-parse --show-toplevel 2>/dev/null) &&
+        [[ $WB_BASE_SRC == "$base_top"/* ]]; then
+        WB_BASE_REV=$(git -C "$base_top" rev-parse --short HEAD 2>/dev/null || echo '?')
+        git -C "$base_top" diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || WB_BASE_REV+="+dirty"
+        if [[ -n $(find "$base_top/src" "$base_top/Cargo.toml" "$base_top/Cargo.lock" \
+            -newer "$WB_BASE_SRC" -print -quit 2>/dev/null) ]]; then
+            log "warning: WB_BASE is older than some of its sources: rebuild it (cargo build --release in $base_top)"
+            WB_BASE_REV+=" (binary older than its sources)"
+        fi
+    fi
+    WB_BASE_DESC="weighbridge $WB_BASE_REV ($WB_BASE_SRC, sha256 $(sha256sum "$WB_BASE" | cut -c1-12))"
+    if cmp -s "$WB" "$WB_BASE"; then
+        WB_BASE_DESC+=", the same binary as WEIGHBRIDGE: an A/A run"
+    fi
+    log "WEIGHBRIDGE_BASE: $WB_BASE_DESC"
+fi
+
 # --------------------------------------------------------------------------------- ports
 # Each balancer listens on four ports: bulk (-> iperf3), http (-> the nginx HTTP backends), echo
 # (-> the echo backends) and idle (-> the echo backends, for a fresh instance per idle test).
@@ -427,11 +487,20 @@ write_weighbridge() {
 
 # --log-level error matches the others' "errors only"; --no-watch because HAProxy and nginx do
 # not watch their files either. Each is passed only if this build has the flag, so older builds
-# can be compared too.
+# can be compared too. With WB_BASE, only if both builds have it: both run the same command line.
 WB_HELP=$(timeout 10 "$WB" --help)
+if [[ -n $WB_BASE ]]; then WB_BASE_HELP=$(timeout 10 "$WB_BASE" --help); else WB_BASE_HELP=$WB_HELP; fi
 WB_FLAGS=()
-if grep -q -- '--log-level' <<<"$WB_HELP"; then WB_FLAGS+=(--log-level error); fi
-if grep -q -- '--no-watch' <<<"$WB_HELP"; then WB_FLAGS+=(--no-watch); fi
+for flag in --log-level --no-watch; do
+    if grep -q -- "$flag" <<<"$WB_HELP" && grep -q -- "$flag" <<<"$WB_BASE_HELP"; then
+        case $flag in
+            --log-level) WB_FLAGS+=(--log-level error) ;;
+            *) WB_FLAGS+=("$flag") ;;
+        esac
+    elif grep -q -- "$flag" <<<"$WB_HELP$WB_BASE_HELP"; then
+        log "$flag: only one of WEIGHBRIDGE and WEIGHBRIDGE_BASE has it; left out for both"
+    fi
+done
 # Worker threads = NPROC like the others: explicit where the build has the `threads` key (it
 # rejects unknown keys, so ask --check); its default is one per core anyway. Everything else
 # stays at weighbridge's defaults, `splice` included (only the WEIGHBRIDGE_COPY column sets
@@ -439,7 +508,11 @@ if grep -q -- '--no-watch' <<<"$WB_HELP"; then WB_FLAGS+=(--no-watch); fi
 WB_THREADS=0
 printf 'threads = %s\n[[listener]]\nname = "p"\nbind = "127.0.0.1:0"\n[[listener.backend]]\naddr = "127.0.0.1:9"\n' \
     "$NPROC" >"$WORK/threads-probe.toml"
-if timeout 10 "$WB" --config "$WORK/threads-probe.toml" --check >/dev/null 2>&1; then WB_THREADS=1; fi
+if timeout 10 "$WB" --config "$WORK/threads-probe.toml" --check >/dev/null 2>&1 &&
+    { [[ -z $WB_BASE ]] ||
+        timeout 10 "$WB_BASE" --config "$WORK/threads-probe.toml" --check >/dev/null 2>&1; }; then
+    WB_THREADS=1
+fi
 # WB_CC: fail now, with weighbridge's own message, rather than at the first WEIGHBRIDGE_CC start.
 if [[ -n $WB_CC ]]; then
     [[ $WB_CC =~ ^[a-z0-9_-]{1,15}$ ]] || die "WB_CC=$WB_CC: not a congestion control name"
@@ -454,7 +527,7 @@ fi
 # start_balancer INSTANCE SYSTEM KIND:PORT...: config in $WORK/INSTANCE/, validated, started,
 # listening; sets LAST_PID (the `timeout` wrapper leading the instance's process group).
 start_balancer() {
-    local inst=$1 sys=$2 d="$WORK/$1" l splice cc
+    local inst=$1 sys=$2 d="$WORK/$1" l splice cc bin
     shift 2
     mkdir -p "$d"
     case $sys in
@@ -468,13 +541,16 @@ start_balancer() {
             timeout 10 nginx -t -q -p "$d" -c "$d/nginx.conf" -e "$d/error.log" >&2
             start_bg "$inst" nginx -p "$d" -c "$d/nginx.conf" -e "$d/error.log"
             ;;
-        WEIGHBRIDGE | WEIGHBRIDGE_COPY | WEIGHBRIDGE_CC)
-            splice="" cc=""
+        WEIGHBRIDGE | WEIGHBRIDGE_COPY | WEIGHBRIDGE_CC | WEIGHBRIDGE_BASE)
+            splice="" cc="" bin=$WB
             if [[ $sys == WEIGHBRIDGE_COPY ]]; then splice=false; fi
             if [[ $sys == WEIGHBRIDGE_CC ]]; then cc=$WB_CC; fi
+            # The other build, with the config WEIGHBRIDGE gets (its own ports aside).
+            if [[ $sys == WEIGHBRIDGE_BASE ]]; then bin=$WB_BASE; fi
             write_weighbridge "$d/weighbridge.toml" "$splice" "$cc" "$@"
-            timeout 10 "$WB" --config "$d/weighbridge.toml" --check >/dev/null
-            start_bg "$inst" "$WB" --config "$d/weighbridge.toml" "${WB_FLAGS[@]}"
+            timeout 10 "$bin" --config "$d/weighbridge.toml" --check >/dev/null ||
+                die "$sys refuses its config $d/weighbridge.toml (above)"
+            start_bg "$inst" "$bin" --config "$d/weighbridge.toml" "${WB_FLAGS[@]}"
             ;;
         *) die "unknown system $sys" ;;
     esac
@@ -646,6 +722,24 @@ for (( rep = 1; rep <= REPS; rep++ )); do
     # neighbour, so warm-up, drift and whoever ran just before cancel out over the rounds.
     k=$(( (rep - 1) % ${#SYSTEMS[@]} ))
     ORDER=("${SYSTEMS[@]:k}" "${SYSTEMS[@]:0:k}")
+    # WB_BASE: within the rotation, the before/after pair runs in alternating order, WEIGHBRIDGE
+    # first in odd rounds and WEIGHBRIDGE_BASE first in even ones (their two places swap when
+    # the rotation has them the other way round), so that neither always goes first.
+    if [[ -n $WB_BASE ]]; then
+        first=WEIGHBRIDGE
+        if (( rep % 2 == 0 )); then first=WEIGHBRIDGE_BASE; fi
+        for i in "${!ORDER[@]}"; do
+            if [[ ${ORDER[i]} == WEIGHBRIDGE || ${ORDER[i]} == WEIGHBRIDGE_BASE ]]; then
+                if [[ ${ORDER[i]} != "$first" ]]; then
+                    for j in "${!ORDER[@]}"; do
+                        [[ ${ORDER[j]} == "$first" ]] && ORDER[j]=${ORDER[i]}
+                    done
+                    ORDER[i]=$first
+                fi
+                break
+            fi
+        done
+    fi
     log "round $rep/$REPS: order ${ORDER[*]}"
     CPU_S=()
     MACHINE_S=()
@@ -702,7 +796,11 @@ done
 
 REPORT="$OUT_DIR/report.md"
 {
-    echo "### weighbridge vs HAProxy vs nginx: L4 proxy on 127.0.0.1"
+    if [[ -n $WB_BASE ]]; then
+        echo "### weighbridge $WB_REV against weighbridge $WB_BASE_REV (with HAProxy and nginx): L4 proxy on 127.0.0.1"
+    else
+        echo "### weighbridge vs HAProxy vs nginx: L4 proxy on 127.0.0.1"
+    fi
     echo
     echo "- machine: $NPROC cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), kernel $(uname -r)"
     echo "- $(haproxy -v | head -n 1 | awk '{print "HAProxy " $3}'), $(nginx -v 2>&1 | sed 's|.*nginx/|nginx |'), $(iperf3 --version | head -n 1 | awk '{print "iperf3 " $2}'), $(wrk -v 2>&1 | head -n 1 | awk '{print "wrk " $2}'), weighbridge $WB_REV"
@@ -714,6 +812,9 @@ REPORT="$OUT_DIR/report.md"
     if [[ -n $WB_CC ]]; then
         echo "- WEIGHBRIDGE_CC: weighbridge with backend_congestion_control = \"$WB_CC\" (its backend sockets only)"
     fi
+    if [[ -n $WB_BASE ]]; then
+        echo "- WEIGHBRIDGE_BASE: $WB_BASE_DESC; the same config and flags as WEIGHBRIDGE (weighbridge $WB_REV, sha256 $(sha256sum "$WB" | cut -c1-12))"
+    fi
     echo "- REPS=$REPS (median of rounds; ratios are medians of per-round paired ratios), ${DURATION}s per iperf3/wrk run, ping-pong $PP_COUNT msgs, $IDLE_CONNS idle connections, $BACKENDS backends, $NPROC threads/workers per balancer; took ${ELAPSED}s"
     echo "- other processes used ${FOREIGN[*]} of the machine's CPU during rounds 1..$REPS; load average (1/5/15 min) before: $LOAD_START, after: $LOAD_END"
     if printf '%s\n' "${FOREIGN[@]}" | tr -d % | awk '$1 > 10 { f = 1 } END { exit !f }'; then
@@ -723,6 +824,7 @@ REPORT="$OUT_DIR/report.md"
     echo
     TARGETS=(--targets)   # the targets are weighbridge's; an A/A run has none
     [[ $AA == 1 ]] && TARGETS=()
+    if [[ -n $WB_BASE ]]; then TARGETS+=(--pair WEIGHBRIDGE_BASE); fi
     timeout 30 "${PY[@]}" report "$RESULTS" --systems "$(IFS=,; echo "${SYSTEMS[*]}")" \
         --subject "$SUBJECT" --baselines "$BASELINES" "${TARGETS[@]}"
     (( FAILURES == 0 )) || { echo; echo "**$FAILURES measurement(s) failed; see the log above.**"; }
