@@ -6,8 +6,7 @@ mod support;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use weighbridge::AdminError;
-use weighbridge::backend::AdminState;
+use weighbridge::{AdminError, AdminState};
 
 use support::{LISTENER, Mock, bounded, config, connect_identify, start_balancer};
 
@@ -54,7 +53,7 @@ async fn drained_backend_takes_nothing_new_keeps_its_connections_and_survives_re
 
             // A reload of the same file keeps the drain.
             let reloaded =
-                weighbridge::config::parse(&text, std::path::Path::new("t.toml")).expect("valid");
+                weighbridge::Config::parse(&text, std::path::Path::new("t.toml")).expect("valid");
             lb.handle.apply(reloaded).await.expect("reload");
             for _ in 0..20 {
                 assert_eq!(

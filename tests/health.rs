@@ -21,9 +21,7 @@ use tokio::time::Instant;
 
 use mock_inference::{Mock, MockOptions};
 use support::{LISTENER, Refusing, Running, bounded, eventually, start_balancer};
-use weighbridge::config;
-use weighbridge::health::probe::ProbeError;
-use weighbridge::health::{Health, HealthStatus};
+use weighbridge::{Config, Health, HealthStatus, ProbeError};
 
 /// Overall bound on each test.
 const LIMIT: Duration = Duration::from_secs(60);
@@ -171,10 +169,11 @@ async fn until_status(lb: &Running, addr: SocketAddr, want: HealthStatus) -> Dur
 
 /// The effective weight of `addr` in the snapshot in force.
 fn effective_weight(lb: &Running, addr: SocketAddr) -> f64 {
-    let snapshot = lb.handle.snapshot();
-    let pool = snapshot.pool(LISTENER).expect("listener lb");
-    let backend = pool.backends().iter().find(|b| b.addr == addr);
-    backend.map_or(0.0, |b| b.effective_weight)
+    let weights = lb.handle.effective_weights(LISTENER).expect("listener lb");
+    weights
+        .iter()
+        .find(|(backend, _)| *backend == addr)
+        .map_or(0.0, |(_, weight)| *weight)
 }
 
 /// Waits until the snapshot in force gives `addr` no weight (a status change reaches the
@@ -342,9 +341,10 @@ async fn health_addr_is_probed_instead_of_the_serving_address() {
 
 /// The share of the summed effective weights that backend `index` has in the current snapshot.
 fn weight_share(lb: &Running, index: usize) -> f64 {
-    let snapshot = lb.handle.snapshot();
-    let pool = snapshot.pool(LISTENER).expect("listener lb");
-    let weights: Vec<f64> = pool.backends().iter().map(|b| b.effective_weight).collect();
+    let weights: Vec<f64> = (lb.handle.effective_weights(LISTENER).expect("listener lb"))
+        .into_iter()
+        .map(|(_, weight)| weight)
+        .collect();
     weights[index] / weights.iter().sum::<f64>()
 }
 
@@ -717,7 +717,7 @@ async fn a_reload_that_restarts_the_checker_keeps_the_load_factor() {
         let reload = |interval: Duration| {
             let text = config_text("weighted_round_robin", &tables(interval), &backends);
             lb.handle
-                .apply(config::parse(&text, Path::new("t.toml")).expect("valid"))
+                .apply(Config::parse(&text, Path::new("t.toml")).expect("valid"))
         };
         let interval = INTERVAL + Duration::from_millis(10);
         reload(interval).await.expect("reload");
@@ -783,7 +783,7 @@ async fn reloads_that_restart_the_checker_keep_the_startup_grace_deadline() {
             let interval = INTERVAL + Duration::from_millis(u64::from(reloads % 2));
             let text = config_text("weighted_round_robin", &tables(interval), &backends);
             lb.handle
-                .apply(config::parse(&text, Path::new("t.toml")).expect("valid"))
+                .apply(Config::parse(&text, Path::new("t.toml")).expect("valid"))
                 .await
                 .expect("reload");
             reloads += 1;
@@ -806,7 +806,7 @@ async fn removed_backends_stop_being_probed_and_their_checkers_end() {
         until_confirmed(&lb, &addrs).await;
 
         let kept = config_text("weighted_round_robin", &health(""), &all[..2]);
-        let kept = config::parse(&kept, Path::new("t.toml")).expect("valid");
+        let kept = Config::parse(&kept, Path::new("t.toml")).expect("valid");
         lb.handle.apply(kept).await.expect("reload");
         eventually(SOON, "the removed backend's checker ends", || {
             lb.handle.health_checkers() == 2
@@ -829,7 +829,7 @@ async fn removed_backends_stop_being_probed_and_their_checkers_end() {
 
         // Health checks switched off: every checker ends.
         let none = config_text("weighted_round_robin", "", &all[..2]);
-        let none = config::parse(&none, Path::new("t.toml")).expect("valid");
+        let none = Config::parse(&none, Path::new("t.toml")).expect("valid");
         lb.handle.apply(none).await.expect("reload");
         eventually(SOON, "no checker left", || lb.handle.health_checkers() == 0).await;
         let probes: Vec<u64> = servers.iter().map(|s| s.state().health_probes()).collect();
@@ -839,7 +839,7 @@ async fn removed_backends_stop_being_probed_and_their_checkers_end() {
 
         // And a shutdown ends them too.
         lb.handle
-            .apply(config::parse(&text, Path::new("t.toml")).expect("valid"))
+            .apply(Config::parse(&text, Path::new("t.toml")).expect("valid"))
             .await
             .expect("reload");
         eventually(SOON, "checkers back", || lb.handle.health_checkers() == 3).await;
@@ -876,7 +876,7 @@ async fn passive_ejection_switched_on_by_a_reload_mid_streak_still_ejects() {
             format!("{tables}[listener.passive]\nmax_connect_failures = 2\neject_for = \"60s\"\n");
         let text = config_text("weighted_round_robin", &tables, &backends);
         lb.handle
-            .apply(config::parse(&text, Path::new("t.toml")).expect("valid"))
+            .apply(Config::parse(&text, Path::new("t.toml")).expect("valid"))
             .await
             .expect("reload");
         let started = Instant::now();

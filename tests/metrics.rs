@@ -351,7 +351,7 @@ async fn metrics_after_known_traffic_equal_what_the_clients_did() {
         })
         .await;
         let config =
-            weighbridge::config::parse(&text, std::path::Path::new("t.toml")).expect("valid");
+            weighbridge::Config::parse(&text, std::path::Path::new("t.toml")).expect("valid");
         lb.handle
             .apply(config)
             .await

@@ -188,14 +188,18 @@ impl Handle {
         Some(backend.stats.counters())
     }
 
-    /// The weight strategies give backend `addr` of `listener` now: its configured weight as
-    /// drain, health, ejection, slow start and reported load leave it. `None` if it is not
-    /// configured.
-    pub fn effective_weight(&self, listener: &str, addr: SocketAddr) -> Option<f64> {
+    /// The weight strategies give each backend of `listener` now, in file order: its
+    /// configured weight as drain, health, ejection, slow start and reported load leave it.
+    /// `None` if there is no such listener.
+    pub fn effective_weights(&self, listener: &str) -> Option<Vec<(SocketAddr, f64)>> {
         let snapshot = self.shared.snapshots.load();
         let pool = snapshot.pool(listener)?;
-        let backend = pool.backends().iter().find(|b| b.addr == addr)?;
-        Some(backend.effective_weight)
+        Some(
+            pool.backends()
+                .iter()
+                .map(|b| (b.addr, b.effective_weight))
+                .collect(),
+        )
     }
 
     /// Health of backend `addr` in listener `listener`, if it is configured.
