@@ -16,6 +16,7 @@ mod conn;
 mod connect;
 pub(crate) mod event_loop;
 mod relay;
+pub(crate) mod remote;
 #[cfg(target_os = "linux")]
 mod splice;
 mod table;

@@ -30,6 +30,7 @@ use crate::state::{BackendState, Republisher};
 /// Largest deviation of one probe interval from the configured one, as a fraction.
 const JITTER: f64 = 0.1;
 
+/// The backend a checker task works for.
 #[derive(Debug, Clone)]
 pub(crate) struct Target {
     pub(crate) listener: Arc<str>,

@@ -10,7 +10,7 @@ use tracing::{info, warn};
 
 use crate::config::ListenerConfig;
 use crate::dataplane::accept::{Bound, Serving};
-use crate::dataplane::event_loop::Command;
+use crate::dataplane::remote::Command;
 use crate::dataplane::workers::Placement;
 use crate::snapshot::SnapshotCell;
 

@@ -20,8 +20,8 @@ use super::connect::{
     DESCRIPTOR_WAIT, connect_failed, log_no_local_port, no_local_port, open_backend,
     out_of_descriptors,
 };
-use super::event_loop::Counted;
 use super::relay::{BUDGET, Direction, Mode, Path, Pumped, Ready, shutdown_write};
+use super::remote::Counted;
 use super::token::{Side, Tokens};
 use crate::config::AllUnhealthy;
 use crate::snapshot::Pool;

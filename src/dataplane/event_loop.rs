@@ -34,11 +34,11 @@ use super::conn::{Conn, Status};
 use super::relay::SCRATCH;
 use super::token::{LISTENER_BIT, MASK, Side, WAKER, conn_of, conn_token};
 use crate::dataplane::accept::{ErrorPacer, Serving, is_connection_error};
-use crate::dataplane::workers::Placed;
 use crate::snapshot::Pool;
-use crate::state::{ListenerStats, OpenConn};
+use crate::state::ListenerStats;
 
 use super::access_log::log_rejected;
+use super::remote::{Adopted, Command, Counted, Remote};
 use super::table::{Table, shrunk};
 
 /// Connections accepted from one listener before the loop looks at the other events again: a
@@ -56,87 +56,6 @@ thread_local! {
 /// Stale timer entries tolerated beyond twice the open connections (see
 /// [`Worker::prune_timers`]).
 const PRUNE_FLOOR: usize = 1024;
-
-/// What the control plane or another worker asks of a worker.
-pub(crate) enum Command {
-    /// Accept on `socket` for listener `name` until told [`Command::Unlisten`] with `id`.
-    Listen {
-        id: u64,
-        name: String,
-        socket: std::net::TcpListener,
-        serving: Serving,
-    },
-    /// Stop accepting on listener socket `id` and send the socket back, still listening, so a
-    /// reload can give it to a renamed listener without a moment in which the port is closed.
-    ///
-    /// With `serve_queue`, the connections already waiting in the socket's queue are accepted
-    /// and served first: the socket is about to close (its listener removed or moved, or the
-    /// balancer stopping), and closing it would reset each of them, clients whose handshake
-    /// had completed. Without, they stay queued for whoever takes the socket over.
-    Unlisten {
-        id: u64,
-        serve_queue: bool,
-        reply: tokio::sync::oneshot::Sender<io::Result<std::net::TcpListener>>,
-    },
-    /// Serve a connection another worker accepted.
-    Adopt(Box<Adopted>),
-    /// Close every connection now (shutdown's grace period is over), and every one adopted
-    /// from now on.
-    Cut,
-    /// Close everything and end the thread.
-    Exit,
-}
-
-/// A connection accepted on one worker and served on another.
-pub(crate) struct Adopted {
-    stream: std::net::TcpStream,
-    peer: SocketAddr,
-    pool: Arc<Pool>,
-    turn: u64,
-    counted: Counted,
-}
-
-/// What counts a connection while it lives: against its listener's `max_connections`, on its
-/// worker's load, and as open for shutdown's drain.
-#[derive(Debug)]
-pub(crate) struct Counted {
-    _open: OpenConn,
-    _placed: Placed,
-    _tracked: tokio_util::task::task_tracker::TaskTrackerToken,
-}
-
-/// How to reach a worker from any thread.
-#[derive(Debug, Clone)]
-pub(crate) struct Remote {
-    commands: mpsc::Sender<Command>,
-    waker: Arc<Waker>,
-}
-
-impl Remote {
-    /// Queues `command` and wakes the worker; gives the command back if the worker has ended.
-    pub(crate) fn send(&self, command: Command) -> Result<(), Command> {
-        self.commands.send(command).map_err(|e| e.0)?;
-        if let Err(e) = self.waker.wake() {
-            // The command waits in the queue until something else wakes the worker.
-            error!(error = %e, "cannot wake a worker");
-        }
-        Ok(())
-    }
-}
-
-impl std::fmt::Debug for Command {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Command::Listen { id, name, .. } => write!(f, "Listen({id}, {name})"),
-            Command::Unlisten {
-                id, serve_queue, ..
-            } => write!(f, "Unlisten({id}, serve_queue: {serve_queue})"),
-            Command::Adopt(adopted) => write!(f, "Adopt({})", adopted.peer),
-            Command::Cut => f.write_str("Cut"),
-            Command::Exit => f.write_str("Exit"),
-        }
-    }
-}
 
 /// A worker's loop before it runs: created on the thread that starts the workers, so that a
 /// failure to create the `epoll` instance is an error there.
@@ -695,68 +614,4 @@ impl Worker {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_worker_ends_on_exit_and_its_remote_says_so_after() {
-        let (event_loop, remote) = EventLoop::new(0).expect("an epoll instance");
-        let (ended, has_ended) = mpsc::channel();
-        std::thread::spawn(move || {
-            event_loop.run();
-            ended.send(()).expect("the test waits");
-        });
-        assert!(remote.send(Command::Exit).is_ok());
-        has_ended
-            .recv_timeout(Duration::from_secs(5))
-            .expect("the loop returned");
-        assert!(
-            matches!(remote.send(Command::Cut), Err(Command::Cut)),
-            "nobody receives any more, and the command comes back"
-        );
-    }
-
-    #[test]
-    fn queue_lists_a_connection_once_and_the_next_turn_empties_the_list() {
-        let mut worker = Worker::new(0);
-        let mut queued = false;
-        queue(&mut worker.again, &mut queued, 0, 3);
-        queue(&mut worker.again, &mut queued, 0, 3);
-        assert_eq!(worker.again, [(0, 3)]);
-        assert_eq!(
-            worker.timeout(),
-            Some(Duration::ZERO),
-            "the next turn comes at once"
-        );
-        // The connection is gone by then: its entry is dropped all the same.
-        worker.resume_all();
-        assert!(worker.again.is_empty());
-    }
-
-    #[test]
-    fn timers_of_closed_connections_are_pruned() {
-        let mut worker = Worker::new(0);
-        let later = worker.now + Duration::from_secs(600);
-        for slot in 0..3 * PRUNE_FLOOR as u32 {
-            worker.timers.push(Reverse((later, slot, 0)));
-        }
-        let peak = worker.timers.capacity();
-        worker.prune_timers();
-        assert!(worker.timers.is_empty(), "{} left", worker.timers.len());
-        assert!(
-            worker.timers.capacity() <= 2 * PRUNE_FLOOR,
-            "capacity {} of {peak} at the peak",
-            worker.timers.capacity()
-        );
-    }
-
-    #[test]
-    fn tokens_of_connections_and_listeners_never_meet() {
-        let highest = conn_token(u32::MAX >> 2, u32::MAX, Side::Backend { odd_attempt: true });
-        assert_eq!(highest.0 & LISTENER_BIT, 0);
-        assert_ne!(highest, WAKER);
-        let token = conn_token(12_345, 7, Side::Client);
-        assert_eq!(conn_of(token), (12_345, 7));
-        assert_ne!(Token(LISTENER_BIT | 3), WAKER);
-    }
-}
+mod tests;

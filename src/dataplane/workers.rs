@@ -26,7 +26,8 @@ use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::dataplane::event_loop::{Command, EventLoop, Remote};
+use crate::dataplane::event_loop::EventLoop;
+use crate::dataplane::remote::{Command, Remote};
 
 /// Worker threads, each running its own event loop until the set is dropped.
 #[derive(Debug)]

@@ -170,8 +170,6 @@ impl Tracker {
     }
 }
 
-/// The backend a checker task works for.
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,7 +9,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::dataplane::accept::{self, Serving};
 use crate::dataplane::connect::OPEN_FAILS_WITH;
-use crate::dataplane::event_loop::Command;
+use crate::dataplane::remote::Command;
 use crate::dataplane::workers::Workers;
 use crate::snapshot::Snapshot;
 use crate::state::{Registry, Republisher};
