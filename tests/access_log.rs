@@ -5,61 +5,42 @@
 mod support;
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::net::SocketAddr;
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::path::Path;
 use std::time::Duration;
 
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::process::{Child, Command};
+use tokio::net::TcpStream;
 
-use support::{Mock, Refusing, assert_closed_without_data, bounded, eventually};
+use support::{
+    Mock, Process, Refusing, assert_closed_without_data, bounded, command, config_file, eventually,
+    greeter,
+};
 
-const BIN: &str = env!("CARGO_BIN_EXE_weighbridge");
 const LIMIT: Duration = Duration::from_secs(30);
 const SOON: Duration = Duration::from_secs(10);
 /// The `idle_timeout` of listener `echo`.
 const IDLE_MS: f64 = 300.0;
 
-/// The balancer as a child process, with every stderr line collected as it comes.
+/// The balancer as a child process, and the format of its log.
 struct Balancer {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
+    process: Process,
     json: bool,
 }
 
 impl Balancer {
-    fn spawn(config: &std::path::Path, json: bool) -> Balancer {
-        let mut child = Command::new(BIN)
-            .args(["--no-watch", "--log-level", "info", "--config"])
-            .arg(config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn weighbridge");
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&lines);
-        tokio::spawn(async move {
-            let mut reader = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = reader.next_line().await {
-                sink.lock().expect("lines lock").push(line);
-            }
-        });
-        Balancer { child, lines, json }
-    }
-
-    fn lines(&self) -> Vec<String> {
-        self.lines.lock().expect("lines lock").clone()
+    fn start(config: &Path, json: bool) -> Balancer {
+        Balancer {
+            process: Process::start(config, &["--no-watch"]),
+            json,
+        }
     }
 
     /// The fields of every line so far, as text.
     fn events(&self) -> Vec<HashMap<String, String>> {
-        self.lines()
+        self.process
+            .lines()
             .iter()
             .map(|line| fields(line, self.json))
             .collect()
@@ -134,26 +115,10 @@ fn fields(line: &str, json: bool) -> HashMap<String, String> {
     fields
 }
 
-/// A backend that says `hello` and closes at once: the backend ends the conversation.
-async fn greeter() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind greeter");
-    let addr = listener.local_addr().expect("greeter address");
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            if let Err(e) = stream.write_all(b"hello").await {
-                eprintln!("greeter: {e}");
-            }
-        }
-    });
-    addr
-}
-
 /// Makes connections end in every way the access log names, then checks the lines.
 async fn every_ending_is_logged(json: bool) {
     let echo = Mock::echo().await;
-    let greeter = greeter().await;
+    let greeter = greeter(b"hello").await;
     let refusing = Refusing::new();
     let format = if json { "json" } else { "text" };
     let text = format!(
@@ -174,12 +139,8 @@ async fn every_ending_is_logged(json: bool) {
         echo = echo.addr,
         refusing = refusing.addr,
     );
-    let mut file = tempfile::Builder::new()
-        .suffix(".toml")
-        .tempfile()
-        .expect("create temp config");
-    file.write_all(text.as_bytes()).expect("write temp config");
-    let mut lb = Balancer::spawn(file.path(), json);
+    let file = config_file(&text);
+    let mut lb = Balancer::start(file.path(), json);
     let mut clients: HashMap<&str, SocketAddr> = HashMap::new();
 
     // The client finishes first.
@@ -247,7 +208,8 @@ async fn every_ending_is_logged(json: bool) {
     // The only backend fails its checks: under all_unhealthy = "reject" clients are closed.
     let sick = lb.listener("sick").await;
     eventually(SOON, "the listener to find no backend healthy", || {
-        lb.lines()
+        lb.process
+            .lines()
             .iter()
             .any(|l| l.contains("no backend is healthy") && l.contains("sick"))
     })
@@ -260,16 +222,8 @@ async fn every_ending_is_logged(json: bool) {
     assert_closed_without_data(&mut turned_away, SOON).await;
 
     // Shutdown cuts the held one once the 200 ms grace period is over.
-    let pid = lb.child.id().expect("the balancer runs").to_string();
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("run kill");
-    assert!(killed.success());
-    let status = tokio::time::timeout(SOON, lb.child.wait())
-        .await
-        .expect("the balancer exits after its grace period")
-        .expect("wait for the balancer");
+    lb.process.terminate();
+    let status = lb.process.exit_status(SOON).await;
     assert!(status.success(), "{status:?}");
     eventually(SOON, "seven access log lines", || lb.access().len() == 7).await;
     drop(held);
@@ -356,7 +310,7 @@ async fn every_ending_is_logged(json: bool) {
 
     if json {
         // Every line, not only the access log, is one JSON object.
-        for line in lb.lines() {
+        for line in lb.process.lines() {
             let value: Value = serde_json::from_str(&line)
                 .unwrap_or_else(|e| panic!("log line is not JSON ({e}): {line}"));
             assert!(
@@ -391,20 +345,9 @@ async fn a_stderr_nobody_reads_does_not_stall_connections() {
              [[listener.backend]]\naddr = \"{}\"\n",
             echo.addr
         );
-        let mut file = tempfile::Builder::new()
-            .suffix(".toml")
-            .tempfile()
-            .expect("create temp config");
-        file.write_all(text.as_bytes()).expect("write temp config");
-        let mut child = Command::new(BIN)
-            .args(["--no-watch", "--log-level", "info", "--config"])
-            .arg(file.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn weighbridge");
-        let mut stderr = BufReader::new(child.stderr.take().expect("stderr is piped")).lines();
+        let file = config_file(&text);
+        let (_wb, stderr) = Process::spawn_with_stderr(&mut command(file.path(), &["--no-watch"]));
+        let mut stderr = BufReader::new(stderr).lines();
         let bind: SocketAddr = loop {
             let line = stderr
                 .next_line()
@@ -442,7 +385,6 @@ async fn a_stderr_nobody_reads_does_not_stall_connections() {
                 logged += 1;
             }
         }
-        child.kill().await.expect("stop weighbridge");
     })
     .await;
 }

@@ -3,7 +3,6 @@
 
 mod support;
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -12,22 +11,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use support::{
-    HttpResponse, LISTENER, Mock, Running, bounded, config_with_admin, connect_identify,
-    eventually_async, http, start_balancer, start_balancer_from_file,
+    HttpResponse, LISTENER, Mock, Running, bounded, config_file, config_with_admin,
+    connect_identify, eventually_async, http, metric, start_balancer, start_balancer_from_file,
 };
 
 const LIMIT: Duration = Duration::from_secs(30);
 const SOON: Duration = Duration::from_secs(10);
-
-/// Writes `text` to a temporary config file.
-fn config_file(text: &str) -> tempfile::NamedTempFile {
-    let mut file = tempfile::Builder::new()
-        .suffix(".toml")
-        .tempfile()
-        .expect("create temp config");
-    file.write_all(text.as_bytes()).expect("write temp config");
-    file
-}
 
 /// Listener `lb` in a `/status` answer.
 fn listener_status(status: &Value) -> &Value {
@@ -50,15 +39,10 @@ fn backend_status(status: &Value, addr: SocketAddr) -> Value {
         .clone()
 }
 
-/// The value of the metric line `name{listener="lb",backend="addr"}` in a `/metrics` answer.
+/// The value of the metric `name{listener="lb",backend="addr"}` in a `/metrics` answer.
 fn backend_metric(metrics: &str, name: &str, addr: SocketAddr) -> f64 {
-    let prefix = format!("{name}{{listener=\"{LISTENER}\",backend=\"{addr}\"}} ");
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(&prefix))
-        .unwrap_or_else(|| panic!("no {prefix:?} in:\n{metrics}"))
-        .parse()
-        .expect("a number")
+    let addr = addr.to_string();
+    metric(metrics, name, &[("listener", LISTENER), ("backend", &addr)])
 }
 
 async fn status(lb: &Running) -> Value {
@@ -368,7 +352,7 @@ async fn reload_over_http_answers_with_the_summary_or_the_check_error() {
 
         let broken = text(3.0).replace("weight = 3.0", "weight = -3");
         std::fs::write(file.path(), &broken).expect("rewrite config");
-        let check = weighbridge::config::load(file.path()).expect_err("the file is invalid");
+        let check = weighbridge::Config::load(file.path()).expect_err("the file is invalid");
         let answer = post(&lb, "/reload").await;
         assert_eq!(answer.status, 422, "{answer:?}");
         let body = answer.json();

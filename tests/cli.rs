@@ -1,42 +1,12 @@
 //! The command line as a user meets it: `--check`, and the one-line errors with exit code 1.
 
-use std::io::Write;
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+mod support;
 
-const BIN: &str = env!("CARGO_BIN_EXE_weighbridge");
+use std::process::Output;
 
-/// Writes `text` to a temporary config file.
-fn config_file(text: &str) -> tempfile::NamedTempFile {
-    let mut file = tempfile::Builder::new()
-        .suffix(".toml")
-        .tempfile()
-        .expect("create temp config");
-    file.write_all(text.as_bytes()).expect("write temp config");
-    file
-}
+use tokio::process::Command;
 
-/// Runs the binary with `args` and returns its output; kills it if it runs past 20 s.
-fn run(args: &[&str]) -> Output {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn weighbridge");
-    // Every run here ends by itself within milliseconds; poll so a hang fails instead of blocking.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while child.try_wait().expect("poll child").is_none() {
-        if Instant::now() > deadline {
-            child.kill().expect("kill hung weighbridge");
-            panic!("weighbridge {args:?} did not exit within 20 s");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    child
-        .wait_with_output()
-        .expect("collect weighbridge output")
-}
+use support::{BIN, config_file, run, run_command};
 
 /// Asserts a failed run: exit code 1, a single line on stderr containing every needle.
 fn assert_fails_with(output: &Output, needles: &[&str]) {
@@ -68,11 +38,11 @@ bind = "127.0.0.1:0"
 addr = "127.0.0.1:9003"
 "#;
 
-#[test]
-fn check_prints_a_summary_and_exits_0() {
+#[tokio::test]
+async fn check_prints_a_summary_and_exits_0() {
     let file = config_file(VALID);
     let path = file.path().to_str().expect("utf-8 temp path");
-    let output = run(&["--config", path, "--check"]);
+    let output = run(&["--config", path, "--check"]).await;
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{output:?}");
     assert_eq!(
@@ -81,20 +51,21 @@ fn check_prints_a_summary_and_exits_0() {
     );
 }
 
-#[test]
-fn shipped_default_config_checks() {
-    let output = Command::new(BIN)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .arg("--check")
-        .output()
-        .expect("run weighbridge --check");
+#[tokio::test]
+async fn shipped_default_config_checks() {
+    let output = run_command(
+        Command::new(BIN)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .arg("--check"),
+    )
+    .await;
     assert!(output.status.success(), "{output:?}");
     assert!(String::from_utf8_lossy(&output.stdout).starts_with("conf/weighbridge.toml: ok"));
 }
 
 /// Every example in conf/ is valid as shipped.
-#[test]
-fn every_shipped_example_checks() {
+#[tokio::test]
+async fn every_shipped_example_checks() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("conf");
     let mut checked = 0;
     for entry in std::fs::read_dir(&dir).expect("read conf/") {
@@ -102,20 +73,15 @@ fn every_shipped_example_checks() {
         if path.extension().is_none_or(|e| e != "toml") {
             continue;
         }
-        let output = Command::new(BIN)
-            .arg("--config")
-            .arg(&path)
-            .arg("--check")
-            .output()
-            .expect("run weighbridge --check");
+        let output = run_command(Command::new(BIN).arg("--config").arg(&path).arg("--check")).await;
         assert!(output.status.success(), "{}: {output:?}", path.display());
         checked += 1;
     }
     assert!(checked >= 2, "conf/ holds the examples: {checked}");
 }
 
-#[test]
-fn config_errors_exit_1_with_file_line_and_key() {
+#[tokio::test]
+async fn config_errors_exit_1_with_file_line_and_key() {
     let cases = [
         ("[[listener]\n", vec![":1:", "expected `]`"]),
         (
@@ -149,7 +115,7 @@ fn config_errors_exit_1_with_file_line_and_key() {
         let file = config_file(text);
         let path = file.path().to_str().expect("utf-8 temp path");
         for args in [vec!["--config", path, "--check"], vec!["-c", path]] {
-            let output = run(&args);
+            let output = run(&args).await;
             let mut all = needles.clone();
             all.push(path);
             assert_fails_with(&output, &all);
@@ -157,29 +123,29 @@ fn config_errors_exit_1_with_file_line_and_key() {
     }
 }
 
-#[test]
-fn missing_file_exits_1_naming_it() {
-    let output = run(&["--config", "/nonexistent/dir/wb.toml"]);
+#[tokio::test]
+async fn missing_file_exits_1_naming_it() {
+    let output = run(&["--config", "/nonexistent/dir/wb.toml"]).await;
     assert_fails_with(&output, &["/nonexistent/dir/wb.toml", "cannot read"]);
 }
 
-#[test]
-fn bind_failure_exits_1_naming_listener_and_address() {
+#[tokio::test]
+async fn bind_failure_exits_1_naming_listener_and_address() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port to occupy");
     let addr = taken.local_addr().expect("local addr").to_string();
     let file = config_file(&format!(
         "[[listener]]\nname = \"busy\"\nbind = \"{addr}\"\n[[listener.backend]]\naddr = \"127.0.0.1:9\"\n"
     ));
     let path = file.path().to_str().expect("utf-8 temp path");
-    let output = run(&["--config", path, "--log-level", "error"]);
+    let output = run(&["--config", path, "--log-level", "error"]).await;
     assert_fails_with(&output, &["listener `busy`", &addr, "cannot bind"]);
 }
 
 /// A `--log-level` that is not a level or a filter is a command-line error (exit 2, as for an
 /// unknown flag), `--check` included; before, a word such as `warning` was taken as a target
 /// name and the balancer ran with every log line off.
-#[test]
-fn bad_log_level_exits_2_naming_the_flag() {
+#[tokio::test]
+async fn bad_log_level_exits_2_naming_the_flag() {
     let file = config_file(VALID);
     let path = file.path().to_str().expect("utf-8 temp path");
     for level in ["loud=[[", "bogus", "verbose,weighbridge=debug"] {
@@ -188,25 +154,25 @@ fn bad_log_level_exits_2_naming_the_flag() {
             if check {
                 args.push("--check");
             }
-            let output = run(&args);
+            let output = run(&args).await;
             let stderr = String::from_utf8_lossy(&output.stderr);
             assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
             assert!(stderr.contains("--log-level"), "{stderr}");
             assert!(!stderr.contains("panicked"), "{stderr}");
         }
     }
-    let output = run(&["--config", path, "--log-level", "warning", "--check"]);
+    let output = run(&["--config", path, "--log-level", "warning", "--check"]).await;
     assert_eq!(output.status.code(), Some(0), "`warning` means warn");
 }
 
-#[test]
-fn admin_on_a_public_address_without_token_exits_1_naming_key_and_line() {
+#[tokio::test]
+async fn admin_on_a_public_address_without_token_exits_1_naming_key_and_line() {
     // A documentation address (RFC 5737): not loopback, and not bindable here, so a regression
     // fails on the bind instead of serving the admin endpoint on every interface.
     let file = config_file(&format!("[admin]\nbind = \"192.0.2.1:0\"\n{VALID}"));
     let path = file.path().to_str().expect("utf-8 temp path");
     for args in [vec!["--config", path, "--check"], vec!["--config", path]] {
-        let output = run(&args);
+        let output = run(&args).await;
         assert_fails_with(
             &output,
             &[
@@ -218,16 +184,16 @@ fn admin_on_a_public_address_without_token_exits_1_naming_key_and_line() {
     }
 }
 
-#[test]
-fn admin_bind_failure_exits_1_naming_admin_bind_and_address() {
+#[tokio::test]
+async fn admin_bind_failure_exits_1_naming_admin_bind_and_address() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port to occupy");
     let addr = taken.local_addr().expect("local addr").to_string();
     let file = config_file(&format!("[admin]\nbind = \"{addr}\"\n{VALID}"));
     let path = file.path().to_str().expect("utf-8 temp path");
-    let output = run(&["--config", path, "--log-level", "error"]);
+    let output = run(&["--config", path, "--log-level", "error"]).await;
     assert_fails_with(&output, &["[admin] `bind`", &addr, "cannot bind"]);
     // Bound before the listeners: nothing was announced as listening.
-    let output = run(&["--config", path, "--log-level", "info"]);
+    let output = run(&["--config", path, "--log-level", "info"]).await;
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(!stderr.contains("listening"), "{stderr}");

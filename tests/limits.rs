@@ -11,8 +11,8 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use support::{
-    Mock, Refusing, assert_closed_without_data, black_hole, bounded, config, connect_identify,
-    data_path, eventually_eq, start_balancer,
+    BOTH_WAYS, Mock, Refusing, SPLICE_AT_LEAST, assert_closed_without_data, black_hole, bounded,
+    config, connect_identify, data_path_config, echo_random, eventually_eq, start_balancer,
 };
 
 /// Limit for every test here.
@@ -195,17 +195,21 @@ async fn idle_timeout_shorter_than_connect_timeout_still_applies() {
 /// Idle timeout of the idle tests.
 const IDLE: Duration = Duration::from_millis(300);
 
+/// A connection that has moved bulk data both ways and then goes quiet.
 async fn idle_connection_is_closed_on_both_sides(splice: bool) {
     bounded(LIMIT, async {
         let mock = Mock::identify(7).await;
-        let lb = start_balancer(&config(
-            "weighted_round_robin",
-            &format!("idle_timeout = \"300ms\"\n{}", data_path(splice)),
+        let lb = start_balancer(&data_path_config(
+            splice,
+            "idle_timeout = \"300ms\"",
             &[(mock.addr, 1.0)],
         ));
         let started = Instant::now();
         let (mut client, id) = connect_identify(lb.addr).await;
         assert_eq!(id, 7);
+        echo_random(&mut client, 7, SPLICE_AT_LEAST)
+            .await
+            .expect("bulk data comes back before the connection goes idle");
         assert_closed_without_data(&mut client, Duration::from_secs(5)).await;
         // The idle clock starts after `started`, so closing can't come sooner than this.
         let elapsed = started.elapsed();
@@ -221,6 +225,7 @@ async fn idle_connection_is_closed_on_both_sides(splice: bool) {
             (lb.listener().open, lb.backend(mock.addr).active)
         })
         .await;
+        lb.assert_data_path(mock.addr, splice, &BOTH_WAYS).await;
         assert_eq!(lb.stop().await.cut_connections, 0);
     })
     .await;
@@ -229,13 +234,16 @@ async fn idle_connection_is_closed_on_both_sides(splice: bool) {
 async fn connection_with_steady_traffic_outlives_the_idle_timeout(splice: bool) {
     bounded(LIMIT, async {
         let mock = Mock::identify(7).await;
-        let lb = start_balancer(&config(
-            "weighted_round_robin",
-            &format!("idle_timeout = \"300ms\"\n{}", data_path(splice)),
+        let lb = start_balancer(&data_path_config(
+            splice,
+            "idle_timeout = \"300ms\"",
             &[(mock.addr, 1.0)],
         ));
         let (mut client, _) = connect_identify(lb.addr).await;
         let started = Instant::now();
+        echo_random(&mut client, 7, SPLICE_AT_LEAST)
+            .await
+            .expect("bulk data comes back");
         // Pacing traffic, not synchronizing: one byte per 100 ms for over three idle periods.
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         for n in 0..12_u8 {
@@ -259,6 +267,7 @@ async fn connection_with_steady_traffic_outlives_the_idle_timeout(splice: bool) 
         assert_eq!(lb.listener().open, 1);
         drop(client);
         eventually_eq(SETTLE, "connection closed", 0, || lb.listener().open).await;
+        lb.assert_data_path(mock.addr, splice, &BOTH_WAYS).await;
         assert_eq!(lb.stop().await.cut_connections, 0);
     })
     .await;

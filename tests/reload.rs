@@ -8,34 +8,32 @@
 //! these tests tell which weights are in force. Every wait is a poll with a deadline and every
 //! test has an overall time bound.
 
+mod support;
+
 use std::fmt::Write as _;
-use std::future::Future;
-use std::io::{self, BufRead, BufReader};
+use std::io;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use rand::rngs::SmallRng;
 use rand::{Rng, RngExt, SeedableRng};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 
-use weighbridge::reload::ReloadError;
-use weighbridge::{Balancer, Config, Handle, StartError, Stopped};
+use support::{
+    Mock, POLL, Process, Running, bounded, close, echo, open_identify, poll_until, within,
+};
+use weighbridge::Config;
+use weighbridge::ReloadError;
 
-const BIN: &str = env!("CARGO_BIN_EXE_weighbridge");
-/// Upper bound on one socket operation; nothing here should take more than milliseconds.
-const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Upper bound on a condition that should hold "soon" (a reload applied, a socket closed).
 const SOON: Duration = Duration::from_secs(10);
-/// Interval between two checks of a polled condition.
-const POLL: Duration = Duration::from_millis(5);
 /// Sequential connections that show which weights are in force (two WRR cycles of 3:1).
 const PROBES: usize = 8;
 /// Long-lived streaming connections held open through the reloads of the load test.
@@ -55,108 +53,22 @@ const RELOADS: usize = 50;
 const LEAK_RELOADS: usize = 100;
 
 // ---------------------------------------------------------------------------------------------
-// Backends and clients
-
-/// An echo server on 127.0.0.1 that sends its id byte first.
-#[derive(Debug, Clone)]
-struct Backend {
-    addr: SocketAddr,
-    id: u8,
-    /// Connections it has open now.
-    open: Arc<AtomicUsize>,
-}
-
-/// Starts a backend with id `id` in the current runtime; it lives as long as the runtime.
-async fn backend(id: u8) -> Backend {
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind a backend on an ephemeral port");
-    let addr = listener.local_addr().expect("backend address");
-    let open = Arc::new(AtomicUsize::new(0));
-    let counter = Arc::clone(&open);
-    tokio::spawn(async move {
-        loop {
-            let stream = match listener.accept().await {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    eprintln!("backend {id}: accept: {e}");
-                    tokio::time::sleep(POLL).await;
-                    continue;
-                }
-            };
-            counter.fetch_add(1, Ordering::SeqCst);
-            let counter = Arc::clone(&counter);
-            tokio::spawn(async move {
-                if let Err(e) = serve_echo(stream, id).await {
-                    eprintln!("backend {id}: connection ended with {e}");
-                }
-                counter.fetch_sub(1, Ordering::SeqCst);
-            });
-        }
-    });
-    Backend { addr, id, open }
-}
-
-/// Sends `id`, then echoes until end of stream and closes its write side.
-async fn serve_echo(mut stream: TcpStream, id: u8) -> io::Result<()> {
-    stream.write_all(&[id]).await?;
-    let (mut reader, mut writer) = stream.split();
-    tokio::io::copy(&mut reader, &mut writer).await?;
-    writer.shutdown().await
-}
-
-/// Runs one socket operation with [`IO_TIMEOUT`].
-async fn within<T>(operation: impl Future<Output = io::Result<T>>) -> io::Result<T> {
-    timeout(IO_TIMEOUT, operation)
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no progress within 5 s"))?
-}
-
-/// Connects to `addr` and reads the id of the backend the balancer chose.
-async fn open(addr: SocketAddr) -> io::Result<(TcpStream, u8)> {
-    let mut stream = within(TcpStream::connect(addr)).await?;
-    let mut id = [0_u8; 1];
-    within(stream.read_exact(&mut id)).await?;
-    Ok((stream, id[0]))
-}
-
-/// Sends `data` and checks that exactly `data` comes back.
-async fn echo(stream: &mut TcpStream, data: &[u8]) -> io::Result<()> {
-    within(stream.write_all(data)).await?;
-    let mut back = vec![0_u8; data.len()];
-    within(stream.read_exact(&mut back)).await?;
-    if back != data {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "echo differs"));
-    }
-    Ok(())
-}
-
-/// Closes the write side and checks that the connection then ends cleanly with nothing unread.
-async fn close(mut stream: TcpStream) -> io::Result<()> {
-    within(stream.shutdown()).await?;
-    let mut rest = Vec::new();
-    within(stream.read_to_end(&mut rest)).await?;
-    if !rest.is_empty() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("{} unexpected bytes before end of stream", rest.len()),
-        ));
-    }
-    Ok(())
-}
+// Clients
 
 /// Opens `PROBES` connections to `addr` one after another, each echoing once, and returns how
 /// many reached each of `backends` (in that order). Panics if one reached another backend.
-async fn split(addr: SocketAddr, backends: &[&Backend]) -> Vec<usize> {
+async fn split(addr: SocketAddr, backends: &[&Mock]) -> Vec<usize> {
     let mut ids = Vec::with_capacity(PROBES);
     for _ in 0..PROBES {
-        let (mut stream, id) = open(addr).await.expect("probe connection is served");
+        let (mut stream, id) = open_identify(addr)
+            .await
+            .expect("probe connection is served");
         echo(&mut stream, b"probe").await.expect("probe echo");
         ids.push(id);
     }
     let counts: Vec<usize> = backends
         .iter()
-        .map(|b| ids.iter().filter(|&&id| id == b.id).count())
+        .map(|b| ids.iter().filter(|&&id| id == b.id()).count())
         .collect();
     assert_eq!(
         counts.iter().sum::<usize>(),
@@ -179,27 +91,6 @@ fn expected_split(weights: [f64; 2]) -> Vec<usize> {
 fn free_port() -> u16 {
     let socket = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
     socket.local_addr().expect("ephemeral address").port()
-}
-
-/// Polls `condition` until it holds or `within` has passed; returns whether it held.
-async fn poll_until(within: Duration, mut condition: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    loop {
-        if condition() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(POLL).await;
-    }
-}
-
-/// Runs a test body with an overall time limit.
-async fn bounded<T>(limit: Duration, test: impl Future<Output = T>) -> T {
-    timeout(limit, test)
-        .await
-        .expect("the test exceeded its time limit")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -247,11 +138,11 @@ fn toml(listeners: &[Listener<'_>]) -> String {
 }
 
 fn parse(text: &str) -> Config {
-    weighbridge::config::parse(text, Path::new("reload-test.toml")).expect("valid test config")
+    weighbridge::Config::parse(text, Path::new("reload-test.toml")).expect("valid test config")
 }
 
 /// One listener `main` over backends `a` and `b` with weights `weights`.
-fn two_backends(a: &Backend, b: &Backend, weights: [f64; 2]) -> String {
+fn two_backends(a: &Mock, b: &Mock, weights: [f64; 2]) -> String {
     toml(&[Listener::wrr(
         "main",
         vec![(a.addr, weights[0]), (b.addr, weights[1])],
@@ -259,163 +150,20 @@ fn two_backends(a: &Backend, b: &Backend, weights: [f64; 2]) -> String {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The balancer, in process and as a child process
+// The balancer, in process and as the binary
 
-/// A balancer running in the test's runtime.
-struct InProcess {
-    handle: Handle,
-    stop: CancellationToken,
-    task: JoinHandle<Stopped>,
+/// A balancer on `config` serving in the test's runtime; `listener` is the one it talks to.
+fn start(config: &Config, path: Option<&Path>, listener: &str) -> Running {
+    Running::try_start(config, path, listener).expect("bind the balancer's listeners")
 }
 
-impl InProcess {
-    fn start(config: &Config, path: Option<&Path>) -> InProcess {
-        InProcess::try_start(config, path).expect("bind the balancer's listeners")
-    }
-
-    fn try_start(config: &Config, path: Option<&Path>) -> Result<InProcess, StartError> {
-        let mut balancer = Balancer::bind(config)?;
-        if let Some(path) = path {
-            balancer = balancer.with_config_path(path);
-        }
-        let handle = balancer.handle();
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(balancer.run(stop.clone()));
-        Ok(InProcess { handle, stop, task })
-    }
-
-    /// Connections listener `main` has accepted.
-    fn accepted(&self) -> u64 {
-        self.handle
-            .listener_counters("main")
-            .map_or(0, |c| c.accepted)
-    }
-
-    fn addr(&self, listener: &str) -> SocketAddr {
-        self.handle
-            .local_addr(listener)
-            .expect("the listener is configured and bound")
-    }
-
-    /// Shuts down and returns how many connections had to be cut.
-    async fn stop(self) -> Stopped {
-        self.stop.cancel();
-        timeout(SOON, self.task)
-            .await
-            .expect("the balancer stops within its grace period")
-            .expect("the balancer's run task did not panic")
-    }
-}
-
-/// The `weighbridge` binary, killed when dropped; its stderr is collected line by line.
-struct Process {
-    child: Child,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Process {
-    fn spawn(config: &Path, args: &[&str]) -> Process {
-        let mut child = Command::new(BIN)
-            .arg("--config")
-            .arg(config)
-            .args(["--log-level", "info"])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start weighbridge");
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&log);
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { return };
-                sink.lock().expect("log lock").push(line);
-            }
-        });
-        Process { child, log }
-    }
-
-    /// The binary on `config`, once it serves listener `main` and watches the file; the
-    /// listener's address.
-    async fn watching(config: &Path) -> (Process, SocketAddr) {
-        let mut lb = Process::spawn(config, &[]);
-        let addr = lb.bind_of("main").await;
-        lb.wait_for("watching the configuration file", 1).await;
-        (lb, addr)
-    }
-
-    fn log(&self) -> Vec<String> {
-        self.log.lock().expect("log lock").clone()
-    }
-
-    /// Lines of stderr containing `needle`.
-    fn count(&self, needle: &str) -> usize {
-        self.log().iter().filter(|l| l.contains(needle)).count()
-    }
-
-    /// The last 30 lines of stderr, for failure messages.
-    fn tail(&self) -> String {
-        let log = self.log();
-        log[log.len().saturating_sub(30)..].join("\n")
-    }
-
-    /// Waits until `n` lines of stderr contain `needle`.
-    async fn wait_for(&mut self, needle: &str, n: usize) {
-        let found = poll_until(SOON, || self.count(needle) >= n).await;
-        let status = self.child.try_wait().expect("poll weighbridge");
-        assert!(
-            found,
-            "no {n} line(s) with {needle:?} within {SOON:?} (exit status {status:?}); stderr:\n{}",
-            self.tail()
-        );
-    }
-
-    /// The address listener `name` was last reported bound to.
-    async fn bind_of(&mut self, name: &str) -> SocketAddr {
-        let marker = format!(" listening listener={name} ");
-        self.wait_for(&marker, 1).await;
-        let log = self.log();
-        let line = log
-            .iter()
-            .rev()
-            .find(|l| l.contains(&marker))
-            .expect("waited for this line");
-        let (_, rest) = line
-            .split_once(" bind=")
-            .expect("a listening line names its bind address");
-        let addr = rest.split_whitespace().next().expect("bind=ADDR");
-        addr.parse()
-            .expect("the logged bind address is a socket address")
-    }
-
-    /// Sends SIGHUP.
-    fn hangup(&self) {
-        let status = Command::new("kill")
-            .args(["-HUP", &self.child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -HUP failed: {status}");
-    }
-
-    /// Open file descriptors of the process.
-    fn fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
-            .expect("read /proc/PID/fd")
-            .count()
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        if let Err(e) = self.child.kill() {
-            eprintln!("kill weighbridge: {e}");
-        }
-        if let Err(e) = self.child.wait() {
-            eprintln!("reap weighbridge: {e}");
-        }
-    }
+/// The binary on `config`, once it serves listener `main` and watches the file; the listener's
+/// address.
+async fn watching(config: &Path) -> (Process, SocketAddr) {
+    let mut lb = Process::start(config, &[]);
+    let addr = lb.listening("main").await;
+    lb.wait_for("watching the configuration file", 1).await;
+    (lb, addr)
 }
 
 /// Replaces `path` the way editors and config-management tools do: a new file renamed over it.
@@ -433,7 +181,7 @@ fn replace_by_rename(path: &Path, text: &str) {
 /// Every step flips the weights of `probe` and `stream` between 3:1 and 1:3; backend `c` joins
 /// `stream` on two steps out of four; listener `extra` exists on three steps out of six; the
 /// strategy of `stream` cycles through all three.
-fn load_step(step: usize, a: &Backend, b: &Backend, c: &Backend) -> ([f64; 2], String) {
+fn load_step(step: usize, a: &Mock, b: &Mock, c: &Mock) -> ([f64; 2], String) {
     let weights = if step % 2 == 0 {
         [3.0, 1.0]
     } else {
@@ -470,7 +218,7 @@ async fn stream_client(
     let fail = |what: &str, total: u64, e: io::Error| {
         format!("stream {seed}: {what} after {total} bytes: {e}")
     };
-    let (mut stream, _) = open(addr).await.map_err(|e| fail("open", 0, e))?;
+    let (mut stream, _) = open_identify(addr).await.map_err(|e| fail("open", 0, e))?;
     let mut rng = SmallRng::seed_from_u64(seed);
     let mut chunk = Vec::with_capacity(CHUNK_MAX);
     let mut total = 0_u64;
@@ -501,7 +249,7 @@ async fn churn(
 ) -> Result<(), String> {
     while !stop.is_cancelled() {
         let n = done.load(Ordering::SeqCst);
-        let (mut stream, id) = open(addr)
+        let (mut stream, id) = open_identify(addr)
             .await
             .map_err(|e| format!("short connection after {n}: open: {e}"))?;
         if !ids.contains(&id) {
@@ -526,12 +274,16 @@ async fn churn(
 async fn fifty_reloads_under_load_fail_no_connection_and_lose_no_byte() {
     bounded(Duration::from_secs(50), async {
         // 200 streams hold four descriptors each in this process.
-        weighbridge::listener::raise_open_file_limit().expect("raise the open file limit");
-        let (a, b, c) = (backend(1).await, backend(2).await, backend(3).await);
+        rlimit::increase_nofile_limit(u64::MAX).expect("raise the open file limit");
+        let (a, b, c) = (
+            Mock::identify(1).await,
+            Mock::identify(2).await,
+            Mock::identify(3).await,
+        );
         let (_, text) = load_step(0, &a, &b, &c);
-        let lb = InProcess::start(&parse(&text), None);
-        let stream_addr = lb.addr("stream");
-        let probe_addr = lb.addr("probe");
+        let lb = start(&parse(&text), None, "stream");
+        let stream_addr = lb.addr_of("stream");
+        let probe_addr = lb.addr_of("probe");
         assert_eq!(split(probe_addr, &[&a, &b]).await, [6, 2]);
 
         let stop = CancellationToken::new();
@@ -547,7 +299,7 @@ async fn fifty_reloads_under_load_fail_no_connection_and_lose_no_byte() {
         let done = Arc::new(AtomicU64::new(0));
         let churners: Vec<JoinHandle<Result<(), String>>> = (0..CHURN_TASKS)
             .map(|_| {
-                let ids = [a.id, b.id, c.id];
+                let ids = [a.id(), b.id(), c.id()];
                 tokio::spawn(churn(stream_addr, ids, Arc::clone(&done), stop.clone()))
             })
             .collect();
@@ -588,8 +340,10 @@ async fn fifty_reloads_under_load_fail_no_connection_and_lose_no_byte() {
             }
             match lb.handle.local_addr("extra") {
                 Some(addr) if extra_conn.is_none() => {
-                    let (mut conn, id) = open(addr).await.expect("the added listener serves");
-                    assert_eq!(id, c.id);
+                    let (mut conn, id) = open_identify(addr)
+                        .await
+                        .expect("the added listener serves");
+                    assert_eq!(id, c.id());
                     echo(&mut conn, b"extra")
                         .await
                         .expect("echo through `extra`");
@@ -682,14 +436,16 @@ fn line_of(text: &str, needle: &str) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rejected_reloads_change_nothing_and_are_reported() {
     bounded(Duration::from_secs(30), async {
-        let (a, b) = (backend(1).await, backend(2).await);
+        let (a, b) = (Mock::identify(1).await, Mock::identify(2).await);
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("wb.toml");
         std::fs::write(&path, two_backends(&a, &b, [3.0, 1.0])).expect("write config");
-        let config = weighbridge::config::load(&path).expect("valid config");
-        let lb = InProcess::start(&config, Some(&path));
-        let addr = lb.addr("main");
-        let (mut held, _) = open(addr).await.expect("open a long-lived connection");
+        let config = weighbridge::Config::load(&path).expect("valid config");
+        let lb = start(&config, Some(&path), "main");
+        let addr = lb.addr_of("main");
+        let (mut held, _) = open_identify(addr)
+            .await
+            .expect("open a long-lived connection");
         echo(&mut held, b"before").await.expect("echo before");
         assert_eq!(split(addr, &[&a, &b]).await, [6, 2]);
 
@@ -789,11 +545,11 @@ async fn rejected_reloads_change_nothing_and_are_reported() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_reloads_a_config_replaced_by_rename() {
     bounded(Duration::from_secs(30), async {
-        let (a, b) = (backend(1).await, backend(2).await);
+        let (a, b) = (Mock::identify(1).await, Mock::identify(2).await);
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("wb.toml");
         std::fs::write(&path, two_backends(&a, &b, [3.0, 1.0])).expect("write config");
-        let (mut lb, addr) = Process::watching(&path).await;
+        let (mut lb, addr) = watching(&path).await;
         assert_eq!(split(addr, &[&a, &b]).await, [6, 2]);
 
         // Twice: the watch must survive the replacement of the file it first saw.
@@ -817,19 +573,18 @@ async fn binary_reloads_a_config_replaced_by_rename() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edit_made_before_the_watch_began_is_applied() {
     bounded(Duration::from_secs(30), async {
-        let (a, b) = (backend(1).await, backend(2).await);
+        let (a, b) = (Mock::identify(1).await, Mock::identify(2).await);
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("wb.toml");
         let loaded = two_backends(&a, &b, [3.0, 1.0]);
         std::fs::write(&path, &loaded).expect("write config");
-        let lb = InProcess::start(&parse(&loaded), Some(&path));
+        let lb = start(&parse(&loaded), Some(&path), "main");
         std::fs::write(&path, two_backends(&a, &b, [1.0, 3.0])).expect("edit config");
-        let watcher =
-            weighbridge::reload::watch(&path, &loaded, lb.handle.clone(), lb.stop.clone())
-                .expect("watch the config");
+        let watcher = weighbridge::watch(&path, &loaded, lb.handle.clone(), lb.shutdown.clone())
+            .expect("watch the config");
         let applied = poll_until(SOON, || lb.handle.reload_counters().succeeded == 1).await;
         assert!(applied, "the edit made before the watch is applied");
-        assert_eq!(split(lb.addr("main"), &[&a, &b]).await, [2, 6]);
+        assert_eq!(split(lb.addr_of("main"), &[&a, &b]).await, [2, 6]);
         assert_eq!(lb.stop().await.cut_connections, 0);
         timeout(SOON, watcher)
             .await
@@ -845,11 +600,11 @@ async fn an_edit_made_before_the_watch_began_is_applied() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_retries_a_failed_reload_when_the_same_file_is_saved_again() {
     bounded(Duration::from_secs(30), async {
-        let (a, b) = (backend(1).await, backend(2).await);
+        let (a, b) = (Mock::identify(1).await, Mock::identify(2).await);
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("wb.toml");
         std::fs::write(&path, two_backends(&a, &b, [3.0, 1.0])).expect("write config");
-        let (mut lb, _) = Process::watching(&path).await;
+        let (mut lb, _) = watching(&path).await;
 
         let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("take a port");
         let freed = taken.local_addr().expect("address");
@@ -865,7 +620,7 @@ async fn binary_retries_a_failed_reload_when_the_same_file_is_saved_again() {
         drop(taken);
         replace_by_rename(&path, &text);
         lb.wait_for("reload applied", 1).await;
-        let (_, id) = within(open(freed))
+        let (_, id) = within(open_identify(freed))
             .await
             .expect("the new listener serves on the freed port");
         assert_eq!(id, 2);
@@ -876,11 +631,11 @@ async fn binary_retries_a_failed_reload_when_the_same_file_is_saved_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_reloads_while_files_beside_the_config_are_written_all_the_time() {
     bounded(Duration::from_secs(40), async {
-        let (a, b) = (backend(1).await, backend(2).await);
+        let (a, b) = (Mock::identify(1).await, Mock::identify(2).await);
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("wb.toml");
         std::fs::write(&path, two_backends(&a, &b, [3.0, 1.0])).expect("write config");
-        let (mut lb, addr) = Process::watching(&path).await;
+        let (mut lb, addr) = watching(&path).await;
 
         // A log appended to beside the config far more often than the debounce's quiet time,
         // then an entry the watcher cannot tell from a ConfigMap swap churned the same way:
@@ -919,7 +674,7 @@ async fn binary_reloads_while_files_beside_the_config_are_written_all_the_time()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_reloads_a_config_linked_from_another_directory_when_its_target_changes() {
     bounded(Duration::from_secs(30), async {
-        let (a, b) = (backend(1).await, backend(2).await);
+        let (a, b) = (Mock::identify(1).await, Mock::identify(2).await);
         let (etc, srv) = (
             tempfile::tempdir().expect("temp dir"),
             tempfile::tempdir().expect("temp dir"),
@@ -928,7 +683,7 @@ async fn binary_reloads_a_config_linked_from_another_directory_when_its_target_c
         let link = etc.path().join("wb.toml");
         std::fs::write(&target, two_backends(&a, &b, [3.0, 1.0])).expect("write config");
         std::os::unix::fs::symlink(&target, &link).expect("link the config");
-        let (mut lb, addr) = Process::watching(&link).await;
+        let (mut lb, addr) = watching(&link).await;
         assert_eq!(split(addr, &[&a, &b]).await, [6, 2]);
 
         // Edited where it lives, in place and then by rename.
@@ -946,7 +701,7 @@ async fn binary_reloads_a_config_linked_from_another_directory_when_its_target_c
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_follows_a_config_link_repointed_to_another_release_directory() {
     bounded(Duration::from_secs(30), async {
-        let (a, b) = (backend(1).await, backend(2).await);
+        let (a, b) = (Mock::identify(1).await, Mock::identify(2).await);
         let (etc, v1, v2) = (
             tempfile::tempdir().expect("temp dir"),
             tempfile::tempdir().expect("temp dir"),
@@ -961,7 +716,7 @@ async fn binary_follows_a_config_link_repointed_to_another_release_directory() {
             .expect("write config");
         }
         std::os::unix::fs::symlink(v1.path().join("lb.toml"), &link).expect("link the config");
-        let (mut lb, addr) = Process::watching(&link).await;
+        let (mut lb, addr) = watching(&link).await;
 
         // A deploy: the new release's config, then the link swapped to it atomically.
         std::fs::write(v2.path().join("lb.toml"), two_backends(&a, &b, [1.0, 3.0]))
@@ -985,12 +740,12 @@ async fn binary_follows_a_config_link_repointed_to_another_release_directory() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_with_no_watch_ignores_edits_until_sighup() {
     bounded(Duration::from_secs(30), async {
-        let (a, b) = (backend(1).await, backend(2).await);
+        let (a, b) = (Mock::identify(1).await, Mock::identify(2).await);
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("wb.toml");
         std::fs::write(&path, two_backends(&a, &b, [3.0, 1.0])).expect("write config");
-        let mut lb = Process::spawn(&path, &["--no-watch"]);
-        let addr = lb.bind_of("main").await;
+        let mut lb = Process::start(&path, &["--no-watch"]);
+        let addr = lb.listening("main").await;
         assert_eq!(split(addr, &[&a, &b]).await, [6, 2]);
 
         std::fs::write(&path, two_backends(&a, &b, [1.0, 3.0])).expect("edit config");
@@ -1014,13 +769,13 @@ async fn binary_with_no_watch_ignores_edits_until_sighup() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_to_a_removed_backend_flow_until_the_client_closes() {
     bounded(Duration::from_secs(30), async {
-        let (a, b) = (backend(1).await, backend(2).await);
-        let lb = InProcess::start(&parse(&two_backends(&a, &b, [1.0, 1.0])), None);
-        let addr = lb.addr("main");
+        let (a, b) = (Mock::identify(1).await, Mock::identify(2).await);
+        let lb = start(&parse(&two_backends(&a, &b, [1.0, 1.0])), None, "main");
+        let addr = lb.addr_of("main");
         let mut to_b = None;
         for _ in 0..2 {
-            let (stream, id) = open(addr).await.expect("connection is served");
-            if id == b.id {
+            let (stream, id) = open_identify(addr).await.expect("connection is served");
+            if id == b.id() {
                 to_b = Some(stream);
                 break;
             }
@@ -1043,14 +798,10 @@ async fn connections_to_a_removed_backend_flow_until_the_client_closes() {
                 "new connections avoid b"
             );
         }
-        assert_eq!(
-            b.open.load(Ordering::SeqCst),
-            1,
-            "b keeps the open connection"
-        );
+        assert_eq!(b.open(), 1, "b keeps the open connection");
         close(to_b).await.expect("the connection to b ends cleanly");
         assert!(
-            poll_until(SOON, || b.open.load(Ordering::SeqCst) == 0).await,
+            poll_until(SOON, || b.open() == 0).await,
             "b's connection is closed after the client closed"
         );
         assert!(
@@ -1087,7 +838,7 @@ async fn connections_to_a_removed_backend_flow_until_the_client_closes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_reloads_leak_no_descriptor() {
     bounded(Duration::from_secs(45), async {
-        let (a, b) = (backend(1).await, backend(2).await);
+        let (a, b) = (Mock::identify(1).await, Mock::identify(2).await);
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("wb.toml");
         // The copy data path: the splice path keeps a bounded per-thread pool of empty pipes for
@@ -1099,9 +850,9 @@ async fn a_hundred_reloads_leak_no_descriptor() {
             Listener::wrr("extra", vec![(b.addr, 1.0)]),
         ]));
         std::fs::write(&path, &small).expect("write config");
-        let mut lb = Process::spawn(&path, &["--no-watch"]);
-        let main = lb.bind_of("main").await;
-        let (mut conn, _) = open(main).await.expect("the balancer serves");
+        let mut lb = Process::start(&path, &["--no-watch"]);
+        let main = lb.listening("main").await;
+        let (mut conn, _) = open_identify(main).await.expect("the balancer serves");
         echo(&mut conn, b"hello").await.expect("echo");
         close(conn).await.expect("close");
 
@@ -1114,14 +865,14 @@ async fn a_hundred_reloads_leak_no_descriptor() {
             assert_eq!(lb.count("reload failed"), 0, "{}", lb.tail());
             if text == large {
                 // Serve through the new listener and the new backend before moving on.
-                let extra = lb.bind_of("extra").await;
-                let (mut conn, id) = open(extra).await.expect("`extra` serves");
-                assert_eq!(id, b.id);
+                let extra = lb.listening("extra").await;
+                let (mut conn, id) = open_identify(extra).await.expect("`extra` serves");
+                assert_eq!(id, b.id());
                 echo(&mut conn, b"extra")
                     .await
                     .expect("echo through `extra`");
                 close(conn).await.expect("close");
-                let (mut conn, _) = open(main).await.expect("`main` serves");
+                let (mut conn, _) = open_identify(main).await.expect("`main` serves");
                 echo(&mut conn, b"main").await.expect("echo through `main`");
                 close(conn).await.expect("close");
             }
@@ -1129,7 +880,7 @@ async fn a_hundred_reloads_leak_no_descriptor() {
         // Warm up, so that anything created once on first use is in the baseline.
         reload(&mut lb, &large).await;
         reload(&mut lb, &small).await;
-        let idle = || a.open.load(Ordering::SeqCst) + b.open.load(Ordering::SeqCst) == 0;
+        let idle = || a.open() + b.open() == 0;
         assert!(
             poll_until(SOON, idle).await,
             "backends see every connection closed"
@@ -1175,14 +926,15 @@ async fn a_hundred_reloads_leak_no_descriptor() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_moved_listener_serves_on_the_new_address_only_and_keeps_open_connections() {
     bounded(Duration::from_secs(30), async {
-        let a = backend(1).await;
-        let lb = InProcess::start(
+        let a = Mock::identify(1).await;
+        let lb = start(
             &parse(&toml(&[Listener::wrr("main", vec![(a.addr, 1.0)])])),
             None,
+            "main",
         );
-        let old = lb.addr("main");
-        let (mut held, id) = open(old).await.expect("served on the old address");
-        assert_eq!(id, a.id);
+        let old = lb.addr_of("main");
+        let (mut held, id) = open_identify(old).await.expect("served on the old address");
+        assert_eq!(id, a.id());
         echo(&mut held, b"before the move").await.expect("echo");
 
         // The port was free a moment ago; should something take it meanwhile, try another.
@@ -1200,7 +952,7 @@ async fn a_moved_listener_serves_on_the_new_address_only_and_keeps_open_connecti
             }
         }
         let summary = moved.expect("the listener moved to a free port");
-        let new = lb.addr("main");
+        let new = lb.addr_of("main");
         assert_eq!(
             summary.listeners_changed,
             // The keys as written: the old file asked for port 0.
@@ -1209,12 +961,12 @@ async fn a_moved_listener_serves_on_the_new_address_only_and_keeps_open_connecti
         );
         assert_ne!(new, old);
 
-        let (mut fresh, id) = open(new).await.expect("served on the new address");
-        assert_eq!(id, a.id);
+        let (mut fresh, id) = open_identify(new).await.expect("served on the new address");
+        assert_eq!(id, a.id());
         echo(&mut fresh, b"new address").await.expect("echo");
         close(fresh).await.expect("close");
 
-        let accepted = lb.accepted();
+        let accepted = lb.listener().accepted;
         let deadline = Instant::now() + SOON;
         loop {
             match TcpStream::connect(old).await {
@@ -1227,7 +979,7 @@ async fn a_moved_listener_serves_on_the_new_address_only_and_keeps_open_connecti
                     // accepts there; whoever did accept it has answered once a byte arrives.
                     let mut id = [0_u8; 1];
                     let answer = timeout(POLL * 20, stream.read_exact(&mut id)).await;
-                    if lb.accepted() == accepted {
+                    if lb.listener().accepted == accepted {
                         eprintln!("{old} was taken by another listener: {answer:?}");
                         break;
                     }
@@ -1256,7 +1008,7 @@ async fn a_moved_listener_serves_on_the_new_address_only_and_keeps_open_connecti
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_renamed_listener_keeps_its_socket_and_drops_no_connection() {
     bounded(Duration::from_secs(30), async {
-        let a = backend(1).await;
+        let a = Mock::identify(1).await;
         // A socket is only handed over between listeners on the same explicit port.
         let named = |name: &str, port: u16| {
             let mut listener = Listener::wrr(name, vec![(a.addr, 1.0)]);
@@ -1267,21 +1019,21 @@ async fn a_renamed_listener_keeps_its_socket_and_drops_no_connection() {
         let (lb, port) = (0..5)
             .find_map(|_| {
                 let port = free_port();
-                let started = InProcess::try_start(&named("before", port), None);
+                let started = Running::try_start(&named("before", port), None, "before");
                 started.map(|lb| (lb, port)).ok()
             })
             .expect("the balancer binds a free port");
-        let addr = lb.addr("before");
+        let addr = lb.addr_of("before");
         let stop = CancellationToken::new();
         let done = Arc::new(AtomicU64::new(0));
         let churners: Vec<JoinHandle<Result<(), String>>> = (0..2 * CHURN_TASKS)
-            .map(|_| tokio::spawn(churn(addr, [a.id; 3], Arc::clone(&done), stop.clone())))
+            .map(|_| tokio::spawn(churn(addr, [a.id(); 3], Arc::clone(&done), stop.clone())))
             .collect();
         for step in 0..200 {
             let name = if step % 2 == 0 { "after" } else { "before" };
             let summary = lb.handle.apply(named(name, port)).await.expect("rename");
             assert_eq!(summary.listeners_added, [name], "{summary}");
-            assert_eq!(lb.addr(name), addr, "the socket moves to the new name");
+            assert_eq!(lb.addr_of(name), addr, "the socket moves to the new name");
             let then = done.load(Ordering::SeqCst);
             let flowing = poll_until(SOON, || {
                 done.load(Ordering::SeqCst) > then + 2 || churners.iter().any(|c| c.is_finished())
@@ -1306,11 +1058,13 @@ async fn a_renamed_listener_keeps_its_socket_and_drops_no_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pinning_a_port_0_listener_to_the_port_it_holds_keeps_its_socket() {
     bounded(Duration::from_secs(30), async {
-        let a = backend(1).await;
+        let a = Mock::identify(1).await;
         let mut listener = Listener::wrr("main", vec![(a.addr, 1.0)]);
-        let lb = InProcess::start(&parse(&toml(std::slice::from_ref(&listener))), None);
-        let addr = lb.addr("main");
-        let (mut held, id) = open(addr).await.expect("served on the ephemeral port");
+        let lb = start(&parse(&toml(std::slice::from_ref(&listener))), None, "main");
+        let addr = lb.addr_of("main");
+        let (mut held, id) = open_identify(addr)
+            .await
+            .expect("served on the ephemeral port");
         assert_eq!(id, 1);
         // Writing down the port the kernel chose must not try to bind it a second time.
         listener.bind = addr;
@@ -1318,8 +1072,10 @@ async fn pinning_a_port_0_listener_to_the_port_it_holds_keeps_its_socket() {
             .apply(parse(&toml(&[listener])))
             .await
             .expect("the socket is handed over, not bound again");
-        assert_eq!(lb.addr("main"), addr);
-        let (fresh, id) = open(addr).await.expect("still served on the same port");
+        assert_eq!(lb.addr_of("main"), addr);
+        let (fresh, id) = open_identify(addr)
+            .await
+            .expect("still served on the same port");
         assert_eq!(id, 1);
         echo(&mut held, b"still here")
             .await
