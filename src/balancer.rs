@@ -197,12 +197,6 @@ impl Balancer {
         })
     }
 
-    /// Sets the file [`Handle::reload`] re-reads.
-    pub fn with_config_path(mut self, path: impl Into<PathBuf>) -> Balancer {
-        self.config_path = Some(path.into());
-        self
-    }
-
     /// The address listener `name` is bound to (useful with port 0).
     pub fn local_addr(&self, name: &str) -> Option<SocketAddr> {
         self.handle.local_addr(name)

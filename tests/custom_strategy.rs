@@ -61,5 +61,8 @@ async fn a_strategy_for_a_listener_the_file_does_not_have_is_refused() {
         .strategy("nope", LeastTrafficBuilder)
         .bind()
         .expect_err("unknown listener");
-    assert!(matches!(err, StartError::UnknownListener(ref name) if name == "nope"), "{err}");
+    assert!(
+        matches!(err, StartError::UnknownListener(ref name) if name == "nope"),
+        "{err}"
+    );
 }

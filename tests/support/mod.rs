@@ -102,10 +102,11 @@ impl Running {
         if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
             eprintln!("cannot raise the open file limit: {e}");
         }
-        let mut balancer = Balancer::bind(config)?;
+        let mut builder = Balancer::builder(config.clone());
         if let Some(path) = path {
-            balancer = balancer.with_config_path(path);
+            builder = builder.config_path(path);
         }
+        let balancer = builder.bind()?;
         let addr = balancer
             .local_addr(listener)
             .unwrap_or_else(|| panic!("the config has listener `{listener}`"));
