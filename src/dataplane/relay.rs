@@ -34,9 +34,7 @@ use mio::net::TcpStream;
 /// kernel builds at most one 64 KiB GSO packet per send, headers included (on loopback, one
 /// segment of its 65,483-byte MSS). A 64 KiB write is a few hundred bytes too big for either:
 /// each one left as a full packet plus a small one, and a bulk stream paid for twice the packets.
-/// Measured on one machine, 2 workers, one iperf3 stream: over loopback 64 KiB moved 12.5–13.5
-/// Gbit/s, 48 and 56 KiB 16–20; over a veth pair (MTU 1500) 64 KiB cost 0.55–0.61 s of CPU per
-/// GB, 48 and 56 KiB 0.34–0.46, and 32 KiB 0.50–0.55 (more system calls per byte).
+/// Smaller reads cost more system calls per byte (docs/benchmarks.md has the figures).
 pub(crate) const SCRATCH: usize = 56 * 1024;
 
 /// The way a chunk of bytes went from source to destination.
@@ -133,10 +131,8 @@ pub(crate) enum Pumped {
 /// cannot hold up its worker's other connections for longer than that.
 ///
 /// Not smaller: a resumed connection makes the next `epoll_wait` return at once, and the
-/// worker then reads what has arrived since instead of sleeping until more has. Measured with
-/// 8 iperf3 streams over two workers: a budget of 16 reads cost the balancer 1.4–1.6x the CPU
-/// of no budget at the same throughput; 64 cost the same as none (3 alternating pairs each, and
-/// 4 pairs on one stream).
+/// worker then reads what has arrived since instead of sleeping until more has: a small budget
+/// costs CPU at the same throughput (docs/benchmarks.md).
 #[cfg(not(test))]
 pub(crate) const BUDGET: usize = 64;
 /// In the crate's own tests, a budget any transfer of a few hundred KiB runs out of, so that
