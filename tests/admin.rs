@@ -561,9 +561,9 @@ async fn healthz_fails_once_shutdown_begins_while_reads_still_work() {
 }
 
 /// Silent clients on the admin port (no request, never closing) hold at most 64 connections, as
-/// the README says: the next one is closed at once, and the endpoint serves again as soon as
-/// one of them goes, so a scraper or an operator is not locked out for good, and the data path's
-/// descriptors are not spent on them.
+/// docs/observability.md says ("Limits and errors"): the next one is closed at once, and the
+/// endpoint serves again as soon as one of them goes, so a scraper or an operator is not locked
+/// out for good, and the data path's descriptors are not spent on them.
 #[tokio::test]
 async fn silent_admin_clients_are_capped_and_the_endpoint_recovers() {
     const MAX: usize = 64;
