@@ -161,11 +161,8 @@ impl BuildStrategy for StrategyKind {
             StrategyKind::WeightedRoundRobin => Box::new(WeightedRoundRobin::new(&weights)),
             StrategyKind::WeightedRandom => Box::new(WeightedRandom::new(&weights)),
             StrategyKind::CapacityProportional => {
-                let live: Vec<Arc<BackendState>> = backends
-                    .iter()
-                    .map(|b| Arc::clone(b.live().state()))
-                    .collect();
-                Box::new(CapacityProportional::new(&weights, &live))
+                let live = backends.iter().map(|b| b.live().state());
+                Box::new(CapacityProportional::new(&weights, live))
             }
         }
     }

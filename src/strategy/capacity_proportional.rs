@@ -58,7 +58,10 @@ struct Member {
 
 impl CapacityProportional {
     /// Builds the strategy; `capacities[i]` and `live[i]` describe backend i.
-    pub(super) fn new(capacities: &[f64], live: &[Arc<BackendState>]) -> CapacityProportional {
+    pub(super) fn new<'a>(
+        capacities: &[f64],
+        live: impl IntoIterator<Item = &'a Arc<BackendState>>,
+    ) -> CapacityProportional {
         let members = capacities
             .iter()
             .zip(live)
