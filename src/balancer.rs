@@ -109,7 +109,7 @@ impl Builder {
         } = self;
         if let Some(name) = strategies
             .keys()
-            .find(|name| !config.listeners.iter().any(|l| &&l.name == name))
+            .find(|name| !config.listener_names().any(|l| l == name.as_str()))
         {
             return Err(StartError::UnknownListener(name.clone()));
         }

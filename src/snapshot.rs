@@ -2,9 +2,10 @@
 //!
 //! A [`Snapshot`] is built from a validated [`Config`] and the live-state [`Registry`], then
 //! published through one `ArcSwap` ([`SnapshotCell`]). A connection loads it once, takes the
-//! [`Pool`] of its listener, and never sees it change under its feet; the one writer (the control
-//! task: at start, on a reload, when live state changes) builds a whole new snapshot and swaps it in, so a reader can
-//! never observe half an update and neither side ever waits for the other.
+//! [`Pool`] of its listener, and never sees it change under its feet; the one writer, the control
+//! task (at start, on a reload, when live state changes), builds a whole new snapshot and swaps
+//! it in, so a reader can never observe half an update and neither side ever waits for the
+//! other.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
