@@ -35,9 +35,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
 use crate::config::Token;
-use crate::control::AdminError;
 use crate::control::Handle;
 use crate::control::ReloadError;
+use crate::control::{AdminError, Scope};
 use crate::state::AdminState;
 
 /// Listen backlog of the admin socket: a scraper and an operator or two, never a crowd.
@@ -163,6 +163,11 @@ fn router(state: AppState) -> Router {
             "/listeners/{listener}/backends/{addr}/enable",
             post(post_enable),
         )
+        .route("/pools/{pool}/backends/{addr}/drain", post(post_pool_drain))
+        .route(
+            "/pools/{pool}/backends/{addr}/enable",
+            post(post_pool_enable),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // A layer (not a route layer): unknown paths need the token too, so that a client
@@ -207,10 +212,8 @@ impl IntoResponse for ApiError {
 impl From<AdminError> for ApiError {
     fn from(e: AdminError) -> ApiError {
         let status = match e {
-            AdminError::UnknownListener(_) | AdminError::UnknownBackend(..) => {
-                StatusCode::NOT_FOUND
-            }
             AdminError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::NOT_FOUND,
         };
         ApiError::new(status, e.to_string())
     }
@@ -296,23 +299,39 @@ async fn post_drain(
     State(state): State<AppState>,
     path: Result<Path<(String, String)>, PathRejection>,
 ) -> Result<Response, ApiError> {
-    set_admin_state(&state, path, AdminState::Drained).await
+    set_admin_state(&state, path, Scope::Listener, AdminState::Drained).await
 }
 
 async fn post_enable(
     State(state): State<AppState>,
     path: Result<Path<(String, String)>, PathRejection>,
 ) -> Result<Response, ApiError> {
-    set_admin_state(&state, path, AdminState::Ready).await
+    set_admin_state(&state, path, Scope::Listener, AdminState::Ready).await
 }
 
-/// Drains or enables the backend a path names, and answers with its state afterwards.
+async fn post_pool_drain(
+    State(state): State<AppState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> Result<Response, ApiError> {
+    set_admin_state(&state, path, Scope::Pool, AdminState::Drained).await
+}
+
+async fn post_pool_enable(
+    State(state): State<AppState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> Result<Response, ApiError> {
+    set_admin_state(&state, path, Scope::Pool, AdminState::Ready).await
+}
+
+/// Drains or enables the backend a path names (through a listener or a pool), and answers
+/// with its state afterwards.
 async fn set_admin_state(
     state: &Shared,
     path: Result<Path<(String, String)>, PathRejection>,
+    scope: fn(String) -> Scope,
     admin_state: AdminState,
 ) -> Result<Response, ApiError> {
-    let Path((listener, addr)) =
+    let Path((name, addr)) =
         path.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
     let addr: SocketAddr = addr.trim().parse().map_err(|_| {
         ApiError::new(
@@ -323,20 +342,25 @@ async fn set_admin_state(
         )
     })?;
     let handle = &state.endpoint.handle;
+    let scope = scope(name.clone());
     handle
-        .set_admin_state(&listener, addr, admin_state)
+        .set_admin_state_in(scope.clone(), addr, admin_state)
         .await
         .map_err(ApiError::from)?;
     let counters = handle
-        .backend_counters(&listener, addr)
-        .ok_or_else(|| ApiError::from(AdminError::UnknownBackend(listener.clone(), addr)))?;
-    Ok(axum::Json(json!({
-        "listener": listener,
+        .counters_in(&scope, addr)
+        .ok_or_else(|| ApiError::from(scope.unknown_backend(addr)))?;
+    let kind = match scope {
+        Scope::Listener(_) => "listener",
+        Scope::Pool(_) => "pool",
+    };
+    let mut body = json!({
         "backend": addr.to_string(),
         "admin_state": admin_state.as_str(),
         "active_connections": counters.active,
-    }))
-    .into_response())
+    });
+    body[kind] = json!(name);
+    Ok(axum::Json(body).into_response())
 }
 
 async fn not_found(request: Request) -> ApiError {

@@ -175,7 +175,7 @@ impl Balancer {
             info!(bind = %addr, token, "admin endpoint listening");
         }
         for listener in &config.listeners {
-            log_listening(listener, addrs[&listener.name]);
+            log_listening(config, listener, addrs[&listener.name]);
         }
         let (handle, requests) = Handle::new(
             snapshot,

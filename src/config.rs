@@ -61,6 +61,12 @@ pub(crate) const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 /// Distinct backends tried per client connection when connects are refused or time out
 /// (HAProxy's `retries` defaults to 3 too).
 pub(crate) const DEFAULT_CONNECT_ATTEMPTS: NonZeroU32 = NonZeroU32::new(3).expect("3 is not zero");
+/// How long a client may wait in its pool's queue for a free slot. A minute covers a long
+/// generation finishing somewhere in a busy fleet; HAProxy's `timeout queue` falls back to
+/// `timeout connect`, which is too short to wait out a stream.
+pub(crate) const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Clients waiting in one pool's queue at most (as many as a listener holds by default).
+pub(crate) const DEFAULT_MAX_QUEUED: usize = 10_000;
 /// Open client connections per listener beyond which new ones are closed at once.
 pub(crate) const DEFAULT_MAX_CONNECTIONS: NonZeroUsize =
     NonZeroUsize::new(10_000).expect("not zero");
@@ -97,6 +103,8 @@ pub struct Config {
     pub(crate) log: LogConfig,
     /// At least one listener; names and bind addresses are unique.
     pub(crate) listeners: Vec<ListenerConfig>,
+    /// Every pool, the listeners' own (inline) ones included, in file order; names unique.
+    pub(crate) pools: Vec<PoolConfig>,
 }
 
 /// The `[admin]` table: where the admin HTTP endpoint listens and who may use it.
@@ -140,15 +148,17 @@ impl LogFormat {
     }
 }
 
-/// One listening socket, its backends and how it spreads connections over them.
+/// One listening socket: what is about the client. Which backends its connections go to is its
+/// pool's business.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct ListenerConfig {
     /// Unique, non-empty name used in logs and to key live state.
     pub name: String,
     /// Address to listen on; port 0 asks the kernel for a free port.
     pub bind: SocketAddr,
-    /// How a backend is picked for each new connection.
-    pub strategy: StrategyKind,
+    /// The name of its pool: a `[[pool]]`, or the listener's own (named after it) in the inline
+    /// form. Always one of [`Config::pools`].
+    pub pool: String,
     /// Upper bound on one connect attempt to a backend.
     pub connect_timeout: Duration,
     /// A connection idle this long in both directions is closed.
@@ -162,12 +172,37 @@ pub(crate) struct ListenerConfig {
     /// The TCP congestion control set on sockets toward the backends; `None` leaves the
     /// system's (`net.ipv4.tcp_congestion_control`), as HAProxy and nginx do.
     pub backend_congestion_control: Option<CongestionControl>,
+}
+
+/// A set of backends and what is about them: how to choose, how to judge health and load, and
+/// the queue of clients waiting for a free slot. Live state (counters, health, slots, the
+/// queue) belongs to the pool's backends, whichever listener a connection came through.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct PoolConfig {
+    /// Unique, non-empty; a listener's own pool has the listener's name.
+    pub name: String,
+    /// Written inline in a `[[listener]]` table rather than as a `[[pool]]`: errors and status
+    /// output name it after its listener.
+    pub inline: bool,
+    /// How a backend is picked for each new connection.
+    pub strategy: StrategyKind,
+    /// How long a client may wait for a free slot; zero closes it at once.
+    pub queue_timeout: Duration,
+    /// Clients waiting at most; one more is closed at once.
+    pub max_queued: usize,
     /// Active health checks (and load-following weights), if configured.
     pub health: Option<HealthConfig>,
     /// Passive ejection on connect failures of live traffic, if configured.
     pub passive: Option<PassiveConfig>,
     /// At least one backend, addresses unique, not every weight zero.
     pub backends: Vec<BackendConfig>,
+}
+
+impl PoolConfig {
+    /// True when some backend has `max_connections`: only then can a client wait.
+    pub(crate) fn has_slots(&self) -> bool {
+        self.backends.iter().any(|b| b.max_connections.is_some())
+    }
 }
 
 /// One upstream server.
@@ -179,6 +214,9 @@ pub(crate) struct BackendConfig {
     pub weight: Weight,
     /// Where health probes and load scrapes go instead of `addr`, if set.
     pub health_addr: Option<SocketAddr>,
+    /// Slots: connections open to it through this balancer at most (counting the load it
+    /// reports beyond them); `None` is no limit.
+    pub max_connections: Option<NonZeroU32>,
 }
 
 impl BackendConfig {
@@ -252,9 +290,19 @@ impl Config {
         self.listeners.len()
     }
 
-    /// How many backends the file has, over every listener.
+    /// How many backends the file has, over every pool.
     pub fn backend_count(&self) -> usize {
-        self.listeners.iter().map(|l| l.backends.len()).sum()
+        self.pools.iter().map(|p| p.backends.len()).sum()
+    }
+
+    /// How many pools the file has, the listeners' own included.
+    pub fn pool_count(&self) -> usize {
+        self.pools.len()
+    }
+
+    /// The pool named `name`.
+    pub(crate) fn pool(&self, name: &str) -> Option<&PoolConfig> {
+        self.pools.iter().find(|p| p.name == name)
     }
 
     /// How log lines are written (`[log] format`).

@@ -15,8 +15,8 @@ mod supervisor;
 pub(crate) mod task;
 mod watch;
 
-pub(crate) use handle::Request;
 pub use handle::{AdminError, Handle, LastReload, ReloadCounters};
+pub(crate) use handle::{Request, Scope};
 pub use listeners::Stopped;
 pub(crate) use listeners::log_listening;
 pub use summary::{ReloadError, ReloadSummary};

@@ -31,5 +31,5 @@ pub use control::{
 pub use dataplane::ACCESS_LOG_TARGET;
 pub use dataplane::accept::BindError;
 pub use health::{Health, HealthStatus, LastCheck, ProbeError};
-pub use state::{AdminState, BackendCounters, ListenerCounters};
+pub use state::{AdminState, BackendCounters, ListenerCounters, QueueCounters};
 pub use strategy::{BuildStrategy, Candidate, LiveBackend, OpenGuard, Strategy, StrategyKind};

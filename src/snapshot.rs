@@ -1,11 +1,11 @@
 //! The immutable runtime view the connection path reads.
 //!
 //! A [`Snapshot`] is built from a validated [`Config`] and the live-state [`Registry`], then
-//! published through one `ArcSwap` ([`SnapshotCell`]). A connection loads it once, takes the
-//! [`Pool`] of its listener, and never sees it change under its feet; the one writer, the control
-//! task (at start, on a reload, when live state changes), builds a whole new snapshot and swaps
-//! it in, so a reader can never observe half an update and neither side ever waits for the
-//! other.
+//! published through one `ArcSwap` ([`SnapshotCell`]). A connection loads it once, takes its
+//! [`Listener`] (and through it the listener's [`Pool`]), and never sees it change under its
+//! feet; the one writer, the control task (at start, on a reload, when live state changes),
+//! builds a whole new snapshot and swaps it in, so a reader can never observe half an update
+//! and neither side ever waits for the other.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -17,31 +17,41 @@ use arc_swap::ArcSwap;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use crate::config::{AllUnhealthy, Config, CongestionControl, ListenerConfig, Weight};
-use crate::state::{BackendState, ListenerStats, OpenConn, Registry, Republisher};
+use crate::config::{AllUnhealthy, Config, CongestionControl, ListenerConfig, PoolConfig, Weight};
+use crate::state::{
+    ActiveConn, BackendState, ListenerStats, OpenConn, PoolState, Registry, Republisher,
+};
 use crate::strategy::{BuildStrategy, Candidate, LiveBackend, Strategy};
 
-/// Strategies a library caller set by listener name, in place of the file's `strategy`.
+/// Strategies a library caller set by pool name, in place of the file's `strategy`.
 pub(crate) type CustomStrategies = HashMap<String, Arc<dyn BuildStrategy>>;
 
 /// The one place the current snapshot is published.
 pub(crate) type SnapshotCell = ArcSwap<Snapshot>;
 
-/// Every listener's pool, as of one configuration and one set of effective weights.
+/// Picks a pool's strategy makes before a slotted pool scans for the least loaded backend with
+/// a free slot instead: past this many full picks, most of the pool is full.
+const FULL_PICKS: usize = 8;
+
+/// Every listener and pool, as of one configuration and one set of effective weights.
 #[derive(Debug)]
 pub(crate) struct Snapshot {
     /// In configuration order, so status output reads like the file.
+    listeners: Vec<Arc<Listener>>,
+    listener_index: HashMap<String, usize>,
+    /// In configuration order: `[[pool]]`s, then the listeners' own.
     pools: Vec<Arc<Pool>>,
-    by_name: HashMap<String, usize>,
+    pool_index: HashMap<String, usize>,
 }
 
 impl Snapshot {
     /// Builds a snapshot; live counters come from (and are created in) `registry`, and
-    /// `local_addrs` tells where each listener is bound. With `previous`, each pool keeps that
-    /// snapshot's turn numbering, so round robins carry on where they were (a rebuild for live
-    /// state, which can come many times a second: starting over each time would hand the first
-    /// backends of the cycle more than their share); without, every pool's next connection is
-    /// turn 0 and round robins start their cycle over (a new configuration).
+    /// `local_addrs` tells where each listener is bound. With `previous`, each pool and
+    /// listener keeps that snapshot's turn numbering, so round robins carry on where they were
+    /// (a rebuild for live state, which can come many times a second: starting over each time
+    /// would hand the first backends of the cycle more than their share); without, every
+    /// pool's next connection is turn 0 and round robins start their cycle over (a new
+    /// configuration).
     pub(crate) fn build(
         config: &Config,
         registry: &Registry,
@@ -50,36 +60,71 @@ impl Snapshot {
         custom: &CustomStrategies,
     ) -> Snapshot {
         let pools: Vec<Arc<Pool>> = config
-            .listeners
+            .pools
             .iter()
-            .map(|listener| {
-                let local_addr = local_addrs.get(&listener.name).copied();
+            .map(|pool| {
+                let listeners: Vec<Arc<str>> = config
+                    .listeners
+                    .iter()
+                    .filter(|l| l.pool == pool.name)
+                    .map(|l| Arc::from(l.name.as_str()))
+                    .collect();
                 let turn_base = previous
-                    .and_then(|p| p.pool(&listener.name))
+                    .and_then(|p| p.pool(&pool.name))
                     .map(|p| p.turn_base);
-                let pool = Pool::build(
-                    listener,
-                    registry,
-                    local_addr,
-                    config.log.access_log,
-                    turn_base,
-                    custom,
-                );
-                Arc::new(pool)
+                Arc::new(Pool::build(pool, listeners, registry, turn_base, custom))
             })
             .collect();
-        let by_name = config
-            .listeners
+        let pool_index: HashMap<String, usize> = config
+            .pools
             .iter()
             .enumerate()
-            .map(|(index, listener)| (listener.name.clone(), index))
+            .map(|(index, pool)| (pool.name.clone(), index))
             .collect();
-        Snapshot { pools, by_name }
+        let listeners: Vec<Arc<Listener>> = config
+            .listeners
+            .iter()
+            .filter_map(|listener| {
+                let pool = pools.get(*pool_index.get(&listener.pool)?)?;
+                let turn_base = previous
+                    .and_then(|p| p.listener(&listener.name))
+                    .map(|l| l.turn_base);
+                Some(Arc::new(Listener::build(
+                    listener,
+                    Arc::clone(pool),
+                    registry,
+                    local_addrs.get(&listener.name).copied(),
+                    config.log.access_log,
+                    turn_base,
+                )))
+            })
+            .collect();
+        let listener_index = listeners
+            .iter()
+            .enumerate()
+            .map(|(index, listener)| (listener.name.to_string(), index))
+            .collect();
+        Snapshot {
+            listeners,
+            listener_index,
+            pools,
+            pool_index,
+        }
     }
 
-    /// The pool of listener `name`.
+    /// Listener `name`.
+    pub(crate) fn listener(&self, name: &str) -> Option<&Arc<Listener>> {
+        self.listeners.get(*self.listener_index.get(name)?)
+    }
+
+    /// Every listener, in configuration order.
+    pub(crate) fn listeners(&self) -> impl Iterator<Item = &Arc<Listener>> {
+        self.listeners.iter()
+    }
+
+    /// Pool `name`.
     pub(crate) fn pool(&self, name: &str) -> Option<&Arc<Pool>> {
-        self.pools.get(*self.by_name.get(name)?)
+        self.pools.get(*self.pool_index.get(name)?)
     }
 
     /// Every pool, in configuration order.
@@ -88,23 +133,16 @@ impl Snapshot {
     }
 }
 
-/// One listener's backends, settings and strategy.
+/// One listener: its per-connection settings, its counters, and its pool.
 #[derive(Debug)]
-pub(crate) struct Pool {
+pub(crate) struct Listener {
     name: Arc<str>,
-    /// The listener's accepted count when this pool's turn numbering began (see [`Pool::turn`]).
+    /// The listener's accepted count when its turn numbering began (see [`Listener::turn`]).
     turn_base: u64,
     local_addr: Option<SocketAddr>,
     settings: ListenerSettings,
-    backends: Box<[Backend]>,
-    strategy: Box<dyn Strategy>,
-    /// What status output calls the strategy.
-    strategy_name: Arc<str>,
     stats: Arc<ListenerStats>,
-    /// What the listener does now because no backend is healthy; `None` while one is.
-    all_unhealthy: Option<AllUnhealthy>,
-    /// Wakes the control task when passive ejection needs it.
-    republisher: Republisher,
+    pool: Arc<Pool>,
 }
 
 /// The per-connection settings of a listener.
@@ -124,72 +162,24 @@ pub(crate) struct ListenerSettings {
     pub backend_congestion_control: Option<CongestionControl>,
     /// Whether each closed (or refused) client connection is logged; `[log] access_log`.
     pub access_log: bool,
-    /// Consecutive connect failures that eject a backend, if passive checks are on.
-    pub max_connect_failures: Option<NonZeroU32>,
 }
 
-/// One backend as a snapshot sees it.
-#[derive(Debug)]
-pub(crate) struct Backend {
-    /// Where to connect.
-    pub addr: SocketAddr,
-    /// The weight the configuration gives it.
-    pub weight: Weight,
-    /// The weight strategies use: the configured weight as live state (drain, health,
-    /// ejection, slow start, load) made it when this snapshot was built.
-    pub effective_weight: f64,
-    /// Its live counters, shared with every other snapshot.
-    pub stats: Arc<BackendState>,
-}
-
-impl Pool {
+impl Listener {
     fn build(
         listener: &ListenerConfig,
+        pool: Arc<Pool>,
         registry: &Registry,
         local_addr: Option<SocketAddr>,
         access_log: bool,
         turn_base: Option<u64>,
-        custom: &CustomStrategies,
-    ) -> Pool {
-        let now = Instant::now();
-        let states: Vec<Arc<BackendState>> = listener
-            .backends
-            .iter()
-            .map(|b| registry.backend(&listener.name, b.addr))
-            .collect();
-        // Backends the operator lets take traffic, and whether any of them is also healthy.
-        let admitted: Vec<bool> = (listener.backends.iter().zip(&states))
-            .map(|(b, s)| s.admin_weight(b.weight.get()) > 0.0)
-            .collect();
-        let none_healthy = admitted.contains(&true)
-            && !(admitted.iter().zip(&states)).any(|(&a, s)| a && s.in_rotation_at(now));
-        let all_unhealthy = none_healthy.then(|| {
-            listener
-                .health
-                .as_ref()
-                .map_or(AllUnhealthy::default(), |h| h.all_unhealthy)
-        });
-        let backends: Box<[Backend]> = (listener.backends.iter().zip(states))
-            .map(|(b, stats)| {
-                let configured = b.weight.get();
-                let effective_weight = match all_unhealthy {
-                    None => stats.effective_weight_at(configured, now),
-                    Some(AllUnhealthy::RouteAnyway) => stats.admin_weight(configured),
-                    Some(AllUnhealthy::Reject) => 0.0,
-                };
-                Backend {
-                    addr: b.addr,
-                    weight: b.weight,
-                    effective_weight,
-                    stats,
-                }
-            })
-            .collect();
+    ) -> Listener {
         let stats = registry.listener(&listener.name);
-        if stats.set_all_unhealthy(all_unhealthy.is_some()) {
-            match all_unhealthy {
+        // Each listener logs and counts its own episodes: its metrics say what its clients met.
+        if stats.set_all_unhealthy(pool.all_unhealthy.is_some()) {
+            match pool.all_unhealthy {
                 Some(policy) => warn!(
                     listener = %listener.name,
+                    pool = %pool.name,
                     all_unhealthy = policy.as_str(),
                     "no backend is healthy; {}",
                     match policy {
@@ -198,19 +188,11 @@ impl Pool {
                     }
                 ),
                 None => {
-                    info!(listener = %listener.name, "a backend is healthy again; routing by health resumes")
+                    info!(listener = %listener.name, pool = %pool.name, "a backend is healthy again; routing by health resumes")
                 }
             }
         }
-        let candidates: Vec<Candidate> = backends
-            .iter()
-            .map(|b| Candidate::new(b.addr, b.effective_weight, LiveBackend::of(&b.stats)))
-            .collect();
-        let builder: &dyn BuildStrategy = match custom.get(&listener.name) {
-            Some(custom) => &**custom,
-            None => &listener.strategy,
-        };
-        Pool {
+        Listener {
             name: listener.name.as_str().into(),
             turn_base: turn_base.unwrap_or_else(|| stats.accepted()),
             local_addr,
@@ -222,30 +204,10 @@ impl Pool {
                 splice: listener.splice,
                 backend_congestion_control: listener.backend_congestion_control,
                 access_log,
-                max_connect_failures: listener.passive.map(|p| p.max_connect_failures),
             },
-            strategy: builder.build(&candidates),
-            strategy_name: builder.name().into(),
-            backends,
             stats,
-            all_unhealthy,
-            republisher: registry.republisher().clone(),
+            pool,
         }
-    }
-
-    /// The name of the strategy in use.
-    pub(crate) fn strategy_name(&self) -> &str {
-        &self.strategy_name
-    }
-
-    /// What the listener does because no backend is healthy, or `None` while one is.
-    pub(crate) fn all_unhealthy(&self) -> Option<AllUnhealthy> {
-        self.all_unhealthy
-    }
-
-    /// Asks the control task to rebuild the snapshot (lock-free; see [`Republisher`]).
-    pub(crate) fn republish(&self) {
-        self.republisher.republish();
     }
 
     /// The listener's name.
@@ -263,31 +225,319 @@ impl Pool {
         &self.settings
     }
 
-    /// The backends, in configuration order.
-    pub(crate) fn backends(&self) -> &[Backend] {
-        &self.backends
-    }
-
     /// The listener's live counters.
     pub(crate) fn stats(&self) -> &Arc<ListenerStats> {
         &self.stats
     }
 
-    /// The turn of an admitted connection: its number among the listener's connections since
-    /// this pool's numbering began, at the last reload (rebuilds for live state carry it on).
+    /// The pool its connections go to.
+    pub(crate) fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+
+    /// The turn of an admitted connection: its place in the sequence the pool's round robin
+    /// follows.
     ///
-    /// The number comes from the listener's `accepted` counter, which admitting a connection
-    /// increments anyway, so however many threads accept for the listener, its connections
-    /// form one sequence and round robin stays exact, at no extra cost.
+    /// A listener's own pool without slots numbers by the listener's `accepted` counter, which
+    /// admitting a connection increments anyway: however many threads accept, its connections
+    /// form one sequence at no extra cost. A pool that several listeners share, or whose
+    /// clients may wait (and are then picked for in another order), numbers its picks itself.
     pub(crate) fn turn(&self, open: &OpenConn) -> u64 {
-        open.number().wrapping_sub(self.turn_base)
+        if self.pool.own_turns {
+            self.pool.next_turn()
+        } else {
+            open.number().wrapping_sub(self.turn_base)
+        }
+    }
+}
+
+/// One pool: its backends, strategy, queue settings and live state.
+#[derive(Debug)]
+pub(crate) struct Pool {
+    name: Arc<str>,
+    /// A listener's own pool, written inline (status output and metrics name it after it).
+    inline: bool,
+    /// The listeners that send their connections here, in configuration order.
+    listeners: Vec<Arc<str>>,
+    backends: Box<[Backend]>,
+    strategy: Box<dyn Strategy>,
+    /// What status output calls the strategy.
+    strategy_name: Arc<str>,
+    /// The queue and its counters, shared with every other snapshot.
+    state: Arc<PoolState>,
+    /// Some backend has `max_connections`: picks take slots, and clients may wait.
+    slotted: bool,
+    /// Picks are numbered by the pool (see [`Listener::turn`]).
+    own_turns: bool,
+    /// The pool's turn count when this snapshot's numbering began.
+    turn_base: u64,
+    /// What the pool does now because no backend is healthy; `None` while one is.
+    all_unhealthy: Option<AllUnhealthy>,
+    settings: PoolSettings,
+    /// Wakes the control task when passive ejection needs it.
+    republisher: Republisher,
+}
+
+/// What a pool says about waiting and failing connections.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct PoolSettings {
+    /// How long a client may wait for a free slot; zero closes it at once.
+    pub queue_timeout: Duration,
+    /// Clients waiting at most.
+    pub max_queued: usize,
+    /// Consecutive connect failures that eject a backend, if passive checks are on.
+    pub max_connect_failures: Option<NonZeroU32>,
+}
+
+/// One backend as a snapshot sees it.
+#[derive(Debug)]
+pub(crate) struct Backend {
+    /// Where to connect.
+    pub addr: SocketAddr,
+    /// The weight the configuration gives it.
+    pub weight: Weight,
+    /// The weight strategies use: the configured weight as live state (drain, health,
+    /// ejection, slow start, load) made it when this snapshot was built.
+    pub effective_weight: f64,
+    /// Slots: its load estimate never goes beyond this through new connections.
+    pub max_connections: Option<NonZeroU32>,
+    /// Its live counters, shared with every other snapshot.
+    pub stats: Arc<BackendState>,
+}
+
+impl Backend {
+    /// Takes a slot on this backend for one connection, if it has one free.
+    #[inline]
+    fn take(&self) -> Option<ActiveConn> {
+        match self.max_connections {
+            None => Some(BackendState::acquire(&self.stats)),
+            Some(max) => BackendState::try_acquire(&self.stats, u64::from(max.get())),
+        }
+    }
+
+    /// Whether its load estimate leaves a slot free.
+    fn has_room(&self) -> bool {
+        self.max_connections
+            .is_none_or(|max| self.stats.load_estimate() < u64::from(max.get()))
+    }
+}
+
+/// What [`Pool::take_slot`] found.
+#[derive(Debug)]
+pub(crate) enum Take {
+    /// Backend `index`, its slot held by the guard.
+    Slot(usize, ActiveConn),
+    /// Every backend that may take connections has every slot taken: the client waits.
+    Full,
+    /// No backend may take connections (every one drained, unhealthy or tried).
+    NoBackend,
+}
+
+impl Pool {
+    fn build(
+        pool: &PoolConfig,
+        listeners: Vec<Arc<str>>,
+        registry: &Registry,
+        turn_base: Option<u64>,
+        custom: &CustomStrategies,
+    ) -> Pool {
+        let now = Instant::now();
+        let state = registry.pool(&pool.name);
+        let states: Vec<Arc<BackendState>> = pool
+            .backends
+            .iter()
+            .map(|b| registry.backend(&pool.name, b.addr))
+            .collect();
+        // Backends the operator lets take traffic, and whether any of them is also healthy.
+        let admitted: Vec<bool> = (pool.backends.iter().zip(&states))
+            .map(|(b, s)| s.admin_weight(b.weight.get()) > 0.0)
+            .collect();
+        let none_healthy = admitted.contains(&true)
+            && !(admitted.iter().zip(&states)).any(|(&a, s)| a && s.in_rotation_at(now));
+        let all_unhealthy = none_healthy.then(|| {
+            pool.health
+                .as_ref()
+                .map_or(AllUnhealthy::default(), |h| h.all_unhealthy)
+        });
+        let backends: Box<[Backend]> = (pool.backends.iter().zip(states))
+            .map(|(b, stats)| {
+                let configured = b.weight.get();
+                let effective_weight = match all_unhealthy {
+                    None => stats.effective_weight_at(configured, now),
+                    Some(AllUnhealthy::RouteAnyway) => stats.admin_weight(configured),
+                    Some(AllUnhealthy::Reject) => 0.0,
+                };
+                Backend {
+                    addr: b.addr,
+                    weight: b.weight,
+                    effective_weight,
+                    max_connections: b.max_connections,
+                    stats,
+                }
+            })
+            .collect();
+        let candidates: Vec<Candidate> = backends
+            .iter()
+            .map(|b| Candidate::new(b.addr, b.effective_weight, LiveBackend::of(&b.stats)))
+            .collect();
+        let builder: &dyn BuildStrategy = match custom.get(&pool.name) {
+            Some(custom) => &**custom,
+            None => &pool.strategy,
+        };
+        let slotted = pool.has_slots();
+        Pool {
+            name: pool.name.as_str().into(),
+            inline: pool.inline,
+            own_turns: slotted || listeners.len() > 1,
+            listeners,
+            turn_base: turn_base.unwrap_or_else(|| state.turns()),
+            strategy: builder.build(&candidates),
+            strategy_name: builder.name().into(),
+            backends,
+            state,
+            slotted,
+            all_unhealthy,
+            settings: PoolSettings {
+                queue_timeout: pool.queue_timeout,
+                max_queued: pool.max_queued,
+                max_connect_failures: pool.passive.map(|p| p.max_connect_failures),
+            },
+            republisher: registry.republisher().clone(),
+        }
+    }
+
+    /// The pool's name.
+    pub(crate) fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    /// Whether it is a listener's own pool, written inline.
+    pub(crate) fn inline(&self) -> bool {
+        self.inline
+    }
+
+    /// The listeners that use it.
+    pub(crate) fn listeners(&self) -> &[Arc<str>] {
+        &self.listeners
+    }
+
+    /// The name of the strategy in use.
+    pub(crate) fn strategy_name(&self) -> &str {
+        &self.strategy_name
+    }
+
+    /// What the pool does because no backend is healthy, or `None` while one is.
+    pub(crate) fn all_unhealthy(&self) -> Option<AllUnhealthy> {
+        self.all_unhealthy
+    }
+
+    /// Its queue and queue counters.
+    pub(crate) fn state(&self) -> &Arc<PoolState> {
+        &self.state
+    }
+
+    /// Whether some backend has slots (only then can a client wait).
+    pub(crate) fn slotted(&self) -> bool {
+        self.slotted
+    }
+
+    /// Its queue and passive-check settings.
+    pub(crate) fn settings(&self) -> &PoolSettings {
+        &self.settings
+    }
+
+    /// Asks the control task to rebuild the snapshot (lock-free; see [`Republisher`]).
+    pub(crate) fn republish(&self) {
+        self.republisher.republish();
+    }
+
+    /// The backends, in configuration order.
+    pub(crate) fn backends(&self) -> &[Backend] {
+        &self.backends
+    }
+
+    /// The next turn of the pool's own sequence.
+    pub(crate) fn next_turn(&self) -> u64 {
+        self.state.next_turn().wrapping_sub(self.turn_base)
     }
 
     /// Picks a backend for the connection numbered `turn` (see [`Strategy::pick`]), skipping
-    /// the indices in `tried`.
+    /// the indices in `tried`, without taking a slot.
+    #[cfg(test)]
     pub(crate) fn pick(&self, turn: u64, tried: &[usize]) -> Option<(usize, &Backend)> {
         let index = self.strategy.pick(turn, tried)?;
         Some((index, &self.backends[index]))
+    }
+
+    /// Picks a backend for the connection numbered `turn`, skipping `tried`, and takes one of
+    /// its slots.
+    ///
+    /// Without slots this is the strategy's pick. With slots the strategy still chooses, among
+    /// the backends with a free slot: a pick that finds its backend full passes it over and
+    /// asks again. Past [`FULL_PICKS`] such misses most of the pool is full, and one scan takes
+    /// the least loaded backend (by load estimate per unit of weight) that has a slot, so a
+    /// pool of a thousand full backends costs one pass, not a thousand picks.
+    pub(crate) fn take_slot(&self, turn: u64, tried: &[usize]) -> Take {
+        if !self.slotted {
+            return match self.strategy.pick(turn, tried) {
+                Some(index) => {
+                    Take::Slot(index, BackendState::acquire(&self.backends[index].stats))
+                }
+                None => Take::NoBackend,
+            };
+        }
+        let mut passed: Vec<usize> = Vec::new();
+        for _ in 0..FULL_PICKS {
+            let index = if passed.is_empty() {
+                self.strategy.pick(turn, tried)
+            } else {
+                self.strategy.pick(turn, &passed)
+            };
+            let Some(index) = index else {
+                return if passed.len() > tried.len() {
+                    Take::Full
+                } else {
+                    Take::NoBackend
+                };
+            };
+            if let Some(active) = self.backends[index].take() {
+                return Take::Slot(index, active);
+            }
+            if passed.is_empty() {
+                passed.extend_from_slice(tried);
+            }
+            passed.push(index);
+        }
+        self.least_loaded_with_room(tried)
+    }
+
+    /// The least loaded backend (load estimate + 1 per unit of effective weight) with a free
+    /// slot, not in `tried`, its slot taken.
+    fn least_loaded_with_room(&self, tried: &[usize]) -> Take {
+        loop {
+            let mut best: Option<(usize, f64)> = None;
+            let mut any = false;
+            for (index, backend) in self.backends.iter().enumerate() {
+                if backend.effective_weight <= 0.0 || tried.contains(&index) {
+                    continue;
+                }
+                any = true;
+                if !backend.has_room() {
+                    continue;
+                }
+                let load = (backend.stats.load_estimate() as f64 + 1.0) / backend.effective_weight;
+                if best.is_none_or(|(_, least)| load < least) {
+                    best = Some((index, load));
+                }
+            }
+            let Some((index, _)) = best else {
+                return if any { Take::Full } else { Take::NoBackend };
+            };
+            // Another thread may have taken the slot since: scan again.
+            if let Some(active) = self.backends[index].take() {
+                return Take::Slot(index, active);
+            }
+        }
     }
 }
 
@@ -311,19 +561,26 @@ mod tests {
         addr = "127.0.0.1:9001"
     "#;
 
+    fn build(text: &str, registry: &Registry) -> Snapshot {
+        let config = crate::config::parse(text, Path::new("t.toml")).expect("valid");
+        Snapshot::build(&config, registry, &HashMap::new(), None, &HashMap::new())
+    }
+
     #[test]
     fn rebuilt_snapshots_share_live_state() {
-        let config = crate::config::parse(TWO_LISTENERS, Path::new("t.toml")).expect("valid");
         let registry = Registry::default();
-        let first = Snapshot::build(&config, &registry, &HashMap::new(), None, &HashMap::new());
-        let second = Snapshot::build(&config, &registry, &HashMap::new(), None, &HashMap::new());
+        let first = build(TWO_LISTENERS, &registry);
+        let second = build(TWO_LISTENERS, &registry);
         let a1 = &first.pool("a").expect("a").backends()[0];
         let a2 = &second.pool("a").expect("a").backends()[0];
         let b1 = &first.pool("b").expect("b").backends()[0];
         assert!(Arc::ptr_eq(&a1.stats, &a2.stats));
-        // Same address under another listener is another backend.
+        // Same address in another pool is another backend.
         assert!(!Arc::ptr_eq(&a1.stats, &b1.stats));
         assert_eq!(a1.effective_weight, 2.0);
+        let listener = first.listener("a").expect("a");
+        assert!(Arc::ptr_eq(listener.pool(), first.pool("a").expect("a")));
+        assert!(listener.pool().inline());
     }
 
     #[test]
@@ -333,11 +590,15 @@ mod tests {
                     [[listener.backend]]\naddr = \"127.0.0.1:9002\"\n";
         let config = crate::config::parse(text, Path::new("t.toml")).expect("valid");
         let registry = Registry::default();
-        // Admits one connection to the snapshot's pool and picks for it.
+        // Admits one connection to the snapshot's listener and picks for it.
         let pick = |s: &Snapshot| {
-            let pool = s.pool("a").expect("a");
-            let open = ListenerStats::admit(pool.stats(), 10).expect("admitted");
-            pool.pick(pool.turn(&open), &[]).expect("a pick").0
+            let listener = s.listener("a").expect("a");
+            let open = ListenerStats::admit(listener.stats(), 10).expect("admitted");
+            listener
+                .pool()
+                .pick(listener.turn(&open), &[])
+                .expect("a pick")
+                .0
         };
         let first = Snapshot::build(&config, &registry, &HashMap::new(), None, &HashMap::new());
         assert_eq!(pick(&first), 0);
@@ -361,18 +622,100 @@ mod tests {
 
     #[test]
     fn pool_picks_through_its_strategy() {
-        let config = crate::config::parse(TWO_LISTENERS, Path::new("t.toml")).expect("valid");
-        let snapshot = Snapshot::build(
-            &config,
-            &Registry::default(),
-            &HashMap::new(),
-            None,
-            &HashMap::new(),
-        );
+        let snapshot = build(TWO_LISTENERS, &Registry::default());
         let pool = snapshot.pool("b").expect("b");
         let (index, backend) = pool.pick(0, &[]).expect("one backend");
         assert_eq!((index, backend.addr.port()), (0, 9001));
         assert!(pool.pick(1, &[0]).is_none());
         assert!(snapshot.pool("missing").is_none());
+    }
+
+    const SHARED: &str = r#"
+        [[pool]]
+        name = "gpu"
+        strategy = "capacity_proportional"
+        [[pool.backend]]
+        addr = "127.0.0.1:9001"
+        weight = 2
+        max_connections = 2
+        [[pool.backend]]
+        addr = "127.0.0.1:9002"
+        max_connections = 1
+        [[listener]]
+        name = "a"
+        bind = "127.0.0.1:0"
+        pool = "gpu"
+        [[listener]]
+        name = "b"
+        bind = "127.0.0.1:0"
+        pool = "gpu"
+    "#;
+
+    #[test]
+    fn listeners_sharing_a_pool_share_its_backends_and_slots() {
+        let registry = Registry::default();
+        let snapshot = build(SHARED, &registry);
+        let (a, b) = (
+            snapshot.listener("a").expect("a"),
+            snapshot.listener("b").expect("b"),
+        );
+        assert!(Arc::ptr_eq(a.pool(), b.pool()));
+        assert_eq!(a.pool().listeners().len(), 2);
+        let pool = a.pool();
+        let mut held = Vec::new();
+        for turn in 0..3 {
+            match pool.take_slot(turn, &[]) {
+                Take::Slot(index, active) => held.push((index, active)),
+                other => panic!("turn {turn}: {other:?}"),
+            }
+        }
+        let mut picked: Vec<usize> = held.iter().map(|(i, _)| *i).collect();
+        picked.sort_unstable();
+        assert_eq!(picked, [0, 0, 1], "each backend up to its slots");
+        assert!(matches!(pool.take_slot(3, &[]), Take::Full));
+        // Tried backends are not full: with every one tried there is no backend at all.
+        assert!(matches!(pool.take_slot(3, &[0, 1]), Take::NoBackend));
+        held.retain(|(i, _)| *i != 1);
+        match pool.take_slot(4, &[]) {
+            Take::Slot(1, _) => {}
+            other => panic!("the freed slot: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_pool_of_many_full_backends_finds_the_one_free_slot() {
+        let mut text = String::from("[[pool]]\nname = \"p\"\nstrategy = \"weighted_random\"\n");
+        for port in 1..=300 {
+            text.push_str(&format!(
+                "[[pool.backend]]\naddr = \"127.0.0.1:{port}\"\nmax_connections = 1\n"
+            ));
+        }
+        text.push_str("[[listener]]\nname = \"l\"\nbind = \"127.0.0.1:0\"\npool = \"p\"\n");
+        let snapshot = build(&text, &Registry::default());
+        let pool = snapshot.pool("p").expect("p");
+        let mut held: Vec<(usize, ActiveConn)> = (0..300)
+            .map(|turn| match pool.take_slot(turn, &[]) {
+                Take::Slot(index, active) => (index, active),
+                other => panic!("turn {turn}: {other:?}"),
+            })
+            .collect();
+        assert!(matches!(pool.take_slot(0, &[]), Take::Full));
+        let freed = 137;
+        held.retain(|(index, _)| *index != freed);
+        assert_eq!(held.len(), 299, "one slot each");
+        assert!(matches!(pool.take_slot(0, &[]), Take::Slot(i, _) if i == freed));
+    }
+
+    #[test]
+    fn reported_load_takes_slots() {
+        let registry = Registry::default();
+        let snapshot = build(SHARED, &registry);
+        let pool = snapshot.pool("gpu").expect("gpu");
+        // Backend 0 reports 2 requests in flight that are not ours: both its slots are taken.
+        pool.backends()[0].stats.set_reported_in_flight(2, 0);
+        match pool.take_slot(0, &[]) {
+            Take::Slot(1, _active) => {}
+            other => panic!("{other:?}"),
+        }
     }
 }

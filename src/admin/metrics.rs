@@ -24,9 +24,9 @@ use prometheus_client::registry::Registry;
 
 use crate::control::Handle;
 use crate::health::Health;
-use crate::snapshot::Pool;
+use crate::snapshot::{Listener, Pool};
 use crate::state::histogram::HistogramSnapshot;
-use crate::state::{AdminState, BackendCounters, BackendState, ListenerCounters};
+use crate::state::{AdminState, BackendCounters, BackendState, ListenerCounters, QueueCounters};
 
 /// A registry holding the one collector that reads `handle` at each scrape.
 pub(super) fn registry(handle: Handle) -> Registry {
@@ -48,9 +48,18 @@ struct ListenerSample {
     duration: HistogramSnapshot,
 }
 
+/// One pool's queue values, read once per scrape.
+struct PoolSample {
+    name: Arc<str>,
+    queue: QueueCounters,
+    wait: HistogramSnapshot,
+}
+
 /// One backend's values, read once per scrape.
 struct BackendSample {
-    listener: Arc<str>,
+    /// `listener` for a listener's own pool (the series it always had), else `pool`.
+    owner: &'static str,
+    pool: Arc<str>,
     addr: String,
     counters: BackendCounters,
     connect_time: HistogramSnapshot,
@@ -64,14 +73,17 @@ struct Rotation {
     effective_weight: f64,
     health: Health,
     drained: bool,
+    max_connections: Option<u32>,
+    load_estimate: u64,
+    reported_in_flight: Option<u64>,
 }
 
 impl ListenerSample {
-    fn of(pool: &Pool) -> ListenerSample {
+    fn of(listener: &Listener) -> ListenerSample {
         ListenerSample {
-            name: Arc::clone(pool.name()),
-            counters: pool.stats().counters(),
-            duration: pool.stats().duration().snapshot(),
+            name: Arc::clone(listener.name()),
+            counters: listener.stats().counters(),
+            duration: listener.stats().duration().snapshot(),
         }
     }
 
@@ -80,10 +92,30 @@ impl ListenerSample {
     }
 }
 
+impl PoolSample {
+    fn of(pool: &Pool) -> PoolSample {
+        PoolSample {
+            name: Arc::clone(pool.name()),
+            queue: pool.state().counters(),
+            wait: pool.state().wait().snapshot(),
+        }
+    }
+
+    fn labels(&self) -> [(&'static str, &str); 1] {
+        [("pool", &self.name)]
+    }
+}
+
 impl BackendSample {
-    fn of(listener: &Arc<str>, addr: SocketAddr, state: &BackendState) -> BackendSample {
+    fn of(
+        owner: &'static str,
+        pool: &Arc<str>,
+        addr: SocketAddr,
+        state: &BackendState,
+    ) -> BackendSample {
         BackendSample {
-            listener: Arc::clone(listener),
+            owner,
+            pool: Arc::clone(pool),
             addr: addr.to_string(),
             counters: state.counters(),
             connect_time: state.connect_time().snapshot(),
@@ -93,38 +125,52 @@ impl BackendSample {
 
     /// Every backend of `pool`.
     fn configured(pool: &Pool) -> impl Iterator<Item = BackendSample> {
-        pool.backends().iter().map(|b| BackendSample {
+        let owner = owner_label(pool.inline());
+        pool.backends().iter().map(move |b| BackendSample {
             rotation: Some(Rotation {
                 weight: b.weight.get(),
                 effective_weight: b.effective_weight,
                 health: b.stats.health(),
                 drained: b.stats.admin_state() == AdminState::Drained,
+                max_connections: b.max_connections.map(|m| m.get()),
+                load_estimate: b.stats.load_estimate(),
+                reported_in_flight: b.stats.reported_in_flight(),
             }),
-            ..BackendSample::of(pool.name(), b.addr, &b.stats)
+            ..BackendSample::of(owner, pool.name(), b.addr, &b.stats)
         })
     }
 
-    /// Its `listener` and `backend` labels.
+    /// Its `listener` (or `pool`) and `backend` labels.
     fn labels(&self) -> [(&'static str, &str); 2] {
-        [("listener", &self.listener), ("backend", &self.addr)]
+        [(self.owner, &self.pool), ("backend", &self.addr)]
     }
+}
+
+/// The label naming a backend's pool: `listener` for a listener's own pool, as every backend
+/// series had before pools were named apart (its value, the pool's name, is the listener's),
+/// and `pool` for a `[[pool]]`.
+fn owner_label(inline: bool) -> &'static str {
+    if inline { "listener" } else { "pool" }
 }
 
 impl Collector for Metrics {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
         let snapshot = self.handle.snapshot();
-        let listeners: Vec<ListenerSample> =
-            snapshot.pools().map(|p| ListenerSample::of(p)).collect();
+        let listeners: Vec<ListenerSample> = snapshot
+            .listeners()
+            .map(|l| ListenerSample::of(l))
+            .collect();
+        let pools: Vec<PoolSample> = snapshot.pools().map(|p| PoolSample::of(p)).collect();
         let mut backends: Vec<BackendSample> = snapshot
             .pools()
             .flat_map(|p| BackendSample::configured(p))
             .collect();
-        backends.extend(
-            self.handle
-                .removed_backends(&snapshot)
-                .iter()
-                .map(|r| BackendSample::of(&r.listener, r.addr, &r.state)),
-        );
+        backends.extend(self.handle.removed_backends(&snapshot).iter().map(|r| {
+            // A removed pool's kind is unknown now: named as a listener's own pool if a
+            // listener of its name is configured... or was. The name is what matters.
+            let inline = snapshot.pool(&r.pool).is_none_or(|p| p.inline());
+            BackendSample::of(owner_label(inline), &r.pool, r.addr, &r.state)
+        }));
         drop(snapshot);
         let e = &mut encoder;
 
@@ -143,12 +189,16 @@ impl Collector for Metrics {
         counter(
             e,
             "weighbridge_connections_rejected",
-            "Client connections closed without being relayed, by reason: max_connections were open, no backend could be reached, or none was healthy under all_unhealthy = \"reject\".",
+            "Client connections closed without being relayed, by reason: max_connections were open, no backend could be reached, none was healthy under all_unhealthy = \"reject\", no slot came free within queue_timeout, the pool's queue was full, or the client was waiting when the balancer stopped or its pool lost its listeners.",
             listeners.iter().flat_map(|l| {
                 [
                     ("max_connections", l.counters.rejected_max_connections),
                     ("no_backend", l.counters.rejected_no_backend),
                     ("all_unhealthy", l.counters.rejected_all_unhealthy),
+                    ("queue_timeout", l.counters.rejected_queue_timeout),
+                    ("queue_full", l.counters.rejected_queue_full),
+                    ("shutdown", l.counters.rejected_shutdown),
+                    ("pool_removed", l.counters.rejected_pool_removed),
                 ]
                 .map(|(reason, n)| ([("listener", &*l.name), ("reason", reason)], n))
             }),
@@ -228,24 +278,24 @@ impl Collector for Metrics {
             e,
             "weighbridge_backend_bytes",
             "Bytes relayed: to_backend is read from clients and sent to the backend, from_backend the answer.",
-            every().flat_map(|([listener, backend], b)| {
+            every().flat_map(|([owner, backend], b)| {
                 [
                     ("to_backend", b.counters.bytes_to_backend),
                     ("from_backend", b.counters.bytes_from_backend),
                 ]
-                .map(|(direction, n)| ([listener, backend, ("direction", direction)], n))
+                .map(|(direction, n)| ([owner, backend, ("direction", direction)], n))
             }),
         )?;
         counter(
             e,
             "weighbridge_backend_spliced_bytes",
             "Of weighbridge_backend_bytes, those moved by splice(2), never entering user space.",
-            every().flat_map(|([listener, backend], b)| {
+            every().flat_map(|([owner, backend], b)| {
                 [
                     ("to_backend", b.counters.spliced_to_backend),
                     ("from_backend", b.counters.spliced_from_backend),
                 ]
-                .map(|(direction, n)| ([listener, backend, ("direction", direction)], n))
+                .map(|(direction, n)| ([owner, backend, ("direction", direction)], n))
             }),
         )?;
         histogram(
@@ -285,6 +335,78 @@ impl Collector for Metrics {
             in_rotation().map(|(labels, r)| (labels, flag(r.drained))),
         )?;
 
+        gauge(
+            e,
+            "weighbridge_backend_max_connections",
+            "Slots: connections the backend takes through this balancer at most (only backends with max_connections).",
+            in_rotation().filter_map(|(labels, r)| Some((labels, u64::from(r.max_connections?)))),
+        )?;
+        gauge(
+            e,
+            "weighbridge_backend_load_estimate",
+            "Connections open to the backend plus the load it last reported beyond them: what fills slots and what capacity_proportional ranks by.",
+            in_rotation().map(|(labels, r)| (labels, r.load_estimate)),
+        )?;
+        gauge(
+            e,
+            "weighbridge_backend_reported_in_flight",
+            "Requests in flight (running + waiting) the server reported at its last fresh scrape (only backends with one).",
+            in_rotation().filter_map(|(labels, r)| Some((labels, r.reported_in_flight?))),
+        )?;
+
+        gauge(
+            e,
+            "weighbridge_pool_queue_length",
+            "Clients waiting in the pool's queue for a free slot now.",
+            pools.iter().map(|p| (p.labels(), p.queue.length)),
+        )?;
+        histogram(
+            e,
+            "weighbridge_pool_queue_wait_seconds",
+            "How long the clients that got a slot from the queue waited for it.",
+            pools.iter().map(|p| (p.labels(), &p.wait)),
+        )?;
+        let queue_counters: [QueueCounter; 6] = [
+            (
+                "weighbridge_pool_queued",
+                "Clients that joined the pool's queue.",
+                |q| q.queued,
+            ),
+            (
+                "weighbridge_pool_queue_served",
+                "Clients that got a slot from the queue.",
+                |q| q.served,
+            ),
+            (
+                "weighbridge_pool_queue_timed_out",
+                "Clients closed after waiting queue_timeout without a slot.",
+                |q| q.timed_out,
+            ),
+            (
+                "weighbridge_pool_queue_full",
+                "Clients closed at once because max_queued were waiting (or queue_timeout is 0).",
+                |q| q.full,
+            ),
+            (
+                "weighbridge_pool_queue_abandoned",
+                "Clients that disconnected while waiting.",
+                |q| q.abandoned,
+            ),
+            (
+                "weighbridge_pool_queue_closed",
+                "Waiting clients closed because the balancer stopped or the pool lost its listeners.",
+                |q| q.closed,
+            ),
+        ];
+        for (name, help, value) in queue_counters {
+            counter(
+                e,
+                name,
+                help,
+                pools.iter().map(|p| (p.labels(), value(&p.queue))),
+            )?;
+        }
+
         let reloads = self.handle.reload_counters();
         counter(
             e,
@@ -304,6 +426,9 @@ impl Collector for Metrics {
         Ok(())
     }
 }
+
+/// A queue counter family: name, help, and how to read it.
+type QueueCounter = (&'static str, &'static str, fn(&QueueCounters) -> u64);
 
 fn flag(on: bool) -> u64 {
     u64::from(on)

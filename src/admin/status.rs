@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::Endpoint;
 use crate::health::Health;
-use crate::snapshot::{Backend, Pool};
+use crate::snapshot::{Backend, Listener, Pool};
 use crate::state::{BackendCounters, ListenerCounters};
 
 /// The whole answer.
@@ -23,13 +23,18 @@ pub(super) struct Status {
     worker_connections: Vec<usize>,
     reloads: Reloads,
     listeners: Vec<ListenerStatus>,
-    /// Backends a reload removed (with their listener, or from it) that still carry
-    /// connections: those go on until they end, and are listed here until the last one has.
+    /// Every pool, the listeners' own included, with its queue and backends.
+    pools: Vec<PoolStatus>,
+    /// Backends a reload removed (with their pool, or from it) that still carry connections:
+    /// those go on until they end, and are listed here until the last one has.
     removed_backends: Vec<RemovedStatus>,
 }
 
 #[derive(Debug, Serialize)]
 struct RemovedStatus {
+    pool: String,
+    /// The pool's name again, as before pools were named apart (a listener's own pool has
+    /// its name).
     listener: String,
     addr: String,
     active_connections: u64,
@@ -59,12 +64,44 @@ struct ListenerStatus {
     name: String,
     /// The address actually bound (port 0 resolved).
     bind: Option<String>,
+    /// The pool its connections go to (its own has its name).
+    pool: String,
+    /// The pool's strategy.
     strategy: String,
     max_connections: usize,
     /// `null`: the system's.
     backend_congestion_control: Option<String>,
     connections: ListenerConnections,
+    /// The pool's backends, as under `pools`.
     backends: Vec<BackendStatus>,
+}
+
+#[derive(Debug, Serialize)]
+struct PoolStatus {
+    name: String,
+    /// A listener's own pool, written inline in its `[[listener]]` table.
+    inline: bool,
+    /// The listeners that send their connections here.
+    listeners: Vec<String>,
+    strategy: String,
+    /// Seconds a client may wait for a slot.
+    queue_timeout: f64,
+    max_queued: usize,
+    queue: QueueStatus,
+    backends: Vec<BackendStatus>,
+}
+
+/// A pool's queue: waiting now, and what became of the clients that waited since start.
+#[derive(Debug, Serialize)]
+struct QueueStatus {
+    /// Clients waiting now.
+    length: u64,
+    queued: u64,
+    served: u64,
+    timed_out: u64,
+    full: u64,
+    abandoned: u64,
+    closed: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -78,6 +115,13 @@ struct BackendStatus {
     admin_state: &'static str,
     health: HealthStatus,
     active_connections: u64,
+    /// Slots; `null`: no limit.
+    max_connections: Option<u32>,
+    /// Connections open from here, plus the load the server last reported beyond them: what
+    /// fills slots and what `capacity_proportional` ranks by.
+    load_estimate: u64,
+    /// Requests in flight the server reported at its last fresh scrape; `null` without one.
+    reported_in_flight: Option<u64>,
     #[serde(flatten)]
     counters: BackendTotals,
 }
@@ -126,6 +170,14 @@ struct ListenerConnections {
     routed_all_unhealthy: u64,
     /// Clients closed because no backend was healthy (`all_unhealthy = "reject"`).
     rejected_all_unhealthy: u64,
+    /// Clients closed after waiting `queue_timeout` for a slot.
+    rejected_queue_timeout: u64,
+    /// Clients closed at once because their pool's queue was full.
+    rejected_queue_full: u64,
+    /// Waiting clients closed because the balancer was stopping.
+    rejected_shutdown: u64,
+    /// Waiting clients closed because a reload left their pool without a listener.
+    rejected_pool_removed: u64,
 }
 
 impl From<ListenerCounters> for ListenerConnections {
@@ -141,6 +193,10 @@ impl From<ListenerCounters> for ListenerConnections {
             all_unhealthy_episodes: c.all_unhealthy_episodes,
             routed_all_unhealthy: c.routed_all_unhealthy,
             rejected_all_unhealthy: c.rejected_all_unhealthy,
+            rejected_queue_timeout: c.rejected_queue_timeout,
+            rejected_queue_full: c.rejected_queue_full,
+            rejected_shutdown: c.rejected_shutdown,
+            rejected_pool_removed: c.rejected_pool_removed,
         }
     }
 }
@@ -167,14 +223,19 @@ impl Status {
                     message: last.message,
                 }),
             },
-            listeners: snapshot.pools().map(|p| ListenerStatus::of(p)).collect(),
+            listeners: snapshot
+                .listeners()
+                .map(|l| ListenerStatus::of(l))
+                .collect(),
+            pools: snapshot.pools().map(|p| PoolStatus::of(p)).collect(),
             removed_backends: handle
                 .removed_backends(&snapshot)
                 .iter()
                 .map(|r| {
                     let (active_connections, counters) = BackendTotals::of(r.state.counters());
                     RemovedStatus {
-                        listener: r.listener.to_string(),
+                        pool: r.pool.to_string(),
+                        listener: r.pool.to_string(),
                         addr: r.addr.to_string(),
                         active_connections,
                         counters,
@@ -186,17 +247,43 @@ impl Status {
 }
 
 impl ListenerStatus {
-    fn of(pool: &Pool) -> ListenerStatus {
+    fn of(listener: &Listener) -> ListenerStatus {
+        let pool = listener.pool();
         ListenerStatus {
-            name: pool.name().to_string(),
-            bind: pool.local_addr().map(|a| a.to_string()),
+            name: listener.name().to_string(),
+            bind: listener.local_addr().map(|a| a.to_string()),
+            pool: pool.name().to_string(),
             strategy: pool.strategy_name().to_owned(),
-            max_connections: pool.settings().max_connections.get(),
-            backend_congestion_control: pool
+            max_connections: listener.settings().max_connections.get(),
+            backend_congestion_control: listener
                 .settings()
                 .backend_congestion_control
                 .map(|cc| cc.to_string()),
-            connections: pool.stats().counters().into(),
+            connections: listener.stats().counters().into(),
+            backends: pool.backends().iter().map(BackendStatus::of).collect(),
+        }
+    }
+}
+
+impl PoolStatus {
+    fn of(pool: &Pool) -> PoolStatus {
+        let q = pool.state().counters();
+        PoolStatus {
+            name: pool.name().to_string(),
+            inline: pool.inline(),
+            listeners: pool.listeners().iter().map(|l| l.to_string()).collect(),
+            strategy: pool.strategy_name().to_owned(),
+            queue_timeout: pool.settings().queue_timeout.as_secs_f64(),
+            max_queued: pool.settings().max_queued,
+            queue: QueueStatus {
+                length: q.length,
+                queued: q.queued,
+                served: q.served,
+                timed_out: q.timed_out,
+                full: q.full,
+                abandoned: q.abandoned,
+                closed: q.closed,
+            },
             backends: pool.backends().iter().map(BackendStatus::of).collect(),
         }
     }
@@ -212,6 +299,9 @@ impl BackendStatus {
             admin_state: backend.stats.admin_state().as_str(),
             health: HealthStatus::of(backend.stats.health()),
             active_connections: active,
+            max_connections: backend.max_connections.map(|m| m.get()),
+            load_estimate: backend.stats.load_estimate(),
+            reported_in_flight: backend.stats.reported_in_flight(),
             counters,
         }
     }

@@ -84,6 +84,21 @@ impl std::error::Error for ConfigError {
     }
 }
 
+/// Whose backends an error is about: a listener's own pool (the inline form) or a `[[pool]]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Owner {
+    /// `listener` or `pool`, as the file's tables say.
+    pub kind: &'static str,
+    /// Its name.
+    pub name: String,
+}
+
+impl fmt::Display for Owner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} `{}`", self.kind, self.name)
+    }
+}
+
 /// Everything that can be wrong with a config file.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -97,17 +112,45 @@ pub(crate) enum ConfigErrorKind {
     /// No `[[listener]]` at all.
     #[error("no listener defined: add at least one [[listener]] table")]
     NoListeners,
-    /// A listener without backends.
-    #[error("listener `{0}` has no backend: add at least one [[listener.backend]] table")]
-    NoBackends(String),
+    /// A pool without backends (a listener in the inline form without any, and without `pool`).
+    #[error("{0} has no backend: add at least one [[{kind}.backend]] table{hint}",
+        kind = .0.kind, hint = if .0.kind == "listener" { ", or `pool = \"...\"`" } else { "" })]
+    NoBackends(Owner),
+    /// A listener with `pool` and a key of the inline form.
+    #[error(
+        "listener `{listener}`: `{key}` belongs to its pool `{pool}`; set it in that [[pool]] table, or drop `pool` to give the listener a pool of its own"
+    )]
+    PoolAndInline {
+        /// The listener.
+        listener: String,
+        /// The inline key written beside `pool`.
+        key: &'static str,
+        /// The pool named.
+        pool: String,
+    },
+    /// `pool` naming no `[[pool]]`.
+    #[error("listener `{listener}`: `pool`: no [[pool]] is named `{pool}`{known}")]
+    UnknownPool {
+        /// The listener.
+        listener: String,
+        /// The name written.
+        pool: String,
+        /// The pools there are, as a hint (empty when there are none).
+        known: String,
+    },
+    /// Two pools with one name; a listener's own pool has the listener's name.
+    #[error(
+        "duplicate pool name `{0}` (a listener with inline backends has a pool of its own named after it)"
+    )]
+    DuplicatePool(String),
     /// An empty listener name.
     #[error("`name` must not be empty")]
     EmptyName,
-    /// A listener name with characters that would garble a log line or a metric label.
+    /// A listener or pool name with characters that would garble a log line or a metric label.
     #[error(
-        "`name`: invalid listener name {0:?}: use letters, digits, `-`, `_`, `.` and `:` (it appears in log lines and metric labels)"
+        "`name`: invalid {0} name {1:?}: use letters, digits, `-`, `_`, `.` and `:` (it appears in log lines and metric labels)"
     )]
-    BadName(String),
+    BadName(&'static str, String),
     /// Two listeners with one name.
     #[error("duplicate listener name `{0}`")]
     DuplicateName(String),
@@ -125,11 +168,11 @@ pub(crate) enum ConfigErrorKind {
         /// The later listener's address, then the earlier one's (boxed: errors stay small).
         addrs: Box<(SocketAddr, SocketAddr)>,
     },
-    /// Two backends of one listener with one address.
-    #[error("listener `{listener}`: backend {addr} is listed twice")]
+    /// Two backends of one pool with one address.
+    #[error("{owner}: backend {addr} is listed twice")]
     DuplicateBackend {
-        /// The listener.
-        listener: String,
+        /// The pool.
+        owner: Owner,
         /// The repeated address.
         addr: SocketAddr,
     },
@@ -169,6 +212,11 @@ pub(crate) enum ConfigErrorKind {
     /// A duration beyond [`MAX_DURATION`](super::MAX_DURATION).
     #[error("`{0}` must be at most 365 days")]
     LongDuration(&'static str),
+    /// A backend with `max_connections = 0`.
+    #[error(
+        "`max_connections` must be at least 1: to keep new connections from a backend, set `weight = 0` or drain it"
+    )]
+    ZeroSlots,
     /// A count of zero where zero would make no sense.
     #[error("`{0}` must be at least 1")]
     ZeroCount(&'static str),
@@ -183,9 +231,9 @@ pub(crate) enum ConfigErrorKind {
     /// A negative, NaN or infinite weight.
     #[error("`weight`: invalid value {0}: a weight must be a finite number >= 0")]
     BadWeight(f64),
-    /// Every weight of a listener is zero.
-    #[error("listener `{0}`: every backend has weight 0, so no connection could be routed")]
-    AllWeightsZero(String),
+    /// Every weight of a pool is zero.
+    #[error("{0}: every backend has weight 0, so no connection could be routed")]
+    AllWeightsZero(Owner),
     /// An admin endpoint reachable from other hosts without a token.
     #[error(
         "[admin] `bind` = {0} is not a loopback address, so [admin] `token` is required: \
@@ -257,8 +305,9 @@ pub(crate) enum ConfigErrorKind {
 }
 
 /// Keys whose values are durations, written as strings with a unit.
-const DURATION_KEYS: [&str; 8] = [
+const DURATION_KEYS: [&str; 9] = [
     "shutdown_grace",
+    "queue_timeout",
     "connect_timeout",
     "idle_timeout",
     "interval",

@@ -43,6 +43,9 @@ pub(crate) const DEFAULT_SATURATION: f64 = 32.0;
 pub(crate) const DEFAULT_MIN_WEIGHT_PERCENT: f64 = 10.0;
 /// Time between two load scrapes of one backend. 1 s follows load changes within a few seconds
 /// while a scrape (a few hundred KiB of text for vLLM) stays cheap.
+/// Triton's requests in flight: `nv_inference_pending_request_count` (received, not yet
+/// executing) is the only per-model gauge of requests; executing ones have none.
+const TRITON_IN_FLIGHT: [&str; 1] = ["nv_inference_pending_request_count"];
 pub(crate) const DEFAULT_LOAD_INTERVAL: Duration = Duration::from_secs(1);
 /// Consecutive failed connects from live traffic that eject a backend (Envoy's
 /// `consecutive_5xx`, which counts connect failures for TCP, is 5).
@@ -108,6 +111,17 @@ pub(crate) enum LoadPreset {
 
 impl LoadPreset {
     /// The engine's queue gauge.
+    pub(crate) fn in_flight_metrics(self) -> &'static [&'static str] {
+        match self {
+            LoadPreset::Vllm => &["vllm:num_requests_running", "vllm:num_requests_waiting"],
+            LoadPreset::Sglang => &["sglang:num_running_reqs", "sglang:num_queue_reqs"],
+            LoadPreset::Tgi => &["tgi_batch_current_size", "tgi_queue_size"],
+            LoadPreset::Triton => &TRITON_IN_FLIGHT,
+            LoadPreset::Llamacpp => &["llamacpp:requests_processing", "llamacpp:requests_deferred"],
+        }
+    }
+
+    /// The gauge the load factor follows.
     pub(crate) fn metric(self) -> &'static str {
         match self {
             LoadPreset::Vllm => "vllm:num_requests_waiting",
@@ -206,6 +220,9 @@ pub(crate) struct LoadConfig {
     pub port: Option<u16>,
     /// Name of the gauge; its samples are summed over label sets.
     pub metric: String,
+    /// Gauges whose sum is the server's requests in flight (running + waiting), which the
+    /// load estimate takes in; empty: not read.
+    pub in_flight_metrics: Vec<String>,
     /// Metric value at which the weight reaches its floor (finite, > 0).
     pub saturation: f64,
     /// Floor of the load factor, as a fraction in 0..=1.
@@ -286,19 +303,22 @@ impl LoadConfig {
     fn from_raw(raw: &RawLoad, span: std::ops::Range<usize>) -> Result<LoadConfig, Invalid> {
         let preset = raw.preset.as_ref().map(|p| *p.get_ref());
         let metric = match (&raw.metric, preset) {
-            (Some(metric), _) => {
-                let name = metric.get_ref().trim();
-                let valid = name.chars().enumerate().all(|(i, c)| {
-                    c.is_ascii_alphabetic() || c == '_' || c == ':' || (i > 0 && c.is_ascii_digit())
-                });
-                if name.is_empty() || !valid {
-                    let kind = ConfigErrorKind::BadMetric(metric.get_ref().clone());
-                    return Err((Some(metric.span()), kind));
-                }
-                name.to_owned()
-            }
+            (Some(metric), _) => metric_name(metric)?,
             (None, Some(preset)) => preset.metric().to_owned(),
             (None, None) => return Err((Some(span), ConfigErrorKind::NoLoadMetric)),
+        };
+        let in_flight_metrics = match (&raw.in_flight_metrics, preset) {
+            (Some(names), _) => names
+                .get_ref()
+                .iter()
+                .map(metric_name)
+                .collect::<Result<Vec<String>, Invalid>>()?,
+            (None, Some(preset)) => preset
+                .in_flight_metrics()
+                .iter()
+                .map(|m| (*m).to_owned())
+                .collect(),
+            (None, None) => Vec::new(),
         };
         let default_path = preset.map_or(DEFAULT_METRICS_PATH, LoadPreset::path);
         let port = match &raw.port {
@@ -324,11 +344,25 @@ impl LoadConfig {
             path: path(raw.path.as_ref(), "path", default_path)?,
             port,
             metric,
+            in_flight_metrics,
             saturation,
             min_factor: min_percent / 100.0,
             interval: duration(&raw.interval, "interval", DEFAULT_LOAD_INTERVAL)?,
         })
     }
+}
+
+/// A Prometheus metric name as written (trimmed), or the error naming it.
+fn metric_name(metric: &Spanned<String>) -> Result<String, Invalid> {
+    let name = metric.get_ref().trim();
+    let valid = name.chars().enumerate().all(|(i, c)| {
+        c.is_ascii_alphabetic() || c == '_' || c == ':' || (i > 0 && c.is_ascii_digit())
+    });
+    if name.is_empty() || !valid {
+        let kind = ConfigErrorKind::BadMetric(metric.get_ref().clone());
+        return Err((Some(metric.span()), kind));
+    }
+    Ok(name.to_owned())
 }
 
 impl PassiveConfig {

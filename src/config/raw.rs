@@ -22,6 +22,8 @@ pub(crate) struct RawConfig {
     pub(crate) log: Option<RawLog>,
     #[serde(default)]
     pub(crate) listener: Vec<Spanned<RawListener>>,
+    #[serde(default)]
+    pub(crate) pool: Vec<Spanned<RawPool>>,
 }
 
 /// The `[admin]` table.
@@ -40,13 +42,18 @@ pub(crate) struct RawLog {
     pub(crate) access_log: Option<bool>,
 }
 
-/// One `[[listener]]` table.
+/// One `[[listener]]` table. The pool keys (`strategy`, `queue_timeout`, `max_queued`,
+/// `health`, `passive`, `backend`) make the listener's own pool, the inline form; `pool` names a
+/// `[[pool]]` instead, and then none of them may be written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawListener {
     pub(crate) name: Spanned<String>,
     pub(crate) bind: Spanned<String>,
+    pub(crate) pool: Option<Spanned<String>>,
     pub(crate) strategy: Option<Spanned<StrategyKind>>,
+    pub(crate) queue_timeout: Option<Spanned<String>>,
+    pub(crate) max_queued: Option<Spanned<u64>>,
     pub(crate) connect_timeout: Option<Spanned<String>>,
     pub(crate) idle_timeout: Option<Spanned<String>>,
     pub(crate) connect_attempts: Option<Spanned<u64>>,
@@ -59,7 +66,21 @@ pub(crate) struct RawListener {
     pub(crate) backend: Vec<Spanned<RawBackend>>,
 }
 
-/// The `[listener.health]` table.
+/// One `[[pool]]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPool {
+    pub(crate) name: Spanned<String>,
+    pub(crate) strategy: Option<Spanned<StrategyKind>>,
+    pub(crate) queue_timeout: Option<Spanned<String>>,
+    pub(crate) max_queued: Option<Spanned<u64>>,
+    pub(crate) health: Option<Spanned<RawHealth>>,
+    pub(crate) passive: Option<Spanned<RawPassive>>,
+    #[serde(default)]
+    pub(crate) backend: Vec<Spanned<RawBackend>>,
+}
+
+/// The `[listener.health]` (or `[pool.health]`) table.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawHealth {
@@ -78,7 +99,7 @@ pub(crate) struct RawHealth {
     pub(crate) load: Option<Spanned<RawLoad>>,
 }
 
-/// The `[listener.health.load]` table.
+/// The `[listener.health.load]` (or `[pool.health.load]`) table.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawLoad {
@@ -86,12 +107,13 @@ pub(crate) struct RawLoad {
     pub(crate) path: Option<Spanned<String>>,
     pub(crate) port: Option<Spanned<u64>>,
     pub(crate) metric: Option<Spanned<String>>,
+    pub(crate) in_flight_metrics: Option<Spanned<Vec<Spanned<String>>>>,
     pub(crate) saturation: Option<Spanned<f64>>,
     pub(crate) min_weight_percent: Option<Spanned<f64>>,
     pub(crate) interval: Option<Spanned<String>>,
 }
 
-/// The `[listener.passive]` table.
+/// The `[listener.passive]` (or `[pool.passive]`) table.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawPassive {
@@ -99,11 +121,12 @@ pub(crate) struct RawPassive {
     pub(crate) eject_for: Option<Spanned<String>>,
 }
 
-/// One `[[listener.backend]]` table.
+/// One `[[listener.backend]]` (or `[[pool.backend]]`) table.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawBackend {
     pub(crate) addr: Spanned<String>,
     pub(crate) weight: Option<Spanned<f64>>,
     pub(crate) health_addr: Option<Spanned<String>>,
+    pub(crate) max_connections: Option<Spanned<u64>>,
 }

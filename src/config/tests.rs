@@ -33,7 +33,8 @@ fn minimal_config_gets_every_default() {
     let config = parse_str(MINIMAL).expect("valid");
     assert_eq!(config.shutdown_grace, DEFAULT_SHUTDOWN_GRACE);
     let l = &config.listeners[0];
-    assert_eq!(l.strategy, StrategyKind::WeightedRoundRobin);
+    let p = &config.pools[0];
+    assert_eq!(p.strategy, StrategyKind::WeightedRoundRobin);
     assert_eq!(l.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
     assert_eq!(l.idle_timeout, DEFAULT_IDLE_TIMEOUT);
     assert_eq!(l.connect_attempts, DEFAULT_CONNECT_ATTEMPTS);
@@ -41,7 +42,7 @@ fn minimal_config_gets_every_default() {
     assert_eq!(l.splice, DEFAULT_SPLICE);
     assert_eq!(l.backend_congestion_control, None);
     assert_eq!(config.threads, None);
-    assert_eq!(l.backends[0].weight, Weight::ONE);
+    assert_eq!(p.backends[0].weight, Weight::ONE);
     assert_eq!(config.admin, None);
     assert_eq!(config.log, LogConfig::default());
     assert_eq!(config.log.format, LogFormat::Text);
@@ -101,12 +102,13 @@ weight = 0.5
     assert_eq!(config.shutdown_grace, Duration::from_secs(5));
     assert_eq!(config.threads.map(NonZeroUsize::get), Some(3));
     let l = &config.listeners[0];
+    let p = &config.pools[0];
     assert!(
         !l.splice,
         "the default is true: false proves the key is read"
     );
     assert_eq!(l.bind, "[::1]:0".parse::<SocketAddr>().expect("literal"));
-    assert_eq!(l.strategy, StrategyKind::CapacityProportional);
+    assert_eq!(p.strategy, StrategyKind::CapacityProportional);
     assert_eq!(l.connect_timeout, Duration::from_millis(250));
     assert_eq!(l.idle_timeout, Duration::from_secs(3600));
     assert_eq!((l.connect_attempts.get(), l.max_connections.get()), (5, 7));
@@ -116,10 +118,10 @@ weight = 0.5
             .map(CongestionControl::as_str),
         Some("reno")
     );
-    let weights: Vec<f64> = l.backends.iter().map(|b| b.weight.get()).collect();
+    let weights: Vec<f64> = p.backends.iter().map(|b| b.weight.get()).collect();
     assert_eq!(weights, [2.0, 0.5]);
-    assert_eq!((l.health.as_ref(), l.passive), (None, None));
-    assert_eq!(l.backends[0].health_addr, None);
+    assert_eq!((p.health.as_ref(), p.passive), (None, None));
+    assert_eq!(p.backends[0].health_addr, None);
 }
 
 #[test]
@@ -146,6 +148,7 @@ preset = "triton"
 path = "/custom"
 port = 9002
 metric = "my_queue"
+in_flight_metrics = ["my_running", " my_waiting "]
 saturation = 8.5
 min_weight_percent = 25
 interval = "3s"
@@ -157,8 +160,9 @@ addr = "127.0.0.1:9001"
 health_addr = "127.0.0.1:9101"
 "#;
     let config = parse_str(text).expect("valid");
-    let l = &config.listeners[0];
-    let h = l.health.as_ref().expect("health configured");
+    assert_eq!(config.listeners[0].pool, "chat");
+    let p = &config.pools[0];
+    let h = p.health.as_ref().expect("health configured");
     assert_eq!(
         h.probe,
         Probe::Http(HttpProbe {
@@ -183,15 +187,16 @@ health_addr = "127.0.0.1:9101"
             path: "/custom".into(),
             port: Some(9002),
             metric: "my_queue".into(),
+            in_flight_metrics: vec!["my_running".into(), "my_waiting".into()],
             saturation: 8.5,
             min_factor: 0.25,
             interval: Duration::from_secs(3),
         }
     );
-    let passive = l.passive.expect("passive configured");
+    let passive = p.passive.expect("passive configured");
     assert_eq!(passive.max_connect_failures.get(), 2);
     assert_eq!(passive.eject_for, Duration::from_secs(1));
-    let backend = l.backends[0];
+    let backend = p.backends[0];
     assert_eq!(
         backend.probe_addr(),
         "127.0.0.1:9101".parse::<SocketAddr>().expect("literal")
@@ -204,8 +209,9 @@ fn empty_health_tables_get_every_default() {
         "{MINIMAL}[listener.health]\n[listener.health.load]\npreset = \"vllm\"\n[listener.passive]\n"
     );
     let config = parse_str(&text).expect("valid");
-    let l = &config.listeners[0];
-    let h = l.health.as_ref().expect("health configured");
+    assert_eq!(config.listeners[0].pool, "chat");
+    let p = &config.pools[0];
+    let h = p.health.as_ref().expect("health configured");
     let Probe::Http(http) = &h.probe else {
         panic!("http is the default probe: {:?}", h.probe)
     };
@@ -229,13 +235,13 @@ fn empty_health_tables_get_every_default() {
     assert_eq!(load.saturation, DEFAULT_SATURATION);
     assert_eq!(load.min_factor, DEFAULT_MIN_WEIGHT_PERCENT / 100.0);
     assert_eq!(load.interval, DEFAULT_LOAD_INTERVAL);
-    let passive = l.passive.expect("passive configured");
+    let passive = p.passive.expect("passive configured");
     assert_eq!(passive.max_connect_failures, DEFAULT_MAX_CONNECT_FAILURES);
     assert_eq!(passive.eject_for, DEFAULT_EJECT_FOR);
     // Triton's metrics live on their own port unless told otherwise.
     let triton = format!("{MINIMAL}[listener.health.load]\npreset = \"triton\"\n");
     let config = parse_str(&triton).expect("valid");
-    let load = config.listeners[0]
+    let load = config.pools[0]
         .health
         .as_ref()
         .and_then(|h| h.load.as_ref());
@@ -244,7 +250,7 @@ fn empty_health_tables_get_every_default() {
     let tcp = format!("{MINIMAL}[listener.health]\nkind = \"tcp\"\n");
     let config = parse_str(&tcp).expect("valid");
     assert_eq!(
-        config.listeners[0].health.as_ref().map(|h| &h.probe),
+        config.pools[0].health.as_ref().map(|h| &h.probe),
         Some(&Probe::Tcp)
     );
 }

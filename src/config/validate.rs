@@ -9,12 +9,14 @@ use std::time::Duration;
 
 use toml::Spanned;
 
-use super::raw::{RawAdmin, RawBackend, RawConfig, RawListener, RawLog};
+use super::error::Owner;
+use super::raw::{RawAdmin, RawBackend, RawConfig, RawHealth, RawListener, RawLog, RawPassive};
 use super::{
     AdminConfig, BackendConfig, Config, ConfigErrorKind, CongestionControl,
     DEFAULT_CONNECT_ATTEMPTS, DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
-    DEFAULT_MAX_CONNECTIONS, DEFAULT_SHUTDOWN_GRACE, DEFAULT_SPLICE, HealthConfig, ListenerConfig,
-    LogConfig, MAX_DURATION, MAX_THREADS, PassiveConfig, Token, Weight,
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_QUEUED, DEFAULT_QUEUE_TIMEOUT, DEFAULT_SHUTDOWN_GRACE,
+    DEFAULT_SPLICE, HealthConfig, ListenerConfig, LogConfig, MAX_DURATION, MAX_THREADS,
+    PassiveConfig, PoolConfig, StrategyKind, Token, Weight,
 };
 
 /// A validation failure and the span of the value it is about.
@@ -31,12 +33,40 @@ impl Config {
             return Err((None, ConfigErrorKind::NoListeners));
         }
         let log = raw.log.map(LogConfig::from_raw).unwrap_or_default();
+        // Pools first, so that a listener's `pool` can be checked against them.
+        let mut pools: Vec<PoolConfig> = Vec::with_capacity(raw.pool.len() + raw.listener.len());
+        for spanned in raw.pool {
+            let span = spanned.span();
+            let raw_pool = spanned.into_inner();
+            let name = checked_name(&raw_pool.name, "pool")?;
+            if pools.iter().any(|p| p.name == name) {
+                return Err((
+                    Some(raw_pool.name.span()),
+                    ConfigErrorKind::DuplicatePool(name),
+                ));
+            }
+            let owner = Owner {
+                kind: "pool",
+                name: name.clone(),
+            };
+            let keys = PoolKeys {
+                strategy: raw_pool.strategy,
+                queue_timeout: raw_pool.queue_timeout,
+                max_queued: raw_pool.max_queued,
+                health: raw_pool.health,
+                passive: raw_pool.passive,
+                backend: raw_pool.backend,
+            };
+            pools.push(PoolConfig::from_raw(keys, owner, span)?);
+        }
+        let declared = pools.len();
         let mut listeners: Vec<ListenerConfig> = Vec::with_capacity(raw.listener.len());
         for spanned in raw.listener {
             let span = spanned.span();
             let raw_listener = spanned.into_inner();
             let (name_span, bind_span) = (raw_listener.name.span(), raw_listener.bind.span());
-            let listener = ListenerConfig::from_raw(raw_listener, span)?;
+            let (listener, inline) =
+                ListenerConfig::from_raw(raw_listener, span, &pools[..declared])?;
             if listeners.iter().any(|l| l.name == listener.name) {
                 return Err((
                     Some(name_span),
@@ -55,6 +85,12 @@ impl Config {
                         addrs: Box::new((listener.bind, other.bind)),
                     },
                 ));
+            }
+            if let Some(pool) = inline {
+                if pools.iter().any(|p| p.name == pool.name) {
+                    return Err((Some(name_span), ConfigErrorKind::DuplicatePool(pool.name)));
+                }
+                pools.push(pool);
             }
             listeners.push(listener);
         }
@@ -87,6 +123,83 @@ impl Config {
             admin,
             log,
             listeners,
+            pools,
+        })
+    }
+}
+
+/// A name for a listener or a pool (`what`): trimmed, not empty, and nothing a text log line
+/// prints raw can break it (HAProxy's rule for proxy names).
+fn checked_name(value: &Spanned<String>, what: &'static str) -> Result<String, Invalid> {
+    let name = value.get_ref().trim().to_owned();
+    if name.is_empty() {
+        return Err((Some(value.span()), ConfigErrorKind::EmptyName));
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
+    {
+        return Err((Some(value.span()), ConfigErrorKind::BadName(what, name)));
+    }
+    Ok(name)
+}
+
+/// The keys a pool is made of, from a `[[pool]]` table or from a listener in the inline form.
+struct PoolKeys {
+    strategy: Option<Spanned<StrategyKind>>,
+    queue_timeout: Option<Spanned<String>>,
+    max_queued: Option<Spanned<u64>>,
+    health: Option<Spanned<RawHealth>>,
+    passive: Option<Spanned<RawPassive>>,
+    backend: Vec<Spanned<RawBackend>>,
+}
+
+impl PoolConfig {
+    /// The pool `owner` describes, from its keys; `span` is its table's, for "no backend".
+    fn from_raw(raw: PoolKeys, owner: Owner, span: Range<usize>) -> Result<PoolConfig, Invalid> {
+        let queue_timeout = optional_duration(&raw.queue_timeout, "queue_timeout", true)?
+            .unwrap_or(DEFAULT_QUEUE_TIMEOUT);
+        let max_queued = raw.max_queued.as_ref().map_or(DEFAULT_MAX_QUEUED, |v| {
+            usize::try_from(*v.get_ref()).unwrap_or(usize::MAX)
+        });
+        let health = match &raw.health {
+            Some(h) => Some(HealthConfig::from_raw(h.get_ref())?),
+            None => None,
+        };
+        let passive = match &raw.passive {
+            Some(p) => Some(PassiveConfig::from_raw(p.get_ref())?),
+            None => None,
+        };
+        if raw.backend.is_empty() {
+            return Err((Some(span), ConfigErrorKind::NoBackends(owner)));
+        }
+        let mut backends: Vec<BackendConfig> = Vec::with_capacity(raw.backend.len());
+        for spanned in raw.backend {
+            let backend = BackendConfig::from_raw(spanned.get_ref())?;
+            if backends.iter().any(|b| b.addr == backend.addr) {
+                let addr_span = spanned.get_ref().addr.span();
+                return Err((
+                    Some(addr_span),
+                    ConfigErrorKind::DuplicateBackend {
+                        owner,
+                        addr: backend.addr,
+                    },
+                ));
+            }
+            backends.push(backend);
+        }
+        if backends.iter().all(|b| b.weight.is_zero()) {
+            return Err((Some(span), ConfigErrorKind::AllWeightsZero(owner)));
+        }
+        Ok(PoolConfig {
+            inline: owner.kind == "listener",
+            name: owner.name,
+            strategy: raw.strategy.map(Spanned::into_inner).unwrap_or_default(),
+            queue_timeout,
+            max_queued,
+            health,
+            passive,
+            backends,
         })
     }
 }
@@ -130,18 +243,14 @@ impl LogConfig {
 }
 
 impl ListenerConfig {
-    fn from_raw(raw: RawListener, span: Range<usize>) -> Result<ListenerConfig, Invalid> {
-        let name = raw.name.get_ref().trim().to_owned();
-        if name.is_empty() {
-            return Err((Some(raw.name.span()), ConfigErrorKind::EmptyName));
-        }
-        // HAProxy's rule for proxy names: nothing a text log line prints raw can break it.
-        if !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
-        {
-            return Err((Some(raw.name.span()), ConfigErrorKind::BadName(name)));
-        }
+    /// The listener, and its own pool when it is written in the inline form; `pools` are the
+    /// `[[pool]]` tables its `pool` may name.
+    fn from_raw(
+        raw: RawListener,
+        span: Range<usize>,
+        pools: &[PoolConfig],
+    ) -> Result<(ListenerConfig, Option<PoolConfig>), Invalid> {
+        let name = checked_name(&raw.name, "listener")?;
         let bind = address(&raw.bind, "bind")?;
         let connect_attempts =
             count(&raw.connect_attempts, "connect_attempts")?.unwrap_or(DEFAULT_CONNECT_ATTEMPTS);
@@ -156,35 +265,6 @@ impl ListenerConfig {
                 .unwrap_or(DEFAULT_MAX_CONNECTIONS),
             None => DEFAULT_MAX_CONNECTIONS,
         };
-        let health = match &raw.health {
-            Some(h) => Some(HealthConfig::from_raw(h.get_ref())?),
-            None => None,
-        };
-        let passive = match &raw.passive {
-            Some(p) => Some(PassiveConfig::from_raw(p.get_ref())?),
-            None => None,
-        };
-        if raw.backend.is_empty() {
-            return Err((Some(span), ConfigErrorKind::NoBackends(name)));
-        }
-        let mut backends: Vec<BackendConfig> = Vec::with_capacity(raw.backend.len());
-        for spanned in raw.backend {
-            let backend = BackendConfig::from_raw(spanned.get_ref())?;
-            if backends.iter().any(|b| b.addr == backend.addr) {
-                let addr_span = spanned.get_ref().addr.span();
-                return Err((
-                    Some(addr_span),
-                    ConfigErrorKind::DuplicateBackend {
-                        listener: name,
-                        addr: backend.addr,
-                    },
-                ));
-            }
-            backends.push(backend);
-        }
-        if backends.iter().all(|b| b.weight.is_zero()) {
-            return Err((Some(span), ConfigErrorKind::AllWeightsZero(name)));
-        }
         let backend_congestion_control = match &raw.backend_congestion_control {
             Some(v) => Some(
                 CongestionControl::new(v.get_ref())
@@ -192,10 +272,72 @@ impl ListenerConfig {
             ),
             None => None,
         };
-        Ok(ListenerConfig {
+        let keys = PoolKeys {
+            strategy: raw.strategy,
+            queue_timeout: raw.queue_timeout,
+            max_queued: raw.max_queued,
+            health: raw.health,
+            passive: raw.passive,
+            backend: raw.backend,
+        };
+        let (pool, inline) = match &raw.pool {
+            Some(named) => {
+                let pool = named.get_ref().trim().to_owned();
+                // A key of the inline form beside `pool`: say which, on its line.
+                let inline_keys = [
+                    ("strategy", keys.strategy.as_ref().map(Spanned::span)),
+                    (
+                        "queue_timeout",
+                        keys.queue_timeout.as_ref().map(Spanned::span),
+                    ),
+                    ("max_queued", keys.max_queued.as_ref().map(Spanned::span)),
+                    ("health", keys.health.as_ref().map(Spanned::span)),
+                    ("passive", keys.passive.as_ref().map(Spanned::span)),
+                    ("backend", keys.backend.first().map(Spanned::span)),
+                ];
+                if let Some((key, at)) = inline_keys
+                    .into_iter()
+                    .find_map(|(key, at)| at.map(|at| (key, at)))
+                {
+                    return Err((
+                        Some(at),
+                        ConfigErrorKind::PoolAndInline {
+                            listener: name,
+                            key,
+                            pool,
+                        },
+                    ));
+                }
+                if !pools.iter().any(|p| p.name == pool) {
+                    let names: Vec<&str> = pools.iter().map(|p| p.name.as_str()).collect();
+                    let known = if names.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (pools: {})", names.join(", "))
+                    };
+                    return Err((
+                        Some(named.span()),
+                        ConfigErrorKind::UnknownPool {
+                            listener: name,
+                            pool,
+                            known,
+                        },
+                    ));
+                }
+                (pool, None)
+            }
+            None => {
+                let owner = Owner {
+                    kind: "listener",
+                    name: name.clone(),
+                };
+                (name.clone(), Some(PoolConfig::from_raw(keys, owner, span)?))
+            }
+        };
+        let listener = ListenerConfig {
             name,
             bind,
-            strategy: raw.strategy.map(Spanned::into_inner).unwrap_or_default(),
+            pool,
             connect_timeout: duration(
                 &raw.connect_timeout,
                 "connect_timeout",
@@ -206,10 +348,8 @@ impl ListenerConfig {
             max_connections,
             splice: raw.splice.unwrap_or(DEFAULT_SPLICE),
             backend_congestion_control,
-            health,
-            passive,
-            backends,
-        })
+        };
+        Ok((listener, inline))
     }
 }
 
@@ -225,10 +365,20 @@ impl BackendConfig {
             Some(value) => Some(backend_address(value, "health_addr")?),
             None => None,
         };
+        let max_connections = match &raw.max_connections {
+            Some(v) if *v.get_ref() == 0 => {
+                // Zero slots would queue every client until it times out: weight 0 (or a
+                // drain) is how a backend is kept from new connections.
+                return Err((Some(v.span()), ConfigErrorKind::ZeroSlots));
+            }
+            Some(v) => NonZeroU32::new(u32::try_from(*v.get_ref()).unwrap_or(u32::MAX)),
+            None => None,
+        };
         Ok(BackendConfig {
             addr,
             weight,
             health_addr,
+            max_connections,
         })
     }
 }

@@ -33,7 +33,7 @@ const JITTER: f64 = 0.1;
 /// The backend a checker task works for.
 #[derive(Debug, Clone)]
 pub(crate) struct Target {
-    pub(crate) listener: Arc<str>,
+    pub(crate) pool: Arc<str>,
     /// The backend's address (for logs).
     pub(crate) addr: SocketAddr,
     /// Where probes go: `health_addr`, else `addr`.
@@ -68,7 +68,7 @@ async fn probe_loop(target: &Target, config: &HealthConfig) {
         let result = probe::run(&config.probe, target.probe_addr, config.timeout).await;
         let now = Instant::now();
         if let Err(e) = result {
-            debug!(listener = %target.listener, backend = %target.addr, reason = %e, "probe failed");
+            debug!(pool = %target.pool, backend = %target.addr, reason = %e, "probe failed");
         }
         let transition = tracker.observe(result, now);
         target.state.with_health(|h| {
@@ -85,7 +85,7 @@ async fn probe_loop(target: &Target, config: &HealthConfig) {
         });
         if let Some(t) = transition {
             info!(
-                listener = %target.listener,
+                pool = %target.pool,
                 backend = %target.addr,
                 from = t.from.as_str(),
                 to = t.to.as_str(),
@@ -105,20 +105,32 @@ async fn load_loop(target: &Target, config: &LoadConfig, timeout: Duration) {
     let (smoothed, factor) = target.state.with_health(|h| (h.load_value, h.load_factor));
     let mut tracker = LoadTracker::resume(config, smoothed, factor);
     let mut next = Instant::now() + first_delay(config.interval);
+    // When the server last reported its requests in flight.
+    let mut reported_at: Option<Instant> = None;
     loop {
         tokio::time::sleep_until(next).await;
         let started = Instant::now();
         match load::scrape(addr, config, timeout).await {
-            Ok(value) => {
+            Ok(scraped) => {
+                let value = scraped.value;
                 if tracker.failures() >= HOLD_SCRAPES {
-                    info!(listener = %target.listener, backend = %target.addr, value, "load reported again");
+                    info!(pool = %target.pool, backend = %target.addr, value, "load reported again");
                 }
                 tracker.observe(value);
+                if let Some(in_flight) = scraped.in_flight {
+                    reported_at = Some(Instant::now());
+                    let state = &target.state;
+                    let before = state.load_estimate();
+                    state.set_reported_in_flight(in_flight, state.active());
+                    if state.load_estimate() < before {
+                        slots_freed(target);
+                    }
+                }
             }
             Err(e) => {
                 if tracker.fail() {
                     warn!(
-                        listener = %target.listener,
+                        pool = %target.pool,
                         backend = %target.addr,
                         scrape = %addr,
                         reason = %e,
@@ -126,8 +138,19 @@ async fn load_loop(target: &Target, config: &LoadConfig, timeout: Duration) {
                         "load scrapes failing; load factor back to 1"
                     );
                 } else {
-                    debug!(listener = %target.listener, backend = %target.addr, reason = %e, "load scrape failed");
+                    debug!(pool = %target.pool, backend = %target.addr, reason = %e, "load scrape failed");
                 }
+            }
+        }
+        // A report too old to count: the estimate is this balancer's connections again.
+        if reported_at.is_some_and(|at| at.elapsed() > config.interval * HOLD_SCRAPES) {
+            reported_at = None;
+            let state = &target.state;
+            let before = state.load_estimate();
+            state.clear_reported_in_flight();
+            debug!(pool = %target.pool, backend = %target.addr, "no fresh in-flight report; estimating from own connections");
+            if state.load_estimate() < before {
+                slots_freed(target);
             }
         }
         let (value, factor) = (tracker.smoothed(), tracker.factor());
@@ -138,10 +161,18 @@ async fn load_loop(target: &Target, config: &LoadConfig, timeout: Duration) {
             changed
         });
         if changed {
-            debug!(listener = %target.listener, backend = %target.addr, factor, ?value, "load factor changed");
+            debug!(pool = %target.pool, backend = %target.addr, factor, ?value, "load factor changed");
             target.republisher.republish();
         }
         next = (started + jittered(config.interval)).max(Instant::now());
+    }
+}
+
+/// The backend's load estimate fell: clients waiting in its pool may fit now. The control task
+/// serves queues after each rebuild; without waiting clients there is nothing to serve.
+fn slots_freed(target: &Target) {
+    if target.state.pool_waiting() > 0 {
+        target.republisher.republish();
     }
 }
 

@@ -16,9 +16,10 @@ use super::summary::{ReloadError, ReloadSummary};
 use crate::config::Config;
 use crate::dataplane::workers::Placement;
 use crate::health::Health;
-use crate::snapshot::{Snapshot, SnapshotCell};
+use crate::snapshot::{Pool, Snapshot, SnapshotCell};
 use crate::state::{
-    AdminState, BackendCounters, ListenerCounters, Registry, RemovedBackend, Republisher,
+    AdminState, BackendCounters, ListenerCounters, QueueCounters, Registry, RemovedBackend,
+    Republisher,
 };
 
 /// Requests waiting for the control task; senders wait when it is full.
@@ -57,11 +58,43 @@ pub(crate) enum Request {
     Apply(Box<Config>, Reply),
     /// Set an operator state on a backend.
     SetAdmin {
-        listener: String,
+        scope: Scope,
         addr: SocketAddr,
         state: AdminState,
         reply: oneshot::Sender<Result<(), AdminError>>,
     },
+}
+
+/// Where an operator names a backend: by a listener (its pool's backend) or by a pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Scope {
+    /// The backend of the pool listener `0` sends to.
+    Listener(String),
+    /// The backend of pool `0`.
+    Pool(String),
+}
+
+impl Scope {
+    /// The pool the scope names in `snapshot`, or why there is none.
+    pub(crate) fn pool<'s>(&self, snapshot: &'s Snapshot) -> Result<&'s Arc<Pool>, AdminError> {
+        match self {
+            Scope::Listener(name) => snapshot
+                .listener(name)
+                .map(|l| l.pool())
+                .ok_or_else(|| AdminError::UnknownListener(name.clone())),
+            Scope::Pool(name) => snapshot
+                .pool(name)
+                .ok_or_else(|| AdminError::UnknownPool(name.clone())),
+        }
+    }
+
+    /// The error for a backend the scope's pool does not have.
+    pub(crate) fn unknown_backend(&self, addr: SocketAddr) -> AdminError {
+        match self {
+            Scope::Listener(name) => AdminError::UnknownBackend(name.clone(), addr),
+            Scope::Pool(name) => AdminError::UnknownPoolBackend(name.clone(), addr),
+        }
+    }
 }
 
 /// Why an operator action was refused.
@@ -71,9 +104,15 @@ pub enum AdminError {
     /// No listener of that name.
     #[error("no listener named `{0}`")]
     UnknownListener(String),
-    /// The listener has no backend at that address.
+    /// The listener's pool has no backend at that address.
     #[error("listener `{0}` has no backend {1}")]
     UnknownBackend(String, SocketAddr),
+    /// No pool of that name.
+    #[error("no pool named `{0}`")]
+    UnknownPool(String),
+    /// The pool has no backend at that address.
+    #[error("pool `{0}` has no backend {1}")]
+    UnknownPoolBackend(String, SocketAddr),
     /// The balancer has stopped.
     #[error("the balancer is shutting down")]
     ShuttingDown,
@@ -177,15 +216,41 @@ impl Handle {
 
     /// The address listener `name` is bound to now.
     pub fn local_addr(&self, name: &str) -> Option<SocketAddr> {
-        self.shared.snapshots.load().pool(name)?.local_addr()
+        self.shared.snapshots.load().listener(name)?.local_addr()
     }
 
-    /// Counters of backend `addr` in listener `listener`, if it is configured.
+    /// Counters of backend `addr` of listener `listener`'s pool, if it is configured.
     pub fn backend_counters(&self, listener: &str, addr: SocketAddr) -> Option<BackendCounters> {
+        self.counters_in(&Scope::Listener(listener.to_owned()), addr)
+    }
+
+    /// Counters of backend `addr` of pool `pool`, if it is configured.
+    pub fn pool_backend_counters(&self, pool: &str, addr: SocketAddr) -> Option<BackendCounters> {
+        self.counters_in(&Scope::Pool(pool.to_owned()), addr)
+    }
+
+    pub(crate) fn counters_in(&self, scope: &Scope, addr: SocketAddr) -> Option<BackendCounters> {
         let snapshot = self.shared.snapshots.load();
-        let pool = snapshot.pool(listener)?;
+        let pool = scope.pool(&snapshot).ok()?;
         let backend = pool.backends().iter().find(|b| b.addr == addr)?;
         Some(backend.stats.counters())
+    }
+
+    /// The load estimate of backend `addr` of pool `pool`: connections open from here, plus
+    /// what the server last reported beyond them.
+    pub fn load_estimate(&self, pool: &str, addr: SocketAddr) -> Option<u64> {
+        let snapshot = self.shared.snapshots.load();
+        let backend = snapshot
+            .pool(pool)?
+            .backends()
+            .iter()
+            .find(|b| b.addr == addr)?;
+        Some(backend.stats.load_estimate())
+    }
+
+    /// The queue counters of pool `name`, if it is configured.
+    pub fn queue_counters(&self, name: &str) -> Option<QueueCounters> {
+        Some(self.shared.snapshots.load().pool(name)?.state().counters())
     }
 
     /// The weight strategies give each backend of `listener` now, in file order: its
@@ -193,7 +258,7 @@ impl Handle {
     /// `None` if there is no such listener.
     pub fn effective_weights(&self, listener: &str) -> Option<Vec<(SocketAddr, f64)>> {
         let snapshot = self.shared.snapshots.load();
-        let pool = snapshot.pool(listener)?;
+        let pool = snapshot.listener(listener)?.pool();
         Some(
             pool.backends()
                 .iter()
@@ -205,7 +270,7 @@ impl Handle {
     /// Health of backend `addr` in listener `listener`, if it is configured.
     pub fn backend_health(&self, listener: &str, addr: SocketAddr) -> Option<Health> {
         let snapshot = self.shared.snapshots.load();
-        let pool = snapshot.pool(listener)?;
+        let pool = snapshot.listener(listener)?.pool();
         let backend = pool.backends().iter().find(|b| b.addr == addr)?;
         Some(backend.stats.health())
     }
@@ -219,18 +284,24 @@ impl Handle {
             .collect();
         self.shared
             .registry
-            .removed_with_connections(|listener, addr| configured.contains(&(listener, addr)))
+            .removed_with_connections(|pool, addr| configured.contains(&(pool, addr)))
     }
 
-    /// Health checker tasks running now: one per backend of every listener with
-    /// `[listener.health]`.
+    /// Health checker tasks running now: one per backend of every pool with health checks.
     pub fn health_checkers(&self) -> usize {
         self.shared.checkers.len()
     }
 
     /// Counters of listener `name`, if it is configured.
     pub fn listener_counters(&self, name: &str) -> Option<ListenerCounters> {
-        Some(self.shared.snapshots.load().pool(name)?.stats().counters())
+        Some(
+            self.shared
+                .snapshots
+                .load()
+                .listener(name)?
+                .stats()
+                .counters(),
+        )
     }
 
     /// Open client connections on each worker thread, in worker order (see `threads`).
@@ -279,9 +350,31 @@ impl Handle {
         addr: SocketAddr,
         state: AdminState,
     ) -> Result<(), AdminError> {
+        self.set_admin_state_in(Scope::Listener(listener.to_owned()), addr, state)
+            .await
+    }
+
+    /// Sets the operator state of backend `addr` of pool `pool`, as
+    /// [`set_admin_state`](Handle::set_admin_state) does through a listener.
+    pub async fn set_pool_admin_state(
+        &self,
+        pool: &str,
+        addr: SocketAddr,
+        state: AdminState,
+    ) -> Result<(), AdminError> {
+        self.set_admin_state_in(Scope::Pool(pool.to_owned()), addr, state)
+            .await
+    }
+
+    pub(crate) async fn set_admin_state_in(
+        &self,
+        scope: Scope,
+        addr: SocketAddr,
+        state: AdminState,
+    ) -> Result<(), AdminError> {
         let (reply, answer) = oneshot::channel();
         let request = Request::SetAdmin {
-            listener: listener.to_owned(),
+            scope,
             addr,
             state,
             reply,

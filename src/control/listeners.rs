@@ -8,11 +8,13 @@ use std::sync::Arc;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::config::ListenerConfig;
+use crate::config::{Config, ListenerConfig};
 use crate::dataplane::accept::{Bound, Serving};
+use crate::dataplane::queue;
 use crate::dataplane::remote::Command;
 use crate::dataplane::workers::Placement;
 use crate::snapshot::SnapshotCell;
+use crate::state::{Registry, Rejection};
 
 /// How [`Balancer::run`](crate::Balancer::run) ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,11 +132,33 @@ impl Listeners {
         })
     }
 
-    /// Stops every accept loop; once this returns, nothing listens any more.
-    pub(crate) async fn stop_accepting(&mut self) {
+    /// Stops every accept loop; once this returns, nothing listens any more. Clients waiting
+    /// for a slot are closed (counted, `reason="shutdown"`) and queues take nobody from now on;
+    /// connections with a backend go on.
+    pub(crate) async fn stop_accepting(&mut self, registry: &Registry) {
         let names: Vec<String> = self.running.keys().cloned().collect();
         for name in names {
             drop(self.retire(&name, true).await);
+        }
+        for state in registry.pool_states() {
+            queue::close_waiting(&state, &self.placement, Rejection::Shutdown, true);
+        }
+    }
+
+    /// Hands the slots free now to clients waiting in any pool of the snapshot in force.
+    pub(crate) fn dispatch_all(&self) {
+        queue::serve_all(&self.snapshots.load(), &self.placement);
+    }
+
+    /// Closes the clients waiting in pools that `config` no longer sends any listener to
+    /// (counted, `reason="pool_removed"`): no slot of theirs will come free for them.
+    pub(crate) fn close_orphaned_queues(&self, config: &Config, registry: &Registry) {
+        for state in registry.pool_states() {
+            let used = config.listeners.iter().any(|l| *l.pool == **state.name());
+            if !used && state.waiting() > 0 {
+                info!(pool = %state.name(), waiting = state.waiting(), "pool has no listener any more; closing its waiting clients");
+                queue::close_waiting(&state, &self.placement, Rejection::PoolRemoved, false);
+            }
         }
     }
 
@@ -167,17 +191,24 @@ impl Listeners {
     }
 }
 
-/// Logs that `listener` listens on `local_addr`, with its strategy and backends.
-pub(crate) fn log_listening(listener: &ListenerConfig, local_addr: SocketAddr) {
-    let backends: Vec<String> = listener
+/// Logs that `listener` listens on `local_addr`, with its pool's strategy and backends.
+pub(crate) fn log_listening(config: &Config, listener: &ListenerConfig, local_addr: SocketAddr) {
+    let Some(pool) = config.pool(&listener.pool) else {
+        return;
+    };
+    let backends: Vec<String> = pool
         .backends
         .iter()
-        .map(|b| format!("{}*{}", b.addr, b.weight))
+        .map(|b| match b.max_connections {
+            Some(slots) => format!("{}*{}/{slots}", b.addr, b.weight),
+            None => format!("{}*{}", b.addr, b.weight),
+        })
         .collect();
     info!(
         listener = %listener.name,
         bind = %local_addr,
-        strategy = %listener.strategy,
+        pool = %pool.name,
+        strategy = %pool.strategy,
         backends = %backends.join(","),
         "listening"
     );

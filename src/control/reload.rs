@@ -84,7 +84,7 @@ impl ControlTask {
                         .iter()
                         .find(|b: &&Bound| &b.name == name)
                         .map(|b| b.local_addr)
-                        .or_else(|| current.pool(name).and_then(|p| p.local_addr())),
+                        .or_else(|| current.listener(name).and_then(|l| l.local_addr())),
                 };
                 Some((name.clone(), addr?))
             })
@@ -124,16 +124,21 @@ impl ControlTask {
         }
         for bound in fresh {
             let config = new_by_name[bound.name.as_str()];
-            log_listening(config, bound.local_addr);
+            log_listening(&new, config, bound.local_addr);
             self.listeners.start(bound, config.bind);
         }
 
+        // 6. Clients waiting in a pool no listener sends to any more are closed; the others
+        //    may find slots the new file added.
+        self.listeners.close_orphaned_queues(&new, &self.registry);
+        self.listeners.dispatch_all();
+
         self.registry.retain(
             |name| new.listeners.iter().any(|l| l.name == name),
+            |name| new.pool(name).is_some(),
             |name, addr| {
-                new.listeners
-                    .iter()
-                    .any(|l| l.name == name && l.backends.iter().any(|b| b.addr == addr))
+                new.pool(name)
+                    .is_some_and(|p| p.backends.iter().any(|b| b.addr == addr))
             },
         );
         let summary = ReloadSummary::between(&self.config, &new);

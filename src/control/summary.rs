@@ -8,10 +8,10 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::num::NonZeroUsize;
+use std::num::{NonZeroU32, NonZeroUsize};
 use std::time::Duration;
 
-use crate::config::{Config, ConfigError, CongestionControl, ListenerConfig};
+use crate::config::{Config, ConfigError, CongestionControl, ListenerConfig, PoolConfig};
 use crate::dataplane::accept::BindError;
 
 /// Why a reload was refused; the running configuration stays in force.
@@ -39,14 +39,22 @@ pub struct ReloadSummary {
     pub listeners_added: Vec<String>,
     /// Listeners that are gone (their open connections go on).
     pub listeners_removed: Vec<String>,
-    /// Listeners whose settings changed, as `name (key old->new, ...)`: any listener key, a
-    /// health or passive table (by name), a backend's `health_addr`; weights are listed apart.
+    /// Listeners whose settings changed, as `name (key old->new, ...)`: any listener key and,
+    /// for a listener with its own (inline) pool, what changed in that pool: strategy, queue
+    /// keys, a health or passive table (by name), a backend's `health_addr` or
+    /// `max_connections`; weights are listed apart.
     pub listeners_changed: Vec<String>,
-    /// Backends that are new, as `listener/address`.
+    /// `[[pool]]`s that are new.
+    pub pools_added: Vec<String>,
+    /// `[[pool]]`s that are gone.
+    pub pools_removed: Vec<String>,
+    /// `[[pool]]`s whose settings changed, as listeners' are listed.
+    pub pools_changed: Vec<String>,
+    /// Backends that are new, as `pool/address` (a listener's own pool has its name).
     pub backends_added: Vec<String>,
-    /// Backends that are gone, as `listener/address`.
+    /// Backends that are gone, as `pool/address`.
     pub backends_removed: Vec<String>,
-    /// Backends whose weight changed, as `listener/address old->new`.
+    /// Backends whose weight changed, as `pool/address old->new`.
     pub weights_changed: Vec<String>,
     /// Top-level and `[log]` settings applied by this reload, as `key old->new`.
     pub settings_changed: Vec<String>,
@@ -60,34 +68,35 @@ impl ReloadSummary {
     pub fn between(old: &Config, new: &Config) -> ReloadSummary {
         let mut summary = ReloadSummary::default();
         summary.compare_settings(old, new);
-        let old_by_name: HashMap<&str, &ListenerConfig> =
-            old.listeners.iter().map(|l| (l.name.as_str(), l)).collect();
-        for listener in &new.listeners {
-            let Some(before) = old_by_name.get(listener.name.as_str()) else {
-                summary.listeners_added.push(listener.name.clone());
-                summary.backends_added.extend(
-                    listener
-                        .backends
-                        .iter()
-                        .map(|b| backend_key(listener, b.addr)),
-                );
+        let old_pools: HashMap<&str, &PoolConfig> =
+            old.pools.iter().map(|p| (p.name.as_str(), p)).collect();
+        // What changed in each inline pool is told with its listener.
+        let mut inline_changes: HashMap<&str, Vec<String>> = HashMap::new();
+        for pool in &new.pools {
+            let Some(before) = old_pools.get(pool.name.as_str()) else {
+                if !pool.inline {
+                    summary.pools_added.push(pool.name.clone());
+                }
+                summary
+                    .backends_added
+                    .extend(pool.backends.iter().map(|b| backend_key(pool, b.addr)));
                 continue;
             };
-            let changed = changed_settings(before, listener);
-            if !changed.is_empty() {
-                summary.listeners_changed.push(format!(
-                    "{} ({})",
-                    listener.name,
-                    changed.join(", ")
-                ));
+            let changed = changed_pool_settings(before, pool);
+            if pool.inline && before.inline {
+                inline_changes.insert(&pool.name, changed);
+            } else if !changed.is_empty() {
+                summary
+                    .pools_changed
+                    .push(format!("{} ({})", pool.name, changed.join(", ")));
             }
             let old_weights: HashMap<SocketAddr, f64> = before
                 .backends
                 .iter()
                 .map(|b| (b.addr, b.weight.get()))
                 .collect();
-            for backend in &listener.backends {
-                let key = backend_key(listener, backend.addr);
+            for backend in &pool.backends {
+                let key = backend_key(pool, backend.addr);
                 match old_weights.get(&backend.addr) {
                     None => summary.backends_added.push(key),
                     Some(&w) if w != backend.weight.get() => summary
@@ -97,22 +106,45 @@ impl ReloadSummary {
                 }
             }
             for backend in &before.backends {
-                if !listener.backends.iter().any(|b| b.addr == backend.addr) {
+                if !pool.backends.iter().any(|b| b.addr == backend.addr) {
                     summary
                         .backends_removed
-                        .push(backend_key(listener, backend.addr));
+                        .push(backend_key(pool, backend.addr));
                 }
+            }
+        }
+        for pool in &old.pools {
+            if new.pool(&pool.name).is_none() {
+                if !pool.inline {
+                    summary.pools_removed.push(pool.name.clone());
+                }
+                summary
+                    .backends_removed
+                    .extend(pool.backends.iter().map(|b| backend_key(pool, b.addr)));
+            }
+        }
+        let old_by_name: HashMap<&str, &ListenerConfig> =
+            old.listeners.iter().map(|l| (l.name.as_str(), l)).collect();
+        for listener in &new.listeners {
+            let Some(before) = old_by_name.get(listener.name.as_str()) else {
+                summary.listeners_added.push(listener.name.clone());
+                continue;
+            };
+            let mut changed = changed_settings(before, listener);
+            if let Some(pool) = inline_changes.remove(listener.pool.as_str()) {
+                changed.extend(pool);
+            }
+            if !changed.is_empty() {
+                summary.listeners_changed.push(format!(
+                    "{} ({})",
+                    listener.name,
+                    changed.join(", ")
+                ));
             }
         }
         for listener in &old.listeners {
             if !new.listeners.iter().any(|l| l.name == listener.name) {
                 summary.listeners_removed.push(listener.name.clone());
-                summary.backends_removed.extend(
-                    listener
-                        .backends
-                        .iter()
-                        .map(|b| backend_key(listener, b.addr)),
-                );
             }
         }
         summary
@@ -170,26 +202,29 @@ impl ReloadSummary {
     }
 }
 
-/// How the summary names a backend: `listener/address`.
-fn backend_key(listener: &ListenerConfig, addr: SocketAddr) -> String {
-    format!("{}/{addr}", listener.name)
+/// How the summary names a backend: `pool/address`.
+fn backend_key(pool: &PoolConfig, addr: SocketAddr) -> String {
+    format!("{}/{addr}", pool.name)
 }
 
-/// What differs between two versions of a listener, apart from its backends' weights: each
-/// key as `key old->new`, a health or passive table by its name, and a backend whose
-/// `health_addr` moved. An operator reading the reload line sees what it did (that a bind moved,
-/// and where), not only which listener it touched.
-fn changed_settings(a: &ListenerConfig, b: &ListenerConfig) -> Vec<String> {
-    fn key<T: PartialEq + fmt::Display>(out: &mut Vec<String>, name: &str, old: T, new: T) {
-        if old != new {
-            out.push(format!("{name} {old}->{new}"));
-        }
+fn key<T: PartialEq + fmt::Display>(out: &mut Vec<String>, name: &str, old: T, new: T) {
+    if old != new {
+        out.push(format!("{name} {old}->{new}"));
     }
-    let duration = |d: Duration| humantime::format_duration(d).to_string();
+}
+
+fn duration(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+/// What differs between two versions of a listener: each key as `key old->new`. An operator
+/// reading the reload line sees what it did (that a bind moved, and where), not only which
+/// listener it touched.
+fn changed_settings(a: &ListenerConfig, b: &ListenerConfig) -> Vec<String> {
     let cc = |c: Option<CongestionControl>| c.map_or("system".to_owned(), |c| c.to_string());
     let mut out = Vec::new();
     key(&mut out, "bind", a.bind, b.bind);
-    key(&mut out, "strategy", a.strategy, b.strategy);
+    key(&mut out, "pool", &a.pool, &b.pool);
     let timeouts = [
         ("connect_timeout", a.connect_timeout, b.connect_timeout),
         ("idle_timeout", a.idle_timeout, b.idle_timeout),
@@ -216,22 +251,50 @@ fn changed_settings(a: &ListenerConfig, b: &ListenerConfig) -> Vec<String> {
         cc(a.backend_congestion_control),
         cc(b.backend_congestion_control),
     );
+    out
+}
+
+/// What differs between two versions of a pool, apart from its backends' weights: each key as
+/// `key old->new`, a health or passive table by its name, and a backend whose `health_addr` or
+/// `max_connections` changed.
+fn changed_pool_settings(a: &PoolConfig, b: &PoolConfig) -> Vec<String> {
+    let table = if b.inline { "listener" } else { "pool" };
+    let slots = |s: Option<NonZeroU32>| s.map_or("none".to_owned(), |s| s.to_string());
+    let mut out = Vec::new();
+    // Position kept from before pools: a listener's strategy change reads as it always did.
+    key(&mut out, "strategy", a.strategy, b.strategy);
+    key(
+        &mut out,
+        "queue_timeout",
+        duration(a.queue_timeout),
+        duration(b.queue_timeout),
+    );
+    key(&mut out, "max_queued", a.max_queued, b.max_queued);
     if a.health != b.health {
-        out.push("[listener.health]".to_owned());
+        out.push(format!("[{table}.health]"));
     }
     if a.passive != b.passive {
-        out.push("[listener.passive]".to_owned());
+        out.push(format!("[{table}.passive]"));
     }
     for new in &b.backends {
+        let Some(old) = a.backends.iter().find(|o| o.addr == new.addr) else {
+            continue;
+        };
         // Where probes go, not what was written: `health_addr` equal to `addr` changes nothing.
-        if let Some(old) = a.backends.iter().find(|o| o.addr == new.addr)
-            && old.probe_addr() != new.probe_addr()
-        {
+        if old.probe_addr() != new.probe_addr() {
             out.push(format!(
                 "{} health_addr {}->{}",
                 new.addr,
                 old.probe_addr(),
                 new.probe_addr()
+            ));
+        }
+        if old.max_connections != new.max_connections {
+            out.push(format!(
+                "{} max_connections {}->{}",
+                new.addr,
+                slots(old.max_connections),
+                slots(new.max_connections)
             ));
         }
     }
@@ -247,6 +310,9 @@ impl fmt::Display for ReloadSummary {
             ("listeners added", &self.listeners_added),
             ("listeners removed", &self.listeners_removed),
             ("listeners changed", &self.listeners_changed),
+            ("pools added", &self.pools_added),
+            ("pools removed", &self.pools_removed),
+            ("pools changed", &self.pools_changed),
             ("backends added", &self.backends_added),
             ("backends removed", &self.backends_removed),
             ("weights changed", &self.weights_changed),

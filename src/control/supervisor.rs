@@ -7,7 +7,7 @@
 //! next (it sleeps until the earliest deadline, never on a fixed tick). So ejections, their ends
 //! and ramp steps are all applied by the one task that publishes snapshots.
 //!
-//! One checker task per (listener, backend) with active checks; each has its own cancellation
+//! One checker task per (pool, backend) with active checks; each has its own cancellation
 //! token, and all are tracked by one `TaskTracker` whose length is the number of live checkers.
 //! A backend that leaves the configuration has its task cancelled, which drops any probe in
 //! flight with its socket: nothing keeps running, connecting or sleeping for it.
@@ -67,20 +67,20 @@ impl Supervisor {
     }
 
     /// Makes the watched set match `config`: starts checkers for new backends, stops those of
-    /// removed ones, restarts those whose listener's health settings (or `health_addr`)
-    /// changed. New backends start a slow-start ramp when their listener has one.
+    /// removed ones, restarts those whose pool's health settings (or `health_addr`)
+    /// changed. New backends start a slow-start ramp when their pool has one.
     pub(crate) fn sync(&mut self, config: &Config, registry: &Registry) {
         let now = Instant::now();
         let mut wanted: HashMap<(Arc<str>, SocketAddr), Spec> = HashMap::new();
-        for listener in &config.listeners {
-            if listener.health.is_none() && listener.passive.is_none() {
+        for pool in &config.pools {
+            if pool.health.is_none() && pool.passive.is_none() {
                 continue;
             }
-            let name: Arc<str> = listener.name.as_str().into();
-            for backend in &listener.backends {
+            let name: Arc<str> = pool.name.as_str().into();
+            for backend in &pool.backends {
                 let spec = Spec {
-                    health: listener.health.clone(),
-                    passive: listener.passive,
+                    health: pool.health.clone(),
+                    passive: pool.passive,
                     probe_addr: backend.probe_addr(),
                 };
                 wanted.insert((Arc::clone(&name), backend.addr), spec);
@@ -102,7 +102,10 @@ impl Supervisor {
             }
             let next = wanted.get(&key);
             watch.state.with_health(|h| forget(h, &watch.spec, next));
-            debug!(listener = %key.0, backend = %key.1, restarted = next.is_some(), "checker stopped");
+            if next.is_none_or(|n| n.health.as_ref().is_none_or(|h| h.load.is_none())) {
+                watch.state.clear_reported_in_flight();
+            }
+            debug!(pool = %key.0, backend = %key.1, restarted = next.is_some(), "checker stopped");
             if let Some(spec) = next {
                 self.start(key, spec.clone(), registry, None);
             }
@@ -134,7 +137,7 @@ impl Supervisor {
         let checker = spec.health.clone().map(|health| {
             let token = self.stop.child_token();
             let target = Target {
-                listener: Arc::clone(&key.0),
+                pool: Arc::clone(&key.0),
                 addr: key.1,
                 probe_addr: spec.probe_addr,
                 state: Arc::clone(&state),
@@ -152,7 +155,7 @@ impl Supervisor {
             });
             token
         });
-        debug!(listener = %key.0, backend = %key.1, active = checker.is_some(), "watching backend");
+        debug!(pool = %key.0, backend = %key.1, active = checker.is_some(), "watching backend");
         self.watches.insert(
             key,
             Watch {
@@ -168,7 +171,7 @@ impl Supervisor {
     /// Returns true when an effective weight may have changed.
     pub(crate) fn update(&mut self, now: Instant) -> bool {
         let mut changed = false;
-        for ((listener, addr), watch) in &self.watches {
+        for ((pool, addr), watch) in &self.watches {
             let slow_start = watch.spec.health.as_ref().and_then(|h| h.slow_start);
             let mut failures = watch.state.consecutive_connect_failures();
             watch.state.with_health(|h| {
@@ -179,7 +182,7 @@ impl Supervisor {
                     watch.state.reset_consecutive_failures();
                     failures = 0;
                     info!(
-                        listener = %listener,
+                        pool = %pool,
                         backend = %addr,
                         from = "ejected",
                         to = "in rotation",
@@ -196,7 +199,7 @@ impl Supervisor {
                         watch.state.reset_consecutive_failures();
                         h.ramp = None;
                         info!(
-                            listener = %listener,
+                            pool = %pool,
                             backend = %addr,
                             from = "in rotation",
                             to = "ejected",

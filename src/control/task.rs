@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use super::handle::{AdminError, Handle, Reply, Request};
+use super::handle::{AdminError, Handle, Reply, Request, Scope};
 use super::listeners::{Listeners, Stopped};
 use super::summary::{ReloadError, ReloadSummary};
 use super::supervisor::Supervisor;
@@ -121,7 +121,7 @@ impl ControlTask {
         }
         // The listening sockets close first: a client that connects from now on is refused
         // rather than left waiting in a backlog nobody accepts from.
-        self.listeners.stop_accepting().await;
+        self.listeners.stop_accepting(&self.registry).await;
         self.health.shutdown().await;
         // Requests from now on (SIGHUP, the watcher, the admin endpoint) are answered "shutting
         // down" at once instead of waiting for a control task that no longer listens.
@@ -144,12 +144,12 @@ impl ControlTask {
                 self.finish_reload(result, reply);
             }
             Request::SetAdmin {
-                listener,
+                scope,
                 addr,
                 state,
                 reply,
             } => {
-                let result = self.set_admin(&listener, addr, state);
+                let result = self.set_admin(&scope, addr, state);
                 // The requester may have given up waiting; the change stands all the same.
                 drop(reply.send(result));
             }
@@ -178,24 +178,23 @@ impl ControlTask {
     /// Sets an operator state on a configured backend and republishes.
     fn set_admin(
         &self,
-        listener: &str,
+        scope: &Scope,
         addr: SocketAddr,
         state: AdminState,
     ) -> Result<(), AdminError> {
         let snapshot = self.listeners.snapshots.load();
-        let pool = snapshot
-            .pool(listener)
-            .ok_or_else(|| AdminError::UnknownListener(listener.to_owned()))?;
+        let pool = scope.pool(&snapshot)?;
         let backend = pool
             .backends()
             .iter()
             .find(|b| b.addr == addr)
-            .ok_or_else(|| AdminError::UnknownBackend(listener.to_owned(), addr))?;
+            .ok_or_else(|| scope.unknown_backend(addr))?;
         let before = backend.stats.admin_state();
         backend.stats.set_admin_state(state);
+        let pool = Arc::clone(pool.name());
         drop(snapshot);
         if before != state {
-            info!(listener, backend = %addr, from = before.as_str(), to = state.as_str(), "admin state changed");
+            info!(%pool, backend = %addr, from = before.as_str(), to = state.as_str(), "admin state changed");
             self.republish();
         }
         Ok(())
@@ -206,8 +205,8 @@ impl ControlTask {
     fn republish(&self) {
         let current = self.listeners.snapshots.load();
         let addrs: HashMap<String, SocketAddr> = current
-            .pools()
-            .filter_map(|p| Some((p.name().to_string(), p.local_addr()?)))
+            .listeners()
+            .filter_map(|l| Some((l.name().to_string(), l.local_addr()?)))
             .collect();
         let snapshot = Snapshot::build(
             &self.config,
@@ -218,6 +217,8 @@ impl ControlTask {
         );
         drop(current);
         self.listeners.snapshots.store(Arc::new(snapshot));
+        // Weights, health or reported load changed: waiting clients may fit now.
+        self.listeners.dispatch_all();
     }
 
     async fn reload_file(&mut self) -> Result<ReloadSummary, ReloadError> {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tracing::info;
 
-use crate::snapshot::Pool;
+use crate::snapshot::Listener;
 
 /// The `tracing` target of access log lines, so a filter such as `weighbridge::access=off` or a
 /// log shipper can tell them from the balancer's own lines.
@@ -26,8 +26,8 @@ pub(crate) enum End {
     /// No backend could be reached within `connect_attempts` (the line says how many were
     /// tried; 0 when every backend has weight 0).
     ConnectFailed,
-    /// Closed at once without a backend: `max_connections` were open, or no backend was healthy
-    /// under `all_unhealthy = "reject"` (the line's `reason` says which).
+    /// Closed without a backend: `max_connections` were open, no backend was healthy under
+    /// `all_unhealthy = "reject"`, or no slot came free in time (the line's `reason` says which).
     Rejected,
     /// Shutdown's grace period ran out.
     ShutDown,
@@ -63,11 +63,11 @@ pub(super) const REASON_ALL_UNHEALTHY: &str = "all_unhealthy";
 
 /// Logs the access line of a client connection refused because `max_connections` were open.
 /// Called by the accept loop, which refuses before a connection exists.
-pub(crate) fn log_rejected(pool: &Pool, peer: SocketAddr) {
-    if !pool.settings().access_log {
+pub(crate) fn log_rejected(listener: &Listener, peer: SocketAddr) {
+    if !listener.settings().access_log {
         return;
     }
-    let mut line = AccessLine::new(peer, pool, End::Rejected);
+    let mut line = AccessLine::new(peer, listener, End::Rejected);
     line.reason = Some(REASON_MAX_CONNECTIONS);
     line.log(Duration::ZERO);
 }
@@ -80,6 +80,9 @@ pub(super) struct AccessLine {
     pub(super) backend: Option<SocketAddr>,
     /// From accept until the backend accepted, retries included: what the client waited.
     pub(super) connect_time: Option<Duration>,
+    /// Of that, the time spent in the pool's queue waiting for a slot; `None` if it never
+    /// waited.
+    pub(super) queued: Option<Duration>,
     /// Connects tried (1 unless a backend refused or timed out).
     pub(super) attempts: u32,
     /// Client to backend.
@@ -96,21 +99,22 @@ pub(super) struct AccessLine {
 }
 
 impl AccessLine {
-    /// The line of a connection from `client` to `pool`'s listener, with nothing known yet
-    /// but how it ends if nothing else happens.
-    pub(super) fn new(client: SocketAddr, pool: &Pool, end: End) -> AccessLine {
+    /// The line of a connection from `client` to `listener`, with nothing known yet but how it
+    /// ends if nothing else happens.
+    pub(super) fn new(client: SocketAddr, listener: &Listener, end: End) -> AccessLine {
         AccessLine {
             client,
-            listener: Arc::clone(pool.name()),
+            listener: Arc::clone(listener.name()),
             backend: None,
             connect_time: None,
+            queued: None,
             attempts: 0,
             bytes_up: 0,
             bytes_down: 0,
             end,
             reason: None,
             error: None,
-            enabled: pool.settings().access_log,
+            enabled: listener.settings().access_log,
         }
     }
 
@@ -123,6 +127,7 @@ impl AccessLine {
             listener = %self.listener,
             backend = self.backend.map(tracing::field::display),
             connect_ms = self.connect_time.map(ms),
+            queued_ms = self.queued.map(ms),
             duration_ms = ms(duration),
             bytes_up = self.bytes_up,
             bytes_down = self.bytes_down,

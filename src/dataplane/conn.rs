@@ -1,4 +1,5 @@
-//! One client connection: pick a backend, connect (trying others on failure), relay both ways.
+//! One client connection: wait for a slot if its pool has none free, pick a backend, connect
+//! (trying others on failure), relay both ways.
 //!
 //! [`Conn`] is a state machine its worker (`event_loop`) drives with readiness events and one
 //! timer; each call does what can be done without waiting and returns. Everything that can go
@@ -24,8 +25,10 @@ use super::relay::{BUDGET, Direction, Mode, Path, Pumped, Ready, shutdown_write}
 use super::remote::Counted;
 use super::token::{Side, Tokens};
 use crate::config::AllUnhealthy;
-use crate::snapshot::Pool;
-use crate::state::{ActiveConn, BackendState, ListenerStats};
+use crate::snapshot::{Listener, Pool, Take};
+use crate::state::{
+    ActiveConn, BackendState, ListenerStats, Refused, Rejection, Waiter, note_freed,
+};
 
 /// Whether a connection goes on after a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,11 +40,12 @@ pub(crate) enum Status {
     Done,
 }
 
-/// One client connection: pick a backend, connect (trying others on failure), relay both ways.
+/// One client connection: wait for a slot if its pool has none free, pick a backend, connect
+/// (trying others on failure), relay both ways.
 ///
-/// A state machine driven by its worker (`event_loop`): readiness events, its timer and
-/// the order to cut. Everything that can go wrong here stays with this connection: errors end
-/// it, never the worker or another connection.
+/// A state machine driven by its worker (`event_loop`): readiness events, its timer, a slot
+/// handed to it while it waits, and the order to cut. Everything that can go wrong here stays
+/// with this connection: errors end it, never the worker or another connection.
 pub(crate) struct Conn {
     client: TcpStream,
     client_ready: Ready,
@@ -60,12 +64,16 @@ pub(crate) struct Conn {
     accepted: Instant,
     access: AccessLine,
     listener_stats: Arc<ListenerStats>,
+    /// Where the connection is, for a pool's queue to hand it a slot.
+    me: Waiter,
     /// Keeps the connection in its worker's count while it lives.
     _counted: Counted,
 }
 
 /// Where a connection is in its life.
 enum Phase {
+    /// Waiting in its pool's queue for a free slot.
+    Queued(Box<Queued>),
     /// Waiting for a backend to accept.
     Connecting(Box<Connecting>),
     /// Relaying; counts itself active on its backend.
@@ -74,18 +82,26 @@ enum Phase {
     Ended,
 }
 
-/// A connect in progress and what the next attempt needs.
-struct Connecting {
+/// What the next connect attempt needs.
+struct Plan {
+    listener: Arc<Listener>,
+    /// The pool the indices in `tried` refer to.
     pool: Arc<Pool>,
     turn: u64,
     /// Backends already tried (indices into the pool).
     tried: Vec<usize>,
+    /// The attempt to be made next (1 for the first).
+    attempt: u32,
+}
+
+/// A connect in progress.
+struct Connecting {
+    plan: Plan,
     /// The backend being tried now.
     index: usize,
-    /// Counts the connection active on that backend from the attempt on (none while waiting
-    /// for a descriptor).
+    /// Counts the connection active on that backend (holding its slot) from the attempt on;
+    /// none while waiting for a descriptor.
     active: Option<ActiveConn>,
-    attempt: u32,
     started: Instant,
     deadline: Instant,
     /// No socket could be opened (the process is out of descriptors): the attempt waits for
@@ -93,26 +109,43 @@ struct Connecting {
     no_socket: bool,
 }
 
-/// A function from a side to the token of that side's socket.
+/// A client waiting for a slot.
+struct Queued {
+    plan: Plan,
+    ticket: u64,
+    since: Instant,
+    /// `queue_timeout` after `since`.
+    deadline: Instant,
+}
+
+/// A slot handed to a waiting client: backend `index` of `pool`, held by `active`.
+pub(crate) struct Granted {
+    pub(crate) pool: Arc<Pool>,
+    pub(crate) index: usize,
+    pub(crate) active: ActiveConn,
+    pub(crate) turn: u64,
+}
+
 impl Conn {
-    /// Starts serving `client`: the first connect attempt is under way when this returns, unless
-    /// the connection is already over ([`Status::Done`]).
+    /// Starts serving `client`: the first connect attempt is under way (or the client waits
+    /// for a slot) when this returns, unless the connection is already over ([`Status::Done`]).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn start(
         registry: &Registry,
         tokens: Tokens<'_>,
         client: TcpStream,
         peer: SocketAddr,
-        pool: Arc<Pool>,
+        listener: Arc<Listener>,
         turn: u64,
         counted: Counted,
+        me: Waiter,
         now: Instant,
     ) -> (Conn, Status) {
         #[cfg(test)]
         if PANIC_AT_START.replace(false) {
             panic!("injected: a bug in a connection's first step");
         }
-        let settings = pool.settings();
+        let settings = listener.settings();
         let mut conn = Conn {
             client,
             client_ready: Ready::writable(),
@@ -131,21 +164,23 @@ impl Conn {
             last_active: now,
             timer_at: now,
             accepted: now,
-            access: AccessLine::new(peer, &pool, End::ShutDown),
-            listener_stats: Arc::clone(pool.stats()),
+            access: AccessLine::new(peer, &listener, End::ShutDown),
+            listener_stats: Arc::clone(listener.stats()),
+            me,
             _counted: counted,
         };
+        let pool = Arc::clone(listener.pool());
         // No backend is healthy: the pool was built for it, and the transition was logged
         // once; each connection is only counted here.
         match pool.all_unhealthy() {
             Some(AllUnhealthy::Reject) => {
-                pool.stats().record_rejected_all_unhealthy();
+                listener.stats().record_rejected_all_unhealthy();
                 debug!(client = %peer, "no backend is healthy; closing (all_unhealthy = \"reject\")");
                 conn.access.end = End::Rejected;
                 conn.access.reason = Some(REASON_ALL_UNHEALTHY);
                 return (conn, Status::Done);
             }
-            Some(AllUnhealthy::RouteAnyway) => pool.stats().record_routed_all_unhealthy(),
+            Some(AllUnhealthy::RouteAnyway) => listener.stats().record_routed_all_unhealthy(),
             None => {}
         }
         // Small messages (requests, tokens) go out at once, not after Nagle's delay. On Linux
@@ -157,27 +192,45 @@ impl Conn {
         if let Err(e) = registry.register(&mut conn.client, tokens(Side::Client), INTEREST) {
             return (conn.failed(e), Status::Done);
         }
-        let status = conn.connect(registry, tokens, pool, turn, Vec::new(), 1, now);
+        let plan = Plan {
+            listener,
+            pool,
+            turn,
+            tried: Vec::new(),
+            attempt: 1,
+        };
+        let status = conn.connect(registry, tokens, plan, None, now);
         (conn, status)
     }
 
-    /// Tries backends from attempt `attempt` on until a connect is under way or none is left.
-    #[allow(clippy::too_many_arguments)]
+    /// Tries backends from `plan`'s attempt on until a connect is under way, the client waits
+    /// for a slot, or no backend is left. `granted` is a slot handed over from the queue, for
+    /// the first of these attempts.
     fn connect(
         &mut self,
         registry: &Registry,
         tokens: Tokens<'_>,
-        pool: Arc<Pool>,
-        turn: u64,
-        mut tried: Vec<usize>,
-        mut attempt: u32,
+        mut plan: Plan,
+        mut granted: Option<(usize, ActiveConn)>,
         now: Instant,
     ) -> Status {
-        let settings = pool.settings();
-        while attempt <= settings.connect_attempts.get() {
-            let Some((index, backend)) = pool.pick(turn, &tried) else {
-                return self.no_backend(&pool, attempt - 1);
+        let settings = *plan.listener.settings();
+        while plan.attempt <= settings.connect_attempts.get() {
+            let pool = Arc::clone(&plan.pool);
+            let (index, active) = match granted.take() {
+                Some(granted) => granted,
+                // Clients already waiting go first: a newcomer queues behind them.
+                None if pool.slotted() && pool.state().waiting() > 0 => {
+                    return self.wait(plan, now);
+                }
+                None => match pool.take_slot(plan.turn, &plan.tried) {
+                    Take::Slot(index, active) => (index, active),
+                    Take::Full => return self.wait(plan, now),
+                    Take::NoBackend => return self.no_backend(&plan, plan.attempt - 1),
+                },
             };
+            let backend = &pool.backends()[index];
+            let attempt = plan.attempt;
             let mut stream = match open_backend(backend.addr, settings.backend_congestion_control) {
                 Ok(stream) => stream,
                 // The balancer's own limit, not the backend's fault: nothing is counted against
@@ -185,21 +238,20 @@ impl Conn {
                 // the process is out of descriptors), and the client is kept waiting for a
                 // descriptor rather than closed, which would only free one for the next accept
                 // to take. The accept loop meanwhile backs off on the same error and logs it.
+                // The slot is given back meanwhile: a socket, not the backend, is missing.
                 Err(e) if out_of_descriptors(&e) => {
+                    drop(active);
                     let give_up = later(self.accepted, settings.connect_timeout);
                     if now >= give_up {
-                        return self.no_backend(&pool, attempt - 1);
+                        return self.no_backend(&plan, attempt - 1);
                     }
                     debug!(client = %self.access.client, error = %e, "no descriptor for a backend socket; waiting");
                     self.backend = None;
                     self.phase = Phase::Connecting(Box::new(Connecting {
                         deadline: (now + DESCRIPTOR_WAIT).min(give_up),
-                        pool,
-                        turn,
-                        tried,
+                        plan,
                         index,
                         active: None,
-                        attempt,
                         started: now,
                         no_socket: true,
                     }));
@@ -210,18 +262,34 @@ impl Conn {
                 // picks a port per destination, so another backend may well have ports left:
                 // the attempt moves on to it, as after a failed connect.
                 Err(e) if no_local_port(&e, backend.addr) => {
-                    pool.stats().record_connect_attempt();
-                    pool.stats().record_connect_failure();
-                    log_no_local_port(&pool, self.access.client, backend.addr, attempt, now);
-                    tried.push(index);
-                    attempt += 1;
+                    drop(active);
+                    let stats = plan.listener.stats();
+                    stats.record_connect_attempt();
+                    stats.record_connect_failure();
+                    log_no_local_port(
+                        &plan.listener,
+                        self.access.client,
+                        backend.addr,
+                        attempt,
+                        now,
+                    );
+                    plan.tried.push(index);
+                    plan.attempt += 1;
                     continue;
                 }
                 Err(e) => {
-                    pool.stats().record_connect_attempt();
-                    connect_failed(&pool, self.access.client, index, attempt, &e.to_string());
-                    tried.push(index);
-                    attempt += 1;
+                    drop(active);
+                    plan.listener.stats().record_connect_attempt();
+                    connect_failed(
+                        &plan.listener,
+                        &plan.pool,
+                        self.access.client,
+                        index,
+                        attempt,
+                        &e.to_string(),
+                    );
+                    plan.tried.push(index);
+                    plan.attempt += 1;
                     continue;
                 }
             };
@@ -234,31 +302,124 @@ impl Conn {
                 self.phase = Phase::Ended;
                 return Status::Done;
             }
-            pool.stats().record_connect_attempt();
-            let active = BackendState::acquire(&backend.stats);
+            plan.listener.stats().record_connect_attempt();
             self.backend = Some(stream);
             self.backend_ready = Ready::default();
             self.phase = Phase::Connecting(Box::new(Connecting {
                 deadline: later(now, settings.connect_timeout),
-                pool,
-                turn,
-                tried,
+                plan,
                 index,
                 active: Some(active),
-                attempt,
                 started: now,
                 no_socket: false,
             }));
             return Status::Open;
         }
-        self.no_backend(&pool, settings.connect_attempts.get())
+        let attempts = settings.connect_attempts.get();
+        self.no_backend(&plan, attempts)
+    }
+
+    /// Every slot of the pool is taken (or clients wait already): the client joins the queue,
+    /// or is closed if it cannot.
+    fn wait(&mut self, plan: Plan, now: Instant) -> Status {
+        let pool = &plan.pool;
+        let settings = *pool.settings();
+        if settings.queue_timeout.is_zero() {
+            pool.state().record_full();
+            return self.turn_away(&plan.listener, Rejection::QueueFull);
+        }
+        match pool.state().enqueue(self.me, settings.max_queued) {
+            Ok(ticket) => {
+                // A slot freed between the pick and the enqueue saw no one waiting: the worker
+                // serves the queue at the end of this turn, which finds it.
+                note_freed(pool.state());
+                debug!(client = %self.access.client, pool = %pool.name(), ticket, "every slot taken; waiting");
+                self.phase = Phase::Queued(Box::new(Queued {
+                    deadline: later(now, settings.queue_timeout),
+                    since: now,
+                    ticket,
+                    plan,
+                }));
+                Status::Open
+            }
+            Err(Refused::Full) => self.turn_away(&plan.listener, Rejection::QueueFull),
+            Err(Refused::Closed) => self.turn_away(&plan.listener, Rejection::Shutdown),
+        }
+    }
+
+    /// A slot was handed to the waiting client: it connects with it now.
+    pub(crate) fn granted(
+        &mut self,
+        registry: &Registry,
+        tokens: Tokens<'_>,
+        granted: Granted,
+        now: Instant,
+    ) -> Status {
+        let Phase::Queued(queued) = std::mem::replace(&mut self.phase, Phase::Ended) else {
+            // Not waiting (it cannot be, short of a bug): the slot goes back with the guard.
+            return Status::Open;
+        };
+        let Queued {
+            mut plan, since, ..
+        } = *queued;
+        let waited = now.saturating_duration_since(since);
+        plan.pool.state().record_served(waited);
+        self.access.queued = Some(waited);
+        // The index is into the pool as the snapshot that served the queue has it.
+        if !Arc::ptr_eq(&plan.pool, &granted.pool) {
+            plan.tried.clear();
+            plan.pool = granted.pool;
+        }
+        plan.turn = granted.turn;
+        self.connect(
+            registry,
+            tokens,
+            plan,
+            Some((granted.index, granted.active)),
+            now,
+        )
+    }
+
+    /// The client gave up while waiting (it closed, or reset).
+    fn abandon(&mut self) -> Status {
+        if let Phase::Queued(queued) = std::mem::replace(&mut self.phase, Phase::Ended) {
+            let state = queued.plan.pool.state();
+            // Not in the queue any more: a slot is on its way, and goes back when it arrives.
+            if state.leave(queued.ticket) {
+                state.record_abandoned();
+            }
+            debug!(client = %self.access.client, pool = %queued.plan.pool.name(), "client left the queue");
+        }
+        self.access.end = End::ClientClosed;
+        Status::Done
+    }
+
+    /// The waiting client is closed without a slot: its pool lost its last listener, or the
+    /// balancer is stopping.
+    pub(crate) fn dequeued(&mut self, rejection: Rejection) -> Status {
+        let Phase::Queued(queued) = std::mem::replace(&mut self.phase, Phase::Ended) else {
+            return Status::Open;
+        };
+        queued.plan.pool.state().record_closed();
+        self.turn_away(&queued.plan.listener, rejection)
+    }
+
+    /// Closes the client without a backend, counted under `rejection`.
+    fn turn_away(&mut self, listener: &Listener, rejection: Rejection) -> Status {
+        listener.stats().record_rejected(rejection);
+        debug!(client = %self.access.client, listener = %listener.name(), reason = rejection.as_str(), "closing client connection");
+        self.access.end = End::Rejected;
+        self.access.reason = Some(rejection.as_str());
+        self.phase = Phase::Ended;
+        Status::Done
     }
 
     /// No backend could be reached after `attempts` tries.
-    fn no_backend(&mut self, pool: &Pool, attempts: u32) -> Status {
-        pool.stats().record_no_backend();
+    fn no_backend(&mut self, plan: &Plan, attempts: u32) -> Status {
+        plan.listener.stats().record_no_backend();
         warn!(
-            listener = %pool.name(),
+            listener = %plan.listener.name(),
+            pool = %plan.pool.name(),
             client = %self.access.client,
             attempts,
             "no backend reachable, closing client connection"
@@ -273,6 +434,7 @@ impl Conn {
     pub(crate) fn deadline(&self) -> Instant {
         match &self.phase {
             Phase::Connecting(connecting) => connecting.deadline,
+            Phase::Queued(queued) => queued.deadline,
             _ => later(self.last_active, self.idle),
         }
     }
@@ -298,12 +460,27 @@ impl Conn {
         scratch: &mut [u8],
     ) -> Status {
         match side {
-            Side::Client => self.client_ready.update(event),
+            Side::Client => {
+                self.client_ready.update(event);
+                // Nothing is read from a waiting client; its end is watched for (HAProxy's
+                // `option abortonclose`): one that closes, or closes its sending side, has
+                // given up, and must not take a slot from the next in line.
+                if let Phase::Queued(_) = self.phase {
+                    if event.is_read_closed() || event.is_error() {
+                        return self.abandon();
+                    }
+                    return Status::Open;
+                }
+            }
             Side::Backend { .. } => {
                 if let Phase::Connecting(connecting) = &self.phase
-                    && (connecting.no_socket || Side::backend(connecting.attempt) != side)
+                    && (connecting.no_socket || Side::backend(connecting.plan.attempt) != side)
                 {
                     // For the socket of an earlier attempt, closed since.
+                    return Status::Open;
+                }
+                if let Phase::Queued(_) = self.phase {
+                    // Of an attempt before the client queued again.
                     return Status::Open;
                 }
                 self.backend_ready.update(event);
@@ -332,7 +509,7 @@ impl Conn {
                 None => self.connected(now),
                 Some(error) => self.retry(registry, tokens, &error, now),
             };
-            if status == Status::Done || matches!(self.phase, Phase::Connecting(_)) {
+            if status == Status::Done || !matches!(self.phase, Phase::Relaying(_)) {
                 return status;
             }
         }
@@ -345,14 +522,13 @@ impl Conn {
             return Status::Open;
         };
         let Connecting {
-            pool,
+            plan,
             index,
             active,
-            attempt,
             started,
             ..
         } = *connecting;
-        let backend = &pool.backends()[index];
+        let backend = &plan.pool.backends()[index];
         let addr = backend.addr;
         let active = active.unwrap_or_else(|| BackendState::acquire(&backend.stats));
         active.stats().record_connected(now.duration_since(started));
@@ -363,11 +539,11 @@ impl Conn {
         }
         debug!(client = %self.access.client, backend = %addr, "connected");
         self.access.backend = Some(addr);
-        self.access.attempts = attempt;
+        self.access.attempts = plan.attempt;
         self.access.connect_time = Some(now.duration_since(self.accepted));
         self.last_active = now;
-        // The pool goes with `connecting`: a long-lived stream does not keep a replaced
-        // snapshot (and its tables) alive.
+        // The plan (and the snapshot's pool in it) goes with `connecting`: a long-lived stream
+        // does not keep a replaced snapshot (and its tables) alive.
         self.phase = Phase::Relaying(active);
         Status::Open
     }
@@ -384,20 +560,26 @@ impl Conn {
             return Status::Open;
         };
         let Connecting {
-            pool,
-            turn,
-            mut tried,
+            mut plan,
             index,
             active,
-            attempt,
             ..
         } = *connecting;
         // Closing the socket takes it out of the worker's epoll set.
         self.backend = None;
+        // The slot is free at once: the retry (or a waiting client) competes for it again.
         drop(active);
-        connect_failed(&pool, self.access.client, index, attempt, error);
-        tried.push(index);
-        self.connect(registry, tokens, pool, turn, tried, attempt + 1, now)
+        connect_failed(
+            &plan.listener,
+            &plan.pool,
+            self.access.client,
+            index,
+            plan.attempt,
+            error,
+        );
+        plan.tried.push(index);
+        plan.attempt += 1;
+        self.connect(registry, tokens, plan, None, now)
     }
 
     /// The connection's deadline may have passed.
@@ -418,19 +600,23 @@ impl Conn {
                 else {
                     return Status::Done;
                 };
-                let Connecting {
-                    pool,
-                    turn,
-                    tried,
-                    attempt,
-                    ..
-                } = *connecting;
-                self.connect(registry, tokens, pool, turn, tried, attempt, now)
+                self.connect(registry, tokens, connecting.plan, None, now)
             }
             Phase::Connecting(connecting) => {
-                let timeout = connecting.pool.settings().connect_timeout;
+                let timeout = connecting.plan.listener.settings().connect_timeout;
                 let error = format!("timed out after {}", humantime::format_duration(timeout));
                 self.retry(registry, tokens, &error, now)
+            }
+            Phase::Queued(queued) => {
+                let state = queued.plan.pool.state();
+                // Not in the queue any more: a slot is on its way, and goes back when it
+                // arrives to find the client gone.
+                if state.leave(queued.ticket) {
+                    state.record_timed_out();
+                }
+                self.access.queued = Some(now.saturating_duration_since(queued.since));
+                let listener = Arc::clone(&queued.plan.listener);
+                self.turn_away(&listener, Rejection::QueueTimeout)
             }
             Phase::Relaying(_) => {
                 self.access.end = End::IdleTimeout;

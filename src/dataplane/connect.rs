@@ -13,7 +13,7 @@ use tracing::{debug, warn};
 
 use super::throttle::Throttle;
 use crate::config::CongestionControl;
-use crate::snapshot::Pool;
+use crate::snapshot::{Listener, Pool};
 
 /// How long a connection waits before trying again to open a backend socket when the process
 /// is out of descriptors.
@@ -101,7 +101,7 @@ const NO_LOCAL_PORT_LOG_PERIOD: Duration = Duration::from_secs(1);
 
 /// Logs, at most once a second, that a connect to `backend` found no local port.
 pub(super) fn log_no_local_port(
-    pool: &Pool,
+    listener: &Listener,
     client: SocketAddr,
     backend: SocketAddr,
     attempt: u32,
@@ -109,7 +109,7 @@ pub(super) fn log_no_local_port(
 ) {
     if NO_LOCAL_PORT_LOG.allow(now, NO_LOCAL_PORT_LOG_PERIOD) {
         warn!(
-            listener = %pool.name(),
+            listener = %listener.name(),
             %client,
             %backend,
             attempt,
@@ -126,8 +126,10 @@ pub(super) fn out_of_descriptors(e: &io::Error) -> bool {
     })
 }
 
-/// Counts and logs a failed connect attempt to backend `index` of `pool` for `client`.
+/// Counts and logs a failed connect attempt to backend `index` of `pool` for `client` of
+/// `listener`.
 pub(super) fn connect_failed(
+    listener: &Listener,
     pool: &Pool,
     client: SocketAddr,
     index: usize,
@@ -136,9 +138,10 @@ pub(super) fn connect_failed(
 ) {
     let backend = &pool.backends()[index];
     let streak = backend.stats.record_connect_failure();
-    pool.stats().record_connect_failure();
+    listener.stats().record_connect_failure();
     warn!(
-        listener = %pool.name(),
+        listener = %listener.name(),
+        pool = %pool.name(),
         %client,
         backend = %backend.addr,
         attempt,

@@ -34,10 +34,11 @@ use super::conn::{Conn, Status};
 use super::relay::SCRATCH;
 use super::token::{LISTENER_BIT, MASK, Side, WAKER, conn_of, conn_token};
 use crate::dataplane::accept::{ErrorPacer, Serving, is_connection_error};
-use crate::snapshot::Pool;
-use crate::state::ListenerStats;
+use crate::snapshot::Listener;
+use crate::state::{ListenerStats, Waiter, take_freed};
 
 use super::access_log::log_rejected;
+use super::queue::{self, Grant};
 use super::remote::{Adopted, Command, Counted, Remote};
 use super::table::{Table, shrunk};
 
@@ -47,6 +48,8 @@ use super::table::{Table, shrunk};
 const ACCEPT_BATCH: usize = 16;
 /// Events taken from the kernel per `epoll_wait`.
 const EVENTS: usize = 1024;
+/// Rounds of queue serving per turn of the loop (see [`Worker::serve_freed`]).
+const SERVE_ROUNDS: usize = 8;
 
 #[cfg(test)]
 thread_local! {
@@ -130,6 +133,7 @@ impl EventLoop {
             worker.resume_all();
             worker.accept_all(&poll);
             worker.fire_timers(&poll);
+            worker.serve_freed(&poll);
         }
     }
 }
@@ -170,6 +174,9 @@ struct Worker {
     again: Vec<(u32, u32)>,
     /// Where the copy path reads into, shared by every connection of the worker.
     scratch: Box<[u8]>,
+    /// The snapshot and the other workers, from the first listening socket: what serving a
+    /// pool's queue needs.
+    serving: Option<Serving>,
 }
 
 /// Runs `step` on `conn`; a panic in it ends that connection only ([`Status::Done`]), as a
@@ -204,6 +211,7 @@ impl Worker {
             cut: false,
             again: Vec::new(),
             scratch: vec![0; SCRATCH].into_boxed_slice(),
+            serving: None,
         }
     }
 
@@ -252,6 +260,9 @@ impl Worker {
                     error!(listener = %name, worker = self.index, error = %e, "cannot watch a listening socket; closing it");
                     return;
                 }
+                if self.serving.is_none() {
+                    self.serving = Some(serving.clone());
+                }
                 self.listeners[entry] = Some(Listening {
                     id,
                     name,
@@ -293,6 +304,18 @@ impl Worker {
                 drop(reply.send(result));
             }
             Command::Adopt(adopted) => self.adopt(poll, *adopted),
+            Command::Grant(grant) => self.grant(poll, *grant),
+            Command::Dequeue {
+                slot,
+                generation,
+                rejection,
+            } => {
+                let slot = slot as usize;
+                if let Some(entry) = self.slots.get(slot, generation) {
+                    let status = guarded(&mut entry.conn, |conn| conn.dequeued(rejection));
+                    self.follow_up(slot, status);
+                }
+            }
             Command::Cut => {
                 self.cut = true;
                 // Highest first: closing the highest open entry drops the table's end.
@@ -380,18 +403,19 @@ impl Worker {
             return;
         };
         let name = &listener.name;
-        // The snapshot is loaded once per connection; the connection keeps its listener's pool.
-        let Some(pool) = listener.serving.snapshots.load().pool(name).cloned() else {
+        // The snapshot is loaded once per connection; the connection keeps its listener (and
+        // through it, its pool) as they are now.
+        let Some(config) = listener.serving.snapshots.load().listener(name).cloned() else {
             debug!(listener = %name, "listener no longer configured, dropping connection");
             return;
         };
-        let max = pool.settings().max_connections.get() as u64;
-        let Some(open) = ListenerStats::admit(pool.stats(), max) else {
+        let max = config.settings().max_connections.get() as u64;
+        let Some(open) = ListenerStats::admit(config.stats(), max) else {
             debug!(listener = %name, client = %peer, max, "max_connections reached, closing");
-            log_rejected(&pool, peer);
+            log_rejected(&config, peer);
             return;
         };
-        let turn = pool.turn(&open);
+        let turn = config.turn(&open);
         let placed = listener.serving.placement.place(self.index, turn);
         let worker = placed.worker();
         let counted = Counted {
@@ -400,7 +424,7 @@ impl Worker {
             _tracked: listener.serving.connections.token(),
         };
         if worker == self.index {
-            self.start(poll, stream, peer, pool, turn, counted);
+            self.start(poll, stream, peer, config, turn, counted);
             return;
         }
         // Not registered here yet: the socket goes to the other worker as it is, and nothing
@@ -408,7 +432,7 @@ impl Worker {
         let adopted = Adopted {
             stream: stream.into(),
             peer,
-            pool,
+            listener: config,
             turn,
             counted,
         };
@@ -429,11 +453,59 @@ impl Worker {
         let Adopted {
             stream,
             peer,
-            pool,
+            listener,
             turn,
             counted,
         } = adopted;
-        self.start(poll, TcpStream::from_std(stream), peer, pool, turn, counted);
+        self.start(
+            poll,
+            TcpStream::from_std(stream),
+            peer,
+            listener,
+            turn,
+            counted,
+        );
+    }
+
+    /// Hands a slot to a waiting client of this worker; if the client is gone, the slot goes
+    /// back (and the queue is served again at the end of the turn).
+    fn grant(&mut self, poll: &Poll, grant: Grant) {
+        let Grant { waiter, granted } = grant;
+        let slot = waiter.slot as usize;
+        let Some((generation, Slot { conn, .. })) = self.slots.entry(slot) else {
+            return;
+        };
+        if generation != waiter.generation {
+            return;
+        }
+        let tokens = |side| conn_token(slot as u32, generation, side);
+        let now = self.now;
+        let status = guarded(conn, |conn| {
+            conn.granted(poll.registry(), &tokens, granted, now)
+        });
+        self.follow_up(slot, status);
+    }
+
+    /// Serves the queues of the pools in which this worker freed slots while clients waited
+    /// (or into which its clients just queued). Grants for its own clients are handed over
+    /// here; a grant whose client is gone frees its slot again, hence the loop, which a bound
+    /// keeps from spinning (what is left is served at the end of the next turn).
+    fn serve_freed(&mut self, poll: &Poll) {
+        for _ in 0..SERVE_ROUNDS {
+            let freed = take_freed();
+            if freed.is_empty() {
+                return;
+            }
+            let Some(serving) = self.serving.clone() else {
+                return;
+            };
+            let snapshot = serving.snapshots.load();
+            for state in freed {
+                for grant in queue::serve(&snapshot, &state, &serving.placement, Some(self.index)) {
+                    self.grant(poll, grant);
+                }
+            }
+        }
     }
 
     /// Starts serving a connection on this worker.
@@ -442,7 +514,7 @@ impl Worker {
         poll: &Poll,
         stream: TcpStream,
         peer: SocketAddr,
-        pool: Arc<Pool>,
+        listener: Arc<Listener>,
         turn: u64,
         counted: Counted,
     ) {
@@ -451,7 +523,7 @@ impl Worker {
             debug!(client = %peer, "shut down before the connection started");
             return;
         }
-        let now = self.now;
+        let (now, worker) = (self.now, self.index);
         // Like `guarded` for the later steps: a bug in a connection's first step (its pick, its
         // first connect) closes that client only, not the worker and every connection on it.
         let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -459,14 +531,20 @@ impl Worker {
                 // `slot` indexes a table that never holds more than one entry per open descriptor
                 // pair.
                 let tokens = |side| conn_token(slot as u32, generation, side);
+                let me = Waiter {
+                    worker,
+                    slot: slot as u32,
+                    generation,
+                };
                 let (conn, status) = Conn::start(
                     poll.registry(),
                     &tokens,
                     stream,
                     peer,
-                    pool,
+                    listener,
                     turn,
                     counted,
+                    me,
                     now,
                 );
                 let queued = false;

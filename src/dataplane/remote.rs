@@ -9,9 +9,10 @@ use mio::Waker;
 use tracing::error;
 
 use super::accept::Serving;
+use super::queue::Grant;
 use super::workers::Placed;
-use crate::snapshot::Pool;
-use crate::state::OpenConn;
+use crate::snapshot::Listener;
+use crate::state::{OpenConn, Rejection};
 
 /// What the control plane or another worker asks of a worker.
 pub(crate) enum Command {
@@ -36,6 +37,14 @@ pub(crate) enum Command {
     },
     /// Serve a connection another worker accepted.
     Adopt(Box<Adopted>),
+    /// Hand a slot to a client waiting in its pool's queue.
+    Grant(Box<Grant>),
+    /// Close a client waiting in its pool's queue (it is no longer in it).
+    Dequeue {
+        slot: u32,
+        generation: u32,
+        rejection: Rejection,
+    },
     /// Close every connection now (shutdown's grace period is over), and every one adopted
     /// from now on.
     Cut,
@@ -47,7 +56,7 @@ pub(crate) enum Command {
 pub(crate) struct Adopted {
     pub(super) stream: std::net::TcpStream,
     pub(super) peer: SocketAddr,
-    pub(super) pool: Arc<Pool>,
+    pub(super) listener: Arc<Listener>,
     pub(super) turn: u64,
     pub(super) counted: Counted,
 }
@@ -88,6 +97,16 @@ impl std::fmt::Debug for Command {
                 id, serve_queue, ..
             } => write!(f, "Unlisten({id}, serve_queue: {serve_queue})"),
             Command::Adopt(adopted) => write!(f, "Adopt({})", adopted.peer),
+            Command::Grant(grant) => write!(
+                f,
+                "Grant({}, {})",
+                grant.waiter.slot, grant.waiter.generation
+            ),
+            Command::Dequeue {
+                slot,
+                generation,
+                rejection,
+            } => write!(f, "Dequeue({slot}, {generation}, {})", rejection.as_str()),
             Command::Cut => f.write_str("Cut"),
             Command::Exit => f.write_str("Exit"),
         }

@@ -147,12 +147,21 @@ impl fmt::Display for ScrapeError {
     }
 }
 
-/// Scrapes `config.metric` from `addr`, bounded by `timeout`.
+/// What one scrape read.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Scraped {
+    /// The sum of `metric`: what the load factor follows.
+    pub(crate) value: f64,
+    /// The sum of `in_flight_metrics`, if they are configured and every one is on the page.
+    pub(crate) in_flight: Option<u64>,
+}
+
+/// Scrapes `config.metric` (and `config.in_flight_metrics`) from `addr`, bounded by `timeout`.
 pub(crate) async fn scrape(
     addr: SocketAddr,
     config: &LoadConfig,
     timeout: Duration,
-) -> Result<f64, ScrapeError> {
+) -> Result<Scraped, ScrapeError> {
     let fetched = tokio::time::timeout(timeout, probe::get(addr, None, &config.path, SCRAPE_LIMIT))
         .await
         .unwrap_or(Err(ProbeError::Timeout(timeout)));
@@ -167,7 +176,25 @@ pub(crate) async fn scrape(
         return Err(ScrapeError::Http(ProbeError::BodyTooLarge(SCRAPE_LIMIT)));
     }
     let text = std::str::from_utf8(&answer.body).map_err(|e| ScrapeError::Parse(e.to_string()))?;
-    metric_value(text, &config.metric)
+    let value = metric_value(text, &config.metric)?;
+    Ok(Scraped {
+        value,
+        in_flight: in_flight(text, &config.in_flight_metrics),
+    })
+}
+
+/// The sum of `metrics` on page `text`, as a count: `None` if there are none, or one is
+/// missing or unreadable (a partial sum would understate the load).
+pub(crate) fn in_flight(text: &str, metrics: &[String]) -> Option<u64> {
+    if metrics.is_empty() {
+        return None;
+    }
+    let mut sum = 0.0;
+    for metric in metrics {
+        sum += metric_value(text, metric).ok()?;
+    }
+    // Gauges of requests are whole and small; anything else is clamped, not trusted further.
+    (sum >= 0.0).then(|| sum.round().min(u32::MAX as f64) as u64)
 }
 
 /// The sum over label sets of gauge `metric` in Prometheus text `text`.
@@ -224,6 +251,7 @@ mod tests {
             path: "/metrics".into(),
             port: None,
             metric: "vllm:num_requests_waiting".into(),
+            in_flight_metrics: Vec::new(),
             saturation,
             min_factor: min_percent / 100.0,
             interval: Duration::from_secs(1),
@@ -249,6 +277,25 @@ vllm:time_to_first_token_seconds_sum{engine="0",model_name="m"} 0.25
 # TYPE nv_inference_pending_request_count gauge
 nv_inference_pending_request_count{model="simple",version="1"} 4
 "#;
+
+    #[test]
+    fn in_flight_is_the_sum_of_every_metric_or_nothing() {
+        let page = "vllm:num_requests_running{engine=\"0\"} 3.0\n\
+                    vllm:num_requests_running{engine=\"1\"} 1.0\n\
+                    vllm:num_requests_waiting{engine=\"0\"} 2.0\n";
+        let both = [
+            "vllm:num_requests_running".to_owned(),
+            "vllm:num_requests_waiting".to_owned(),
+        ];
+        assert_eq!(in_flight(page, &both), Some(6));
+        let missing = ["vllm:num_requests_running".to_owned(), "absent".to_owned()];
+        assert_eq!(
+            in_flight(page, &missing),
+            None,
+            "a partial sum understates the load"
+        );
+        assert_eq!(in_flight(page, &[]), None);
+    }
 
     #[test]
     fn gauges_with_colons_are_summed_over_label_sets() {

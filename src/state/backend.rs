@@ -1,4 +1,4 @@
-//! Live state of one backend within one listener: counters, the operator's drain, health, and
+//! Live state of one backend within one pool: counters, the operator's drain, health, and
 //! the guard that counts a connection while it lives.
 //!
 //! The data path reaches a backend's state through the snapshot's `Arc`s and updates it with
@@ -13,15 +13,23 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::histogram::{CONNECT_TIME_BOUNDS, Histogram};
+use super::pool::{PoolState, note_freed};
 use crate::health::{Health, HealthState};
 
-/// Live state of one backend within one listener: its counters, and the states (set by an
+/// Live state of one backend within one pool: its counters, and the states (set by an
 /// operator, by health checks, by passive ejection, by reported load) that scale its configured
 /// weight.
 #[derive(Debug)]
 pub(crate) struct BackendState {
     drained: AtomicBool,
     active: AtomicU64,
+    /// Load the server reported beyond this balancer's connections at its last fresh scrape:
+    /// in-flight requests then, less the connections open from here then. 0 without a scrape.
+    hidden: AtomicU64,
+    /// In-flight requests the server reported at its last fresh scrape; [`NOT_REPORTED`] if none.
+    reported_in_flight: AtomicU64,
+    /// The pool whose queue a freed slot may serve; `None` outside a balancer.
+    pool: Option<Arc<PoolState>>,
     connections: AtomicU64,
     connect_failures: AtomicU64,
     /// Failed connects since the last successful one: passive ejection's input.
@@ -41,6 +49,9 @@ impl Default for BackendState {
         BackendState {
             drained: AtomicBool::new(false),
             active: AtomicU64::new(0),
+            hidden: AtomicU64::new(0),
+            reported_in_flight: AtomicU64::new(NOT_REPORTED),
+            pool: None,
             connections: AtomicU64::new(0),
             connect_failures: AtomicU64::new(0),
             consecutive_failures: AtomicU64::new(0),
@@ -54,6 +65,9 @@ impl Default for BackendState {
         }
     }
 }
+
+/// `reported_in_flight` when there is no fresh report.
+const NOT_REPORTED: u64 = u64::MAX;
 
 /// `at` as nanoseconds since the first call (plus one, so that 0 can mean "never"): an
 /// [`Instant`](std::time::Instant) that fits an atomic.
@@ -106,20 +120,91 @@ pub struct BackendCounters {
 }
 
 impl BackendState {
+    /// The state of a backend of `pool`, whose waiting clients its freed slots serve.
+    pub(crate) fn in_pool(pool: Arc<PoolState>) -> BackendState {
+        BackendState {
+            pool: Some(pool),
+            ..BackendState::default()
+        }
+    }
+
     /// Counts one more connection assigned to this backend until the returned guard drops.
     ///
     /// Taken as soon as the backend is picked, before the connect: load-aware strategies must
     /// see connections in flight, or a burst would all pick the same idle backend.
     pub(crate) fn acquire(this: &Arc<BackendState>) -> ActiveConn {
-        this.active.fetch_add(1, Ordering::Relaxed);
+        this.active.fetch_add(1, Ordering::SeqCst);
         ActiveConn {
             stats: Arc::clone(this),
+        }
+    }
+
+    /// Takes one of `slots` for a connection unless the load estimate has them all taken.
+    ///
+    /// A compare-and-swap on the open count, so two threads never both take the last slot.
+    #[inline]
+    pub(crate) fn try_acquire(this: &Arc<BackendState>, slots: u64) -> Option<ActiveConn> {
+        let hidden = this.hidden.load(Ordering::Relaxed);
+        let mut active = this.active.load(Ordering::SeqCst);
+        loop {
+            if active.saturating_add(hidden) >= slots {
+                return None;
+            }
+            match this.active.compare_exchange_weak(
+                active,
+                active + 1,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            ) {
+                Ok(_) => {
+                    return Some(ActiveConn {
+                        stats: Arc::clone(this),
+                    });
+                }
+                Err(now) => active = now,
+            }
         }
     }
 
     /// Connections currently assigned.
     pub(crate) fn active(&self) -> u64 {
         self.active.load(Ordering::Relaxed)
+    }
+
+    /// The load estimate: connections open from here, plus what the server reported beyond
+    /// them at its last fresh scrape.
+    #[inline]
+    pub(crate) fn load_estimate(&self) -> u64 {
+        self.active
+            .load(Ordering::Relaxed)
+            .saturating_add(self.hidden.load(Ordering::Relaxed))
+    }
+
+    /// Takes in a fresh report of `in_flight` requests on the server; `open_then` is how many
+    /// connections this balancer had open to it when the report was made.
+    pub(crate) fn set_reported_in_flight(&self, in_flight: u64, open_then: u64) {
+        self.reported_in_flight
+            .store(in_flight.min(NOT_REPORTED - 1), Ordering::Relaxed);
+        self.hidden
+            .store(in_flight.saturating_sub(open_then), Ordering::Relaxed);
+    }
+
+    /// Clients waiting in the backend's pool now.
+    pub(crate) fn pool_waiting(&self) -> usize {
+        self.pool.as_ref().map_or(0, |p| p.waiting())
+    }
+
+    /// Forgets the last report: too old to count, the estimate is own connections again.
+    pub(crate) fn clear_reported_in_flight(&self) {
+        self.reported_in_flight
+            .store(NOT_REPORTED, Ordering::Relaxed);
+        self.hidden.store(0, Ordering::Relaxed);
+    }
+
+    /// In-flight requests the server reported at its last fresh scrape, if any.
+    pub(crate) fn reported_in_flight(&self) -> Option<u64> {
+        let reported = self.reported_in_flight.load(Ordering::Relaxed);
+        (reported != NOT_REPORTED).then_some(reported)
     }
 
     /// Records a successful connect that took `took`; ends a streak of failures.
@@ -290,7 +375,12 @@ impl ActiveConn {
 
 impl Drop for ActiveConn {
     fn drop(&mut self) {
-        self.stats.active.fetch_sub(1, Ordering::Relaxed);
+        // Sequentially consistent with the enqueue's count of waiting clients (see
+        // `state::pool`); on x86 every read-modify-write is a full barrier anyway.
+        self.stats.active.fetch_sub(1, Ordering::SeqCst);
+        if let Some(pool) = &self.stats.pool {
+            note_freed(pool);
+        }
     }
 }
 

@@ -24,6 +24,12 @@ pub(crate) const CONNECTION_DURATION_BOUNDS: &[f64] = &[
     0.005, 0.05, 0.25, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0,
 ];
 
+/// Upper bounds, in seconds, of the buckets of how long clients waited in a pool's queue for a
+/// slot: from a slot freed at once to the default `queue_timeout`.
+pub(crate) const QUEUE_WAIT_BOUNDS: &[f64] = &[
+    0.001, 0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
 /// A histogram of durations with fixed bucket bounds (in seconds).
 #[derive(Debug)]
 pub(crate) struct Histogram {
@@ -116,7 +122,11 @@ mod tests {
 
     #[test]
     fn shipped_bounds_increase() {
-        for bounds in [CONNECT_TIME_BOUNDS, CONNECTION_DURATION_BOUNDS] {
+        for bounds in [
+            CONNECT_TIME_BOUNDS,
+            CONNECTION_DURATION_BOUNDS,
+            QUEUE_WAIT_BOUNDS,
+        ] {
             assert!(bounds.windows(2).all(|w| w[0] < w[1]));
             assert!(bounds.iter().all(|b| b.is_finite() && *b > 0.0));
         }

@@ -21,6 +21,41 @@ pub(crate) struct ListenerStats {
     all_unhealthy_episodes: AtomicU64,
     routed_all_unhealthy: AtomicU64,
     rejected_all_unhealthy: AtomicU64,
+    /// By [`Rejection`], in its order.
+    rejected_queue: [AtomicU64; Rejection::ALL.len()],
+}
+
+/// Why a client that reached its pool's queue was closed without a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Rejection {
+    /// It waited `queue_timeout` without a slot.
+    QueueTimeout,
+    /// The queue held `max_queued` clients (or `queue_timeout` is 0).
+    QueueFull,
+    /// The balancer was stopping.
+    Shutdown,
+    /// A reload left its pool without a listener.
+    PoolRemoved,
+}
+
+impl Rejection {
+    /// Every reason, in the order of the counters.
+    pub(crate) const ALL: [Rejection; 4] = [
+        Rejection::QueueTimeout,
+        Rejection::QueueFull,
+        Rejection::Shutdown,
+        Rejection::PoolRemoved,
+    ];
+
+    /// The `reason` label and access-log field.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Rejection::QueueTimeout => "queue_timeout",
+            Rejection::QueueFull => "queue_full",
+            Rejection::Shutdown => "shutdown",
+            Rejection::PoolRemoved => "pool_removed",
+        }
+    }
 }
 
 impl Default for ListenerStats {
@@ -37,6 +72,7 @@ impl Default for ListenerStats {
             all_unhealthy_episodes: AtomicU64::new(0),
             routed_all_unhealthy: AtomicU64::new(0),
             rejected_all_unhealthy: AtomicU64::new(0),
+            rejected_queue: Default::default(),
         }
     }
 }
@@ -64,6 +100,14 @@ pub struct ListenerCounters {
     pub routed_all_unhealthy: u64,
     /// Client connections closed because no backend was healthy (`all_unhealthy = "reject"`).
     pub rejected_all_unhealthy: u64,
+    /// Closed after waiting `queue_timeout` for a slot.
+    pub rejected_queue_timeout: u64,
+    /// Closed at once because the pool's queue was full (or `queue_timeout` is 0).
+    pub rejected_queue_full: u64,
+    /// Closed while waiting for a slot because the balancer was stopping.
+    pub rejected_shutdown: u64,
+    /// Closed while waiting for a slot because a reload left the pool without a listener.
+    pub rejected_pool_removed: u64,
 }
 
 impl ListenerStats {
@@ -138,8 +182,14 @@ impl ListenerStats {
         self.rejected_all_unhealthy.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Records a client closed for `rejection`.
+    pub(crate) fn record_rejected(&self, rejection: Rejection) {
+        self.rejected_queue[rejection as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
     /// A copy of every counter.
     pub(crate) fn counters(&self) -> ListenerCounters {
+        let queue = |r: Rejection| self.rejected_queue[r as usize].load(Ordering::Relaxed);
         ListenerCounters {
             open: self.open.load(Ordering::Relaxed),
             accepted: self.accepted.load(Ordering::Relaxed),
@@ -151,6 +201,10 @@ impl ListenerStats {
             all_unhealthy_episodes: self.all_unhealthy_episodes.load(Ordering::Relaxed),
             routed_all_unhealthy: self.routed_all_unhealthy.load(Ordering::Relaxed),
             rejected_all_unhealthy: self.rejected_all_unhealthy.load(Ordering::Relaxed),
+            rejected_queue_timeout: queue(Rejection::QueueTimeout),
+            rejected_queue_full: queue(Rejection::QueueFull),
+            rejected_shutdown: queue(Rejection::Shutdown),
+            rejected_pool_removed: queue(Rejection::PoolRemoved),
         }
     }
 }

@@ -3,7 +3,7 @@
 //!
 //! A snapshot is rebuilt whenever weights change (a reload, a health result), but the number of
 //! connections open to a backend does not change with it. So live state sits in
-//! reference-counted structs keyed by (listener name, backend address) in a [`Registry`]; every
+//! reference-counted structs keyed by (pool name, backend address) in a [`Registry`]; every
 //! snapshot built for the same key points at the same struct, and a connection keeps the struct
 //! it started with alive until it ends, even if its backend has left the configuration
 //! meanwhile. The registry's map is touched only when a snapshot is built, never per connection.
@@ -18,6 +18,7 @@ use tokio::sync::mpsc::error::TrySendError;
 
 use super::backend::{AdminState, BackendState};
 use super::listener::ListenerStats;
+use super::pool::PoolState;
 
 /// Asks the control task to rebuild the snapshot because live state changed.
 ///
@@ -73,8 +74,8 @@ pub(crate) struct Registry {
 /// [`Registry::removed_with_connections`]).
 #[derive(Debug, Clone)]
 pub(crate) struct RemovedBackend {
-    /// The listener it was removed from.
-    pub listener: Arc<str>,
+    /// The pool it was removed from.
+    pub pool: Arc<str>,
     /// Its address.
     pub addr: SocketAddr,
     /// Its live state, the counters of its remaining connections included.
@@ -84,6 +85,7 @@ pub(crate) struct RemovedBackend {
 #[derive(Debug, Default)]
 struct RegistryInner {
     listeners: HashMap<String, Arc<ListenerStats>>,
+    pools: HashMap<String, Arc<PoolState>>,
     backends: HashMap<(String, SocketAddr), Arc<BackendState>>,
 }
 
@@ -107,18 +109,36 @@ impl Registry {
         Arc::clone(inner.listeners.entry(name.to_owned()).or_default())
     }
 
-    /// The stats of backend `addr` in listener `listener`, created on first use.
-    pub(crate) fn backend(&self, listener: &str, addr: SocketAddr) -> Arc<BackendState> {
+    /// The live state of pool `name`, created on first use.
+    pub(crate) fn pool(&self, name: &str) -> Arc<PoolState> {
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        Arc::clone(
+            inner
+                .pools
+                .entry(name.to_owned())
+                .or_insert_with(|| Arc::new(PoolState::new(name))),
+        )
+    }
+
+    /// The live state of backend `addr` in pool `pool`, created on first use.
+    pub(crate) fn backend(&self, pool: &str, addr: SocketAddr) -> Arc<BackendState> {
+        let state = self.pool(pool);
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         Arc::clone(
             inner
                 .backends
-                .entry((listener.to_owned(), addr))
-                .or_default(),
+                .entry((pool.to_owned(), addr))
+                .or_insert_with(|| Arc::new(BackendState::in_pool(state))),
         )
     }
 
-    /// Forgets the state of listeners and backends that are no longer configured and that
+    /// Every pool's live state, configured or not, by name.
+    pub(crate) fn pool_states(&self) -> Vec<Arc<PoolState>> {
+        let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        inner.pools.values().cloned().collect()
+    }
+
+    /// Forgets the state of listeners, pools and backends that are no longer configured and that
     /// nothing else refers to. State still referenced (by an open connection, or an older
     /// snapshot that one holds) is kept, so a backend removed and re-added while its connections
     /// are open finds its counters again. Its drain is not kept: that was the operator's word
@@ -127,23 +147,28 @@ impl Registry {
     pub(crate) fn retain(
         &self,
         listener_configured: impl Fn(&str) -> bool,
+        pool_configured: impl Fn(&str) -> bool,
         backend_configured: impl Fn(&str, SocketAddr) -> bool,
     ) {
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         inner
             .listeners
             .retain(|name, stats| Arc::strong_count(stats) > 1 || listener_configured(name));
-        inner.backends.retain(|(listener, addr), stats| {
-            let configured = backend_configured(listener, *addr);
+        inner.backends.retain(|(pool, addr), stats| {
+            let configured = backend_configured(pool, *addr);
             if !configured {
                 stats.set_admin_state(AdminState::Ready);
             }
             configured || Arc::strong_count(stats) > 1
         });
+        // After the backends: each one still kept holds its pool's state.
+        inner
+            .pools
+            .retain(|name, state| Arc::strong_count(state) > 1 || pool_configured(name));
     }
 
     /// The backends for which `configured` is false that still carry connections, in
-    /// (listener, address) order: a reload removed them (or their listener) and their
+    /// (pool, address) order: a reload removed them (or their pool) and their
     /// connections go on. `/metrics` and `/status` show them until the last one ends.
     pub(crate) fn removed_with_connections(
         &self,
@@ -153,15 +178,15 @@ impl Registry {
         let mut removed: Vec<RemovedBackend> = inner
             .backends
             .iter()
-            .filter(|((listener, addr), state)| state.active() > 0 && !configured(listener, *addr))
-            .map(|((listener, addr), state)| RemovedBackend {
-                listener: Arc::from(listener.as_str()),
+            .filter(|((pool, addr), state)| state.active() > 0 && !configured(pool, *addr))
+            .map(|((pool, addr), state)| RemovedBackend {
+                pool: Arc::from(pool.as_str()),
                 addr: *addr,
                 state: Arc::clone(state),
             })
             .collect();
         drop(inner);
-        removed.sort_by(|a, b| (&a.listener, a.addr).cmp(&(&b.listener, b.addr)));
+        removed.sort_by(|a, b| (&a.pool, a.addr).cmp(&(&b.pool, b.addr)));
         removed
     }
 
@@ -200,11 +225,11 @@ mod tests {
         let retain = |registry: &Registry, config: &crate::config::Config| {
             registry.retain(
                 |name| config.listeners.iter().any(|l| l.name == name),
+                |name| config.pool(name).is_some(),
                 |name, addr| {
                     config
-                        .listeners
-                        .iter()
-                        .any(|l| l.name == name && l.backends.iter().any(|b| b.addr == addr))
+                        .pool(name)
+                        .is_some_and(|p| p.backends.iter().any(|b| b.addr == addr))
                 },
             );
         };

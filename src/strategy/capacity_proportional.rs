@@ -177,10 +177,11 @@ impl Best {
 }
 
 impl Member {
-    /// Open connections plus the one being placed.
+    /// The load estimate (open connections, plus what the server reported beyond them) plus
+    /// the connection being placed.
     #[inline]
     fn load(&self) -> f64 {
-        self.stats.active() as f64 + 1.0
+        self.stats.load_estimate() as f64 + 1.0
     }
 
     /// Whether the latest connect failed within [`FAILED_COOLDOWN`].

@@ -21,14 +21,14 @@ fn one_worker(
 ) -> (
     Workers,
     SocketAddr,
-    Arc<Pool>,
+    Arc<Listener>,
     tokio::sync::mpsc::Receiver<()>,
 ) {
     let config = crate::config::parse(text, Path::new("t.toml")).expect("valid");
     let (republisher, woken) = Republisher::new();
     let registry = Registry::with_republisher(republisher);
     let snapshot = Snapshot::build(&config, &registry, &HashMap::new(), None, &HashMap::new());
-    let pool = Arc::clone(snapshot.pool("lb").expect("listener lb"));
+    let pool = Arc::clone(snapshot.listener("lb").expect("listener lb"));
     let workers = Workers::start(NonZeroUsize::MIN).expect("a worker");
     let bound = accept::bind(&config.listeners[0], 1).expect("bind the listener");
     let serving = Serving {
@@ -151,12 +151,12 @@ fn unstarted_worker(
     crate::dataplane::event_loop::EventLoop,
     Command,
     SocketAddr,
-    Arc<Pool>,
+    Arc<Listener>,
 ) {
     let config = crate::config::parse(text, Path::new("t.toml")).expect("valid");
     let registry = Registry::with_republisher(Republisher::new().0);
     let snapshot = Snapshot::build(&config, &registry, &HashMap::new(), None, &HashMap::new());
-    let pool = Arc::clone(snapshot.pool("lb").expect("listener lb"));
+    let pool = Arc::clone(snapshot.listener("lb").expect("listener lb"));
     let (placement, event_loop) = Workers::unstarted().expect("a worker");
     let mut bound = accept::bind(&config.listeners[0], 1).expect("bind the listener");
     let serving = Serving {
@@ -240,7 +240,7 @@ fn a_closing_listener_serves_the_connections_in_its_queue_first() {
 /// Serves one client through listener `lb` of config `text` on a worker whose first backend
 /// socket fails to open with EADDRNOTAVAIL; asserts the client is served (by the next
 /// backend) and returns the listener's pool once the worker has ended.
-fn serve_past_addrnotavail(text: &str) -> Arc<Pool> {
+fn serve_past_addrnotavail(text: &str) -> Arc<Listener> {
     let (placement, event_loop, listen, addr, pool) = unstarted_worker(text);
     assert!(placement.remote(0).send(listen).is_ok());
     let worker = std::thread::spawn(move || {
@@ -267,6 +267,7 @@ fn no_local_port_is_not_counted_against_the_backend() {
          [[listener.backend]]\naddr = \"{second}\"\n"
     ));
     let failures: Vec<_> = pool
+        .pool()
         .backends()
         .iter()
         .map(|b| {
@@ -298,6 +299,7 @@ fn an_address_with_no_source_is_counted_against_the_backend() {
          [[listener.backend]]\naddr = \"{reachable}\"\n"
     ));
     let failures: Vec<_> = pool
+        .pool()
         .backends()
         .iter()
         .map(|b| b.stats.counters().connect_failures)
@@ -325,6 +327,7 @@ fn connections_are_served_while_every_health_lock_is_held() {
     );
     let (_workers, lb_addr, pool, mut woken) = one_worker(&text);
     let states: Vec<_> = pool
+        .pool()
         .backends()
         .iter()
         .map(|b| Arc::clone(&b.stats))
@@ -346,7 +349,7 @@ fn connections_are_served_while_every_health_lock_is_held() {
         let mut client = std::net::TcpStream::connect(lb_addr).expect("connect");
         assert_greeted(&mut client, "served while every health lock is held");
     }
-    let refusing_state = &pool.backends()[1].stats;
+    let refusing_state = &pool.pool().backends()[1].stats;
     assert!(refusing_state.counters().connect_failures >= 2);
     assert!(
         woken.try_recv().is_ok(),
