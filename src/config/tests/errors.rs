@@ -399,3 +399,85 @@ fn errors_name_the_line_and_the_problem() {
         assert!(!message.contains('\n'), "not one line: {message:?}");
     }
 }
+
+#[test]
+fn pool_errors_name_the_key_and_the_line() {
+    let pool = "[[pool]]\nname = \"gpu\"\n[[pool.backend]]\naddr = \"127.0.0.1:2\"\n";
+    let uses = "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\npool = \"gpu\"\n";
+    let inline = "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\n";
+    let backend = "[[listener.backend]]\naddr = \"127.0.0.1:2\"\n";
+    let cases: Vec<(String, Option<usize>, &str)> = vec![
+        (
+            format!("{pool}{uses}strategy = \"weighted_random\"\n"),
+            Some(9),
+            "listener `a`: `strategy` belongs to its pool `gpu`",
+        ),
+        (
+            format!("{pool}{uses}{backend}"),
+            Some(9),
+            "listener `a`: `backend` belongs to its pool `gpu`",
+        ),
+        (
+            format!("{pool}{uses}queue_timeout = \"1s\"\n"),
+            Some(9),
+            "`queue_timeout` belongs to its pool `gpu`",
+        ),
+        (
+            format!("{pool}{}", uses.replace("\"gpu\"", "\"gpus\"")),
+            Some(8),
+            "listener `a`: `pool`: no [[pool]] is named `gpus` (pools: gpu)",
+        ),
+        (
+            format!("{pool}{pool}{uses}"),
+            Some(6),
+            "duplicate pool name `gpu`",
+        ),
+        (
+            format!("{}{inline}{backend}", pool.replace("gpu", "a")),
+            Some(6),
+            "duplicate pool name `a`",
+        ),
+        (
+            format!("[[pool]]\nname = \"gpu\"\n{uses}"),
+            Some(1),
+            "pool `gpu` has no backend: add at least one [[pool.backend]] table",
+        ),
+        (
+            format!("{pool}max_connections = 0\n{uses}"),
+            Some(5),
+            "`max_connections` must be at least 1",
+        ),
+        (
+            format!("{inline}max_queued = -1\n{backend}"),
+            Some(4),
+            "max_queued",
+        ),
+        (
+            format!("{inline}queue_timeout = \"soon\"\n{backend}"),
+            Some(4),
+            "`queue_timeout`: invalid duration `soon`",
+        ),
+        (
+            format!(
+                "{pool}[pool.health.load]\nmetric = \"q\"\nin_flight_metrics = [\"ok\", \"no good\"]\n{uses}"
+            ),
+            Some(7),
+            "no good",
+        ),
+    ];
+    for (text, line, needle) in cases {
+        let (got_line, message) = error(&text);
+        assert!(
+            message.contains(needle),
+            "{message:?} lacks {needle:?} for:\n{text}"
+        );
+        assert_eq!(got_line, line, "wrong line in {message:?} for:\n{text}");
+        assert!(!message.contains('\n'), "not one line: {message:?}");
+    }
+}
+
+#[test]
+fn a_listener_without_backends_is_told_about_pool_too() {
+    let (_, message) = error("[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\n");
+    assert!(message.contains("or `pool = \"...\"`"), "{message}");
+}
