@@ -6,8 +6,9 @@
 //!   with the default (or an example value) the reference gives.
 //!
 //! The reference is read as written for people: a section is a `## ` heading naming the TOML
-//! table (`## Top level`, ``## `[listener.health]` ``), and its keys are the first column of
-//! the table under it whose header starts with `key`.
+//! table (`## Top level`, ``## `[listener.health]` ``), or tables that take the same keys
+//! (``## `[pool.health]`, `[listener.health]` ``), and its keys are the first column of the
+//! table under it whose header starts with `key`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
@@ -26,6 +27,33 @@ const EXAMPLE_VALUES: &[(&str, &str, &str)] = &[
     ("admin", "bind", r#""127.0.0.1:0""#),
     ("admin", "token", r#""s3cret-token""#),
     ("listener", "name", r#""reference""#),
+    ("listener", "pool", r#""reference-pool""#),
+    ("pool", "name", r#""reference-pool""#),
+    ("pool.backend", "addr", r#""127.0.0.1:9001""#),
+    ("pool.backend", "health_addr", r#""127.0.0.1:9201""#),
+    ("pool.backend", "max_connections", "8"),
+    ("listener.backend", "max_connections", "8"),
+    ("pool.health", "host", r#""models.internal""#),
+    ("pool.health", "expect_status", "[200]"),
+    ("pool.health", "expect_body", r#""ok""#),
+    ("pool.health", "slow_start", r#""60s""#),
+    ("pool.health.load", "preset", r#""vllm""#),
+    ("pool.health.load", "port", "8002"),
+    (
+        "pool.health.load",
+        "metric",
+        r#""vllm:num_requests_waiting""#,
+    ),
+    (
+        "pool.health.load",
+        "in_flight_metrics",
+        r#"["vllm:num_requests_running", "vllm:num_requests_waiting"]"#,
+    ),
+    (
+        "listener.health.load",
+        "in_flight_metrics",
+        r#"["vllm:num_requests_running", "vllm:num_requests_waiting"]"#,
+    ),
     ("listener", "bind", r#""127.0.0.1:0""#),
     // Any unprivileged process may choose reno; cubic can need CAP_NET_ADMIN.
     ("listener", "backend_congestion_control", r#""reno""#),
@@ -46,7 +74,7 @@ const EXAMPLE_VALUES: &[(&str, &str, &str)] = &[
 
 /// Sections the reference must have, so that a heading written another way cannot make the
 /// checks below pass on nothing.
-const SECTIONS: [&str; 8] = [
+const SECTIONS: [&str; 13] = [
     "",
     "admin",
     "log",
@@ -55,6 +83,11 @@ const SECTIONS: [&str; 8] = [
     "listener.health.load",
     "listener.passive",
     "listener.backend",
+    "pool",
+    "pool.health",
+    "pool.health.load",
+    "pool.passive",
+    "pool.backend",
 ];
 
 fn root() -> PathBuf {
@@ -82,6 +115,16 @@ fn heading_section(heading: &str) -> Option<String> {
     (!path.is_empty() && inner.starts_with('[')).then(|| path.to_owned())
 }
 
+/// The sections a `## ` heading names: one, or several written as a comma-separated list of
+/// tables that take the same keys (``## `[pool.health]`, `[listener.health]` ``).
+fn heading_sections(heading: &str) -> Vec<String> {
+    heading
+        .split(',')
+        .map(heading_section)
+        .collect::<Option<Vec<String>>>()
+        .unwrap_or_default()
+}
+
 /// The cells of a markdown table row, trimmed.
 fn cells(line: &str) -> Vec<String> {
     let line = line.trim();
@@ -97,12 +140,12 @@ fn documented() -> Vec<Documented> {
     let path = root().join("docs/configuration.md");
     let text = std::fs::read_to_string(&path).expect("read docs/configuration.md");
     let mut keys = Vec::new();
-    let mut section: Option<String> = None;
+    let mut sections: Vec<String> = Vec::new();
     // The column holding the default, while inside a key table.
     let mut default_column: Option<usize> = None;
     for line in text.lines() {
         if let Some(heading) = line.strip_prefix("## ") {
-            section = heading_section(heading);
+            sections = heading_sections(heading);
             default_column = None;
             continue;
         }
@@ -111,13 +154,15 @@ fn documented() -> Vec<Documented> {
             continue;
         }
         let row = cells(line);
-        let Some(section) = &section else { continue };
+        if sections.is_empty() {
+            continue;
+        }
         match default_column {
             None if row.first().map(String::as_str) == Some("key") => {
                 default_column = row.iter().position(|c| c == "default");
                 assert!(
                     default_column.is_some(),
-                    "a key table without a `default` column under section {section:?}: {line}"
+                    "a key table without a `default` column under sections {sections:?}: {line}"
                 );
             }
             None => {}
@@ -127,11 +172,13 @@ fn documented() -> Vec<Documented> {
                     .strip_prefix('`')
                     .and_then(|k| k.strip_suffix('`'))
                     .unwrap_or_else(|| panic!("first column is not a `key`: {line}"));
-                keys.push(Documented {
-                    section: section.clone(),
-                    key: key.to_owned(),
-                    default: row.get(column).cloned().unwrap_or_default(),
-                });
+                for section in &sections {
+                    keys.push(Documented {
+                        section: section.clone(),
+                        key: key.to_owned(),
+                        default: row.get(column).cloned().unwrap_or_default(),
+                    });
+                }
             }
         }
     }
@@ -237,6 +284,37 @@ fn parse_value(text: &str) -> Option<Value> {
     table.remove("v")
 }
 
+/// The smallest valid configuration with a `[[pool]]`: pool `reference-pool` with one backend,
+/// and one listener sending to it.
+fn pooled_config() -> Table {
+    let mut backend = Table::new();
+    backend.insert("addr".into(), Value::String("127.0.0.1:9001".into()));
+    let mut pool = Table::new();
+    pool.insert("name".into(), Value::String("reference-pool".into()));
+    pool.insert("backend".into(), Value::Array(vec![Value::Table(backend)]));
+    let mut listener = Table::new();
+    listener.insert("name".into(), Value::String("reference".into()));
+    listener.insert("bind".into(), Value::String("127.0.0.1:0".into()));
+    listener.insert("pool".into(), Value::String("reference-pool".into()));
+    let mut config = Table::new();
+    config.insert("pool".into(), Value::Array(vec![Value::Table(pool)]));
+    config.insert(
+        "listener".into(),
+        Value::Array(vec![Value::Table(listener)]),
+    );
+    config
+}
+
+/// The base a documented key is tried in: the pooled one for a pool's keys and a listener's
+/// `pool`, the inline one for everything else.
+fn base_for(doc: &Documented) -> Table {
+    if doc.section == "pool" || doc.section.starts_with("pool.") || doc.key == "pool" {
+        pooled_config()
+    } else {
+        base_config()
+    }
+}
+
 /// The smallest valid configuration: one listener with one backend.
 fn base_config() -> Table {
     let mut backend = Table::new();
@@ -289,7 +367,7 @@ fn required_keys(section: &str) -> Table {
         "admin" => {
             table.insert("bind".into(), Value::String("127.0.0.1:0".into()));
         }
-        "listener.health.load" => {
+        "listener.health.load" | "pool.health.load" => {
             table.insert("preset".into(), Value::String("vllm".into()));
         }
         _ => {}
@@ -351,7 +429,7 @@ fn every_documented_key_is_accepted_by_the_parser() {
     }
     let mut refused = Vec::new();
     for doc in &documented {
-        let mut config = base_config();
+        let mut config = base_for(doc);
         let value = value_for(doc);
         section_table(&mut config, &doc.section).insert(doc.key.clone(), value);
         let (text, output) = check(&config);
@@ -386,9 +464,11 @@ fn an_undocumented_key_is_refused() {
             "{text}\n{stderr}"
         );
     }
-    // And the base it is added to is valid on its own.
-    let (text, output) = check(&base_config());
-    assert!(output.status.success(), "{text}\n{output:?}");
+    // And the bases it is added to are valid on their own.
+    for base in [base_config(), pooled_config()] {
+        let (text, output) = check(&base);
+        assert!(output.status.success(), "{text}\n{output:?}");
+    }
 }
 
 #[test]
@@ -400,5 +480,10 @@ fn section_headings_are_read_as_table_paths() {
         Some("listener.backend".into())
     );
     assert_eq!(heading_section("Strategies"), None);
+    assert_eq!(
+        heading_sections("`[pool.health]`, `[listener.health]`"),
+        ["pool.health", "listener.health"]
+    );
+    assert!(heading_sections("`[pool]`, Strategies").is_empty());
     assert_eq!(heading_section("`threads`"), None);
 }
