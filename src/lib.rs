@@ -31,5 +31,8 @@ pub use control::{
 pub use dataplane::ACCESS_LOG_TARGET;
 pub use dataplane::accept::BindError;
 pub use health::{Health, HealthStatus, LastCheck, ProbeError};
+#[cfg(feature = "bench-internals")]
+#[doc(hidden)]
+pub use snapshot::bench;
 pub use state::{AdminState, BackendCounters, ListenerCounters, QueueCounters};
 pub use strategy::{BuildStrategy, Candidate, LiveBackend, OpenGuard, Strategy, StrategyKind};

@@ -29,9 +29,12 @@ pub(crate) type CustomStrategies = HashMap<String, Arc<dyn BuildStrategy>>;
 /// The one place the current snapshot is published.
 pub(crate) type SnapshotCell = ArcSwap<Snapshot>;
 
-/// Picks a pool's strategy makes before a slotted pool scans for the least loaded backend with
-/// a free slot instead: past this many full picks, most of the pool is full.
+/// Picks a large slotted pool's strategy makes before the pool scans for the least loaded
+/// backend with a free slot instead: past this many full picks, most of the pool is full.
 const FULL_PICKS: usize = 8;
+/// Pools up to this size scan after the first full pick: their strategies scan the pool on
+/// every pick anyway, so asking again costs as much as the scan that settles it.
+const SCAN_AFTER_ONE_MISS: usize = 64;
 
 /// Every listener and pool, as of one configuration and one set of effective weights.
 #[derive(Debug)]
@@ -314,12 +317,6 @@ impl Backend {
             Some(max) => BackendState::try_acquire(&self.stats, u64::from(max.get())),
         }
     }
-
-    /// Whether its load estimate leaves a slot free.
-    fn has_room(&self) -> bool {
-        self.max_connections
-            .is_none_or(|max| self.stats.load_estimate() < u64::from(max.get()))
-    }
 }
 
 /// What [`Pool::take_slot`] found.
@@ -486,8 +483,13 @@ impl Pool {
                 None => Take::NoBackend,
             };
         }
+        let picks = if self.backends.len() <= SCAN_AFTER_ONE_MISS {
+            1
+        } else {
+            FULL_PICKS
+        };
         let mut passed: Vec<usize> = Vec::new();
-        for _ in 0..FULL_PICKS {
+        for _ in 0..picks {
             let index = if passed.is_empty() {
                 self.strategy.pick(turn, tried)
             } else {
@@ -515,22 +517,27 @@ impl Pool {
     /// slot, not in `tried`, its slot taken.
     fn least_loaded_with_room(&self, tried: &[usize]) -> Take {
         loop {
-            let mut best: Option<(usize, f64)> = None;
+            // (index, load + 1, weight) of the least loaded so far, compared without dividing.
+            let mut best: Option<(usize, f64, f64)> = None;
             let mut any = false;
             for (index, backend) in self.backends.iter().enumerate() {
                 if backend.effective_weight <= 0.0 || tried.contains(&index) {
                     continue;
                 }
                 any = true;
-                if !backend.has_room() {
+                let estimate = backend.stats.load_estimate();
+                if backend
+                    .max_connections
+                    .is_some_and(|max| estimate >= u64::from(max.get()))
+                {
                     continue;
                 }
-                let load = (backend.stats.load_estimate() as f64 + 1.0) / backend.effective_weight;
-                if best.is_none_or(|(_, least)| load < least) {
-                    best = Some((index, load));
+                let (load, weight) = (estimate as f64 + 1.0, backend.effective_weight);
+                if best.is_none_or(|(_, l, w)| load * w < l * weight) {
+                    best = Some((index, load, weight));
                 }
             }
-            let Some((index, _)) = best else {
+            let Some((index, _, _)) = best else {
                 return if any { Take::Full } else { Take::NoBackend };
             };
             // Another thread may have taken the slot since: scan again.
@@ -716,6 +723,60 @@ mod tests {
         match pool.take_slot(0, &[]) {
             Take::Slot(1, _active) => {}
             other => panic!("{other:?}"),
+        }
+    }
+}
+
+/// What the benches measure beneath the public API, with feature `bench-internals`: a pool's
+/// pick with slots (`benches/slots.rs`).
+#[cfg(feature = "bench-internals")]
+pub mod bench {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    use super::{Pool, Snapshot, Take};
+    use crate::config::Config;
+    use crate::state::{ActiveConn, Registry};
+
+    /// One pool of a configuration, built as a running balancer builds it.
+    #[derive(Debug)]
+    pub struct SlotPool {
+        pool: Arc<Pool>,
+        // Keeps the live state the pool's backends point at.
+        _registry: Registry,
+    }
+
+    /// A slot taken; given back when dropped.
+    #[derive(Debug)]
+    pub struct Slot {
+        /// The backend's index in the pool.
+        pub index: usize,
+        _active: ActiveConn,
+    }
+
+    impl SlotPool {
+        /// Pool `name` of `config`, or `None` if there is none.
+        pub fn new(config: &Config, name: &str) -> Option<SlotPool> {
+            let registry = Registry::default();
+            let snapshot =
+                Snapshot::build(config, &registry, &HashMap::new(), None, &HashMap::new());
+            let pool = Arc::clone(snapshot.pool(name)?);
+            Some(SlotPool {
+                pool,
+                _registry: registry,
+            })
+        }
+
+        /// Takes a slot for the connection numbered `turn`, as a new connection does; `None`
+        /// when every slot is taken (or no backend may take connections).
+        pub fn take_slot(&self, turn: u64) -> Option<Slot> {
+            match self.pool.take_slot(turn, &[]) {
+                Take::Slot(index, active) => Some(Slot {
+                    index,
+                    _active: active,
+                }),
+                Take::Full | Take::NoBackend => None,
+            }
         }
     }
 }
