@@ -91,8 +91,10 @@ impl Builder {
         self
     }
 
-    /// Uses `strategy` for listener `listener` instead of the `strategy` its configuration
-    /// names, now and after every reload that keeps the listener.
+    /// Uses `strategy` for listener `listener`'s pool instead of the `strategy` its
+    /// configuration names, now and after every reload that keeps the pool. `listener` may
+    /// also name a `[[pool]]`; a listener with inline backends has a pool of its own, named
+    /// after it.
     pub fn strategy(mut self, listener: &str, strategy: impl BuildStrategy + 'static) -> Builder {
         self.strategies
             .insert(listener.to_owned(), Arc::new(strategy));
@@ -107,13 +109,16 @@ impl Builder {
             config_path,
             strategies,
         } = self;
-        if let Some(name) = strategies
-            .keys()
-            .find(|name| !config.listener_names().any(|l| l == name.as_str()))
-        {
-            return Err(StartError::UnknownListener(name.clone()));
+        let mut by_pool = CustomStrategies::new();
+        for (name, strategy) in strategies {
+            let pool = match config.listeners.iter().find(|l| l.name == name) {
+                Some(listener) => listener.pool.clone(),
+                None if config.pool(&name).is_some() => name,
+                None => return Err(StartError::UnknownListener(name)),
+            };
+            by_pool.insert(pool, strategy);
         }
-        Balancer::start(config, config_path, strategies)
+        Balancer::start(config, config_path, by_pool)
     }
 }
 
