@@ -16,7 +16,7 @@ use mio::net::TcpStream;
 use mio::{Interest, Registry};
 use tracing::{debug, warn};
 
-use super::access_log::{AccessLine, End, REASON_ALL_UNHEALTHY};
+use super::access_log::{AccessLine, End, Reason};
 use super::connect::{
     DESCRIPTOR_WAIT, connect_failed, log_no_local_port, no_local_port, open_backend,
     out_of_descriptors,
@@ -26,9 +26,7 @@ use super::remote::Counted;
 use super::token::{Side, Tokens};
 use crate::config::AllUnhealthy;
 use crate::snapshot::{Listener, Pool, Take};
-use crate::state::{
-    ActiveConn, BackendState, ListenerStats, Refused, Rejection, Waiter, note_freed,
-};
+use crate::state::{ActiveConn, BackendState, ListenerStats, Refused, Rejection, note_freed};
 
 /// Whether a connection goes on after a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,8 +62,6 @@ pub(crate) struct Conn {
     accepted: Instant,
     access: AccessLine,
     listener_stats: Arc<ListenerStats>,
-    /// Where the connection is, for a pool's queue to hand it a slot.
-    me: Waiter,
     /// Keeps the connection in its worker's count while it lives.
     _counted: Counted,
 }
@@ -132,13 +128,12 @@ impl Conn {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn start(
         registry: &Registry,
-        tokens: Tokens<'_>,
+        tokens: Tokens,
         client: TcpStream,
         peer: SocketAddr,
         listener: Arc<Listener>,
         turn: u64,
         counted: Counted,
-        me: Waiter,
         now: Instant,
     ) -> (Conn, Status) {
         #[cfg(test)]
@@ -166,7 +161,6 @@ impl Conn {
             accepted: now,
             access: AccessLine::new(peer, &listener, End::ShutDown),
             listener_stats: Arc::clone(listener.stats()),
-            me,
             _counted: counted,
         };
         let pool = Arc::clone(listener.pool());
@@ -177,7 +171,7 @@ impl Conn {
                 listener.stats().record_rejected_all_unhealthy();
                 debug!(client = %peer, "no backend is healthy; closing (all_unhealthy = \"reject\")");
                 conn.access.end = End::Rejected;
-                conn.access.reason = Some(REASON_ALL_UNHEALTHY);
+                conn.access.reason = Some(Reason::AllUnhealthy);
                 return (conn, Status::Done);
             }
             Some(AllUnhealthy::RouteAnyway) => listener.stats().record_routed_all_unhealthy(),
@@ -189,7 +183,7 @@ impl Conn {
         if let Err(e) = conn.client.set_nodelay(true) {
             debug!(error = %e, "cannot set TCP_NODELAY on client socket");
         }
-        if let Err(e) = registry.register(&mut conn.client, tokens(Side::Client), INTEREST) {
+        if let Err(e) = registry.register(&mut conn.client, tokens.token(Side::Client), INTEREST) {
             return (conn.failed(e), Status::Done);
         }
         let plan = Plan {
@@ -209,7 +203,7 @@ impl Conn {
     fn connect(
         &mut self,
         registry: &Registry,
-        tokens: Tokens<'_>,
+        tokens: Tokens,
         mut plan: Plan,
         mut granted: Option<(usize, ActiveConn)>,
         now: Instant,
@@ -221,11 +215,11 @@ impl Conn {
                 Some(granted) => granted,
                 // Clients already waiting go first: a newcomer queues behind them.
                 None if pool.slotted() && pool.state().waiting() > 0 => {
-                    return self.wait(plan, now);
+                    return self.wait(tokens, plan, now);
                 }
                 None => match pool.take_slot(plan.turn, &plan.tried) {
                     Take::Slot(index, active) => (index, active),
-                    Take::Full => return self.wait(plan, now),
+                    Take::Full => return self.wait(tokens, plan, now),
                     Take::NoBackend => return self.no_backend(&plan, plan.attempt - 1),
                 },
             };
@@ -293,7 +287,8 @@ impl Conn {
                     continue;
                 }
             };
-            if let Err(e) = registry.register(&mut stream, tokens(Side::backend(attempt)), INTEREST)
+            if let Err(e) =
+                registry.register(&mut stream, tokens.token(Side::backend(attempt)), INTEREST)
             {
                 // The worker's own epoll set refused it (out of memory, `max_user_watches`):
                 // not the backend's fault either.
@@ -321,14 +316,14 @@ impl Conn {
 
     /// Every slot of the pool is taken (or clients wait already): the client joins the queue,
     /// or is closed if it cannot.
-    fn wait(&mut self, plan: Plan, now: Instant) -> Status {
+    fn wait(&mut self, tokens: Tokens, plan: Plan, now: Instant) -> Status {
         let pool = &plan.pool;
         let settings = *pool.settings();
         if settings.queue_timeout.is_zero() {
             pool.state().record_full();
             return self.turn_away(&plan.listener, Rejection::QueueFull);
         }
-        match pool.state().enqueue(self.me, settings.max_queued) {
+        match pool.state().enqueue(tokens.waiter(), settings.max_queued) {
             Ok(ticket) => {
                 // A slot freed between the pick and the enqueue saw no one waiting: the worker
                 // serves the queue at the end of this turn, which finds it.
@@ -351,7 +346,7 @@ impl Conn {
     pub(crate) fn granted(
         &mut self,
         registry: &Registry,
-        tokens: Tokens<'_>,
+        tokens: Tokens,
         granted: Granted,
         now: Instant,
     ) -> Status {
@@ -364,7 +359,7 @@ impl Conn {
         } = *queued;
         let waited = now.saturating_duration_since(since);
         plan.pool.state().record_served(waited);
-        self.access.queued = Some(waited);
+        self.access.set_queued(waited);
         // The index is into the pool as the snapshot that served the queue has it.
         if !Arc::ptr_eq(&plan.pool, &granted.pool) {
             plan.tried.clear();
@@ -409,7 +404,7 @@ impl Conn {
         listener.stats().record_rejected(rejection);
         debug!(client = %self.access.client, listener = %listener.name(), reason = rejection.as_str(), "closing client connection");
         self.access.end = End::Rejected;
-        self.access.reason = Some(rejection.as_str());
+        self.access.reason = Some(Reason::Queue(rejection));
         self.phase = Phase::Ended;
         Status::Done
     }
@@ -453,7 +448,7 @@ impl Conn {
     pub(crate) fn event(
         &mut self,
         registry: &Registry,
-        tokens: Tokens<'_>,
+        tokens: Tokens,
         side: Side,
         event: &Event,
         now: Instant,
@@ -549,13 +544,7 @@ impl Conn {
     }
 
     /// The attempt under way failed with `error`: on to the next backend, if any.
-    fn retry(
-        &mut self,
-        registry: &Registry,
-        tokens: Tokens<'_>,
-        error: &str,
-        now: Instant,
-    ) -> Status {
+    fn retry(&mut self, registry: &Registry, tokens: Tokens, error: &str, now: Instant) -> Status {
         let Phase::Connecting(connecting) = std::mem::replace(&mut self.phase, Phase::Ended) else {
             return Status::Open;
         };
@@ -583,12 +572,7 @@ impl Conn {
     }
 
     /// The connection's deadline may have passed.
-    pub(crate) fn timer(
-        &mut self,
-        registry: &Registry,
-        tokens: Tokens<'_>,
-        now: Instant,
-    ) -> Status {
+    pub(crate) fn timer(&mut self, registry: &Registry, tokens: Tokens, now: Instant) -> Status {
         let deadline = self.deadline();
         if now < deadline {
             return Status::Open;
@@ -614,7 +598,8 @@ impl Conn {
                 if state.leave(queued.ticket) {
                     state.record_timed_out();
                 }
-                self.access.queued = Some(now.saturating_duration_since(queued.since));
+                self.access
+                    .set_queued(now.saturating_duration_since(queued.since));
                 let listener = Arc::clone(&queued.plan.listener);
                 self.turn_away(&listener, Rejection::QueueTimeout)
             }

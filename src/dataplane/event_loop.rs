@@ -32,10 +32,10 @@ use tracing::{debug, error};
 
 use super::conn::{Conn, Status};
 use super::relay::SCRATCH;
-use super::token::{LISTENER_BIT, MASK, Side, WAKER, conn_of, conn_token};
+use super::token::{LISTENER_BIT, MASK, Side, Tokens, WAKER, conn_of};
 use crate::dataplane::accept::{ErrorPacer, Serving, is_connection_error};
 use crate::snapshot::Listener;
-use crate::state::{ListenerStats, Waiter, take_freed};
+use crate::state::{ListenerStats, take_freed};
 
 use super::access_log::log_rejected;
 use super::queue::{self, Grant};
@@ -478,10 +478,14 @@ impl Worker {
         if generation != waiter.generation {
             return;
         }
-        let tokens = |side| conn_token(slot as u32, generation, side);
+        let tokens = Tokens {
+            worker: self.index,
+            slot: slot as u32,
+            generation,
+        };
         let now = self.now;
         let status = guarded(conn, |conn| {
-            conn.granted(poll.registry(), &tokens, granted, now)
+            conn.granted(poll.registry(), tokens, granted, now)
         });
         self.follow_up(slot, status);
     }
@@ -530,21 +534,19 @@ impl Worker {
             self.slots.insert_with(|slot, generation| {
                 // `slot` indexes a table that never holds more than one entry per open descriptor
                 // pair.
-                let tokens = |side| conn_token(slot as u32, generation, side);
-                let me = Waiter {
+                let tokens = Tokens {
                     worker,
                     slot: slot as u32,
                     generation,
                 };
                 let (conn, status) = Conn::start(
                     poll.registry(),
-                    &tokens,
+                    tokens,
                     stream,
                     peer,
                     listener,
                     turn,
                     counted,
-                    me,
                     now,
                 );
                 let queued = false;
@@ -585,12 +587,16 @@ impl Worker {
         if generation as usize & MASK != masked as usize {
             return;
         }
-        let tokens = |side| conn_token(slot as u32, generation, side);
+        let tokens = Tokens {
+            worker: self.index,
+            slot: slot as u32,
+            generation,
+        };
         let (now, scratch) = (self.now, &mut self.scratch);
         let status = guarded(conn, |conn| {
             conn.event(
                 poll.registry(),
-                &tokens,
+                tokens,
                 Side::from_bits(token.0),
                 event,
                 now,
@@ -683,9 +689,13 @@ impl Worker {
                 // Superseded by an earlier entry (see `schedule`).
                 continue;
             }
-            let tokens = |side| conn_token(slot as u32, generation, side);
+            let tokens = Tokens {
+                worker: self.index,
+                slot: slot as u32,
+                generation,
+            };
             let now = self.now;
-            let status = guarded(conn, |conn| conn.timer(poll.registry(), &tokens, now));
+            let status = guarded(conn, |conn| conn.timer(poll.registry(), tokens, now));
             self.follow_up(slot, status);
         }
     }

@@ -7,6 +7,8 @@
 
 use mio::Token;
 
+use crate::state::Waiter;
+
 /// Token of the worker's waker, which `Remote::send` fires after queuing a command.
 pub(crate) const WAKER: Token = Token(usize::MAX);
 /// Listener tokens have this bit set; connection tokens do not.
@@ -47,8 +49,31 @@ impl Side {
     }
 }
 
-/// How a connection asks its worker for the token of one of its sockets.
-pub(crate) type Tokens<'a> = &'a dyn Fn(Side) -> Token;
+/// Where a connection lives (its worker, its slot and the slot's generation): what gives its
+/// sockets their tokens, and what a pool's queue knows it by while it waits. Passed to each
+/// call rather than kept in the connection, which would cost every connection its bytes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Tokens {
+    pub(crate) worker: usize,
+    pub(crate) slot: u32,
+    pub(crate) generation: u32,
+}
+
+impl Tokens {
+    /// The token of the connection's socket on `side`.
+    pub(crate) fn token(self, side: Side) -> Token {
+        conn_token(self.slot, self.generation, side)
+    }
+
+    /// The connection as a pool's queue holds it.
+    pub(crate) fn waiter(self) -> Waiter {
+        Waiter {
+            worker: self.worker,
+            slot: self.slot,
+            generation: self.generation,
+        }
+    }
+}
 
 /// Bits a token keeps of a slot and of a generation: 30 each, clear of [`LISTENER_BIT`] and of
 /// [`WAKER`].

@@ -1,4 +1,5 @@
 use super::*;
+use crate::dataplane::token::conn_token;
 
 #[test]
 fn a_worker_ends_on_exit_and_its_remote_says_so_after() {
