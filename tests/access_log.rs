@@ -388,3 +388,65 @@ async fn a_stderr_nobody_reads_does_not_stall_connections() {
     })
     .await;
 }
+
+/// A client served from the queue logs how long it waited; one that waited too long logs its
+/// reason and its wait.
+#[tokio::test]
+async fn waiting_for_a_slot_is_in_the_access_log() {
+    bounded(LIMIT, async {
+        let echo = Mock::echo().await;
+        let text = format!(
+            "shutdown_grace = \"200ms\"\n[log]\nformat = \"json\"\naccess_log = true\n\
+             [[pool]]\nname = \"gpu\"\nqueue_timeout = \"300ms\"\n\
+             [[pool.backend]]\naddr = \"{}\"\nmax_connections = 1\n\
+             [[listener]]\nname = \"chat\"\nbind = \"127.0.0.1:0\"\npool = \"gpu\"\n",
+            echo.addr
+        );
+        let file = config_file(&text);
+        let lb = Balancer::start(file.path(), true);
+        let addr = lb.listener("chat").await;
+        let mut holder = TcpStream::connect(addr).await.expect("connect");
+        holder.write_all(b"x").await.expect("send");
+        let mut one = [0_u8; 1];
+        holder
+            .read_exact(&mut one)
+            .await
+            .expect("echo: the slot is taken");
+
+        // Waits past queue_timeout.
+        let mut late = TcpStream::connect(addr).await.expect("connect");
+        let late_addr = late.local_addr().expect("client address");
+        assert_closed_without_data(&mut late, SOON).await;
+
+        // Waits, then gets the slot the holder frees.
+        let mut next = TcpStream::connect(addr).await.expect("connect");
+        let next_addr = next.local_addr().expect("client address");
+        drop(holder);
+        next.write_all(b"y").await.expect("send");
+        next.read_exact(&mut one).await.expect("echo once served");
+        next.shutdown().await.expect("half-close");
+        let mut rest = Vec::new();
+        next.read_to_end(&mut rest).await.expect("end");
+        drop(next);
+
+        let line_of = |client: SocketAddr| {
+            lb.access()
+                .into_iter()
+                .find(|f| f.get("client") == Some(&client.to_string()))
+        };
+        eventually(SOON, "both lines", || {
+            line_of(late_addr).is_some() && line_of(next_addr).is_some()
+        })
+        .await;
+        let late_line = line_of(late_addr).expect("line");
+        assert_eq!(late_line["end"], "rejected");
+        assert_eq!(late_line["reason"], "queue_timeout");
+        let waited: f64 = late_line["queued_ms"].parse().expect("queued_ms");
+        assert!(waited >= 300.0, "{late_line:?}");
+        let next_line = line_of(next_addr).expect("line");
+        assert_eq!(next_line["end"], "client_closed");
+        assert!(next_line.contains_key("queued_ms"), "{next_line:?}");
+        assert_eq!(next_line["backend"], echo.addr.to_string());
+    })
+    .await;
+}

@@ -342,3 +342,61 @@ async fn reported_in_flight_requests_take_slots_until_the_server_reports_them_do
     })
     .await;
 }
+
+/// A backend that turns healthy gives its slots to the clients waiting for one; one that
+/// turns unhealthy takes its slots away from new clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_turning_healthy_serves_the_queue() {
+    bounded(LIMIT, async {
+        let up = mock_inference::Mock::start(
+            "127.0.0.1:0".parse().expect("literal"),
+            mock_inference::MockOptions::default(),
+        )
+        .await
+        .expect("mock inference server");
+        let down = support::Refusing::new();
+        let down_addr = down.addr;
+        let tables = "[pool.health]\nkind = \"tcp\"\ninterval = \"50ms\"\ntimeout = \"200ms\"\n\
+                      rise = 1\nfall = 1\nstartup_grace = \"0s\"";
+        let lb = start(&pool_config(
+            tables,
+            &[(up.addr(), Some(1)), (down_addr, Some(1))],
+            &[LISTENER],
+        ));
+        eventually(SOON, "the refusing backend out of rotation", || {
+            lb.handle
+                .backend_health(LISTENER, down_addr)
+                .is_some_and(|h| !h.in_rotation())
+        })
+        .await;
+        let _holder = within(TcpStream::connect(lb.addr)).await.expect("accepted");
+        eventually_eq(SOON, "the healthy backend's slot taken", 1, || {
+            lb.handle
+                .pool_backend_counters("gpu", up.addr())
+                .map_or(0, |c| c.active)
+        })
+        .await;
+        let mut waiting = enqueue(&lb, lb.addr, 1).await;
+        // The second server comes up where the refusing one was.
+        drop(down);
+        let _second =
+            mock_inference::Mock::start(down_addr, mock_inference::MockOptions::default())
+                .await
+                .expect("the second server on the freed port");
+        eventually_eq(SOON, "served from the queue", 1, || queue(&lb).served).await;
+        waiting
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("request");
+        let mut answer = String::new();
+        within(waiting.read_to_string(&mut answer))
+            .await
+            .expect("answer");
+        assert!(
+            answer.contains(&format!("served by {down_addr}")),
+            "{answer}"
+        );
+        lb.stop().await;
+    })
+    .await;
+}
