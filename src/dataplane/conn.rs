@@ -81,13 +81,22 @@ enum Phase {
 /// What the next connect attempt needs.
 struct Plan {
     listener: Arc<Listener>,
-    /// The pool the indices in `tried` refer to.
-    pool: Arc<Pool>,
+    /// The pool the indices in `tried` refer to when it is not the listener's: a newer
+    /// snapshot's, whose queue handed the client a slot. `None` for nearly every connection,
+    /// which so costs no reference count of its own.
+    newer: Option<Arc<Pool>>,
     turn: u64,
     /// Backends already tried (indices into the pool).
     tried: Vec<usize>,
     /// The attempt to be made next (1 for the first).
     attempt: u32,
+}
+
+impl Plan {
+    /// The pool the indices in `tried` refer to.
+    fn pool(&self) -> &Arc<Pool> {
+        self.newer.as_ref().unwrap_or(self.listener.pool())
+    }
 }
 
 /// A connect in progress.
@@ -163,7 +172,7 @@ impl Conn {
             listener_stats: Arc::clone(listener.stats()),
             _counted: counted,
         };
-        let pool = Arc::clone(listener.pool());
+        let pool = listener.pool();
         // No backend is healthy: the pool was built for it, and the transition was logged
         // once; each connection is only counted here.
         match pool.all_unhealthy() {
@@ -188,7 +197,7 @@ impl Conn {
         }
         let plan = Plan {
             listener,
-            pool,
+            newer: None,
             turn,
             tried: Vec::new(),
             attempt: 1,
@@ -210,7 +219,7 @@ impl Conn {
     ) -> Status {
         let settings = *plan.listener.settings();
         while plan.attempt <= settings.connect_attempts.get() {
-            let pool = Arc::clone(&plan.pool);
+            let pool = plan.pool();
             let (index, active) = match granted.take() {
                 Some(granted) => granted,
                 // Clients already waiting go first: a newcomer queues behind them.
@@ -223,9 +232,9 @@ impl Conn {
                     Take::NoBackend => return self.no_backend(&plan, plan.attempt - 1),
                 },
             };
-            let backend = &pool.backends()[index];
+            let addr = pool.backends()[index].addr;
             let attempt = plan.attempt;
-            let mut stream = match open_backend(backend.addr, settings.backend_congestion_control) {
+            let mut stream = match open_backend(addr, settings.backend_congestion_control) {
                 Ok(stream) => stream,
                 // The balancer's own limit, not the backend's fault: nothing is counted against
                 // the backend (passive ejection would otherwise eject healthy backends while
@@ -255,18 +264,12 @@ impl Conn {
                 // not counted against the backend (whose health it says nothing about). Linux
                 // picks a port per destination, so another backend may well have ports left:
                 // the attempt moves on to it, as after a failed connect.
-                Err(e) if no_local_port(&e, backend.addr) => {
+                Err(e) if no_local_port(&e, addr) => {
                     drop(active);
                     let stats = plan.listener.stats();
                     stats.record_connect_attempt();
                     stats.record_connect_failure();
-                    log_no_local_port(
-                        &plan.listener,
-                        self.access.client,
-                        backend.addr,
-                        attempt,
-                        now,
-                    );
+                    log_no_local_port(&plan.listener, self.access.client, addr, attempt, now);
                     plan.tried.push(index);
                     plan.attempt += 1;
                     continue;
@@ -276,7 +279,7 @@ impl Conn {
                     plan.listener.stats().record_connect_attempt();
                     connect_failed(
                         &plan.listener,
-                        &plan.pool,
+                        plan.pool(),
                         self.access.client,
                         index,
                         attempt,
@@ -317,7 +320,7 @@ impl Conn {
     /// Every slot of the pool is taken (or clients wait already): the client joins the queue,
     /// or is closed if it cannot.
     fn wait(&mut self, tokens: Tokens, plan: Plan, now: Instant) -> Status {
-        let pool = &plan.pool;
+        let pool = plan.pool();
         let settings = *pool.settings();
         if settings.queue_timeout.is_zero() {
             pool.state().record_full();
@@ -358,12 +361,12 @@ impl Conn {
             mut plan, since, ..
         } = *queued;
         let waited = now.saturating_duration_since(since);
-        plan.pool.state().record_served(waited);
+        plan.pool().state().record_served(waited);
         self.access.set_queued(waited);
         // The index is into the pool as the snapshot that served the queue has it.
-        if !Arc::ptr_eq(&plan.pool, &granted.pool) {
+        if !Arc::ptr_eq(plan.pool(), &granted.pool) {
             plan.tried.clear();
-            plan.pool = granted.pool;
+            plan.newer = Some(granted.pool);
         }
         plan.turn = granted.turn;
         self.connect(
@@ -378,12 +381,12 @@ impl Conn {
     /// The client gave up while waiting (it closed, or reset).
     fn abandon(&mut self) -> Status {
         if let Phase::Queued(queued) = std::mem::replace(&mut self.phase, Phase::Ended) {
-            let state = queued.plan.pool.state();
+            let state = queued.plan.pool().state();
             // Not in the queue any more: a slot is on its way, and goes back when it arrives.
             if state.leave(queued.ticket) {
                 state.record_abandoned();
             }
-            debug!(client = %self.access.client, pool = %queued.plan.pool.name(), "client left the queue");
+            debug!(client = %self.access.client, pool = %queued.plan.pool().name(), "client left the queue");
         }
         self.access.end = End::ClientClosed;
         Status::Done
@@ -395,7 +398,7 @@ impl Conn {
         let Phase::Queued(queued) = std::mem::replace(&mut self.phase, Phase::Ended) else {
             return Status::Open;
         };
-        queued.plan.pool.state().record_closed();
+        queued.plan.pool().state().record_closed();
         self.turn_away(&queued.plan.listener, rejection)
     }
 
@@ -414,7 +417,7 @@ impl Conn {
         plan.listener.stats().record_no_backend();
         warn!(
             listener = %plan.listener.name(),
-            pool = %plan.pool.name(),
+            pool = %plan.pool().name(),
             client = %self.access.client,
             attempts,
             "no backend reachable, closing client connection"
@@ -523,7 +526,7 @@ impl Conn {
             started,
             ..
         } = *connecting;
-        let backend = &plan.pool.backends()[index];
+        let backend = &plan.pool().backends()[index];
         let addr = backend.addr;
         let active = active.unwrap_or_else(|| BackendState::acquire(&backend.stats));
         active.stats().record_connected(now.duration_since(started));
@@ -560,7 +563,7 @@ impl Conn {
         drop(active);
         connect_failed(
             &plan.listener,
-            &plan.pool,
+            plan.pool(),
             self.access.client,
             index,
             plan.attempt,
@@ -592,7 +595,7 @@ impl Conn {
                 self.retry(registry, tokens, &error, now)
             }
             Phase::Queued(queued) => {
-                let state = queued.plan.pool.state();
+                let state = queued.plan.pool().state();
                 // Not in the queue any more: a slot is on its way, and goes back when it
                 // arrives to find the client gone.
                 if state.leave(queued.ticket) {
