@@ -147,7 +147,12 @@ async fn clients_that_leave_wait_too_long_or_find_the_queue_full_are_counted_and
 
         // None of them took the slot: after the holder leaves, the next client is served.
         drop(holder);
-        eventually_eq(SOON, "the holder's connection closed", 0, || mock.open()).await;
+        eventually_eq(SOON, "the holder's slot free", 0, || {
+            lb.handle
+                .pool_backend_counters("gpu", mock.addr)
+                .map_or(1, |c| c.active)
+        })
+        .await;
         let (_next, id) = connect_identify(lb.addr).await;
         assert_eq!(id, 1);
         assert_eq!(
