@@ -471,12 +471,17 @@ struct Tokens {
 }
 
 impl Tokens {
+    /// When the next token is due, or the end once all are sent.
     fn due(&self) -> Instant {
-        if self.sent >= self.tokens || self.tokens == 1 {
-            return self.first + self.rest;
+        match self.sent {
+            0 => self.first,
+            sent if sent >= self.tokens => self.first + self.rest,
+            // Here 1 <= sent < tokens, so tokens >= 2.
+            sent => {
+                let share = f64::from(sent) / f64::from(self.tokens - 1);
+                self.first + self.rest.mul_f64(share)
+            }
         }
-        let share = f64::from(self.sent) / f64::from(self.tokens - 1);
-        self.first + self.rest.mul_f64(share)
     }
 }
 
@@ -1018,6 +1023,15 @@ mod tests {
         assert!(first >= Duration::from_millis(40) && first < Duration::from_millis(300));
         assert!(total >= Duration::from_millis(400) && total < Duration::from_secs(2));
         assert_eq!(mock.state().served(), 1);
+        // One token: it comes after the prefill too, and the answer still ends with the
+        // service time.
+        let (text, first, total) = get(mock.addr(), "/g?service_ms=400&tokens=1").await;
+        assert!(
+            text.contains("served by") && !text.contains("token 1"),
+            "{text}"
+        );
+        assert!(first >= Duration::from_millis(40) && first < Duration::from_millis(300));
+        assert!(total >= Duration::from_millis(400) && total < Duration::from_secs(2));
         let (text, ..) = get(mock.addr(), "/g?tokens=0").await;
         assert!(text.starts_with("HTTP/1.1 400"), "{text}");
     }
