@@ -404,12 +404,27 @@ impl Conn {
 
     /// Closes the client without a backend, counted under `rejection`.
     fn turn_away(&mut self, listener: &Listener, rejection: Rejection) -> Status {
+        self.discard_unread();
         listener.stats().record_rejected(rejection);
         debug!(client = %self.access.client, listener = %listener.name(), reason = rejection.as_str(), "closing client connection");
         self.access.end = End::Rejected;
         self.access.reason = Some(Reason::Queue(rejection));
         self.phase = Phase::Ended;
         Status::Done
+    }
+
+    /// Reads and drops what a client turned away sent and nobody read (a request, while it
+    /// waited), up to [`DISCARD_MAX`] bytes: closing a socket with unread bytes makes the kernel
+    /// send a reset, and the client should see the connection closed, not reset.
+    fn discard_unread(&mut self) {
+        let mut buf = [0_u8; 4096];
+        let mut left = DISCARD_MAX;
+        while left > 0 {
+            match io::Read::read(&mut &self.client, &mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
     }
 
     /// No backend could be reached after `attempts` tries.
@@ -761,6 +776,10 @@ thread_local! {
     /// Makes this thread's next [`Conn::start`] panic, as a bug there would.
     pub(crate) static PANIC_AT_START: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
+
+/// Most bytes read and dropped from a client turned away (see [`Conn::discard_unread`]): a
+/// request's worth. Beyond it the close resets.
+const DISCARD_MAX: usize = 64 * 1024;
 
 /// `at` + `d`, or a time too far away to matter if that is beyond what `Instant` holds (a
 /// timeout of a few hundred billion years passes validation).
