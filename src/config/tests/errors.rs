@@ -8,6 +8,21 @@ fn error(text: &str) -> (Option<usize>, String) {
     (e.location.map(|l| l.line), e.to_string())
 }
 
+/// Checks each (text, line, part of the message) case: refused, one line, naming the file and
+/// the line.
+fn assert_refused(cases: Vec<(String, Option<usize>, &str)>) {
+    for (text, line, needle) in cases {
+        let (got_line, message) = error(&text);
+        assert!(
+            message.contains(needle),
+            "{message:?} lacks {needle:?} for:\n{text}"
+        );
+        assert_eq!(got_line, line, "wrong line in {message:?} for:\n{text}");
+        assert!(message.starts_with("test.toml"), "{message:?}");
+        assert!(!message.contains('\n'), "not one line: {message:?}");
+    }
+}
+
 #[test]
 fn errors_name_the_line_and_the_problem() {
     let listener = "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\n";
@@ -388,16 +403,7 @@ fn errors_name_the_line_and_the_problem() {
             "unknown field `eject_after`, expected `max_connect_failures` or `eject_for`",
         ),
     ];
-    for (text, line, needle) in cases {
-        let (got_line, message) = error(&text);
-        assert!(
-            message.contains(needle),
-            "{message:?} lacks {needle:?} for:\n{text}"
-        );
-        assert_eq!(got_line, line, "wrong line in {message:?} for:\n{text}");
-        assert!(message.starts_with("test.toml"), "{message:?}");
-        assert!(!message.contains('\n'), "not one line: {message:?}");
-    }
+    assert_refused(cases);
 }
 
 #[test]
@@ -465,15 +471,7 @@ fn pool_errors_name_the_key_and_the_line() {
             "no good",
         ),
     ];
-    for (text, line, needle) in cases {
-        let (got_line, message) = error(&text);
-        assert!(
-            message.contains(needle),
-            "{message:?} lacks {needle:?} for:\n{text}"
-        );
-        assert_eq!(got_line, line, "wrong line in {message:?} for:\n{text}");
-        assert!(!message.contains('\n'), "not one line: {message:?}");
-    }
+    assert_refused(cases);
 }
 
 #[test]
