@@ -309,13 +309,26 @@ pub(crate) struct Backend {
 }
 
 impl Backend {
-    /// Takes a slot on this backend for one connection, if it has one free.
+    /// Takes a slot on this backend for one connection, if it has one free and is not about
+    /// to be ejected.
     #[inline]
-    fn take(&self) -> Option<ActiveConn> {
+    fn take(&self, eject_at: Option<NonZeroU32>) -> Option<ActiveConn> {
+        if self.ejecting(eject_at) {
+            return None;
+        }
         match self.max_connections {
             None => Some(BackendState::acquire(&self.stats)),
             Some(max) => BackendState::try_acquire(&self.stats, u64::from(max.get())),
         }
+    }
+
+    /// Whether its failures in a row reached the passive ejection threshold `eject_at`: the
+    /// control task ejects it at its next turn. Until then its free slots are not offered, or
+    /// a client served from the queue would be sent to a backend that has just refused.
+    #[inline]
+    fn ejecting(&self, eject_at: Option<NonZeroU32>) -> bool {
+        eject_at
+            .is_some_and(|max| self.stats.consecutive_connect_failures() >= u64::from(max.get()))
     }
 }
 
@@ -488,6 +501,7 @@ impl Pool {
         } else {
             FULL_PICKS
         };
+        let eject_at = self.settings.max_connect_failures;
         let mut passed: Vec<usize> = Vec::new();
         for _ in 0..picks {
             let index = if passed.is_empty() {
@@ -502,7 +516,7 @@ impl Pool {
                     Take::NoBackend
                 };
             };
-            if let Some(active) = self.backends[index].take() {
+            if let Some(active) = self.backends[index].take(eject_at) {
                 return Take::Slot(index, active);
             }
             if passed.is_empty() {
@@ -516,6 +530,7 @@ impl Pool {
     /// The least loaded backend (load estimate + 1 per unit of effective weight) with a free
     /// slot, not in `tried`, its slot taken.
     fn least_loaded_with_room(&self, tried: &[usize]) -> Take {
+        let eject_at = self.settings.max_connect_failures;
         loop {
             // (index, load + 1, weight) of the least loaded so far, compared without dividing.
             let mut best: Option<(usize, f64, f64)> = None;
@@ -525,6 +540,9 @@ impl Pool {
                     continue;
                 }
                 any = true;
+                if backend.ejecting(eject_at) {
+                    continue;
+                }
                 let estimate = backend.stats.load_estimate();
                 if backend
                     .max_connections
@@ -541,7 +559,7 @@ impl Pool {
                 return if any { Take::Full } else { Take::NoBackend };
             };
             // Another thread may have taken the slot since: scan again.
-            if let Some(active) = self.backends[index].take() {
+            if let Some(active) = self.backends[index].take(eject_at) {
                 return Take::Slot(index, active);
             }
         }

@@ -75,6 +75,53 @@ async fn greeted(stream: &mut TcpStream) -> u8 {
     id[0]
 }
 
+/// A balancer whose pool (with `tables`) has one slot on a mock inference server and one on a
+/// port that refuses.
+async fn one_slot_each_on_a_server_and_a_refusing_port(
+    tables: &str,
+) -> (mock_inference::Mock, support::Refusing, Running) {
+    let up = mock_inference::Mock::start(
+        "127.0.0.1:0".parse().expect("literal"),
+        mock_inference::MockOptions::default(),
+    )
+    .await
+    .expect("mock inference server");
+    let down = support::Refusing::new();
+    let lb = start(&pool_config(
+        tables,
+        &[(up.addr(), Some(1)), (down.addr, Some(1))],
+        &[LISTENER],
+    ));
+    (up, down, lb)
+}
+
+/// Starts a server where `down` refused and checks that `waiting`, the one client in the queue,
+/// is served from the queue by it.
+async fn served_by_a_server_started_at(
+    lb: &Running,
+    mut waiting: TcpStream,
+    down: support::Refusing,
+) {
+    let down_addr = down.addr;
+    drop(down);
+    let _second = mock_inference::Mock::start(down_addr, mock_inference::MockOptions::default())
+        .await
+        .expect("the second server on the freed port");
+    eventually_eq(SOON, "served from the queue", 1, || queue(lb).served).await;
+    waiting
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("request");
+    let mut answer = String::new();
+    within(waiting.read_to_string(&mut answer))
+        .await
+        .expect("answer");
+    assert!(
+        answer.contains(&format!("served by {down_addr}")),
+        "{answer}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn freed_slots_go_to_the_oldest_waiting_client_whichever_worker_holds_it() {
     bounded(LIMIT, async {
@@ -361,21 +408,10 @@ async fn reported_in_flight_requests_take_slots_until_the_server_reports_them_do
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_turning_healthy_serves_the_queue() {
     bounded(LIMIT, async {
-        let up = mock_inference::Mock::start(
-            "127.0.0.1:0".parse().expect("literal"),
-            mock_inference::MockOptions::default(),
-        )
-        .await
-        .expect("mock inference server");
-        let down = support::Refusing::new();
-        let down_addr = down.addr;
         let tables = "[pool.health]\nkind = \"tcp\"\ninterval = \"50ms\"\ntimeout = \"200ms\"\n\
                       rise = 1\nfall = 1\nstartup_grace = \"0s\"";
-        let lb = start(&pool_config(
-            tables,
-            &[(up.addr(), Some(1)), (down_addr, Some(1))],
-            &[LISTENER],
-        ));
+        let (up, down, lb) = one_slot_each_on_a_server_and_a_refusing_port(tables).await;
+        let down_addr = down.addr;
         eventually(SOON, "the refusing backend out of rotation", || {
             lb.handle
                 .backend_health(LISTENER, down_addr)
@@ -389,26 +425,46 @@ async fn a_backend_turning_healthy_serves_the_queue() {
                 .map_or(0, |c| c.active)
         })
         .await;
-        let mut waiting = enqueue(&lb, lb.addr, 1).await;
+        let waiting = enqueue(&lb, lb.addr, 1).await;
         // The second server comes up where the refusing one was.
-        drop(down);
-        let _second =
-            mock_inference::Mock::start(down_addr, mock_inference::MockOptions::default())
-                .await
-                .expect("the second server on the freed port");
-        eventually_eq(SOON, "served from the queue", 1, || queue(&lb).served).await;
-        waiting
-            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
-            .expect("request");
-        let mut answer = String::new();
-        within(waiting.read_to_string(&mut answer))
-            .await
-            .expect("answer");
-        assert!(
-            answer.contains(&format!("served by {down_addr}")),
-            "{answer}"
+        served_by_a_server_started_at(&lb, waiting, down).await;
+        lb.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ejected_backend_gives_no_slots_and_serves_the_queue_when_its_ejection_ends() {
+    bounded(LIMIT, async {
+        let tables = "[pool.passive]\nmax_connect_failures = 1\neject_for = \"500ms\"";
+        let (up, down, lb) = one_slot_each_on_a_server_and_a_refusing_port(tables).await;
+        let down_addr = down.addr;
+        // Whichever backend the first client tries first, it ends on the one that answers,
+        // and the refusing one is ejected on its first refusal.
+        let _holder = within(TcpStream::connect(lb.addr)).await.expect("accepted");
+        eventually_eq(SOON, "the answering backend's slot taken", 1, || {
+            lb.handle
+                .pool_backend_counters("gpu", up.addr())
+                .map_or(0, |c| c.active)
+        })
+        .await;
+        // The refusing backend's free slot is tried (if the first client did not), refused,
+        // and the client waits: an ejected backend's slots are not there to take.
+        let waiting = enqueue(&lb, lb.addr, 1).await;
+        eventually(SOON, "the refusing backend ejected", || {
+            lb.handle
+                .backend_health(LISTENER, down_addr)
+                .is_some_and(|h| h.ejected)
+        })
+        .await;
+        assert_eq!(
+            queue(&lb).served,
+            0,
+            "nothing served while every slot is taken"
         );
+        // The server comes back where the refusing one was; the ejection ends and the oldest
+        // waiting client gets its slot.
+        served_by_a_server_started_at(&lb, waiting, down).await;
         lb.stop().await;
     })
     .await;

@@ -195,8 +195,10 @@ impl Supervisor {
                 if let Some(passive) = watch.spec.passive {
                     let max = u64::from(passive.max_connect_failures.get());
                     if failures >= max && !h.ejections.is_ejected(now) {
+                        // The streak stays until the ejection ends: until then it keeps
+                        // the backend's slots from being offered by a snapshot built before
+                        // the ejection (see `Backend::ejecting`).
                         let length = h.ejections.eject(now, passive.eject_for);
-                        watch.state.reset_consecutive_failures();
                         h.ramp = None;
                         info!(
                             pool = %pool,
@@ -311,8 +313,8 @@ mod tests {
         assert!(!state.in_rotation_at(now));
         assert_eq!(
             state.consecutive_connect_failures(),
-            0,
-            "a new streak starts"
+            2,
+            "the streak lasts as long as the ejection"
         );
         // Connects begun before the ejection fail while it lasts.
         for _ in 0..3 {

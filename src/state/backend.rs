@@ -249,7 +249,7 @@ impl BackendState {
         u128::from(since) < window.as_nanos()
     }
 
-    /// Starts a new streak (the backend was just ejected for the current one).
+    /// Starts a new streak (the ejection the last one earned is over).
     pub(crate) fn reset_consecutive_failures(&self) {
         self.consecutive_failures.store(0, Ordering::Relaxed);
     }
