@@ -13,6 +13,7 @@
 //! `token` holds the admin bearer [`Token`], `health` the health, load and passive tables.
 
 mod congestion;
+mod discovery;
 mod error;
 mod health;
 mod raw;
@@ -23,6 +24,7 @@ mod validate;
 #[cfg(test)]
 mod tests;
 
+use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
@@ -32,10 +34,12 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub(crate) use discovery::{MIN_REFRESH, NamedBackend, ResolverSettings};
 use error::toml_message;
 use raw::RawConfig;
 
 pub(crate) use congestion::{CongestionControl, CongestionError};
+pub use discovery::Target;
 pub use error::ConfigError;
 pub(crate) use error::{ConfigErrorKind, Location};
 #[cfg(test)]
@@ -105,6 +109,8 @@ pub struct Config {
     pub(crate) listeners: Vec<ListenerConfig>,
     /// Every pool, the listeners' own (inline) ones included, in file order; names unique.
     pub(crate) pools: Vec<PoolConfig>,
+    /// How backend names are resolved.
+    pub(crate) resolver: ResolverSettings,
 }
 
 /// The `[admin]` table: where the admin HTTP endpoint listens and who may use it.
@@ -194,8 +200,12 @@ pub(crate) struct PoolConfig {
     pub health: Option<HealthConfig>,
     /// Passive ejection on connect failures of live traffic, if configured.
     pub passive: Option<PassiveConfig>,
-    /// At least one backend, addresses unique, not every weight zero.
+    /// The backends: those the file gives by address, then (once the control task has
+    /// resolved them) one per address of each name in [`PoolConfig::names`]. Addresses unique.
     pub backends: Vec<BackendConfig>,
+    /// The backend entries given by DNS name, in file order; names unique. With
+    /// [`PoolConfig::backends`]' literal ones, at least one entry, not every weight zero.
+    pub names: Vec<NamedBackend>,
 }
 
 impl PoolConfig {
@@ -217,6 +227,8 @@ pub(crate) struct BackendConfig {
     /// Slots: connections open to it through this balancer at most (counting the load it
     /// reports beyond them); `None` is no limit.
     pub max_connections: Option<NonZeroU32>,
+    /// For an address a name resolved to: the index of that name in [`PoolConfig::names`].
+    pub from_name: Option<usize>,
 }
 
 impl BackendConfig {
@@ -308,6 +320,43 @@ impl Config {
     /// How log lines are written (`[log] format`).
     pub fn log_format(&self) -> LogFormat {
         self.log.format
+    }
+
+    /// Every backend name of every pool, each once, in file order.
+    pub fn names(&self) -> Vec<&Target> {
+        let mut targets: Vec<&Target> = Vec::new();
+        for named in self.pools.iter().flat_map(|p| &p.names) {
+            if !targets.contains(&&named.target) {
+                targets.push(&named.target);
+            }
+        }
+        targets
+    }
+
+    /// Gives every pool the backends its names resolve to in `answers` (a name with no answer
+    /// gives none), in place of those they gave before. An address a pool already has (written
+    /// as an address, or given by an earlier name) is not added twice.
+    pub(crate) fn expand(&mut self, answers: &HashMap<Target, Vec<SocketAddr>>) {
+        for pool in &mut self.pools {
+            if pool.names.is_empty() {
+                continue;
+            }
+            pool.backends.retain(|b| b.from_name.is_none());
+            for (index, named) in pool.names.iter().enumerate() {
+                for &addr in answers.get(&named.target).into_iter().flatten() {
+                    if pool.backends.iter().any(|b| b.addr == addr) {
+                        continue;
+                    }
+                    pool.backends.push(BackendConfig {
+                        addr,
+                        weight: named.weight,
+                        health_addr: None,
+                        max_connections: named.max_connections,
+                        from_name: Some(index),
+                    });
+                }
+            }
+        }
     }
 }
 

@@ -7,6 +7,7 @@
 //! The listening sockets it hands to the workers are kept in [`listeners`].
 
 mod checker;
+pub(crate) mod discovery;
 mod handle;
 mod listeners;
 mod reload;
@@ -15,6 +16,7 @@ mod supervisor;
 pub(crate) mod task;
 mod watch;
 
+pub use discovery::resolve_names;
 pub use handle::{AdminError, Handle, LastReload, ReloadCounters};
 pub(crate) use handle::{Request, Scope};
 pub use listeners::Stopped;

@@ -24,9 +24,10 @@ mod state;
 mod strategy;
 
 pub use balancer::{Balancer, Builder, StartError};
-pub use config::{Config, ConfigError, DEFAULT_CONFIG_PATH, LogFormat};
+pub use config::{Config, ConfigError, DEFAULT_CONFIG_PATH, LogFormat, Target};
 pub use control::{
-    AdminError, Handle, LastReload, ReloadCounters, ReloadError, ReloadSummary, Stopped, watch,
+    AdminError, Handle, LastReload, ReloadCounters, ReloadError, ReloadSummary, Stopped,
+    resolve_names, watch,
 };
 pub use dataplane::ACCESS_LOG_TARGET;
 pub use dataplane::accept::BindError;
@@ -34,5 +35,5 @@ pub use health::{Health, HealthStatus, LastCheck, ProbeError};
 #[cfg(feature = "bench-internals")]
 #[doc(hidden)]
 pub use snapshot::bench;
-pub use state::{AdminState, BackendCounters, ListenerCounters, QueueCounters};
+pub use state::{AdminState, BackendCounters, ListenerCounters, NameStatus, QueueCounters};
 pub use strategy::{BuildStrategy, Candidate, LiveBackend, OpenGuard, Strategy, StrategyKind};

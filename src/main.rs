@@ -28,9 +28,13 @@ struct Cli {
     /// Configuration file (TOML).
     #[arg(short, long, value_name = "FILE", default_value = DEFAULT_CONFIG_PATH)]
     config: PathBuf,
-    /// Validate the configuration, print a one-line summary and exit.
+    /// Validate the configuration, print a one-line summary and exit. No network access.
     #[arg(long)]
     check: bool,
+    /// With --check: also resolve every backend name and print what each resolves to (exit 1
+    /// if one does not resolve).
+    #[arg(long, requires = "check")]
+    resolve: bool,
     /// Do not watch the configuration file for changes (SIGHUP still reloads it).
     #[arg(long)]
     no_watch: bool,
@@ -68,6 +72,36 @@ fn log_filter(value: &str) -> Result<String, String> {
     Ok(filter)
 }
 
+/// Resolves every backend name of `config` and prints one line per name: `--check --resolve`.
+fn check_names(config: &Config) -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    let results = runtime.block_on(weighbridge::resolve_names(config));
+    let mut failed = Vec::new();
+    for (name, outcome) in results {
+        match outcome {
+            Ok(addresses) => {
+                let list: Vec<String> = addresses.iter().map(ToString::to_string).collect();
+                println!("{name}: {}", list.join(" "));
+            }
+            Err(reason) => {
+                println!("{name}: does not resolve ({reason})");
+                failed.push(name.to_string());
+            }
+        }
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "backend name(s) that do not resolve: {}",
+            failed.join(", ")
+        ))
+    }
+}
+
 /// The guard of the background log writer: dropping it writes out what is still queued. Kept
 /// here, not on a stack frame, so that the immediate exit on a second signal can flush too.
 static LOG_GUARD: Mutex<Option<WorkerGuard>> = Mutex::new(None);
@@ -98,12 +132,21 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<(), String> {
     let (config, text) = Config::read(&cli.config).map_err(|e| e.to_string())?;
     if cli.check {
+        let names = config.names().len();
+        let names = if names == 0 {
+            String::new()
+        } else {
+            format!(", {names} backend name(s)")
+        };
         println!(
-            "{}: ok: {} listener(s), {} backend(s)",
+            "{}: ok: {} listener(s), {} backend(s){names}",
             cli.config.display(),
             config.listener_count(),
             config.backend_count()
         );
+        if cli.resolve {
+            return check_names(&config);
+        }
         return Ok(());
     }
     init_logging(cli.log_level.as_deref(), config.log_format())?;

@@ -304,6 +304,8 @@ pub(crate) struct Backend {
     pub effective_weight: f64,
     /// Slots: its load estimate never goes beyond this through new connections.
     pub max_connections: Option<NonZeroU32>,
+    /// The name it was resolved from (`host:port`, or `srv:` and the SRV name), if any.
+    pub name: Option<Arc<str>>,
     /// Its live counters, shared with every other snapshot.
     pub stats: Arc<BackendState>,
 }
@@ -369,6 +371,11 @@ impl Pool {
                 .as_ref()
                 .map_or(AllUnhealthy::default(), |h| h.all_unhealthy)
         });
+        let names: Vec<Arc<str>> = pool
+            .names
+            .iter()
+            .map(|n| n.target.to_string().into())
+            .collect();
         let backends: Box<[Backend]> = (pool.backends.iter().zip(states))
             .map(|(b, stats)| {
                 let configured = b.weight.get();
@@ -382,6 +389,7 @@ impl Pool {
                     weight: b.weight,
                     effective_weight,
                     max_connections: b.max_connections,
+                    name: b.from_name.and_then(|i| names.get(i)).cloned(),
                     stats,
                 }
             })

@@ -9,6 +9,7 @@
 pub(crate) mod backend;
 pub(crate) mod histogram;
 pub(crate) mod listener;
+pub(crate) mod names;
 pub(crate) mod pool;
 pub(crate) mod registry;
 
@@ -16,6 +17,8 @@ pub(crate) use backend::{ActiveConn, BackendState};
 pub use backend::{AdminState, BackendCounters};
 pub use listener::ListenerCounters;
 pub(crate) use listener::{ListenerStats, OpenConn, Rejection};
+pub use names::NameStatus;
+pub(crate) use names::Names;
 pub use pool::QueueCounters;
 pub(crate) use pool::{PoolState, Refused, Waiter, note_freed, take_freed};
 pub(crate) use registry::{Registry, RemovedBackend, Republisher};

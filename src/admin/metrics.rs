@@ -65,6 +65,8 @@ struct BackendSample {
     connect_time: HistogramSnapshot,
     /// `None` for a backend a reload removed that still carries connections.
     rotation: Option<Rotation>,
+    /// The backend name it was resolved from, if any.
+    name: Option<Arc<str>>,
 }
 
 /// What only a backend of the running configuration has: a place in its listener's rotation.
@@ -120,6 +122,7 @@ impl BackendSample {
             counters: state.counters(),
             connect_time: state.connect_time().snapshot(),
             rotation: None,
+            name: None,
         }
     }
 
@@ -136,6 +139,7 @@ impl BackendSample {
                 load_estimate: b.stats.load_estimate(),
                 reported_in_flight: b.stats.reported_in_flight(),
             }),
+            name: b.name.clone(),
             ..BackendSample::of(owner, pool.name(), b.addr, &b.stats)
         })
     }
@@ -406,6 +410,40 @@ impl Collector for Metrics {
                 pools.iter().map(|p| (p.labels(), value(&p.queue))),
             )?;
         }
+
+        let names: Vec<(String, crate::state::NameStatus)> = self
+            .handle
+            .names()
+            .into_iter()
+            .map(|(target, status)| (target.to_string(), status))
+            .collect();
+        gauge(
+            e,
+            "weighbridge_resolve_addresses",
+            "Addresses a backend name resolves to now (the last good answer, kept through failures).",
+            names
+                .iter()
+                .map(|(name, status)| ([("name", name.as_str())], status.addresses.len() as u64)),
+        )?;
+        counter(
+            e,
+            "weighbridge_resolve_failures",
+            "Failed resolutions of a backend name, by reason (timeout, nxdomain, servfail, refused, empty, no_nameserver, error).",
+            names.iter().flat_map(|(name, status)| {
+                status.failures.iter().map(move |(reason, count)| {
+                    ([("name", name.as_str()), ("reason", *reason)], *count)
+                })
+            }),
+        )?;
+        gauge(
+            e,
+            "weighbridge_backend_info",
+            "Always 1, for each backend resolved from a name: the name label says which.",
+            backends.iter().filter_map(|b| {
+                let [owner, backend] = b.labels();
+                Some(([owner, backend, ("name", b.name.as_deref()?)], 1_u64))
+            }),
+        )?;
 
         let reloads = self.handle.reload_counters();
         counter(

@@ -28,6 +28,23 @@ pub(super) struct Status {
     /// Backends a reload removed (with their pool, or from it) that still carry connections:
     /// those go on until they end, and are listed here until the last one has.
     removed_backends: Vec<RemovedStatus>,
+    /// Every backend name the pools resolve, with what it resolved to.
+    names: Vec<NameStatusJson>,
+}
+
+#[derive(Debug, Serialize)]
+struct NameStatusJson {
+    /// `host:port`, or `srv:` and the SRV name, as the backends it gave show it.
+    name: String,
+    /// The addresses in force: the last good answer, kept through failures.
+    addresses: Vec<String>,
+    /// RFC 3339, UTC: when the last good answer came; `null` before the first.
+    resolved_at: Option<String>,
+    /// Why the latest resolution failed (`timeout`, `nxdomain`, `servfail`, `refused`,
+    /// `empty`, ...); `null` when it succeeded.
+    failing: Option<&'static str>,
+    /// Failed resolutions by reason.
+    failures: std::collections::BTreeMap<&'static str, u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -122,6 +139,9 @@ struct BackendStatus {
     load_estimate: u64,
     /// Requests in flight the server reported at its last fresh scrape; `null` without one.
     reported_in_flight: Option<u64>,
+    /// The backend name it was resolved from; absent for an address written in the file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<String>,
     #[serde(flatten)]
     counters: BackendTotals,
 }
@@ -242,6 +262,17 @@ impl Status {
                     }
                 })
                 .collect(),
+            names: handle
+                .names()
+                .into_iter()
+                .map(|(target, status)| NameStatusJson {
+                    name: target.to_string(),
+                    addresses: status.addresses.iter().map(ToString::to_string).collect(),
+                    resolved_at: status.resolved_at.map(rfc3339),
+                    failing: status.failing,
+                    failures: status.failures,
+                })
+                .collect(),
         }
     }
 }
@@ -302,6 +333,7 @@ impl BackendStatus {
             max_connections: backend.max_connections.map(|m| m.get()),
             load_estimate: backend.stats.load_estimate(),
             reported_in_flight: backend.stats.reported_in_flight(),
+            name: backend.name.as_deref().map(str::to_owned),
             counters,
         }
     }

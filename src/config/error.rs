@@ -11,6 +11,7 @@ use std::ops::Range;
 use std::path::PathBuf;
 
 use super::CongestionError;
+use super::discovery::Target;
 
 /// Line and column (both 1-based) in the config file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -176,6 +177,43 @@ pub(crate) enum ConfigErrorKind {
         /// The repeated address.
         addr: SocketAddr,
     },
+    /// Two name entries of one pool with one name.
+    #[error("{owner}: backend name `{target}` is listed twice")]
+    DuplicateBackendName {
+        /// The pool.
+        owner: Owner,
+        /// The repeated name.
+        target: Target,
+    },
+    /// A backend `addr` that is neither `IP:port` nor `NAME:port`.
+    #[error(
+        "`addr`: invalid address `{0}`: expected IP:port such as 127.0.0.1:8000 or [::1]:8000, or a DNS name and port such as vllm.inference.svc.cluster.local:8000"
+    )]
+    BadBackendAddress(String),
+    /// A `srv` that is not a DNS name.
+    #[error(
+        "`srv`: invalid name `{0}`: expected a DNS name such as _http._tcp.vllm.inference.svc.cluster.local"
+    )]
+    BadSrv(String),
+    /// A backend with both `addr` and `srv`.
+    #[error("a backend has `addr` or `srv`, not both")]
+    AddrAndSrv,
+    /// A backend with neither `addr` nor `srv`.
+    #[error("a backend needs `addr` (IP:port or NAME:port) or `srv`")]
+    NoBackendAddress,
+    /// `health_addr` on a backend given by name.
+    #[error(
+        "`health_addr` cannot be set on a backend given by name: each address the name resolves to is probed at its own address"
+    )]
+    HealthAddrWithName,
+    /// A `[resolver] nameservers` entry that is not `IP` or `IP:port`.
+    #[error(
+        "`nameservers`: invalid nameserver `{0}`: expected IP or IP:port such as 10.96.0.10 or 127.0.0.1:5353"
+    )]
+    BadNameserver(String),
+    /// An empty `nameservers` list.
+    #[error("`nameservers`: empty; leave the key out to use the system's (/etc/resolv.conf)")]
+    NoNameservers,
     /// An address that is not `IP:port`.
     #[error(
         "`{key}`: invalid address `{value}`: expected IP:port such as 127.0.0.1:8000 or [::1]:8000"

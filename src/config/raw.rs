@@ -10,6 +10,7 @@ use toml::Spanned;
 
 use super::LogFormat;
 use super::StrategyKind;
+use super::discovery::RawResolver;
 use crate::config::{AllUnhealthy, LoadPreset, ProbeKind};
 
 /// The whole file.
@@ -24,6 +25,7 @@ pub(crate) struct RawConfig {
     pub(crate) listener: Vec<Spanned<RawListener>>,
     #[serde(default)]
     pub(crate) pool: Vec<Spanned<RawPool>>,
+    pub(crate) resolver: Option<Spanned<RawResolver>>,
 }
 
 /// The `[admin]` table.
@@ -125,7 +127,8 @@ pub(crate) struct RawPassive {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawBackend {
-    pub(crate) addr: Spanned<String>,
+    pub(crate) addr: Option<Spanned<String>>,
+    pub(crate) srv: Option<Spanned<String>>,
     pub(crate) weight: Option<Spanned<f64>>,
     pub(crate) health_addr: Option<Spanned<String>>,
     pub(crate) max_connections: Option<Spanned<u64>>,

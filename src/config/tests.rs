@@ -314,3 +314,84 @@ fn shipped_example_configs_are_valid() {
     }
     assert!(checked > 0, "no example in {}", dir.display());
 }
+
+#[test]
+fn names_are_sources_of_backends_that_expand_after_the_addresses_written() {
+    let text = r#"
+[resolver]
+nameservers = ["127.0.0.1:5353", "::1"]
+refresh = "200ms"
+[[listener]]
+name = "chat"
+bind = "127.0.0.1:8000"
+[[listener.backend]]
+addr = "Vllm.Inference.svc.cluster.local.:8000"
+weight = 2
+max_connections = 8
+[[listener.backend]]
+addr = "127.0.0.1:9001"
+[[listener.backend]]
+srv = "_http._tcp.embed.local"
+"#;
+    let mut config = parse_str(text).expect("valid");
+    assert_eq!(
+        config.resolver.nameservers,
+        Some(vec![
+            "127.0.0.1:5353".parse().expect("literal"),
+            "[::1]:53".parse().expect("literal"),
+        ])
+    );
+    assert_eq!(config.resolver.timeout, discovery::DEFAULT_RESOLVE_TIMEOUT);
+    assert_eq!(config.resolver.refresh, MIN_REFRESH, "raised to 1 s");
+    let host = Target::Host {
+        host: "vllm.inference.svc.cluster.local".into(),
+        port: 8000,
+    };
+    let srv = Target::Srv {
+        name: "_http._tcp.embed.local".into(),
+    };
+    assert_eq!(config.names(), vec![&host, &srv]);
+    assert_eq!(
+        config.backend_count(),
+        1,
+        "only the address written, until resolved"
+    );
+    let addr = |s: &str| -> SocketAddr { s.parse().expect("literal") };
+    let answers = HashMap::from([
+        (
+            host.clone(),
+            vec![addr("10.0.0.2:8000"), addr("10.0.0.1:8000")],
+        ),
+        (
+            srv.clone(),
+            vec![addr("127.0.0.1:9001"), addr("10.0.0.9:7000")],
+        ),
+    ]);
+    config.expand(&answers);
+    let backends: Vec<(SocketAddr, f64, Option<u32>, Option<usize>)> = config.pools[0]
+        .backends
+        .iter()
+        .map(|b| {
+            (
+                b.addr,
+                b.weight.get(),
+                b.max_connections.map(NonZeroU32::get),
+                b.from_name,
+            )
+        })
+        .collect();
+    assert_eq!(
+        backends,
+        vec![
+            (addr("127.0.0.1:9001"), 1.0, None, None),
+            (addr("10.0.0.2:8000"), 2.0, Some(8), Some(0)),
+            (addr("10.0.0.1:8000"), 2.0, Some(8), Some(0)),
+            // 127.0.0.1:9001 is written as an address already: not added twice.
+            (addr("10.0.0.9:7000"), 1.0, None, Some(1)),
+        ]
+    );
+    // Expanding again replaces what the names gave; the addresses written stay.
+    config.expand(&HashMap::from([(host, vec![addr("10.0.0.3:8000")])]));
+    let addrs: Vec<SocketAddr> = config.pools[0].backends.iter().map(|b| b.addr).collect();
+    assert_eq!(addrs, vec![addr("127.0.0.1:9001"), addr("10.0.0.3:8000")]);
+}

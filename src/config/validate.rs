@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use toml::Spanned;
 
+use super::discovery::{Addr, NamedBackend, ResolverSettings, backend_addr, srv_name};
 use super::error::Owner;
 use super::raw::{RawAdmin, RawBackend, RawConfig, RawHealth, RawListener, RawLog, RawPassive};
 use super::{
@@ -117,6 +118,10 @@ impl Config {
             None => None,
             Some(admin) => Some(AdminConfig::from_raw(admin.into_inner(), &listeners)?),
         };
+        let resolver = match &raw.resolver {
+            Some(r) => ResolverSettings::from_raw(r.get_ref())?,
+            None => ResolverSettings::default(),
+        };
         Ok(Config {
             shutdown_grace,
             threads,
@@ -124,6 +129,7 @@ impl Config {
             log,
             listeners,
             pools,
+            resolver,
         })
     }
 }
@@ -174,21 +180,41 @@ impl PoolConfig {
             return Err((Some(span), ConfigErrorKind::NoBackends(owner)));
         }
         let mut backends: Vec<BackendConfig> = Vec::with_capacity(raw.backend.len());
+        let mut names: Vec<NamedBackend> = Vec::new();
         for spanned in raw.backend {
-            let backend = BackendConfig::from_raw(spanned.get_ref())?;
-            if backends.iter().any(|b| b.addr == backend.addr) {
-                let addr_span = spanned.get_ref().addr.span();
-                return Err((
-                    Some(addr_span),
-                    ConfigErrorKind::DuplicateBackend {
-                        owner,
-                        addr: backend.addr,
-                    },
-                ));
+            let entry_span = spanned.span();
+            match Entry::from_raw(spanned.get_ref(), entry_span)? {
+                Entry::Literal(backend, addr_span) => {
+                    if backends.iter().any(|b| b.addr == backend.addr) {
+                        return Err((
+                            Some(addr_span),
+                            ConfigErrorKind::DuplicateBackend {
+                                owner,
+                                addr: backend.addr,
+                            },
+                        ));
+                    }
+                    backends.push(backend);
+                }
+                Entry::Named(named, name_span) => {
+                    if names.iter().any(|n| n.target == named.target) {
+                        return Err((
+                            Some(name_span),
+                            ConfigErrorKind::DuplicateBackendName {
+                                owner,
+                                target: named.target,
+                            },
+                        ));
+                    }
+                    names.push(named);
+                }
             }
-            backends.push(backend);
         }
-        if backends.iter().all(|b| b.weight.is_zero()) {
+        let weights = backends
+            .iter()
+            .map(|b| b.weight)
+            .chain(names.iter().map(|n| n.weight));
+        if weights.into_iter().all(Weight::is_zero) {
             return Err((Some(span), ConfigErrorKind::AllWeightsZero(owner)));
         }
         Ok(PoolConfig {
@@ -200,7 +226,69 @@ impl PoolConfig {
             health,
             passive,
             backends,
+            names,
         })
+    }
+}
+
+/// One backend entry: an address, or a name that stands for the addresses it resolves to;
+/// with the span of what says which.
+enum Entry {
+    Literal(BackendConfig, Range<usize>),
+    Named(NamedBackend, Range<usize>),
+}
+
+impl Entry {
+    /// The entry `raw` describes; `span` is its table's, for a missing address.
+    fn from_raw(raw: &RawBackend, span: Range<usize>) -> Result<Entry, Invalid> {
+        let weight = match &raw.weight {
+            None => Weight::ONE,
+            Some(w) => Weight::new(*w.get_ref())
+                .ok_or((Some(w.span()), ConfigErrorKind::BadWeight(*w.get_ref())))?,
+        };
+        let max_connections = match &raw.max_connections {
+            Some(v) if *v.get_ref() == 0 => {
+                // Zero slots would queue every client until it times out: weight 0 (or a
+                // drain) is how a backend is kept from new connections.
+                return Err((Some(v.span()), ConfigErrorKind::ZeroSlots));
+            }
+            Some(v) => NonZeroU32::new(u32::try_from(*v.get_ref()).unwrap_or(u32::MAX)),
+            None => None,
+        };
+        let (target, target_span) = match (&raw.addr, &raw.srv) {
+            (Some(_), Some(srv)) => return Err((Some(srv.span()), ConfigErrorKind::AddrAndSrv)),
+            (None, None) => return Err((Some(span), ConfigErrorKind::NoBackendAddress)),
+            (None, Some(srv)) => (srv_name(srv)?, srv.span()),
+            (Some(addr), None) => match backend_addr(addr)? {
+                Addr::Name(target) => (target, addr.span()),
+                Addr::Literal(addr_value) => {
+                    let health_addr = match &raw.health_addr {
+                        Some(value) => Some(backend_address(value, "health_addr")?),
+                        None => None,
+                    };
+                    let backend = BackendConfig {
+                        addr: addr_value,
+                        weight,
+                        health_addr,
+                        max_connections,
+                        from_name: None,
+                    };
+                    return Ok(Entry::Literal(backend, addr.span()));
+                }
+            },
+        };
+        if let Some(health_addr) = &raw.health_addr {
+            return Err((
+                Some(health_addr.span()),
+                ConfigErrorKind::HealthAddrWithName,
+            ));
+        }
+        let named = NamedBackend {
+            target,
+            weight,
+            max_connections,
+        };
+        Ok(Entry::Named(named, target_span))
     }
 }
 
@@ -350,36 +438,6 @@ impl ListenerConfig {
             backend_congestion_control,
         };
         Ok((listener, inline))
-    }
-}
-
-impl BackendConfig {
-    fn from_raw(raw: &RawBackend) -> Result<BackendConfig, Invalid> {
-        let addr = backend_address(&raw.addr, "addr")?;
-        let weight = match &raw.weight {
-            None => Weight::ONE,
-            Some(w) => Weight::new(*w.get_ref())
-                .ok_or((Some(w.span()), ConfigErrorKind::BadWeight(*w.get_ref())))?,
-        };
-        let health_addr = match &raw.health_addr {
-            Some(value) => Some(backend_address(value, "health_addr")?),
-            None => None,
-        };
-        let max_connections = match &raw.max_connections {
-            Some(v) if *v.get_ref() == 0 => {
-                // Zero slots would queue every client until it times out: weight 0 (or a
-                // drain) is how a backend is kept from new connections.
-                return Err((Some(v.span()), ConfigErrorKind::ZeroSlots));
-            }
-            Some(v) => NonZeroU32::new(u32::try_from(*v.get_ref()).unwrap_or(u32::MAX)),
-            None => None,
-        };
-        Ok(BackendConfig {
-            addr,
-            weight,
-            health_addr,
-            max_connections,
-        })
     }
 }
 

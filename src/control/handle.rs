@@ -13,13 +13,13 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::task::TaskTracker;
 
 use super::summary::{ReloadError, ReloadSummary};
-use crate::config::Config;
+use crate::config::{Config, Target};
 use crate::dataplane::workers::Placement;
 use crate::health::Health;
 use crate::snapshot::{Pool, Snapshot, SnapshotCell};
 use crate::state::{
-    AdminState, BackendCounters, ListenerCounters, QueueCounters, Registry, RemovedBackend,
-    Republisher,
+    AdminState, BackendCounters, ListenerCounters, NameStatus, QueueCounters, Registry,
+    RemovedBackend, Republisher,
 };
 
 /// Requests waiting for the control task; senders wait when it is full.
@@ -265,6 +265,11 @@ impl Handle {
                 .map(|b| (b.addr, b.effective_weight))
                 .collect(),
         )
+    }
+
+    /// Every backend name the pools resolve, with its addresses in force and its failures.
+    pub fn names(&self) -> Vec<(Target, NameStatus)> {
+        self.shared.registry.names().all()
     }
 
     /// Health of backend `addr` in listener `listener`, if it is configured.

@@ -204,12 +204,14 @@ pub(crate) fn log_listening(config: &Config, listener: &ListenerConfig, local_ad
             None => format!("{}*{}", b.addr, b.weight),
         })
         .collect();
+    let names: Vec<String> = pool.names.iter().map(|n| n.target.to_string()).collect();
     info!(
         listener = %listener.name,
         bind = %local_addr,
         pool = %pool.name,
         strategy = %pool.strategy,
         backends = %backends.join(","),
+        names = %names.join(","),
         "listening"
     );
 }

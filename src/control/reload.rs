@@ -22,6 +22,9 @@ use crate::snapshot::Snapshot;
 impl ControlTask {
     /// Switches to `new`: all or nothing (see the `reload` module).
     pub(super) async fn apply(&mut self, mut new: Config) -> Result<ReloadSummary, ReloadError> {
+        // A name the running configuration has keeps its addresses; a new one has none until
+        // its first answer (see `ControlTask::follow_names`).
+        new.expand(self.discovery.answers());
         // 1. Decide what happens to each listener, and bind every new socket. A failure here
         //    drops the sockets bound so far and changes nothing else.
         let kept: HashSet<&str> = new
@@ -133,14 +136,7 @@ impl ControlTask {
         self.listeners.close_orphaned_queues(&new, &self.registry);
         self.listeners.dispatch_all();
 
-        self.registry.retain(
-            |name| new.listeners.iter().any(|l| l.name == name),
-            |name| new.pool(name).is_some(),
-            |name, addr| {
-                new.pool(name)
-                    .is_some_and(|p| p.backends.iter().any(|b| b.addr == addr))
-            },
-        );
+        self.registry.retain_config(&new);
         let summary = ReloadSummary::between(&self.config, &new);
         // The admin endpoint, the log format and the worker threads are set up once, at start.
         // Keeping the values in force here means the next reload still reports them as waiting
@@ -149,6 +145,7 @@ impl ControlTask {
         new.threads = self.config.threads;
         new.log.format = self.config.log.format;
         self.config = new;
+        self.discovery.sync(&self.config, self.registry.names());
         Ok(summary)
     }
 }

@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use super::discovery::Discovery;
 use super::handle::{AdminError, Handle, Reply, Request, Scope};
 use super::listeners::{Listeners, Stopped};
 use super::summary::{ReloadError, ReloadSummary};
@@ -27,6 +28,10 @@ use crate::dataplane::accept::Bound;
 use crate::dataplane::workers::Placement;
 use crate::snapshot::{CustomStrategies, Snapshot};
 use crate::state::{AdminState, Registry};
+
+/// How long the first resolution of the backend names may hold up the first accept, in
+/// resolver timeouts (a query is tried twice).
+const FIRST_ANSWERS_FACTOR: u32 = 2;
 
 /// The control task's state.
 #[derive(Debug)]
@@ -42,6 +47,8 @@ pub(crate) struct ControlTask {
     pub(super) health: Supervisor,
     /// Strategies set by the library caller in place of the file's, by listener name.
     pub(super) strategies: CustomStrategies,
+    /// The backend names being resolved, and their addresses in force.
+    pub(super) discovery: Discovery,
 }
 
 impl ControlTask {
@@ -73,6 +80,7 @@ impl ControlTask {
             listeners,
             health,
             strategies,
+            discovery: Discovery::default(),
         }
     }
 
@@ -80,12 +88,24 @@ impl ControlTask {
     /// wake-ups until `shutdown` is cancelled; then stops accepting, waits up to
     /// `shutdown_grace` for open connections and closes the rest.
     pub(crate) async fn run(mut self, bound: Vec<Bound>, shutdown: CancellationToken) -> Stopped {
-        let binds: HashMap<&str, SocketAddr> = self
+        let binds: HashMap<String, SocketAddr> = self
             .config
             .listeners
             .iter()
-            .map(|l| (l.name.as_str(), l.bind))
+            .map(|l| (l.name.clone(), l.bind))
             .collect();
+        // Backend names get one try at resolving before the first client is accepted (the
+        // sockets are bound: clients wait in the backlog meanwhile); a name that does not
+        // answer in time joins when it does.
+        self.discovery.sync(&self.config, self.registry.names());
+        let first_answers = Instant::now() + FIRST_ANSWERS_FACTOR * self.config.resolver.timeout;
+        if self
+            .discovery
+            .first(self.registry.names(), first_answers)
+            .await
+        {
+            self.follow_names();
+        }
         for bound in bound {
             let bind = binds[bound.name.as_str()];
             self.listeners.start(bound, bind);
@@ -96,6 +116,7 @@ impl ControlTask {
         loop {
             let deadline = self.health.next_deadline(Instant::now());
             let mut due = false;
+            let mut resolution = None;
             let request = tokio::select! {
                 () = shutdown.cancelled() => break,
                 request = self.requests.recv() => match request {
@@ -103,6 +124,10 @@ impl ControlTask {
                     None => break,
                 },
                 Some(()) = self.woken.recv() => None,
+                resolved = self.discovery.next() => {
+                    resolution = Some(resolved);
+                    None
+                }
                 () = sleep_until(deadline) => {
                     due = true;
                     None
@@ -110,6 +135,11 @@ impl ControlTask {
             };
             if let Some(request) = request {
                 self.handle_request(request).await;
+            }
+            if let Some(resolved) = resolution {
+                if self.discovery.record(resolved, self.registry.names()) {
+                    self.follow_names();
+                }
             }
             // Live state changed since the last build (a health result, a passive ejection, a
             // ramp step, ...): apply what is due, then rebuild once, however many changes and
@@ -219,6 +249,17 @@ impl ControlTask {
         self.listeners.snapshots.store(Arc::new(snapshot));
         // Weights, health or reported load changed: waiting clients may fit now.
         self.listeners.dispatch_all();
+    }
+
+    /// Gives the pools the addresses their names resolve to now: new addresses join as new
+    /// backends, vanished ones leave as a reload removes backends (their connections go on).
+    fn follow_names(&mut self) {
+        let mut new = self.config.clone();
+        new.expand(self.discovery.answers());
+        self.health.sync(&new, &self.registry);
+        self.config = new;
+        self.republish();
+        self.registry.retain_config(&self.config);
     }
 
     async fn reload_file(&mut self) -> Result<ReloadSummary, ReloadError> {

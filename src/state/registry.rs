@@ -18,7 +18,9 @@ use tokio::sync::mpsc::error::TrySendError;
 
 use super::backend::{AdminState, BackendState};
 use super::listener::ListenerStats;
+use super::names::Names;
 use super::pool::PoolState;
+use crate::config::Config;
 
 /// Asks the control task to rebuild the snapshot because live state changed.
 ///
@@ -68,6 +70,8 @@ impl Republisher {
 pub(crate) struct Registry {
     inner: Mutex<RegistryInner>,
     republisher: Republisher,
+    /// What the resolver found for each backend name.
+    names: Names,
 }
 
 /// A backend the running configuration no longer has that still carries connections (see
@@ -95,7 +99,27 @@ impl Registry {
         Registry {
             inner: Mutex::default(),
             republisher,
+            names: Names::default(),
         }
+    }
+
+    /// What the resolver found for each backend name.
+    pub(crate) fn names(&self) -> &Names {
+        &self.names
+    }
+
+    /// Forgets the live state of listeners, pools and backends `config` no longer has (see
+    /// [`Registry::retain`]).
+    pub(crate) fn retain_config(&self, config: &Config) {
+        self.retain(
+            |name| config.listeners.iter().any(|l| l.name == name),
+            |name| config.pool(name).is_some(),
+            |name, addr| {
+                config
+                    .pool(name)
+                    .is_some_and(|p| p.backends.iter().any(|b| b.addr == addr))
+            },
+        );
     }
 
     /// The republisher pools hand to the connection path.
@@ -222,17 +246,8 @@ mod tests {
             }
             crate::config::parse(&text, std::path::Path::new("t.toml")).expect("valid")
         };
-        let retain = |registry: &Registry, config: &crate::config::Config| {
-            registry.retain(
-                |name| config.listeners.iter().any(|l| l.name == name),
-                |name| config.pool(name).is_some(),
-                |name, addr| {
-                    config
-                        .pool(name)
-                        .is_some_and(|p| p.backends.iter().any(|b| b.addr == addr))
-                },
-            );
-        };
+        let retain =
+            |registry: &Registry, config: &crate::config::Config| registry.retain_config(config);
         let registry = Registry::default();
         let kept: SocketAddr = "127.0.0.1:9001".parse().expect("literal");
         let removed: SocketAddr = "127.0.0.1:9002".parse().expect("literal");

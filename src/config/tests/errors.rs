@@ -479,3 +479,85 @@ fn a_listener_without_backends_is_told_about_pool_too() {
     let (_, message) = error("[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\n");
     assert!(message.contains("or `pool = \"...\"`"), "{message}");
 }
+
+#[test]
+fn backend_names_and_the_resolver_table_are_checked() {
+    let listener = "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\n";
+    let entry = "[[listener.backend]]\n";
+    let cases: Vec<(String, Option<usize>, &str)> = vec![
+        (
+            format!("{listener}{entry}addr = \"10.0.0:8000\"\n"),
+            Some(5),
+            "expected IP:port such as 127.0.0.1:8000 or [::1]:8000, or a DNS name and port",
+        ),
+        (
+            format!("{listener}{entry}addr = \"gpu_01 .local:8000\"\n"),
+            Some(5),
+            "`addr`: invalid address `gpu_01 .local:8000`",
+        ),
+        (
+            format!("{listener}{entry}addr = \"vllm.local:0\"\n"),
+            Some(5),
+            "port 0 in `vllm.local:0`",
+        ),
+        (
+            format!("{listener}{entry}addr = \"vllm.local\"\n"),
+            Some(5),
+            "invalid address `vllm.local`",
+        ),
+        (
+            format!(
+                "{listener}{entry}addr = \"vllm.local:8000\"\nsrv = \"_http._tcp.vllm.local\"\n"
+            ),
+            Some(6),
+            "a backend has `addr` or `srv`, not both",
+        ),
+        (
+            format!("{listener}{entry}weight = 2\n"),
+            Some(4),
+            "a backend needs `addr` (IP:port or NAME:port) or `srv`",
+        ),
+        (
+            format!("{listener}{entry}srv = \"not a name\"\n"),
+            Some(5),
+            "`srv`: invalid name `not a name`",
+        ),
+        (
+            format!("{listener}{entry}addr = \"vllm.local:8000\"\nhealth_addr = \"127.0.0.1:9\"\n"),
+            Some(6),
+            "`health_addr` cannot be set on a backend given by name",
+        ),
+        (
+            format!(
+                "{listener}{entry}addr = \"vllm.local:8000\"\n{entry}addr = \"VLLM.local.:8000\"\n"
+            ),
+            Some(7),
+            "listener `a`: backend name `vllm.local:8000` is listed twice",
+        ),
+        (
+            format!(
+                "[resolver]\nnameservers = [\"dns.local\"]\n{listener}{entry}addr = \"vllm.local:8000\"\n"
+            ),
+            Some(2),
+            "`nameservers`: invalid nameserver `dns.local`",
+        ),
+        (
+            format!("[resolver]\nnameservers = []\n{listener}{entry}addr = \"vllm.local:8000\"\n"),
+            Some(2),
+            "`nameservers`: empty",
+        ),
+        (
+            format!("[resolver]\nrefresh = \"0s\"\n{listener}{entry}addr = \"vllm.local:8000\"\n"),
+            Some(2),
+            "`refresh`",
+        ),
+        (
+            format!(
+                "[resolver]\ntimeout = \"fast\"\n{listener}{entry}addr = \"vllm.local:8000\"\n"
+            ),
+            Some(2),
+            "`timeout`: invalid duration `fast`",
+        ),
+    ];
+    assert_refused(cases);
+}
