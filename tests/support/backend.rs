@@ -102,8 +102,20 @@ impl Mock {
         mocks
     }
 
+    /// An identify backend on `addr` (an address and port of the test's choosing, such as
+    /// one port on several 127.0.0.x addresses); `None` if `addr` is taken.
+    pub async fn identify_at(addr: SocketAddr, id: u8) -> Option<Mock> {
+        let listener = TcpListener::bind(addr).await.ok()?;
+        let addr = listener.local_addr().ok()?;
+        Some(Mock::serve(listener, addr, Some(id)))
+    }
+
     async fn start(greeting: Option<u8>) -> Mock {
         let (listener, addr) = bind("mock").await;
+        Mock::serve(listener, addr, greeting)
+    }
+
+    fn serve(listener: TcpListener, addr: SocketAddr, greeting: Option<u8>) -> Mock {
         let tally = Arc::new(Tally::default());
         let counts = Arc::clone(&tally);
         serve_each(listener, "mock", move |stream| {
