@@ -16,7 +16,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::discovery::Discovery;
 use super::handle::{AdminError, Handle, Reply, Request, Scope};
@@ -254,12 +254,18 @@ impl ControlTask {
     /// Gives the pools the addresses their names resolve to now: new addresses join as new
     /// backends, vanished ones leave as a reload removes backends (their connections go on).
     fn follow_names(&mut self) {
+        let started = std::time::Instant::now();
         let mut new = self.config.clone();
         new.expand(self.discovery.answers());
         self.health.sync(&new, &self.registry);
         self.config = new;
         self.republish();
         self.registry.retain_config(&self.config);
+        debug!(
+            backends = self.config.backend_count(),
+            took_us = started.elapsed().as_micros(),
+            "backend names applied"
+        );
     }
 
     async fn reload_file(&mut self) -> Result<ReloadSummary, ReloadError> {
