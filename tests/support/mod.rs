@@ -1,6 +1,6 @@
 //! Shared helpers for the end-to-end tests: backends on loopback, clients, the balancer started
-//! in-process or as the binary, the admin endpoint, and deadline-bounded polling instead of
-//! sleeps.
+//! in-process or as the binary, the admin endpoint, an authoritative DNS server for backends
+//! given by name, and deadline-bounded polling instead of sleeps.
 //!
 //! Every socket is on 127.0.0.1 with a port the kernel picks, so test files can run in parallel.
 
@@ -9,6 +9,7 @@
 
 mod backend;
 mod client;
+mod dns;
 mod poll;
 mod process;
 
@@ -26,7 +27,7 @@ use weighbridge::{
 };
 
 #[allow(unused_imports)]
-pub use {backend::*, client::*, poll::*, process::*};
+pub use {backend::*, client::*, dns::*, poll::*, process::*};
 
 /// The listener name every in-process config uses.
 pub const LISTENER: &str = "lb";
