@@ -124,6 +124,9 @@ pub(crate) fn resolver(settings: &ResolverSettings) -> Result<TokioResolver, Fai
         }
     };
     options.timeout = settings.timeout;
+    // One retry after a timeout (two sends in all): a lost datagram is not a failure, and a
+    // silent server costs twice `timeout`, not hickory's default of three times.
+    options.attempts = 1;
     // Every resolution asks the servers: a cached answer would hide a pod that left.
     options.cache_size = 0;
     options.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;

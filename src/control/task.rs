@@ -30,8 +30,10 @@ use crate::snapshot::{CustomStrategies, Snapshot};
 use crate::state::{AdminState, Registry};
 
 /// How long the first resolution of the backend names may hold up the first accept, in
-/// resolver timeouts (a query is tried twice).
+/// resolver timeouts (a query is sent twice), plus [`FIRST_ANSWERS_MARGIN`].
 const FIRST_ANSWERS_FACTOR: u32 = 2;
+/// Time beyond the queries' own for the answers to be applied.
+const FIRST_ANSWERS_MARGIN: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// The control task's state.
 #[derive(Debug)]
@@ -98,7 +100,9 @@ impl ControlTask {
         // sockets are bound: clients wait in the backlog meanwhile); a name that does not
         // answer in time joins when it does.
         self.discovery.sync(&self.config, self.registry.names());
-        let first_answers = Instant::now() + FIRST_ANSWERS_FACTOR * self.config.resolver.timeout;
+        let first_answers = Instant::now()
+            + FIRST_ANSWERS_FACTOR * self.config.resolver.timeout
+            + FIRST_ANSWERS_MARGIN;
         if self
             .discovery
             .first(self.registry.names(), first_answers)
