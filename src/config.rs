@@ -245,6 +245,25 @@ impl BackendConfig {
     }
 }
 
+impl Config {
+    /// The PROXY header version connections to `backend` of `pool` start with: the backend's
+    /// own `send_proxy`, else that of the first listener (in file order) sending to the pool.
+    pub(crate) fn send_proxy(
+        &self,
+        pool: &PoolConfig,
+        backend: &BackendConfig,
+    ) -> Option<ProxyVersion> {
+        match backend.send_proxy {
+            Some(own) => own.version(),
+            None => self
+                .listeners
+                .iter()
+                .find(|l| l.pool == pool.name)
+                .and_then(|l| l.clients.send_proxy),
+        }
+    }
+}
+
 /// A backend weight: a finite number ≥ 0. Zero means "drained": no new connections.
 ///
 /// A newtype so that a NaN, an infinity or a negative weight cannot reach a strategy, whose

@@ -408,3 +408,29 @@ async fn allow_and_deny_lists_go_by_the_clients_address() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_probes_to_a_backend_that_gets_headers_send_a_local_one() {
+    bounded(LIMIT, async {
+        for (send, kind, version) in [("v1", "tcp", 1), ("v2", "http", 2)] {
+            let backend = HeaderBackend::start().await;
+            let lb = start(&config(
+                &format!(
+                    "send_proxy = \"{send}\"\n[listener.health]\nkind = \"{kind}\"\n\
+                     interval = \"100ms\"\ntimeout = \"500ms\""
+                ),
+                backend.addr,
+                "",
+            ));
+            eventually_eq(SOON, "a probe's header", true, || {
+                backend
+                    .seen()
+                    .iter()
+                    .any(|s| s.version == version && s.source.is_none())
+            })
+            .await;
+            lb.stop().await;
+        }
+    })
+    .await;
+}

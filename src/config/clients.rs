@@ -34,6 +34,19 @@ pub(crate) enum ProxyVersion {
     V2,
 }
 
+impl ProxyVersion {
+    /// The header of a connection that carries no client (v2 LOCAL, v1 UNKNOWN): what a
+    /// health probe or a load scrape sends first to a backend that expects a header
+    /// (HAProxy's `check-send-proxy`).
+    pub(crate) fn local_header(self) -> &'static [u8] {
+        match self {
+            ProxyVersion::V1 => b"PROXY UNKNOWN\r\n",
+            // Signature, version 2 + LOCAL, AF_UNSPEC, no address bytes.
+            ProxyVersion::V2 => b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00",
+        }
+    }
+}
+
 /// `send_proxy` as written: a version, or `"none"` (a backend that does not speak it, under a
 /// listener that sends it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
