@@ -15,14 +15,15 @@
 //! per-client limits.
 
 // `max_connections_per_client` and `connection_rate_per_client` are parsed into these next;
-// until then only tests use them.
+// until then only tests and the benches (through `weighbridge::bench`) use them.
 #[allow(dead_code)]
 mod client_limits;
 mod congestion;
 mod discovery;
 mod error;
 mod health;
-// `allow` and `deny` are parsed into these next; until then only its tests use them.
+// `allow` and `deny` are parsed into these next; until then only its tests and the benches
+// (through `weighbridge::bench`) use them.
 #[allow(dead_code)]
 mod networks;
 mod raw;

@@ -8,7 +8,7 @@
 
 pub(crate) mod backend;
 // The data path admits clients through this next (per-client limits of listeners); until then
-// only its tests use it.
+// only its tests and the benches (through `weighbridge::bench`) use it.
 #[allow(dead_code)]
 pub(crate) mod clients;
 pub(crate) mod histogram;
