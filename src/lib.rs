@@ -15,6 +15,9 @@
 
 mod admin;
 mod balancer;
+#[cfg(feature = "bench-internals")]
+#[doc(hidden)]
+pub mod bench;
 mod config;
 mod control;
 mod dataplane;
@@ -32,8 +35,5 @@ pub use control::{
 pub use dataplane::ACCESS_LOG_TARGET;
 pub use dataplane::accept::BindError;
 pub use health::{Health, HealthStatus, LastCheck, ProbeError};
-#[cfg(feature = "bench-internals")]
-#[doc(hidden)]
-pub use snapshot::bench;
 pub use state::{AdminState, BackendCounters, ListenerCounters, NameStatus, QueueCounters};
 pub use strategy::{BuildStrategy, Candidate, LiveBackend, OpenGuard, Strategy, StrategyKind};

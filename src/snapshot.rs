@@ -812,10 +812,9 @@ mod tests {
     }
 }
 
-/// What the benches measure beneath the public API, with feature `bench-internals`: a pool's
-/// pick with slots (`benches/slots.rs`).
+/// A pool's pick with slots, for `benches/slots.rs` through `weighbridge::bench`.
 #[cfg(feature = "bench-internals")]
-pub mod bench {
+pub(crate) mod bench {
     use std::collections::HashMap;
     use std::sync::Arc;
 

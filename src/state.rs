@@ -7,6 +7,10 @@
 //! for a pool's queue, which only clients that wait for a slot (and whoever serves them) take.
 
 pub(crate) mod backend;
+// The data path admits clients through this next (per-client limits of listeners); until then
+// only its tests and the benches (through `weighbridge::bench`) use it.
+#[allow(dead_code)]
+pub(crate) mod clients;
 pub(crate) mod histogram;
 pub(crate) mod listener;
 pub(crate) mod names;
@@ -15,6 +19,8 @@ pub(crate) mod registry;
 
 pub(crate) use backend::{ActiveConn, BackendState};
 pub use backend::{AdminState, BackendCounters};
+#[allow(unused_imports)]
+pub(crate) use clients::{ClientGuard, ClientTable, Limited};
 pub use listener::ListenerCounters;
 pub(crate) use listener::{ListenerStats, OpenConn, Rejection};
 pub use names::NameStatus;
