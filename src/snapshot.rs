@@ -14,13 +14,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use ipnet::IpNet;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::config::{
-    AllUnhealthy, ClientsConfig, Config, CongestionControl, ListenerConfig, PoolConfig,
-    ProxyAccept, ProxyVersion, SendProxy, Weight,
+    Access, AllUnhealthy, ClientLimits, ClientsConfig, Config, CongestionControl, ListenerConfig,
+    Networks, PoolConfig, ProxyAccept, ProxyVersion, SendProxy, Weight,
 };
 use crate::state::{
     ActiveConn, BackendState, ListenerStats, OpenConn, PoolState, Registry, Republisher,
@@ -160,14 +159,14 @@ pub(crate) struct ClientControls {
     /// Each connection starts with a PROXY header of this kind.
     pub accept_proxy: Option<ProxyAccept>,
     /// Peers whose PROXY header is believed.
-    pub trusted: Vec<IpNet>,
+    pub trusted: Networks,
     /// The header written before a connection's bytes to its backend, unless the backend has
     /// its own `send_proxy`.
     pub send_proxy: Option<ProxyVersion>,
-    /// Client networks accepted; `None`: all.
-    pub allow: Option<Vec<IpNet>>,
-    /// Client networks refused.
-    pub deny: Vec<IpNet>,
+    /// `allow` and `deny`.
+    pub access: Access,
+    /// Per-client limits, enforced in the listener's `ClientTable`.
+    pub limits: ClientLimits,
 }
 
 impl ClientControls {
@@ -176,26 +175,20 @@ impl ClientControls {
             accept_proxy: config.accept_proxy,
             trusted: config.proxy_trusted.clone(),
             send_proxy: config.send_proxy,
-            allow: config.allow.clone(),
-            deny: config.deny.clone(),
+            access: config.access.clone(),
+            limits: config.limits,
         }
     }
 
     /// Whether `peer` may send a PROXY header.
     pub(crate) fn trusts(&self, peer: IpAddr) -> bool {
-        contains(&self.trusted, peer)
+        self.trusted.contains(peer)
     }
 
     /// Whether a client from `ip` is let in by the allow and deny lists.
     pub(crate) fn admits(&self, ip: IpAddr) -> bool {
-        self.allow.as_ref().is_none_or(|allow| contains(allow, ip)) && !contains(&self.deny, ip)
+        self.access.admits(ip)
     }
-}
-
-/// Whether one of `networks` holds `ip` (an IPv4-mapped IPv6 address counts as IPv4).
-fn contains(networks: &[IpNet], ip: IpAddr) -> bool {
-    let ip = ip.to_canonical();
-    networks.iter().any(|net| net.contains(&ip))
 }
 
 /// The per-connection settings of a listener.

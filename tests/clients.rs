@@ -313,7 +313,7 @@ async fn missing_malformed_late_and_untrusted_headers_are_closed_before_any_back
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_local_header_is_the_peer_and_goes_on_as_local_and_a_backend_may_opt_out() {
+async fn a_local_header_leaves_the_peer_as_the_client_and_a_backend_may_opt_out() {
     bounded(LIMIT, async {
         let backend = HeaderBackend::start().await;
         let lb = start(&config(
@@ -329,10 +329,15 @@ async fn a_local_header_is_the_peer_and_goes_on_as_local_and_a_backend_may_opt_o
         .build()
         .expect("LOCAL header");
         let mut client = within(TcpStream::connect(lb.addr)).await.expect("connect");
+        let peer = client.local_addr().expect("address");
         within(client.write_all(&local)).await.expect("write");
         assert_eq!(round_trip(&mut client, b"ping").await, b"ping");
         let seen = backend.seen()[0].clone();
-        assert_eq!((seen.source, seen.version), (None, 2), "sent on as LOCAL");
+        assert_eq!(
+            (seen.source, seen.version),
+            (Some(peer), 2),
+            "sent on with the peer's address, as HAProxy does"
+        );
         lb.stop().await;
 
         // send_proxy without accept_proxy: the peer's own address; "none" on a backend: no
@@ -424,6 +429,66 @@ async fn health_probes_to_a_backend_that_gets_headers_send_a_local_one() {
             .await;
             lb.stop().await;
         }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_client_address_has_its_own_connection_and_rate_limits() {
+    bounded(LIMIT, async {
+        let backend = HeaderBackend::start().await;
+        let lb = start(&config(
+            "max_connections_per_client = 2\nsend_proxy = \"v1\"",
+            backend.addr,
+            "",
+        ));
+        let mut first = connect_from("127.0.0.2", lb.addr).await;
+        let mut second = connect_from("127.0.0.2", lb.addr).await;
+        for client in [&mut first, &mut second] {
+            assert_eq!(round_trip(client, b"ok").await, b"ok");
+        }
+        let mut third = connect_from("127.0.0.2", lb.addr).await;
+        assert_closed_without_data(&mut third, SOON).await;
+        assert_eq!(counters(&lb).rejected_client_limit, 1);
+        // Another address has limits of its own.
+        let mut other = connect_from("127.0.0.3", lb.addr).await;
+        assert_eq!(round_trip(&mut other, b"ok").await, b"ok");
+        assert_eq!(lb.handle.tracked_clients(LISTENER), Some(2));
+        // A closed connection gives its place back.
+        drop(first);
+        let mut again = loop {
+            let mut client = connect_from("127.0.0.2", lb.addr).await;
+            within(client.write_all(b"ok")).await.expect("write");
+            let mut back = [0_u8; 2];
+            if client.read_exact(&mut back).await.is_ok() {
+                break client;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(round_trip(&mut again, b"ok").await, b"ok");
+        // With no rate limit, an address with nothing open is forgotten at once.
+        drop((second, again, other));
+        eventually_eq(SOON, "nobody tracked", Some(0), || {
+            lb.handle.tracked_clients(LISTENER)
+        })
+        .await;
+        lb.stop().await;
+
+        let lb = start(&config(
+            "connection_rate_per_client = \"3/1m\"\nsend_proxy = \"v1\"",
+            backend.addr,
+            "",
+        ));
+        for _ in 0..3 {
+            let mut client = connect_from("127.0.0.4", lb.addr).await;
+            assert_eq!(round_trip(&mut client, b"ok").await, b"ok");
+        }
+        let mut fourth = connect_from("127.0.0.4", lb.addr).await;
+        assert_closed_without_data(&mut fourth, SOON).await;
+        assert_eq!(counters(&lb).rejected_client_rate, 1);
+        let mut other = connect_from("127.0.0.5", lb.addr).await;
+        assert_eq!(round_trip(&mut other, b"ok").await, b"ok");
+        lb.stop().await;
     })
     .await;
 }

@@ -50,6 +50,8 @@ const EXAMPLE_VALUES: &[(&str, &str, &str)] = &[
     ("listener", "send_proxy", r#""v2""#),
     ("listener", "allow", r#"["10.0.0.0/8", "192.168.0.0/16"]"#),
     ("listener", "deny", r#"["10.1.2.0/24"]"#),
+    ("listener", "max_connections_per_client", "64"),
+    ("listener", "connection_rate_per_client", r#""20/s""#),
     ("pool.backend", "send_proxy", r#""none""#),
     ("listener.backend", "send_proxy", r#""none""#),
     ("pool.backend", "health_addr", r#""127.0.0.1:9201""#),

@@ -89,6 +89,8 @@ struct ListenerStatus {
     /// `null`: the system's.
     backend_congestion_control: Option<String>,
     connections: ListenerConnections,
+    /// Client addresses the per-client limits track now (0 without them).
+    tracked_clients: usize,
     /// The pool's backends, as under `pools`.
     backends: Vec<BackendStatus>,
 }
@@ -299,6 +301,7 @@ impl ListenerStatus {
                 .backend_congestion_control
                 .map(|cc| cc.to_string()),
             connections: listener.stats().counters().into(),
+            tracked_clients: listener.stats().clients().tracked(),
             backends: pool.backends().iter().map(BackendStatus::of).collect(),
         }
     }

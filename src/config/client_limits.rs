@@ -26,6 +26,7 @@ impl Rate {
     }
 
     /// The period the count is given over; a quiet client's bucket is full again after it.
+    #[cfg(test)]
     pub(crate) fn per(&self) -> Duration {
         self.per
     }

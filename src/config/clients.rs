@@ -1,17 +1,14 @@
 //! What a listener knows of its clients: the PROXY protocol both ways, which networks may
 //! connect, and per-client limits.
 
-use std::fmt;
-use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::time::Duration;
 
-use ipnet::IpNet;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::ConfigErrorKind;
 use super::validate::Invalid;
+use super::{Access, ClientLimits, ConfigErrorKind, Networks, Rate};
 
 /// Which PROXY protocol headers a listener takes (`accept_proxy`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -67,36 +64,19 @@ impl SendProxy {
     }
 }
 
-/// New connections per client address: `count` per `per`, with a burst of `count`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Rate {
-    pub count: NonZeroU32,
-    pub per: Duration,
-}
-
-impl fmt::Display for Rate {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.count, humantime::format_duration(self.per))
-    }
-}
-
 /// A listener's client controls. All off by default.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub(crate) struct ClientsConfig {
     /// Each connection must start with a PROXY header of this kind.
     pub accept_proxy: Option<ProxyAccept>,
     /// Peers allowed to send a header (required with `accept_proxy`).
-    pub proxy_trusted: Vec<IpNet>,
+    pub proxy_trusted: Networks,
     /// The header written to backends, unless a backend says otherwise.
     pub send_proxy: Option<ProxyVersion>,
-    /// Client networks accepted; `None`: all.
-    pub allow: Option<Vec<IpNet>>,
-    /// Client networks refused, even when allowed.
-    pub deny: Vec<IpNet>,
-    /// Open connections per client address at most.
-    pub max_connections_per_client: Option<NonZeroU32>,
-    /// New connections per client address.
-    pub connection_rate_per_client: Option<Rate>,
+    /// `allow` and `deny`.
+    pub access: Access,
+    /// `max_connections_per_client` and `connection_rate_per_client`.
+    pub limits: ClientLimits,
 }
 
 /// The raw keys of [`ClientsConfig`], from a `[[listener]]` table.
@@ -115,7 +95,7 @@ impl ClientsConfig {
         let accept_proxy = raw.accept_proxy.as_ref().map(|v| *v.get_ref());
         let proxy_trusted = match raw.proxy_trusted {
             Some(list) => networks(list, "proxy_trusted")?,
-            None => Vec::new(),
+            None => Networks::default(),
         };
         match (raw.accept_proxy, raw.proxy_trusted) {
             (Some(accept), None) => {
@@ -135,54 +115,46 @@ impl ClientsConfig {
             ),
             None => None,
         };
+        let allow = match raw.allow {
+            Some(list) => Some(networks(list, "allow")?),
+            None => None,
+        };
+        let deny = match raw.deny {
+            Some(list) => Some(networks(list, "deny")?),
+            None => None,
+        };
         Ok(ClientsConfig {
             accept_proxy,
             proxy_trusted,
             send_proxy: raw.send_proxy.as_ref().and_then(|v| v.get_ref().version()),
-            allow: match raw.allow {
-                Some(list) => Some(networks(list, "allow")?),
-                None => None,
-            },
-            deny: match raw.deny {
-                Some(list) => networks(list, "deny")?,
-                None => Vec::new(),
-            },
-            max_connections_per_client,
-            connection_rate_per_client: match raw.connection_rate_per_client {
-                Some(v) => Some(rate(v)?),
-                None => None,
+            access: Access::new(allow, deny),
+            limits: ClientLimits {
+                max_open: max_connections_per_client,
+                rate: match raw.connection_rate_per_client {
+                    Some(v) => Some(rate(v)?),
+                    None => None,
+                },
             },
         })
     }
 }
 
-/// A list of networks: `10.0.0.0/8`, `::1/128`, or a bare address (one host). Host bits set
-/// under the prefix are cleared, as HAProxy and nginx do (`10.1.2.3/8` is `10.0.0.0/8`).
-fn networks(
-    list: &Spanned<Vec<Spanned<String>>>,
-    key: &'static str,
-) -> Result<Vec<IpNet>, Invalid> {
-    let mut parsed = Vec::with_capacity(list.get_ref().len());
-    for value in list.get_ref() {
-        let text = value.get_ref().trim();
-        let net = match text.parse::<IpNet>() {
-            Ok(net) => net.trunc(),
-            Err(_) => match text.parse::<IpAddr>() {
-                Ok(ip) => IpNet::from(ip),
-                Err(_) => {
-                    return Err((
-                        Some(value.span()),
-                        ConfigErrorKind::BadNetwork {
-                            key,
-                            value: value.get_ref().clone(),
-                        },
-                    ));
-                }
-            },
-        };
-        parsed.push(net);
-    }
-    Ok(parsed)
+/// A list of networks: `10.0.0.0/8`, `::1/128`, or a bare address (one host); the error
+/// names the first entry that is none of these, on its line.
+fn networks(list: &Spanned<Vec<Spanned<String>>>, key: &'static str) -> Result<Networks, Invalid> {
+    let entries: Vec<&str> = list
+        .get_ref()
+        .iter()
+        .map(|v| v.get_ref().as_str())
+        .collect();
+    Networks::parse(&entries).map_err(|error| {
+        let at = list
+            .get_ref()
+            .iter()
+            .find(|v| Networks::parse(&[v.get_ref()]).is_err())
+            .map_or(list.span(), Spanned::span);
+        (Some(at), ConfigErrorKind::BadNetwork { key, error })
+    })
 }
 
 /// A rate: `COUNT/s`, `COUNT/m`, `COUNT/h`, or `COUNT/DURATION` (`5/100ms`).
@@ -205,5 +177,5 @@ fn rate(value: &Spanned<String>) -> Result<Rate, Invalid> {
     if per.is_zero() || per > super::MAX_DURATION {
         return Err(bad());
     }
-    Ok(Rate { count, per })
+    Rate::new(count, per).ok_or_else(bad)
 }

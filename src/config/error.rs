@@ -10,8 +10,8 @@ use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::PathBuf;
 
-use super::CongestionError;
 use super::discovery::Target;
+use super::{CongestionError, NetworkError};
 
 /// Line and column (both 1-based) in the config file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -215,14 +215,12 @@ pub(crate) enum ConfigErrorKind {
     #[error("`proxy_trusted` does nothing without `accept_proxy`")]
     ProxyTrustedAlone,
     /// A network that is neither `ADDRESS/PREFIX` nor an address.
-    #[error(
-        "`{key}`: invalid network `{value}`: expected ADDRESS/PREFIX such as 10.0.0.0/8 or ::1/128, or an address"
-    )]
+    #[error("`{key}`: {error}")]
     BadNetwork {
         /// The key.
         key: &'static str,
-        /// What was written.
-        value: String,
+        /// What is wrong with the entry.
+        error: NetworkError,
     },
     /// A rate that is not `COUNT/UNIT`.
     #[error(

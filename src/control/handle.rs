@@ -267,6 +267,12 @@ impl Handle {
         )
     }
 
+    /// Client addresses listener `name`'s per-client limits track now.
+    pub fn tracked_clients(&self, name: &str) -> Option<usize> {
+        let snapshot = self.shared.snapshots.load();
+        Some(snapshot.listener(name)?.stats().clients().tracked())
+    }
+
     /// Every backend name the pools resolve, with its addresses in force and its failures.
     pub fn names(&self) -> Vec<(Target, NameStatus)> {
         self.shared.registry.names().all()

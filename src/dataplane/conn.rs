@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use mio::event::Event;
 use mio::net::TcpStream;
 use mio::{Interest, Registry};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::access_log::{AccessLine, End, Reason};
 use super::connect::{
@@ -24,10 +24,25 @@ use super::connect::{
 use super::proxy;
 use super::relay::{BUDGET, Direction, Mode, Path, Pumped, Ready, shutdown_write};
 use super::remote::Counted;
+use super::throttle::Throttle;
 use super::token::{Side, Tokens};
 use crate::config::{AllUnhealthy, ProxyAccept};
 use crate::snapshot::{Listener, Pool, Take};
-use crate::state::{ActiveConn, BackendState, ListenerStats, Refused, Rejection, note_freed};
+use crate::state::{
+    ActiveConn, BackendState, ClientGuard, Limited, ListenerStats, Refused, Rejection, note_freed,
+};
+
+/// How often each kind of refusal (bad PROXY header, denied, over a per-client limit) is logged
+/// at most.
+const REFUSED_LOG_PERIOD: Duration = Duration::from_secs(1);
+
+/// The throttles of those log lines, one per kind.
+static REFUSED_LOG: [Throttle; 4] = [
+    Throttle::new(),
+    Throttle::new(),
+    Throttle::new(),
+    Throttle::new(),
+];
 
 /// Whether a connection goes on after a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,10 +78,13 @@ pub(crate) struct Conn {
     accepted: Instant,
     access: AccessLine,
     listener_stats: Arc<ListenerStats>,
-    /// What an accepted PROXY header said: the (client, destination) pair it carried, or
-    /// `None` for a LOCAL one. Boxed: most listeners take no header, and an idle connection's
+    /// The (client, destination) pair an accepted PROXY header carried; `None` without one
+    /// (or with a LOCAL one). Boxed: most listeners take no header, and an idle connection's
     /// size counts.
-    from_header: Option<Box<Option<(SocketAddr, SocketAddr)>>>,
+    from_header: Option<Box<(SocketAddr, SocketAddr)>>,
+    /// Counts the connection as one of its client's, under `max_connections_per_client`.
+    /// Boxed for the same reason.
+    _client: Option<Box<ClientGuard>>,
     /// Keeps the connection in its worker's count while it lives.
     _counted: Counted,
 }
@@ -186,6 +204,7 @@ impl Conn {
             access: AccessLine::new(peer, &listener, End::ShutDown),
             listener_stats: Arc::clone(listener.stats()),
             from_header: None,
+            _client: None,
             _counted: counted,
         };
         // Small messages (requests, tokens) go out at once, not after Nagle's delay. On Linux
@@ -228,6 +247,14 @@ impl Conn {
         let client = self.access.client;
         if !listener.clients().admits(client.ip()) {
             return self.turn_away(&listener, Rejection::Denied);
+        }
+        let limits = &listener.clients().limits;
+        if !limits.is_unlimited() {
+            match listener.stats().clients().admit(client.ip(), limits, now) {
+                Ok(guard) => self._client = Some(Box::new(guard)),
+                Err(Limited::Open) => return self.turn_away(&listener, Rejection::ClientLimit),
+                Err(Limited::Rate) => return self.turn_away(&listener, Rejection::ClientRate),
+            }
         }
         let pool = listener.pool();
         // No backend is healthy: the pool was built for it, and the transition was logged
@@ -293,10 +320,12 @@ impl Conn {
                 Err(e) => return self.bad_header(&listener, &e.to_string()),
             }
         }
-        if let Some((client, _)) = addresses {
+        // A LOCAL (or UNKNOWN) header leaves the peer as the client, and the connection goes
+        // on as any other from the peer would, as HAProxy does.
+        if let Some((client, destination)) = addresses {
             self.access.client = client;
+            self.from_header = Some(Box::new((client, destination)));
         }
-        self.from_header = Some(Box::new(addresses));
         let Phase::Header(awaiting) = std::mem::replace(&mut self.phase, Phase::Ended) else {
             return Status::Done;
         };
@@ -509,6 +538,28 @@ impl Conn {
     fn turn_away(&mut self, listener: &Listener, rejection: Rejection) -> Status {
         self.discard_unread();
         listener.stats().record_rejected(rejection);
+        let refused = match rejection {
+            Rejection::BadProxyHeader => Some(0),
+            Rejection::Denied => Some(1),
+            Rejection::ClientLimit => Some(2),
+            Rejection::ClientRate => Some(3),
+            _ => None,
+        };
+        // Refusals a client's own traffic can repeat thousands of times a second: one line a
+        // second at most for each kind, with how many were not logged.
+        if let Some(kind) = refused
+            && let Some(suppressed) =
+                REFUSED_LOG[kind].allow_counting(Instant::now(), REFUSED_LOG_PERIOD)
+        {
+            info!(
+                client = %self.access.client,
+                listener = %listener.name(),
+                reason = rejection.as_str(),
+                error = self.access.error.as_deref().unwrap_or(""),
+                suppressed,
+                "client refused"
+            );
+        }
         debug!(client = %self.access.client, listener = %listener.name(), reason = rejection.as_str(), "closing client connection");
         self.access.end = End::Rejected;
         self.access.reason = Some(Reason::Queue(rejection));
@@ -664,7 +715,7 @@ impl Conn {
         if let Some(version) = send_proxy {
             // The addresses a PROXY header carried on, else this connection's own.
             let addresses = match &self.from_header {
-                Some(addresses) => **addresses,
+                Some(addresses) => Some(**addresses),
                 None => self
                     .client
                     .local_addr()

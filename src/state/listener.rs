@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use super::clients::ClientTable;
 use super::histogram::{CONNECTION_DURATION_BOUNDS, Histogram};
 
 /// Counters of one listener.
@@ -23,6 +24,8 @@ pub(crate) struct ListenerStats {
     rejected_all_unhealthy: AtomicU64,
     /// By [`Rejection`], in its order.
     rejected_queue: [AtomicU64; Rejection::ALL.len()],
+    /// Per-client open connections and rates, for the per-client limits; empty without them.
+    clients: Arc<ClientTable>,
 }
 
 /// Why a client was closed without a backend: at its pool's queue, or before any backend work
@@ -90,6 +93,7 @@ impl Default for ListenerStats {
             routed_all_unhealthy: AtomicU64::new(0),
             rejected_all_unhealthy: AtomicU64::new(0),
             rejected_queue: Default::default(),
+            clients: Arc::new(ClientTable::new()),
         }
     }
 }
@@ -211,6 +215,11 @@ impl ListenerStats {
     /// Records a client closed for `rejection`.
     pub(crate) fn record_rejected(&self, rejection: Rejection) {
         self.rejected_queue[rejection as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Its clients' open connections and rates.
+    pub(crate) fn clients(&self) -> &Arc<ClientTable> {
+        &self.clients
     }
 
     /// A copy of every counter.
