@@ -12,6 +12,7 @@
 //! [`parse`]) here: `error` says what can be wrong and how it is reported ([`ConfigError`]),
 //! `token` holds the admin bearer [`Token`], `health` the health, load and passive tables.
 
+mod clients;
 mod congestion;
 mod discovery;
 mod error;
@@ -38,6 +39,8 @@ pub(crate) use discovery::{MIN_REFRESH, NamedBackend, ResolverSettings};
 use error::toml_message;
 use raw::RawConfig;
 
+pub(crate) use clients::{ClientsConfig, SendProxy};
+pub(crate) use clients::{ProxyAccept, ProxyVersion};
 pub(crate) use congestion::{CongestionControl, CongestionError};
 pub use discovery::Target;
 pub use error::ConfigError;
@@ -178,6 +181,8 @@ pub(crate) struct ListenerConfig {
     /// The TCP congestion control set on sockets toward the backends; `None` leaves the
     /// system's (`net.ipv4.tcp_congestion_control`), as HAProxy and nginx do.
     pub backend_congestion_control: Option<CongestionControl>,
+    /// The PROXY protocol both ways, allow/deny lists, per-client limits.
+    pub clients: ClientsConfig,
 }
 
 /// A set of backends and what is about them: how to choose, how to judge health and load, and
@@ -229,12 +234,33 @@ pub(crate) struct BackendConfig {
     pub max_connections: Option<NonZeroU32>,
     /// For an address a name resolved to: the index of that name in [`PoolConfig::names`].
     pub from_name: Option<usize>,
+    /// `send_proxy` of its own, in place of the listener's.
+    pub send_proxy: Option<SendProxy>,
 }
 
 impl BackendConfig {
     /// The address health probes (and load scrapes) go to: `health_addr`, else `addr`.
     pub(crate) fn probe_addr(&self) -> SocketAddr {
         self.health_addr.unwrap_or(self.addr)
+    }
+}
+
+impl Config {
+    /// The PROXY header version connections to `backend` of `pool` start with: the backend's
+    /// own `send_proxy`, else that of the first listener (in file order) sending to the pool.
+    pub(crate) fn send_proxy(
+        &self,
+        pool: &PoolConfig,
+        backend: &BackendConfig,
+    ) -> Option<ProxyVersion> {
+        match backend.send_proxy {
+            Some(own) => own.version(),
+            None => self
+                .listeners
+                .iter()
+                .find(|l| l.pool == pool.name)
+                .and_then(|l| l.clients.send_proxy),
+        }
     }
 }
 
@@ -353,6 +379,7 @@ impl Config {
                         health_addr: None,
                         max_connections: named.max_connections,
                         from_name: Some(index),
+                        send_proxy: named.send_proxy,
                     });
                 }
             }

@@ -17,6 +17,7 @@ pub(crate) mod access_log;
 mod conn;
 mod connect;
 pub(crate) mod event_loop;
+pub(crate) mod proxy;
 pub(crate) mod queue;
 mod relay;
 pub(crate) mod remote;

@@ -8,16 +8,20 @@
 //! and neither side ever waits for the other.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use ipnet::IpNet;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use crate::config::{AllUnhealthy, Config, CongestionControl, ListenerConfig, PoolConfig, Weight};
+use crate::config::{
+    AllUnhealthy, ClientsConfig, Config, CongestionControl, ListenerConfig, PoolConfig,
+    ProxyAccept, ProxyVersion, SendProxy, Weight,
+};
 use crate::state::{
     ActiveConn, BackendState, ListenerStats, OpenConn, PoolState, Registry, Republisher,
 };
@@ -144,8 +148,54 @@ pub(crate) struct Listener {
     turn_base: u64,
     local_addr: Option<SocketAddr>,
     settings: ListenerSettings,
+    clients: ClientControls,
     stats: Arc<ListenerStats>,
     pool: Arc<Pool>,
+}
+
+/// What a listener checks of its clients before any backend work, and what it tells the
+/// backends about them.
+#[derive(Debug, Default)]
+pub(crate) struct ClientControls {
+    /// Each connection starts with a PROXY header of this kind.
+    pub accept_proxy: Option<ProxyAccept>,
+    /// Peers whose PROXY header is believed.
+    pub trusted: Vec<IpNet>,
+    /// The header written before a connection's bytes to its backend, unless the backend has
+    /// its own `send_proxy`.
+    pub send_proxy: Option<ProxyVersion>,
+    /// Client networks accepted; `None`: all.
+    pub allow: Option<Vec<IpNet>>,
+    /// Client networks refused.
+    pub deny: Vec<IpNet>,
+}
+
+impl ClientControls {
+    fn of(config: &ClientsConfig) -> ClientControls {
+        ClientControls {
+            accept_proxy: config.accept_proxy,
+            trusted: config.proxy_trusted.clone(),
+            send_proxy: config.send_proxy,
+            allow: config.allow.clone(),
+            deny: config.deny.clone(),
+        }
+    }
+
+    /// Whether `peer` may send a PROXY header.
+    pub(crate) fn trusts(&self, peer: IpAddr) -> bool {
+        contains(&self.trusted, peer)
+    }
+
+    /// Whether a client from `ip` is let in by the allow and deny lists.
+    pub(crate) fn admits(&self, ip: IpAddr) -> bool {
+        self.allow.as_ref().is_none_or(|allow| contains(allow, ip)) && !contains(&self.deny, ip)
+    }
+}
+
+/// Whether one of `networks` holds `ip` (an IPv4-mapped IPv6 address counts as IPv4).
+fn contains(networks: &[IpNet], ip: IpAddr) -> bool {
+    let ip = ip.to_canonical();
+    networks.iter().any(|net| net.contains(&ip))
 }
 
 /// The per-connection settings of a listener.
@@ -199,6 +249,7 @@ impl Listener {
             name: listener.name.as_str().into(),
             turn_base: turn_base.unwrap_or_else(|| stats.accepted()),
             local_addr,
+            clients: ClientControls::of(&listener.clients),
             settings: ListenerSettings {
                 connect_timeout: listener.connect_timeout,
                 idle_timeout: listener.idle_timeout,
@@ -226,6 +277,11 @@ impl Listener {
     /// The listener's per-connection settings.
     pub(crate) fn settings(&self) -> &ListenerSettings {
         &self.settings
+    }
+
+    /// Its client controls: PROXY protocol, allow and deny lists.
+    pub(crate) fn clients(&self) -> &ClientControls {
+        &self.clients
     }
 
     /// The listener's live counters.
@@ -306,6 +362,8 @@ pub(crate) struct Backend {
     pub max_connections: Option<NonZeroU32>,
     /// The name it was resolved from (`host:port`, or `srv:` and the SRV name), if any.
     pub name: Option<Arc<str>>,
+    /// Its own `send_proxy`, in place of the listener's.
+    pub send_proxy: Option<SendProxy>,
     /// Its live counters, shared with every other snapshot.
     pub stats: Arc<BackendState>,
 }
@@ -390,6 +448,7 @@ impl Pool {
                     effective_weight,
                     max_connections: b.max_connections,
                     name: b.from_name.and_then(|i| names.get(i)).cloned(),
+                    send_proxy: b.send_proxy,
                     stats,
                 }
             })

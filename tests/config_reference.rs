@@ -45,6 +45,13 @@ const EXAMPLE_VALUES: &[(&str, &str, &str)] = &[
         "nameservers",
         r#"["127.0.0.1:5353", "10.96.0.10"]"#,
     ),
+    ("listener", "accept_proxy", r#""v2""#),
+    ("listener", "proxy_trusted", r#"["10.0.0.0/8", "::1"]"#),
+    ("listener", "send_proxy", r#""v2""#),
+    ("listener", "allow", r#"["10.0.0.0/8", "192.168.0.0/16"]"#),
+    ("listener", "deny", r#"["10.1.2.0/24"]"#),
+    ("pool.backend", "send_proxy", r#""none""#),
+    ("listener.backend", "send_proxy", r#""none""#),
     ("pool.backend", "health_addr", r#""127.0.0.1:9201""#),
     ("pool.backend", "max_connections", "8"),
     ("listener.backend", "max_connections", "8"),
@@ -452,6 +459,17 @@ fn every_documented_key_is_accepted_by_the_parser() {
         if doc.key == "srv" {
             // A backend has `addr` or `srv`, not both.
             table.remove("addr");
+        }
+        // Each needs the other.
+        match doc.key.as_str() {
+            "accept_proxy" => {
+                let trusted = parse_value(r#"["127.0.0.1"]"#).expect("literal");
+                table.insert("proxy_trusted".into(), trusted);
+            }
+            "proxy_trusted" => {
+                table.insert("accept_proxy".into(), Value::String("any".into()));
+            }
+            _ => {}
         }
         let (text, output) = check(&config);
         if !output.status.success() {

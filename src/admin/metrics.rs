@@ -193,7 +193,7 @@ impl Collector for Metrics {
         counter(
             e,
             "weighbridge_connections_rejected",
-            "Client connections closed without being relayed, by reason: max_connections were open, no backend could be reached, none was healthy under all_unhealthy = \"reject\", no slot came free within queue_timeout, the pool's queue was full, or the client was waiting when the balancer stopped or its pool lost its listeners.",
+            "Client connections closed without being relayed, by reason: max_connections were open, no backend could be reached, none was healthy under all_unhealthy = \"reject\", no slot came free within queue_timeout, the pool's queue was full, the client was waiting when the balancer stopped or its pool lost its listeners, its PROXY header was missing, malformed, late or untrusted, its address was not allowed or denied, or it was over its per-client connection or rate limit.",
             listeners.iter().flat_map(|l| {
                 [
                     ("max_connections", l.counters.rejected_max_connections),
@@ -203,6 +203,10 @@ impl Collector for Metrics {
                     ("queue_full", l.counters.rejected_queue_full),
                     ("shutdown", l.counters.rejected_shutdown),
                     ("pool_removed", l.counters.rejected_pool_removed),
+                    ("bad_proxy_header", l.counters.rejected_bad_proxy_header),
+                    ("denied", l.counters.rejected_denied),
+                    ("client_limit", l.counters.rejected_client_limit),
+                    ("client_rate", l.counters.rejected_client_rate),
                 ]
                 .map(|(reason, n)| ([("listener", &*l.name), ("reason", reason)], n))
             }),

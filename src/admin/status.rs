@@ -198,6 +198,10 @@ struct ListenerConnections {
     rejected_shutdown: u64,
     /// Waiting clients closed because a reload left their pool without a listener.
     rejected_pool_removed: u64,
+    rejected_bad_proxy_header: u64,
+    rejected_denied: u64,
+    rejected_client_limit: u64,
+    rejected_client_rate: u64,
 }
 
 impl From<ListenerCounters> for ListenerConnections {
@@ -217,6 +221,10 @@ impl From<ListenerCounters> for ListenerConnections {
             rejected_queue_full: c.rejected_queue_full,
             rejected_shutdown: c.rejected_shutdown,
             rejected_pool_removed: c.rejected_pool_removed,
+            rejected_bad_proxy_header: c.rejected_bad_proxy_header,
+            rejected_denied: c.rejected_denied,
+            rejected_client_limit: c.rejected_client_limit,
+            rejected_client_rate: c.rejected_client_rate,
         }
     }
 }

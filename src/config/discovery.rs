@@ -131,6 +131,8 @@ pub(crate) struct NamedBackend {
     pub weight: Weight,
     /// Every address's slots.
     pub max_connections: Option<NonZeroU32>,
+    /// Every address's `send_proxy`, if set.
+    pub send_proxy: Option<super::SendProxy>,
 }
 
 /// Where a backend entry's `addr` points: a literal address, or a name and port.

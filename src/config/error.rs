@@ -206,6 +206,29 @@ pub(crate) enum ConfigErrorKind {
         "`health_addr` cannot be set on a backend given by name: each address the name resolves to is probed at its own address"
     )]
     HealthAddrWithName,
+    /// `accept_proxy` without `proxy_trusted`.
+    #[error(
+        "`accept_proxy` needs `proxy_trusted`: the networks of the front balancers allowed to send a PROXY header (e.g. [\"10.0.0.0/8\"])"
+    )]
+    ProxyTrustedMissing,
+    /// `proxy_trusted` without `accept_proxy`.
+    #[error("`proxy_trusted` does nothing without `accept_proxy`")]
+    ProxyTrustedAlone,
+    /// A network that is neither `ADDRESS/PREFIX` nor an address.
+    #[error(
+        "`{key}`: invalid network `{value}`: expected ADDRESS/PREFIX such as 10.0.0.0/8 or ::1/128, or an address"
+    )]
+    BadNetwork {
+        /// The key.
+        key: &'static str,
+        /// What was written.
+        value: String,
+    },
+    /// A rate that is not `COUNT/UNIT`.
+    #[error(
+        "`connection_rate_per_client`: invalid rate `{0}`: expected a count above 0 per unit, such as \"20/s\", \"600/m\" or \"5/100ms\""
+    )]
+    BadRate(String),
     /// A `[resolver] nameservers` entry that is not `IP` or `IP:port`.
     #[error(
         "`nameservers`: invalid nameserver `{0}`: expected IP or IP:port such as 10.96.0.10 or 127.0.0.1:5353"

@@ -10,6 +10,7 @@ use toml::Spanned;
 
 use super::LogFormat;
 use super::StrategyKind;
+use super::clients::{ProxyAccept, SendProxy};
 use super::discovery::RawResolver;
 use crate::config::{AllUnhealthy, LoadPreset, ProbeKind};
 
@@ -62,6 +63,13 @@ pub(crate) struct RawListener {
     pub(crate) max_connections: Option<Spanned<u64>>,
     pub(crate) splice: Option<bool>,
     pub(crate) backend_congestion_control: Option<Spanned<String>>,
+    pub(crate) accept_proxy: Option<Spanned<ProxyAccept>>,
+    pub(crate) proxy_trusted: Option<Spanned<Vec<Spanned<String>>>>,
+    pub(crate) send_proxy: Option<Spanned<SendProxy>>,
+    pub(crate) allow: Option<Spanned<Vec<Spanned<String>>>>,
+    pub(crate) deny: Option<Spanned<Vec<Spanned<String>>>>,
+    pub(crate) max_connections_per_client: Option<Spanned<u64>>,
+    pub(crate) connection_rate_per_client: Option<Spanned<String>>,
     pub(crate) health: Option<Spanned<RawHealth>>,
     pub(crate) passive: Option<Spanned<RawPassive>>,
     #[serde(default)]
@@ -132,4 +140,5 @@ pub(crate) struct RawBackend {
     pub(crate) weight: Option<Spanned<f64>>,
     pub(crate) health_addr: Option<Spanned<String>>,
     pub(crate) max_connections: Option<Spanned<u64>>,
+    pub(crate) send_proxy: Option<Spanned<SendProxy>>,
 }

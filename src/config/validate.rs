@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use toml::Spanned;
 
+use super::clients::{ClientsConfig, RawClients};
 use super::discovery::{Addr, NamedBackend, ResolverSettings, backend_addr, srv_name};
 use super::error::Owner;
 use super::raw::{RawAdmin, RawBackend, RawConfig, RawHealth, RawListener, RawLog, RawPassive};
@@ -255,6 +256,7 @@ impl Entry {
             Some(v) => NonZeroU32::new(u32::try_from(*v.get_ref()).unwrap_or(u32::MAX)),
             None => None,
         };
+        let send_proxy = raw.send_proxy.as_ref().map(|v| *v.get_ref());
         let (target, target_span) = match (&raw.addr, &raw.srv) {
             (Some(_), Some(srv)) => return Err((Some(srv.span()), ConfigErrorKind::AddrAndSrv)),
             (None, None) => return Err((Some(span), ConfigErrorKind::NoBackendAddress)),
@@ -272,6 +274,7 @@ impl Entry {
                         health_addr,
                         max_connections,
                         from_name: None,
+                        send_proxy,
                     };
                     return Ok(Entry::Literal(backend, addr.span()));
                 }
@@ -287,6 +290,7 @@ impl Entry {
             target,
             weight,
             max_connections,
+            send_proxy,
         };
         Ok(Entry::Named(named, target_span))
     }
@@ -422,6 +426,15 @@ impl ListenerConfig {
                 (name.clone(), Some(PoolConfig::from_raw(keys, owner, span)?))
             }
         };
+        let clients = ClientsConfig::from_raw(RawClients {
+            accept_proxy: &raw.accept_proxy,
+            proxy_trusted: &raw.proxy_trusted,
+            send_proxy: &raw.send_proxy,
+            allow: &raw.allow,
+            deny: &raw.deny,
+            max_connections_per_client: &raw.max_connections_per_client,
+            connection_rate_per_client: &raw.connection_rate_per_client,
+        })?;
         let listener = ListenerConfig {
             name,
             bind,
@@ -436,6 +449,7 @@ impl ListenerConfig {
             max_connections,
             splice: raw.splice.unwrap_or(DEFAULT_SPLICE),
             backend_congestion_control,
+            clients,
         };
         Ok((listener, inline))
     }

@@ -20,7 +20,7 @@ use rand::RngExt;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::config::{HealthConfig, LoadConfig};
+use crate::config::{HealthConfig, LoadConfig, ProxyVersion};
 use crate::health::load::{self, HOLD_SCRAPES, LoadTracker};
 use crate::health::probe;
 use crate::health::tracker::Tracker;
@@ -38,8 +38,20 @@ pub(crate) struct Target {
     pub(crate) addr: SocketAddr,
     /// Where probes go: `health_addr`, else `addr`.
     pub(crate) probe_addr: SocketAddr,
+    /// The backend's connections start with a PROXY header of this version.
+    pub(crate) proxy: Option<ProxyVersion>,
     pub(crate) state: Arc<BackendState>,
     pub(crate) republisher: Republisher,
+}
+
+impl Target {
+    /// What a probe or scrape to `to` sends first: a LOCAL header when `to` is the backend's
+    /// own address and its connections carry one. A `health_addr` or a load `port` elsewhere
+    /// (a sidecar, a metrics port) is spoken to plainly.
+    fn preamble(&self, to: SocketAddr) -> Option<&'static [u8]> {
+        let version = self.proxy?;
+        (to == self.addr).then(|| version.local_header())
+    }
 }
 
 /// Probes (and scrapes, when load is configured) `target` forever; the supervisor ends it by
@@ -65,7 +77,13 @@ async fn probe_loop(target: &Target, config: &HealthConfig) {
     loop {
         tokio::time::sleep_until(next).await;
         let started = Instant::now();
-        let result = probe::run(&config.probe, target.probe_addr, config.timeout).await;
+        let result = probe::run(
+            &config.probe,
+            target.probe_addr,
+            target.preamble(target.probe_addr),
+            config.timeout,
+        )
+        .await;
         let now = Instant::now();
         if let Err(e) = result {
             debug!(pool = %target.pool, backend = %target.addr, reason = %e, "probe failed");
@@ -110,7 +128,7 @@ async fn load_loop(target: &Target, config: &LoadConfig, timeout: Duration) {
     loop {
         tokio::time::sleep_until(next).await;
         let started = Instant::now();
-        match load::scrape(addr, config, timeout).await {
+        match load::scrape(addr, target.preamble(addr), config, timeout).await {
             Ok(scraped) => {
                 let value = scraped.value;
                 if tracker.failures() >= HOLD_SCRAPES {

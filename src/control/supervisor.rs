@@ -22,7 +22,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info};
 
 use super::checker::{self, Target};
-use crate::config::{Config, HealthConfig, PassiveConfig};
+use crate::config::{Config, HealthConfig, PassiveConfig, ProxyVersion};
 use crate::health::{HealthState, HealthStatus};
 use crate::state::{BackendState, Registry, Republisher};
 
@@ -32,6 +32,9 @@ struct Spec {
     health: Option<HealthConfig>,
     passive: Option<PassiveConfig>,
     probe_addr: SocketAddr,
+    /// The header probes and scrapes of the backend's own address start with, when its
+    /// connections carry one.
+    proxy: Option<ProxyVersion>,
 }
 
 #[derive(Debug)]
@@ -82,6 +85,7 @@ impl Supervisor {
                     health: pool.health.clone(),
                     passive: pool.passive,
                     probe_addr: backend.probe_addr(),
+                    proxy: config.send_proxy(pool, backend),
                 };
                 wanted.insert((Arc::clone(&name), backend.addr), spec);
             }
@@ -140,6 +144,7 @@ impl Supervisor {
                 pool: Arc::clone(&key.0),
                 addr: key.1,
                 probe_addr: spec.probe_addr,
+                proxy: spec.proxy,
                 state: Arc::clone(&state),
                 republisher: self.republisher.clone(),
             };

@@ -21,10 +21,11 @@ use super::connect::{
     DESCRIPTOR_WAIT, connect_failed, log_no_local_port, no_local_port, open_backend,
     out_of_descriptors,
 };
+use super::proxy;
 use super::relay::{BUDGET, Direction, Mode, Path, Pumped, Ready, shutdown_write};
 use super::remote::Counted;
 use super::token::{Side, Tokens};
-use crate::config::AllUnhealthy;
+use crate::config::{AllUnhealthy, ProxyAccept};
 use crate::snapshot::{Listener, Pool, Take};
 use crate::state::{ActiveConn, BackendState, ListenerStats, Refused, Rejection, note_freed};
 
@@ -62,12 +63,18 @@ pub(crate) struct Conn {
     accepted: Instant,
     access: AccessLine,
     listener_stats: Arc<ListenerStats>,
+    /// What an accepted PROXY header said: the (client, destination) pair it carried, or
+    /// `None` for a LOCAL one. Boxed: most listeners take no header, and an idle connection's
+    /// size counts.
+    from_header: Option<Box<Option<(SocketAddr, SocketAddr)>>>,
     /// Keeps the connection in its worker's count while it lives.
     _counted: Counted,
 }
 
 /// Where a connection is in its life.
 enum Phase {
+    /// Waiting for the client's PROXY header.
+    Header(Box<AwaitingHeader>),
     /// Waiting in its pool's queue for a free slot.
     Queued(Box<Queued>),
     /// Waiting for a backend to accept.
@@ -112,6 +119,14 @@ struct Connecting {
     /// No socket could be opened (the process is out of descriptors): the attempt waits for
     /// one until `deadline` and is made again then.
     no_socket: bool,
+}
+
+/// A client whose PROXY header has not arrived whole yet.
+struct AwaitingHeader {
+    listener: Arc<Listener>,
+    turn: u64,
+    /// `connect_timeout` after the accept.
+    deadline: Instant,
 }
 
 /// A client waiting for a slot.
@@ -170,22 +185,9 @@ impl Conn {
             accepted: now,
             access: AccessLine::new(peer, &listener, End::ShutDown),
             listener_stats: Arc::clone(listener.stats()),
+            from_header: None,
             _counted: counted,
         };
-        let pool = listener.pool();
-        // No backend is healthy: the pool was built for it, and the transition was logged
-        // once; each connection is only counted here.
-        match pool.all_unhealthy() {
-            Some(AllUnhealthy::Reject) => {
-                listener.stats().record_rejected_all_unhealthy();
-                debug!(client = %peer, "no backend is healthy; closing (all_unhealthy = \"reject\")");
-                conn.access.end = End::Rejected;
-                conn.access.reason = Some(Reason::AllUnhealthy);
-                return (conn, Status::Done);
-            }
-            Some(AllUnhealthy::RouteAnyway) => listener.stats().record_routed_all_unhealthy(),
-            None => {}
-        }
         // Small messages (requests, tokens) go out at once, not after Nagle's delay. On Linux
         // the client socket has it already, inherited from its listener (`listener::bind_one`).
         #[cfg(not(target_os = "linux"))]
@@ -195,6 +197,52 @@ impl Conn {
         if let Err(e) = registry.register(&mut conn.client, tokens.token(Side::Client), INTEREST) {
             return (conn.failed(e), Status::Done);
         }
+        if listener.clients().accept_proxy.is_some() {
+            if !listener.clients().trusts(peer.ip()) {
+                conn.access.error = Some("PROXY header from an untrusted peer".to_owned());
+                let status = conn.turn_away(&listener, Rejection::BadProxyHeader);
+                return (conn, status);
+            }
+            conn.phase = Phase::Header(Box::new(AwaitingHeader {
+                deadline: later(now, listener.settings().connect_timeout),
+                listener,
+                turn,
+            }));
+            // The header may be there already: the first readiness event says so.
+            return (conn, Status::Open);
+        }
+        let status = conn.admit(registry, tokens, listener, turn, now);
+        (conn, status)
+    }
+
+    /// Lets the client in, or not, by its address (the one its PROXY header gave, if any):
+    /// the allow and deny lists, then the pool's health; then the first connect attempt.
+    fn admit(
+        &mut self,
+        registry: &Registry,
+        tokens: Tokens,
+        listener: Arc<Listener>,
+        turn: u64,
+        now: Instant,
+    ) -> Status {
+        let client = self.access.client;
+        if !listener.clients().admits(client.ip()) {
+            return self.turn_away(&listener, Rejection::Denied);
+        }
+        let pool = listener.pool();
+        // No backend is healthy: the pool was built for it, and the transition was logged
+        // once; each connection is only counted here.
+        match pool.all_unhealthy() {
+            Some(AllUnhealthy::Reject) => {
+                listener.stats().record_rejected_all_unhealthy();
+                debug!(%client, "no backend is healthy; closing (all_unhealthy = \"reject\")");
+                self.access.end = End::Rejected;
+                self.access.reason = Some(Reason::AllUnhealthy);
+                return Status::Done;
+            }
+            Some(AllUnhealthy::RouteAnyway) => listener.stats().record_routed_all_unhealthy(),
+            None => {}
+        }
         let plan = Plan {
             listener,
             newer: None,
@@ -202,8 +250,63 @@ impl Conn {
             tried: Vec::new(),
             attempt: 1,
         };
-        let status = conn.connect(registry, tokens, plan, None, now);
-        (conn, status)
+        self.connect(registry, tokens, plan, None, now)
+    }
+
+    /// Reads the client's PROXY header if it has arrived whole: the client's address is the
+    /// one it carries from then on. Peeks first and reads no more than the header, so the
+    /// client's own bytes stay in the socket for the relay.
+    fn read_header(&mut self, registry: &Registry, tokens: Tokens, now: Instant) -> Status {
+        let Phase::Header(awaiting) = &self.phase else {
+            return Status::Open;
+        };
+        let listener = Arc::clone(&awaiting.listener);
+        let accept = listener.clients().accept_proxy.unwrap_or(ProxyAccept::Any);
+        let mut buf = [0_u8; proxy::MAX_HEADER];
+        let n = loop {
+            match self.client.peek(&mut buf) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Status::Open,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return self.bad_header(&listener, &e.to_string()),
+            }
+        };
+        if n == 0 {
+            return self.bad_header(&listener, "closed before its PROXY header");
+        }
+        let (len, addresses) = match proxy::parse(&buf[..n], accept) {
+            proxy::Parsed::Incomplete if self.client_ready.read_closed() => {
+                return self.bad_header(&listener, "closed before its PROXY header was whole");
+            }
+            // The rest arrives as a new readiness event.
+            proxy::Parsed::Incomplete => return Status::Open,
+            proxy::Parsed::Invalid(why) => return self.bad_header(&listener, why),
+            proxy::Parsed::Header { len, addresses } => (len, addresses),
+        };
+        let mut read = 0;
+        while read < len {
+            match io::Read::read(&mut self.client, &mut buf[read..len]) {
+                Ok(0) => return self.bad_header(&listener, "closed in its PROXY header"),
+                Ok(k) => read += k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // Peeked, so there; a failure here is the socket's.
+                Err(e) => return self.bad_header(&listener, &e.to_string()),
+            }
+        }
+        if let Some((client, _)) = addresses {
+            self.access.client = client;
+        }
+        self.from_header = Some(Box::new(addresses));
+        let Phase::Header(awaiting) = std::mem::replace(&mut self.phase, Phase::Ended) else {
+            return Status::Done;
+        };
+        self.admit(registry, tokens, awaiting.listener, awaiting.turn, now)
+    }
+
+    /// Closes a client whose PROXY header is missing, malformed, too long or late.
+    fn bad_header(&mut self, listener: &Listener, why: &str) -> Status {
+        self.access.error = Some(why.to_owned());
+        self.turn_away(listener, Rejection::BadProxyHeader)
     }
 
     /// Tries backends from `plan`'s attempt on until a connect is under way, the client waits
@@ -446,6 +549,7 @@ impl Conn {
     /// The deadline of the connection's next timeout.
     pub(crate) fn deadline(&self) -> Instant {
         match &self.phase {
+            Phase::Header(awaiting) => awaiting.deadline,
             Phase::Connecting(connecting) => connecting.deadline,
             Phase::Queued(queued) => queued.deadline,
             _ => later(self.last_active, self.idle),
@@ -475,6 +579,9 @@ impl Conn {
         match side {
             Side::Client => {
                 self.client_ready.update(event);
+                if let Phase::Header(_) = self.phase {
+                    return self.read_header(registry, tokens, now);
+                }
                 // Nothing is read from a waiting client; its end is watched for (HAProxy's
                 // `option abortonclose`): one that closes, or closes its sending side, has
                 // given up, and must not take a slot from the next in line.
@@ -550,6 +657,22 @@ impl Conn {
         {
             debug!(error = %e, "cannot set TCP_NODELAY on backend socket");
         }
+        let send_proxy = match backend.send_proxy {
+            Some(own) => own.version(),
+            None => plan.listener.clients().send_proxy,
+        };
+        if let Some(version) = send_proxy {
+            // The addresses a PROXY header carried on, else this connection's own.
+            let addresses = match &self.from_header {
+                Some(addresses) => **addresses,
+                None => self
+                    .client
+                    .local_addr()
+                    .ok()
+                    .map(|local| (self.access.client, local)),
+            };
+            self.up.preamble(proxy::header(version, addresses));
+        }
         debug!(client = %self.access.client, backend = %addr, "connected");
         self.access.backend = Some(addr);
         self.access.attempts = plan.attempt;
@@ -620,6 +743,10 @@ impl Conn {
                     .set_queued(now.saturating_duration_since(queued.since));
                 let listener = Arc::clone(&queued.plan.listener);
                 self.turn_away(&listener, Rejection::QueueTimeout)
+            }
+            Phase::Header(awaiting) => {
+                let listener = Arc::clone(&awaiting.listener);
+                self.bad_header(&listener, "no whole PROXY header within connect_timeout")
             }
             Phase::Relaying(_) => {
                 self.access.end = End::IdleTimeout;

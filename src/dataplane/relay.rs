@@ -105,6 +105,11 @@ impl Ready {
         self.writable
     }
 
+    /// Whether the peer's end of stream (or an error) has been reported.
+    pub(crate) fn read_closed(&self) -> bool {
+        self.read_closed
+    }
+
     /// Whether an error was reported since the last call. A direction that reads or writes
     /// the socket meets the error in that call; this is for a socket neither direction is
     /// using (its peer's end of stream passed on, nothing to write to it).
@@ -150,8 +155,12 @@ pub(crate) struct Direction {
     /// Bytes written to the destination so far: progress too (a slow reader draining what
     /// was read earlier keeps the connection from being idle).
     pub(crate) written: u64,
-    /// Bytes read but not yet written; empty (and unallocated) except under back-pressure.
+    /// Bytes read but not yet written; empty (and unallocated) except under back-pressure
+    /// or while a [`Direction::preamble`] waits to go out.
     pending: Vec<u8>,
+    /// Of `pending`, the first bytes that are the balancer's own (a PROXY header), not the
+    /// source's: written first, never counted as relayed.
+    own: u16,
     /// Moving by splice (a read filled the whole scratch buffer and splice is on).
     splicing: bool,
     /// The pipe holding bytes spliced in but not yet out, and how many.
@@ -160,6 +169,14 @@ pub(crate) struct Direction {
 }
 
 impl Direction {
+    /// Queues `bytes` of the balancer's own to go out before anything from the source (a
+    /// PROXY header to the backend, at most 4 KiB); they are not counted as relayed.
+    pub(crate) fn preamble(&mut self, bytes: Vec<u8>) {
+        debug_assert!(self.pending.is_empty());
+        self.own = u16::try_from(bytes.len()).unwrap_or(u16::MAX);
+        self.pending = bytes;
+    }
+
     /// Moves what can be moved from `src` to `dst` without waiting, in at most `budget` reads
     /// ([`BUDGET`] but in tests); `delivered` is called with each chunk written to `dst`.
     ///
@@ -184,10 +201,14 @@ impl Direction {
                 if !dst_ready.writable {
                     return Ok(Pumped::Waiting);
                 }
-                let written = send_now(dst, dst_ready, &self.pending)?;
+                let sent = send_now(dst, dst_ready, &self.pending)?;
+                let own = sent.min(usize::from(self.own));
+                // `own` ≤ its old value, which fits.
+                self.own -= u16::try_from(own).unwrap_or(self.own);
+                let written = sent - own;
                 self.written += written as u64;
                 delivered(written as u64, Path::Copied);
-                self.pending.drain(..written);
+                self.pending.drain(..sent);
                 if !self.pending.is_empty() {
                     return Ok(Pumped::Waiting);
                 }

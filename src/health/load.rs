@@ -159,10 +159,12 @@ pub(crate) struct Scraped {
 /// Scrapes `config.metric` (and `config.in_flight_metrics`) from `addr`, bounded by `timeout`.
 pub(crate) async fn scrape(
     addr: SocketAddr,
+    preamble: Option<&[u8]>,
     config: &LoadConfig,
     timeout: Duration,
 ) -> Result<Scraped, ScrapeError> {
-    let fetched = tokio::time::timeout(timeout, probe::get(addr, None, &config.path, SCRAPE_LIMIT))
+    let page = probe::get(addr, preamble, None, &config.path, SCRAPE_LIMIT);
+    let fetched = tokio::time::timeout(timeout, page)
         .await
         .unwrap_or(Err(ProbeError::Timeout(timeout)));
     let answer = fetched.map_err(ScrapeError::Http)?;

@@ -74,23 +74,35 @@ impl std::error::Error for ProbeError {}
 pub(crate) async fn run(
     probe: &Probe,
     addr: SocketAddr,
+    preamble: Option<&[u8]>,
     timeout: Duration,
 ) -> Result<(), ProbeError> {
     let outcome = tokio::time::timeout(timeout, async {
         match probe {
-            Probe::Tcp => connect(addr).await.map(drop),
-            Probe::Http(http) => check_http(http, addr).await,
+            Probe::Tcp => connect(addr, preamble).await.map(drop),
+            Probe::Http(http) => check_http(http, addr, preamble).await,
         }
     })
     .await;
     outcome.unwrap_or(Err(ProbeError::Timeout(timeout)))
 }
 
-async fn check_http(probe: &HttpProbe, addr: SocketAddr) -> Result<(), ProbeError> {
+async fn check_http(
+    probe: &HttpProbe,
+    addr: SocketAddr,
+    preamble: Option<&[u8]>,
+) -> Result<(), ProbeError> {
     // A body longer than the limit is not a failure: only its beginning is searched (HAProxy
     // and Envoy look at the first buffer too), so `/v1/models` of a server with many models,
     // or a metrics page, still works as a health path.
-    let answer = get(addr, probe.host.as_deref(), &probe.path, HEALTH_BODY_LIMIT).await?;
+    let answer = get(
+        addr,
+        preamble,
+        probe.host.as_deref(),
+        &probe.path,
+        HEALTH_BODY_LIMIT,
+    )
+    .await?;
     if !probe.expect_status.matches(answer.status.as_u16()) {
         return Err(ProbeError::Status(answer.status.as_u16()));
     }
@@ -106,11 +118,19 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     needle.is_empty() || haystack.windows(needle.len()).any(|w| w == needle)
 }
 
-async fn connect(addr: SocketAddr) -> Result<TcpStream, ProbeError> {
-    TcpStream::connect(addr).await.map_err(|e| {
+/// Connects to `addr` and writes `preamble` (a PROXY header) first, if any.
+async fn connect(addr: SocketAddr, preamble: Option<&[u8]>) -> Result<TcpStream, ProbeError> {
+    let failed = |e: std::io::Error| {
         debug!(%addr, error = %e, "probe connect failed");
         ProbeError::Connect(e.kind())
-    })
+    };
+    let mut stream = TcpStream::connect(addr).await.map_err(failed)?;
+    if let Some(preamble) = preamble {
+        tokio::io::AsyncWriteExt::write_all(&mut stream, preamble)
+            .await
+            .map_err(failed)?;
+    }
+    Ok(stream)
 }
 
 /// What a GET brought back.
@@ -123,15 +143,16 @@ pub(crate) struct Answer {
     pub(crate) truncated: bool,
 }
 
-/// GETs `path` from `addr` over a new connection and returns the status and up to `limit` bytes
+/// GETs `path` from `addr` over a new connection (after `preamble`, if any) and returns the status and up to `limit` bytes
 /// of body. Not bounded in time: callers wrap it in their timeout.
 pub(crate) async fn get(
     addr: SocketAddr,
+    preamble: Option<&[u8]>,
     host: Option<&str>,
     path: &str,
     limit: usize,
 ) -> Result<Answer, ProbeError> {
-    let stream = connect(addr).await?;
+    let stream = connect(addr, preamble).await?;
     let protocol = |e: hyper::Error| {
         debug!(%addr, error = %e, "probe: http error");
         ProbeError::Protocol
@@ -225,7 +246,7 @@ mod tests {
             .expect("bind");
         let refusing = socket.local_addr().expect("address");
         assert_eq!(
-            run(&Probe::Tcp, refusing, Duration::from_secs(5)).await,
+            run(&Probe::Tcp, refusing, None, Duration::from_secs(5)).await,
             Err(ProbeError::Connect(io::ErrorKind::ConnectionRefused))
         );
         // A listener that never answers HTTP: the probe times out.
@@ -241,10 +262,10 @@ mod tests {
         });
         let timeout = Duration::from_millis(50);
         assert_eq!(
-            run(&http, addr, timeout).await,
+            run(&http, addr, None, timeout).await,
             Err(ProbeError::Timeout(timeout))
         );
-        assert_eq!(run(&Probe::Tcp, addr, timeout).await, Ok(()));
+        assert_eq!(run(&Probe::Tcp, addr, None, timeout).await, Ok(()));
     }
 
     /// Serves each connection one HTTP answer with `status` and a body of `len` bytes that
@@ -287,22 +308,25 @@ mod tests {
         };
         let timeout = Duration::from_secs(5);
         let long = large_body_server(200, 4 * HEALTH_BODY_LIMIT).await;
-        assert_eq!(run(&probe(None), long, timeout).await, Ok(()));
-        assert_eq!(run(&probe(Some("ready")), long, timeout).await, Ok(()));
+        assert_eq!(run(&probe(None), long, None, timeout).await, Ok(()));
         assert_eq!(
-            run(&probe(Some("absent")), long, timeout).await,
+            run(&probe(Some("ready")), long, None, timeout).await,
+            Ok(())
+        );
+        assert_eq!(
+            run(&probe(Some("absent")), long, None, timeout).await,
             Err(ProbeError::BodyMismatch)
         );
         let failing = large_body_server(503, 4 * HEALTH_BODY_LIMIT).await;
         assert_eq!(
-            run(&probe(None), failing, timeout).await,
+            run(&probe(None), failing, None, timeout).await,
             Err(ProbeError::Status(503))
         );
-        let answer = get(long, None, "/", 100).await.expect("an answer");
+        let answer = get(long, None, None, "/", 100).await.expect("an answer");
         assert!(answer.truncated);
         assert_eq!(answer.body.len(), 100);
         let short = large_body_server(200, 100).await;
-        let answer = get(short, None, "/", 100).await.expect("an answer");
+        let answer = get(short, None, None, "/", 100).await.expect("an answer");
         assert!(!answer.truncated);
         assert_eq!(answer.body.len(), 100);
     }

@@ -25,7 +25,8 @@ pub(crate) struct ListenerStats {
     rejected_queue: [AtomicU64; Rejection::ALL.len()],
 }
 
-/// Why a client that reached its pool's queue was closed without a backend.
+/// Why a client was closed without a backend: at its pool's queue, or before any backend work
+/// (its PROXY header, the allow/deny lists, its per-client limits).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Rejection {
     /// It waited `queue_timeout` without a slot.
@@ -36,15 +37,27 @@ pub(crate) enum Rejection {
     Shutdown,
     /// A reload left its pool without a listener.
     PoolRemoved,
+    /// Its PROXY header was missing, malformed, too long, late, or from an untrusted peer.
+    BadProxyHeader,
+    /// Its address is not allowed, or is denied.
+    Denied,
+    /// Its address had `max_connections_per_client` open.
+    ClientLimit,
+    /// Its address opened connections faster than `connection_rate_per_client`.
+    ClientRate,
 }
 
 impl Rejection {
     /// Every reason, in the order of the counters.
-    pub(crate) const ALL: [Rejection; 4] = [
+    pub(crate) const ALL: [Rejection; 8] = [
         Rejection::QueueTimeout,
         Rejection::QueueFull,
         Rejection::Shutdown,
         Rejection::PoolRemoved,
+        Rejection::BadProxyHeader,
+        Rejection::Denied,
+        Rejection::ClientLimit,
+        Rejection::ClientRate,
     ];
 
     /// The `reason` label and access-log field.
@@ -54,6 +67,10 @@ impl Rejection {
             Rejection::QueueFull => "queue_full",
             Rejection::Shutdown => "shutdown",
             Rejection::PoolRemoved => "pool_removed",
+            Rejection::BadProxyHeader => "bad_proxy_header",
+            Rejection::Denied => "denied",
+            Rejection::ClientLimit => "client_limit",
+            Rejection::ClientRate => "client_rate",
         }
     }
 }
@@ -108,6 +125,15 @@ pub struct ListenerCounters {
     pub rejected_shutdown: u64,
     /// Closed while waiting for a slot because a reload left the pool without a listener.
     pub rejected_pool_removed: u64,
+    /// Closed before any backend work: no valid PROXY header in time, or one from an untrusted
+    /// peer.
+    pub rejected_bad_proxy_header: u64,
+    /// Closed at once: the client's address is not allowed, or denied.
+    pub rejected_denied: u64,
+    /// Closed at once: the client's address had `max_connections_per_client` open.
+    pub rejected_client_limit: u64,
+    /// Closed at once: the client's address was over `connection_rate_per_client`.
+    pub rejected_client_rate: u64,
 }
 
 impl ListenerStats {
@@ -205,6 +231,10 @@ impl ListenerStats {
             rejected_queue_full: queue(Rejection::QueueFull),
             rejected_shutdown: queue(Rejection::Shutdown),
             rejected_pool_removed: queue(Rejection::PoolRemoved),
+            rejected_bad_proxy_header: queue(Rejection::BadProxyHeader),
+            rejected_denied: queue(Rejection::Denied),
+            rejected_client_limit: queue(Rejection::ClientLimit),
+            rejected_client_rate: queue(Rejection::ClientRate),
         }
     }
 }

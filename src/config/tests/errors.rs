@@ -561,3 +561,62 @@ fn backend_names_and_the_resolver_table_are_checked() {
     ];
     assert_refused(cases);
 }
+
+#[test]
+fn client_keys_are_checked() {
+    let listener = "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:1\"\n";
+    let backend = "[[listener.backend]]\naddr = \"127.0.0.1:2\"\n";
+    let cases: Vec<(String, Option<usize>, &str)> = vec![
+        (
+            format!("{listener}accept_proxy = \"v2\"\n{backend}"),
+            Some(4),
+            "`accept_proxy` needs `proxy_trusted`",
+        ),
+        (
+            format!("{listener}proxy_trusted = [\"10.0.0.0/8\"]\n{backend}"),
+            Some(4),
+            "`proxy_trusted` does nothing without `accept_proxy`",
+        ),
+        (
+            format!("{listener}accept_proxy = \"v3\"\nproxy_trusted = []\n{backend}"),
+            Some(4),
+            "unknown variant `v3`",
+        ),
+        (
+            format!("{listener}allow = [\"10.0.0.0/33\"]\n{backend}"),
+            Some(4),
+            "`allow`: invalid network `10.0.0.0/33`",
+        ),
+        (
+            format!("{listener}deny = [\"example.com\"]\n{backend}"),
+            Some(4),
+            "`deny`: invalid network `example.com`",
+        ),
+        (
+            format!("{listener}send_proxy = \"yes\"\n{backend}"),
+            Some(4),
+            "unknown variant `yes`",
+        ),
+        (
+            format!("{listener}{backend}send_proxy = \"v3\"\n"),
+            Some(6),
+            "unknown variant `v3`",
+        ),
+        (
+            format!("{listener}connection_rate_per_client = \"fast\"\n{backend}"),
+            Some(4),
+            "`connection_rate_per_client`: invalid rate `fast`",
+        ),
+        (
+            format!("{listener}connection_rate_per_client = \"0/s\"\n{backend}"),
+            Some(4),
+            "invalid rate `0/s`",
+        ),
+        (
+            format!("{listener}max_connections_per_client = 0\n{backend}"),
+            Some(4),
+            "max_connections_per_client",
+        ),
+    ];
+    assert_refused(cases);
+}
