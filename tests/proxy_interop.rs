@@ -1,6 +1,7 @@
-//! The PROXY protocol against the real thing: HAProxy and nginx (stream) in front of weighbridge,
-//! sending it v1 and v2 headers, and behind it, reading the headers it sends; clients on IPv4
-//! and IPv6. Each test starts its own processes on loopback, with ports the kernel picked and
+//! The PROXY protocol against the real thing: HAProxy and nginx in front of weighbridge, sending
+//! it v1 and v2 headers (with TLVs, and from HAProxy's own health checks), and behind it,
+//! reading the headers it sends and the ones its health probes start with; clients on IPv4 and
+//! IPv6. Each test starts its own processes on loopback, with ports the kernel picked and
 //! configs in a temporary directory, and kills them when it ends.
 //!
 //! The chains end at a backend that parses the header it is given (with the `ppp` crate) and
@@ -16,6 +17,7 @@
 
 mod support;
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -25,13 +27,16 @@ use std::time::Duration;
 
 use ppp::{HeaderResult, PartialResult, v1, v2};
 use tempfile::{NamedTempFile, TempDir};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpSocket, TcpStream, UnixStream};
 use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use weighbridge::HealthStatus;
 
 use support::{
-    Process, assert_closed_without_data, bounded, close, config_file, echo, poll_until, within,
+    LISTENER, POLL, Process, assert_closed_without_data, bounded, close, config_file, poll_until,
+    start_balancer, within,
 };
 
 /// Bound on a whole test.
@@ -44,10 +49,13 @@ const INSTALL: &str =
 
 /// The clients' IPv4 address: loopback, but not the 127.0.0.1 the proxies connect from.
 const CLIENT_V4: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 7));
-/// The clients' IPv6 address.
+/// The clients' IPv6 address: there is only one loopback address in IPv6, so the port alone
+/// tells the client from a proxy.
 const CLIENT_V6: IpAddr = IpAddr::V6(Ipv6Addr::LOCALHOST);
 /// Where the proxies and backends listen, and connect from.
 const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+/// The proxies' IPv6 address.
+const LOOPBACK_V6: IpAddr = IpAddr::V6(Ipv6Addr::LOCALHOST);
 /// A source address a test client claims in a header it writes itself.
 const CLAIMED_V4: &str = "127.0.0.9:4242";
 /// The same for IPv6.
@@ -83,11 +91,7 @@ impl Pp {
     /// same family: both addresses of a header are of one family (ppp writes `PROXY UNKNOWN`
     /// for a mixed pair).
     fn header(self, source: SocketAddr, port: u16) -> Vec<u8> {
-        let loopback = match source {
-            SocketAddr::V4(_) => LOOPBACK,
-            SocketAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
-        };
-        let destination = SocketAddr::new(loopback, port);
+        let destination = SocketAddr::new(loopback_for(source.ip()), port);
         match self {
             Pp::V1 => v1::Addresses::from((source, destination))
                 .to_string()
@@ -103,14 +107,25 @@ impl Pp {
     }
 }
 
+/// Where the first hop listens for a client on `client`: the proxies' loopback address of the
+/// client's family.
+fn loopback_for(client: IpAddr) -> IpAddr {
+    match client {
+        IpAddr::V4(_) => LOOPBACK,
+        IpAddr::V6(_) => LOOPBACK_V6,
+    }
+}
+
 // ------------------------------------------------------------------------- the parsing backend
 
 /// A backend that reads the PROXY header each connection starts with and answers one line
-/// saying what it read (`v1 SOURCE DESTINATION`, `v2 local`, `error: ...`), then echoes the
-/// rest of the stream.
+/// saying what it read (`v1 SOURCE DESTINATION`, `v2 local`, `v2 SOURCE DESTINATION tlvs=0x4,0x5`,
+/// `error: ...`), then echoes the rest of the stream.
 struct HeaderBackend {
     addr: SocketAddr,
     accepted: Arc<AtomicUsize>,
+    /// Every line it answered, in order.
+    answers: Arc<Mutex<Vec<String>>>,
 }
 
 impl HeaderBackend {
@@ -120,13 +135,15 @@ impl HeaderBackend {
             .expect("bind the header backend on loopback");
         let addr = listener.local_addr().expect("header backend address");
         let accepted = Arc::new(AtomicUsize::new(0));
+        let answers = Arc::new(Mutex::new(Vec::new()));
         let count = Arc::clone(&accepted);
+        let record = Arc::clone(&answers);
         tokio::spawn(async move {
             loop {
                 match listener.accept().await {
                     Ok((stream, _)) => {
                         count.fetch_add(1, Ordering::SeqCst);
-                        tokio::spawn(serve_header(stream));
+                        tokio::spawn(serve_header(stream, Arc::clone(&record)));
                     }
                     Err(e) => {
                         eprintln!("header backend: accept failed: {e}");
@@ -135,7 +152,19 @@ impl HeaderBackend {
                 }
             }
         });
-        HeaderBackend { addr, accepted }
+        HeaderBackend {
+            addr,
+            accepted,
+            answers,
+        }
+    }
+
+    /// The lines it answered so far.
+    fn answers(&self) -> Vec<String> {
+        self.answers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Connections accepted so far.
@@ -144,7 +173,7 @@ impl HeaderBackend {
     }
 }
 
-async fn serve_header(mut stream: TcpStream) {
+async fn serve_header(mut stream: TcpStream, answers: Arc<Mutex<Vec<String>>>) {
     // A header is at most 107 bytes in v1 and 16 + 65535 in v2; anything that long here is wrong.
     const TOO_LONG: usize = 4096;
     let mut buf = Vec::new();
@@ -165,6 +194,10 @@ async fn serve_header(mut stream: TcpStream) {
             }
         }
     };
+    answers
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .push(line.clone());
     let answer = format!("{line}\n");
     if stream.write_all(answer.as_bytes()).await.is_err() || line.starts_with("error") {
         return;
@@ -212,6 +245,15 @@ fn describe(buf: &[u8]) -> Result<Option<(String, usize)>, String> {
                     (a.destination_address.into(), a.destination_port),
                 ),
                 (_, other) => format!("other {other:?}"),
+            };
+            let tlvs: Vec<String> = header
+                .tlvs()
+                .map(|tlv| tlv.map_or_else(|e| format!("bad({e})"), |t| format!("{:#x}", t.kind)))
+                .collect();
+            let what = if tlvs.is_empty() {
+                what
+            } else {
+                format!("{what} tlvs={}", tlvs.join(","))
             };
             (format!("v2 {what}"), header.len())
         }
@@ -264,16 +306,11 @@ async fn connect_from(from: IpAddr, to: SocketAddr) -> TcpStream {
 }
 
 /// Reads one line (without its newline) within the I/O timeout.
-async fn read_line(stream: &mut TcpStream) -> String {
+async fn read_line(reader: &mut (impl AsyncBufRead + Unpin)) -> String {
     let mut line = Vec::new();
-    let mut reader = BufReader::new(stream);
     within(reader.read_until(b'\n', &mut line))
         .await
         .expect("read the backend's answer through the chain");
-    assert!(
-        reader.buffer().is_empty(),
-        "bytes after the answer line before anything was sent"
-    );
     assert_eq!(
         line.pop(),
         Some(b'\n'),
@@ -283,34 +320,61 @@ async fn read_line(stream: &mut TcpStream) -> String {
     String::from_utf8(line).expect("the answer is text")
 }
 
-/// A connection from `from` through the chain that starts at `entry` and ends at a
-/// [`HeaderBackend`]: the client's address, and the line the backend answered. The stream then
-/// carries bytes both ways and ends cleanly.
-async fn through(from: IpAddr, entry: SocketAddr) -> (SocketAddr, String) {
-    let mut stream = connect_from(from, entry).await;
-    let me = stream.local_addr().expect("client address");
-    let line = read_line(&mut stream).await;
-    if !line.starts_with("error") {
-        echo(&mut stream, b"after the header, the stream itself")
-            .await
-            .expect("echo through the chain");
-        close(stream).await.expect("the chain ends cleanly");
-    }
-    (me, line)
+/// What a client sends as soon as it has connected, before it reads anything: the first bytes
+/// may reach a proxy with the header, in one segment, and the next hop must take the header off
+/// exactly. Larger than weighbridge's 56 KiB reads, so the rest takes its splice path.
+fn payload() -> Vec<u8> {
+    // A period prime to every buffer size: a byte lost, doubled or moved shows.
+    (0..256 * 1024_u32).map(|i| (i % 251) as u8).collect()
 }
 
-/// Like [`through`] for a client on 127.0.0.1 that writes a `version` header of its own first,
-/// claiming to be `claimed`; the line the backend answered.
-async fn through_claiming(version: Pp, claimed: SocketAddr, entry: SocketAddr) -> String {
+/// A connection from `from` through the chain that starts at `entry` and ends at a
+/// [`HeaderBackend`]: the client's address, and the line the backend answered (see
+/// [`converse`]).
+async fn through(from: IpAddr, entry: SocketAddr) -> (SocketAddr, String) {
+    let stream = connect_from(from, entry).await;
+    let me = stream.local_addr().expect("client address");
+    (me, converse(stream).await)
+}
+
+/// Like [`through`] for a client on 127.0.0.1 that writes `header` itself first.
+async fn through_with_header(header: &[u8], entry: SocketAddr) -> (SocketAddr, String) {
     let mut stream = connect_from(LOOPBACK, entry).await;
-    let header = version.header(claimed, entry.port());
-    within(stream.write_all(&header))
+    let me = stream.local_addr().expect("client address");
+    within(stream.write_all(header))
         .await
         .expect("send the header");
-    let line = read_line(&mut stream).await;
-    echo(&mut stream, b"ping")
-        .await
-        .expect("echo through the chain");
+    (me, converse(stream).await)
+}
+
+/// Sends [`payload`] at once while reading the backend's answer line and then the payload's
+/// echo, checks that the echo is exact and that the stream ends cleanly; returns the line.
+/// After an `error` line the backend closes, and only the line is returned.
+async fn converse(mut stream: TcpStream) -> String {
+    let sent = payload();
+    let (reader, mut writer) = stream.split();
+    let mut reader = BufReader::new(reader);
+    let (written, (line, echoed)) = tokio::join!(within(writer.write_all(&sent)), async {
+        let line = read_line(&mut reader).await;
+        if line.starts_with("error") {
+            return (line, None);
+        }
+        let mut back = vec![0_u8; sent.len()];
+        let echoed = within(reader.read_exact(&mut back)).await.map(|_| back);
+        (line, Some(echoed))
+    });
+    let Some(echoed) = echoed else {
+        return line;
+    };
+    written.expect("send the payload through the chain");
+    let echoed = echoed.expect("read the payload's echo through the chain");
+    let differs = echoed.iter().zip(&sent).position(|(a, b)| a != b);
+    assert_eq!(
+        differs, None,
+        "the bytes behind the header came back changed from this offset on"
+    );
+    assert!(reader.buffer().is_empty(), "bytes beyond the echo");
+    drop(reader);
     close(stream).await.expect("the chain ends cleanly");
     line
 }
@@ -394,13 +458,14 @@ struct Peer {
     log: Arc<Mutex<Vec<String>>>,
     /// Reads stderr into `log` until the process closes it.
     reader: JoinHandle<()>,
-    _dir: TempDir,
+    dir: TempDir,
 }
 
 impl Peer {
-    /// HAProxy on `ip` in TCP mode, relaying to `next` with the `server` line's `options`;
-    /// `bind_options` go on its `bind` line.
-    async fn haproxy(ip: IpAddr, bind_options: &str, next: SocketAddr, options: &str) -> Peer {
+    /// HAProxy on `ip` with the sections `proxies` writes for the address it binds (its
+    /// `frontend` binds it); TCP mode unless a section says otherwise. Its stats socket is
+    /// [`Peer::haproxy_stat`]'s.
+    async fn haproxy(ip: IpAddr, proxies: impl Fn(SocketAddr) -> String) -> Peer {
         let haproxy = program("haproxy");
         Peer::start("haproxy", ip, |addr, dir| {
             let config = dir.join("haproxy.cfg");
@@ -408,17 +473,16 @@ impl Peer {
                 "global\n\
                  \tnbthread 1\n\
                  \tpidfile {pid}\n\
+                 \tstats socket {socket}\n\
                  defaults\n\
                  \tmode tcp\n\
                  \ttimeout connect 5s\n\
                  \ttimeout client 30s\n\
                  \ttimeout server 30s\n\
-                 frontend front\n\
-                 \tbind {addr} {bind_options}\n\
-                 \tdefault_backend next\n\
-                 backend next\n\
-                 \tserver next {next} {options}\n",
+                 {proxies}",
                 pid = dir.join("haproxy.pid").display(),
+                socket = dir.join("stats.sock").display(),
+                proxies = proxies(addr),
             );
             std::fs::write(&config, text).expect("write haproxy.cfg");
             // -db: in the foreground, one process, so killing it stops it all.
@@ -429,9 +493,9 @@ impl Peer {
         .await
     }
 
-    /// nginx on `ip` with one stream `server` whose `listen` takes `listen_options` and whose
-    /// body is `body`.
-    async fn nginx(ip: IpAddr, listen_options: &str, body: &str) -> Peer {
+    /// nginx on `ip` with the top-level block (`stream` or `http`) `block` writes for the
+    /// address it listens on.
+    async fn nginx(ip: IpAddr, block: impl Fn(SocketAddr) -> String) -> Peer {
         let nginx = program("nginx");
         let module = Path::new(NGINX_STREAM_MODULE);
         let load = if module.exists() {
@@ -449,13 +513,9 @@ impl Peer {
                  pid {pid};\n\
                  error_log stderr notice;\n\
                  events {{ worker_connections 64; }}\n\
-                 stream {{\n\
-                 \tserver {{\n\
-                 \t\tlisten {addr} {listen_options};\n\
-                 \t\t{body}\n\
-                 \t}}\n\
-                 }}\n",
+                 {block}\n",
                 pid = dir.join("nginx.pid").display(),
+                block = block(addr),
             );
             std::fs::write(&config, text).expect("write nginx.conf");
             // -p and -e: nothing under /var or /etc is opened, even before the config is read.
@@ -513,7 +573,7 @@ impl Peer {
                 child,
                 log,
                 reader,
-                _dir: dir,
+                dir,
             };
             let mut exited = false;
             poll_until(SOON, || {
@@ -542,6 +602,36 @@ impl Peer {
         unreachable!("the last attempt returns or panics")
     }
 
+    /// HAProxy's `show stat` for `proxy`/`server`, field by field (`status`, `check_status`...).
+    async fn haproxy_stat(&self, proxy: &str, server: &str) -> HashMap<String, String> {
+        let socket = self.dir.path().join("stats.sock");
+        let mut stream = within(UnixStream::connect(&socket))
+            .await
+            .unwrap_or_else(|e| panic!("connect to {}: {e}", socket.display()));
+        within(stream.write_all(b"show stat\n"))
+            .await
+            .expect("ask HAProxy for its stats");
+        let mut csv = String::new();
+        within(stream.read_to_string(&mut csv))
+            .await
+            .expect("read HAProxy's stats");
+        let mut lines = csv.lines();
+        let names: Vec<&str> = lines
+            .next()
+            .and_then(|header| header.strip_prefix("# "))
+            .unwrap_or_else(|| panic!("no header in HAProxy's stats: {csv:?}"))
+            .split(',')
+            .collect();
+        lines
+            .map(|line| line.split(',').collect::<Vec<&str>>())
+            .find(|row| row.len() > 1 && row[0] == proxy && row[1] == server)
+            .unwrap_or_else(|| panic!("no {proxy}/{server} in HAProxy's stats:\n{csv}"))
+            .into_iter()
+            .zip(&names)
+            .map(|(value, name)| ((*name).to_owned(), value.to_owned()))
+            .collect()
+    }
+
     fn lines(&self) -> Vec<String> {
         self.log
             .lock()
@@ -563,29 +653,138 @@ impl Drop for Peer {
     }
 }
 
+/// HAProxy's TCP `frontend` on `addr` (with `bind_options`) and the `backend` it relays to:
+/// one server, `next`, with `server_options`. `frontend` and `backend` are more lines for each.
+fn haproxy_relay(
+    addr: SocketAddr,
+    bind_options: &str,
+    frontend: &str,
+    backend: &str,
+    next: SocketAddr,
+    server_options: &str,
+) -> String {
+    format!(
+        "frontend front\n\
+         \tbind {addr} {bind_options}\n\
+         {frontend}\
+         \tdefault_backend next\n\
+         backend next\n\
+         {backend}\
+         \tserver next {next} {server_options}\n"
+    )
+}
+
 /// HAProxy sending `version` to `next`.
 async fn haproxy_sending(ip: IpAddr, version: Pp, next: SocketAddr) -> Peer {
-    Peer::haproxy(ip, "", next, version.haproxy_send()).await
+    Peer::haproxy(ip, |addr| {
+        haproxy_relay(addr, "", "", "", next, version.haproxy_send())
+    })
+    .await
 }
 
 /// HAProxy accepting a header of either version, and sending v2 to `next`.
 async fn haproxy_accepting(ip: IpAddr, next: SocketAddr) -> Peer {
-    Peer::haproxy(ip, "accept-proxy", next, Pp::V2.haproxy_send()).await
+    Peer::haproxy(ip, |addr| {
+        haproxy_relay(addr, "accept-proxy", "", "", next, Pp::V2.haproxy_send())
+    })
+    .await
+}
+
+/// HAProxy sending v2 with TLVs after the addresses, as `proxy-v2-options` adds them: a
+/// checksum (CRC32C, type 0x3) and a unique id (type 0x5).
+async fn haproxy_sending_tlvs(ip: IpAddr, next: SocketAddr) -> Peer {
+    Peer::haproxy(ip, |addr| {
+        haproxy_relay(
+            addr,
+            "",
+            "\tunique-id-format %{+X}o\\ %ci:%cp_%fi:%fp_%Ts_%rt:%pid\n",
+            "",
+            next,
+            "send-proxy-v2 proxy-v2-options crc32c,unique-id",
+        )
+    })
+    .await
+}
+
+/// HAProxy sending `version` to `next` and checking `next` every 100 ms with the header
+/// `check-send-proxy` makes its checks send: a check passes when `next` answers a line that
+/// starts with `expect` (`v1 ` or `v2 `, what a [`HeaderBackend`] answers to a header). The
+/// answer may take up to 5 s (without `timeout check`, `inter` would bound it: too tight on a
+/// busy machine).
+async fn haproxy_checking(ip: IpAddr, version: Pp, next: SocketAddr, expect: Pp) -> Peer {
+    let checks = format!(
+        "\toption tcp-check\n\ttcp-check expect rstring \"^{} \"\n\ttimeout check 5s\n",
+        expect.name()
+    );
+    let server = format!(
+        "{} check check-send-proxy inter 100ms fall 1 rise 1",
+        version.haproxy_send()
+    );
+    Peer::haproxy(ip, |addr| {
+        haproxy_relay(addr, "", "", &checks, next, &server)
+    })
+    .await
+}
+
+/// HAProxy answering HTTP itself (200, `pp-ok`) to connections that start with a header.
+async fn haproxy_http_accepting(ip: IpAddr) -> Peer {
+    Peer::haproxy(ip, |addr| {
+        format!(
+            "frontend front\n\
+             \tmode http\n\
+             \tbind {addr} accept-proxy\n\
+             \thttp-request return status 200 content-type text/plain string pp-ok\n"
+        )
+    })
+    .await
+}
+
+/// The result of HAProxy's first finished check of server `next`: its `show stat` fields.
+async fn haproxy_checked(haproxy: &Peer) -> HashMap<String, String> {
+    let deadline = Instant::now() + SOON;
+    loop {
+        let mut stat = haproxy.haproxy_stat("next", "next").await;
+        // "INI" until the first check ends; "* " before the last result marks a check under way.
+        let check = stat["check_status"].trim_start_matches("* ").to_owned();
+        if !check.is_empty() && check != "INI" {
+            stat.insert("check_status".to_owned(), check);
+            return stat;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "HAProxy finished no check within {SOON:?}: {stat:?}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
 }
 
 /// nginx sending v1 (the only version nginx sends) to `next`.
 async fn nginx_sending(ip: IpAddr, next: SocketAddr) -> Peer {
-    let body = format!("proxy_pass {next};\n\t\tproxy_protocol on;");
-    Peer::nginx(ip, "", &body).await
+    Peer::nginx(ip, |addr| {
+        format!("stream {{ server {{ listen {addr}; proxy_pass {next}; proxy_protocol on; }} }}")
+    })
+    .await
 }
 
 /// nginx accepting a header of either version and answering with the address it carries.
 async fn nginx_accepting(ip: IpAddr) -> Peer {
-    Peer::nginx(
-        ip,
-        "proxy_protocol",
-        r#"return "$proxy_protocol_addr $proxy_protocol_port\n";"#,
-    )
+    Peer::nginx(ip, |addr| {
+        format!(
+            "stream {{ server {{ listen {addr} proxy_protocol; \
+             return \"$proxy_protocol_addr $proxy_protocol_port\\n\"; }} }}"
+        )
+    })
+    .await
+}
+
+/// nginx answering HTTP itself (200, `pp-ok`) to connections that start with a header.
+async fn nginx_http_accepting(ip: IpAddr) -> Peer {
+    Peer::nginx(ip, |addr| {
+        format!(
+            "http {{ access_log off; server {{ listen {addr} proxy_protocol; \
+             location / {{ return 200 \"pp-ok\\n\"; }} }} }}"
+        )
+    })
     .await
 }
 
@@ -670,7 +869,7 @@ impl Weighbridge {
 /// client → HAProxy `send-proxy(-v2)` → parsing backend.
 async fn peer_haproxy_sends(client: IpAddr, version: Pp) {
     let backend = HeaderBackend::start().await;
-    let haproxy = haproxy_sending(client, version, backend.addr).await;
+    let haproxy = haproxy_sending(loopback_for(client), version, backend.addr).await;
     let (me, line) = through(client, haproxy.addr).await;
     assert_source(&line, version, me);
 }
@@ -704,7 +903,8 @@ async fn peer_haproxy_accept_proxy_believes_v1_and_v2_headers() {
         for version in [Pp::V1, Pp::V2] {
             for claimed in [CLAIMED_V4, CLAIMED_V6] {
                 let claimed: SocketAddr = claimed.parse().expect("literal address");
-                let line = through_claiming(version, claimed, haproxy.addr).await;
+                let header = version.header(claimed, haproxy.addr.port());
+                let (_, line) = through_with_header(&header, haproxy.addr).await;
                 assert_source(&line, Pp::V2, claimed);
             }
         }
@@ -715,7 +915,7 @@ async fn peer_haproxy_accept_proxy_believes_v1_and_v2_headers() {
 /// client → nginx `proxy_protocol on` → parsing backend.
 async fn peer_nginx_sends(client: IpAddr) {
     let backend = HeaderBackend::start().await;
-    let nginx = nginx_sending(client, backend.addr).await;
+    let nginx = nginx_sending(loopback_for(client), backend.addr).await;
     let (me, line) = through(client, nginx.addr).await;
     assert_source(&line, Pp::V1, me);
 }
@@ -761,7 +961,7 @@ async fn peer_nginx_listen_proxy_protocol_believes_v1_and_v2_headers() {
 async fn haproxy_in_front(client: IpAddr, haproxy_sends: Pp, accept: &str, wb_sends: Pp) {
     let backend = HeaderBackend::start().await;
     let wb = Weighbridge::behind_a_proxy(accept, wb_sends, backend.addr).await;
-    let haproxy = haproxy_sending(client, haproxy_sends, wb.addr).await;
+    let haproxy = haproxy_sending(loopback_for(client), haproxy_sends, wb.addr).await;
     let (me, line) = through(client, haproxy.addr).await;
     assert_source(&line, wb_sends, me);
     wb.assert_logged(me).await;
@@ -810,7 +1010,7 @@ async fn backend_send_proxy_overrides_the_listeners() {
         let keys = "accept_proxy = \"any\"\nproxy_trusted = [\"127.0.0.0/8\"]\n\
                     send_proxy = \"v2\"";
         let wb = Weighbridge::start(LOOPBACK, keys, backend.addr, "send_proxy = \"v1\"").await;
-        let haproxy = haproxy_sending(CLIENT_V4, Pp::V2, wb.addr).await;
+        let haproxy = haproxy_sending(LOOPBACK, Pp::V2, wb.addr).await;
         let (me, line) = through(CLIENT_V4, haproxy.addr).await;
         assert_source(&line, Pp::V1, me);
     })
@@ -824,7 +1024,7 @@ async fn accept_v1_closes_a_v2_header() {
     bounded(LIMIT, async {
         let backend = HeaderBackend::start().await;
         let wb = Weighbridge::behind_a_proxy("v1", Pp::V1, backend.addr).await;
-        let haproxy = haproxy_sending(CLIENT_V4, Pp::V2, wb.addr).await;
+        let haproxy = haproxy_sending(LOOPBACK, Pp::V2, wb.addr).await;
         let mut stream = connect_from(CLIENT_V4, haproxy.addr).await;
         assert_closed_without_data(&mut stream, SOON).await;
         assert_eq!(backend.accepted(), 0, "no backend connection for it");
@@ -839,7 +1039,7 @@ async fn accept_v1_closes_a_v2_header() {
 async fn haproxy_behind(client: IpAddr, wb_sends: Pp) {
     let backend = HeaderBackend::start().await;
     let haproxy = haproxy_accepting(LOOPBACK, backend.addr).await;
-    let wb = Weighbridge::in_front_of(client, wb_sends, haproxy.addr).await;
+    let wb = Weighbridge::in_front_of(loopback_for(client), wb_sends, haproxy.addr).await;
     let (me, line) = through(client, wb.addr).await;
     assert_source(&line, Pp::V2, me);
     wb.assert_logged(me).await;
@@ -872,7 +1072,7 @@ async fn send_proxy_v2_to_haproxy_accept_proxy_ipv6_client() {
 async fn nginx_in_front(client: IpAddr, wb_sends: Pp) {
     let backend = HeaderBackend::start().await;
     let wb = Weighbridge::behind_a_proxy("v1", wb_sends, backend.addr).await;
-    let nginx = nginx_sending(client, wb.addr).await;
+    let nginx = nginx_sending(loopback_for(client), wb.addr).await;
     let (me, line) = through(client, nginx.addr).await;
     assert_source(&line, wb_sends, me);
     wb.assert_logged(me).await;
@@ -892,7 +1092,7 @@ async fn nginx_proxy_protocol_to_accept_v1_ipv6_client() {
 /// the address it read.
 async fn nginx_behind(client: IpAddr, wb_sends: Pp) {
     let nginx = nginx_accepting(LOOPBACK).await;
-    let wb = Weighbridge::in_front_of(client, wb_sends, nginx.addr).await;
+    let wb = Weighbridge::in_front_of(loopback_for(client), wb_sends, nginx.addr).await;
     let (me, answer) = nginx_returns(client, wb.addr).await;
     assert_eq!(answer, Ok(me), "nginx should read the client's address");
     wb.assert_logged(me).await;
@@ -916,4 +1116,204 @@ async fn send_proxy_v1_to_nginx_ipv6_client() {
 #[tokio::test]
 async fn send_proxy_v2_to_nginx_ipv6_client() {
     bounded(LIMIT, nginx_behind(CLIENT_V6, Pp::V2)).await;
+}
+
+// ------------------------------------------------------------ TLVs, LOCAL headers, health checks
+
+/// A header that tells no client: v2 LOCAL (a proxy's own connection, such as a health check)
+/// or v1 UNKNOWN.
+fn local_header(version: Pp) -> Vec<u8> {
+    match version {
+        Pp::V1 => b"PROXY UNKNOWN\r\n".to_vec(),
+        Pp::V2 => v2::Builder::with_addresses(
+            v2::Version::Two | v2::Command::Local,
+            v2::Protocol::Unspecified,
+            v2::Addresses::Unspecified,
+        )
+        .build()
+        .expect("a LOCAL header builds"),
+    }
+}
+
+#[tokio::test]
+async fn peer_haproxy_send_proxy_v2_with_tlvs() {
+    bounded(LIMIT, async {
+        let backend = HeaderBackend::start().await;
+        let haproxy = haproxy_sending_tlvs(LOOPBACK, backend.addr).await;
+        let (me, line) = through(CLIENT_V4, haproxy.addr).await;
+        assert_source(&line, Pp::V2, me);
+        assert!(line.ends_with(" tlvs=0x3,0x5"), "{line:?}");
+    })
+    .await;
+}
+
+/// TLVs after the addresses (counted in the header's length) are taken off with the header:
+/// the client's bytes behind them arrive exact.
+#[tokio::test]
+async fn haproxy_send_proxy_v2_with_tlvs_to_accept_v2() {
+    bounded(LIMIT, async {
+        let backend = HeaderBackend::start().await;
+        let wb = Weighbridge::behind_a_proxy("v2", Pp::V2, backend.addr).await;
+        let haproxy = haproxy_sending_tlvs(LOOPBACK, wb.addr).await;
+        let (me, line) = through(CLIENT_V4, haproxy.addr).await;
+        assert_source(&line, Pp::V2, me);
+        wb.assert_logged(me).await;
+    })
+    .await;
+}
+
+/// What HAProxy's health checks send with `check-send-proxy`: in v1 the check connection's
+/// own addresses, in v2 LOCAL.
+#[tokio::test]
+async fn peer_haproxy_checks_send_their_own_addresses_in_v1_and_local_in_v2() {
+    bounded(LIMIT, async {
+        for version in [Pp::V1, Pp::V2] {
+            let backend = HeaderBackend::start().await;
+            let haproxy = haproxy_checking(LOOPBACK, version, backend.addr, version).await;
+            let stat = haproxy_checked(&haproxy).await;
+            assert_eq!(
+                (stat["status"].as_str(), stat["check_status"].as_str()),
+                ("UP", "L7OK"),
+                "{version:?}: {stat:?}"
+            );
+            let answer = &backend.answers()[0];
+            match version {
+                Pp::V1 => assert!(
+                    answer.starts_with("v1 127.0.0.1:")
+                        && answer.ends_with(&format!(" {}", backend.addr)),
+                    "{answer:?}"
+                ),
+                Pp::V2 => assert_eq!(answer, "v2 local"),
+            }
+        }
+    })
+    .await;
+}
+
+/// HAProxy's health checks of weighbridge (which accepts the PROXY protocol) pass: their
+/// header (v1 with the check's addresses, v2 LOCAL) is accepted, and the check goes through to
+/// the backend with a header of weighbridge's.
+async fn haproxy_checks_weighbridge(version: Pp) {
+    let backend = HeaderBackend::start().await;
+    let wb = Weighbridge::behind_a_proxy(version.name(), Pp::V2, backend.addr).await;
+    let haproxy = haproxy_checking(LOOPBACK, version, wb.addr, Pp::V2).await;
+    let stat = haproxy_checked(&haproxy).await;
+    assert_eq!(
+        (stat["status"].as_str(), stat["check_status"].as_str()),
+        ("UP", "L7OK"),
+        "HAProxy's check of weighbridge: {stat:?}; backend answered {:?}; weighbridge:\n{}",
+        backend.answers(),
+        wb.process.tail()
+    );
+}
+
+#[tokio::test]
+async fn haproxy_v1_checks_through_accept_v1() {
+    bounded(LIMIT, haproxy_checks_weighbridge(Pp::V1)).await;
+}
+
+#[tokio::test]
+async fn haproxy_v2_checks_with_local_through_accept_v2() {
+    bounded(LIMIT, haproxy_checks_weighbridge(Pp::V2)).await;
+}
+
+/// HAProxy, given a LOCAL or UNKNOWN header, takes the connection's real source for the client
+/// (as doc/proxy-protocol.txt asks of a receiver) and passes that on in its own header.
+#[tokio::test]
+async fn peer_haproxy_passes_on_its_peer_for_local_and_unknown() {
+    bounded(LIMIT, async {
+        let backend = HeaderBackend::start().await;
+        let haproxy = haproxy_accepting(LOOPBACK, backend.addr).await;
+        for version in [Pp::V1, Pp::V2] {
+            let (me, line) = through_with_header(&local_header(version), haproxy.addr).await;
+            assert_source(&line, Pp::V2, me);
+        }
+    })
+    .await;
+}
+
+/// The same through weighbridge: the peer's address is the client's (it is in the access log)
+/// and so would go on with `send_proxy`, as HAProxy does.
+#[tokio::test]
+#[ignore = "weighbridge passes LOCAL on as LOCAL and UNKNOWN as LOCAL/UNKNOWN, where HAProxy \
+            sends its peer's address: which one weighbridge should do is to be decided"]
+async fn local_and_unknown_go_on_as_the_peers_address_like_haproxy() {
+    bounded(LIMIT, async {
+        for send in [Pp::V1, Pp::V2] {
+            let backend = HeaderBackend::start().await;
+            let wb = Weighbridge::behind_a_proxy("any", send, backend.addr).await;
+            for version in [Pp::V1, Pp::V2] {
+                let (me, line) = through_with_header(&local_header(version), wb.addr).await;
+                wb.assert_logged(me).await;
+                assert_source(&line, send, me);
+            }
+        }
+    })
+    .await;
+}
+
+/// weighbridge's health probes of a backend that gets PROXY headers start with a LOCAL (v2)
+/// or UNKNOWN (v1) one: `peer` (HAProxy or nginx, answering `pp-ok` to any HTTP request on a
+/// connection that starts with a header) must accept it for the probe to pass.
+async fn probes_pass_at(peer: &Peer, version: Pp) {
+    let toml = format!(
+        "shutdown_grace = \"1s\"\n\
+         [[listener]]\nname = \"{LISTENER}\"\nbind = \"127.0.0.1:0\"\nsend_proxy = \"{send}\"\n\
+         [listener.health]\nkind = \"http\"\npath = \"/health\"\nexpect_body = \"pp-ok\"\n\
+         interval = \"100ms\"\nstartup_grace = \"0s\"\n\
+         [[listener.backend]]\naddr = \"{peer}\"\n",
+        send = version.name(),
+        peer = peer.addr,
+    );
+    let lb = start_balancer(&toml);
+    let mut health = None;
+    poll_until(SOON, || {
+        health = lb.handle.backend_health(LISTENER, peer.addr);
+        health.is_some_and(|h| h.last_check.is_some())
+    })
+    .await;
+    let health = health.expect("the backend is configured");
+    let check = health
+        .last_check
+        .unwrap_or_else(|| panic!("no probe of {} within {SOON:?}", peer.name));
+    assert_eq!(
+        (check.result, health.status),
+        (Ok(()), HealthStatus::Healthy),
+        "{} should accept a {} probe",
+        peer.name,
+        version.name()
+    );
+    lb.stop().await;
+}
+
+#[tokio::test]
+async fn probes_with_unknown_pass_at_haproxy() {
+    bounded(LIMIT, async {
+        probes_pass_at(&haproxy_http_accepting(LOOPBACK).await, Pp::V1).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn probes_with_local_pass_at_haproxy() {
+    bounded(LIMIT, async {
+        probes_pass_at(&haproxy_http_accepting(LOOPBACK).await, Pp::V2).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn probes_with_unknown_pass_at_nginx() {
+    bounded(LIMIT, async {
+        probes_pass_at(&nginx_http_accepting(LOOPBACK).await, Pp::V1).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn probes_with_local_pass_at_nginx() {
+    bounded(LIMIT, async {
+        probes_pass_at(&nginx_http_accepting(LOOPBACK).await, Pp::V2).await;
+    })
+    .await;
 }
