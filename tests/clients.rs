@@ -67,49 +67,12 @@ async fn serve_header(mut stream: TcpStream, seen: Arc<Mutex<Vec<Seen>>>) {
             return;
         }
         buf.extend_from_slice(&chunk[..n]);
-        match HeaderResult::parse(&buf) {
-            HeaderResult::V1(Ok(h)) => {
-                let (s, d) = match h.addresses {
-                    ppp::v1::Addresses::Tcp4(a) => (
-                        Some(SocketAddr::from((a.source_address, a.source_port))),
-                        Some(SocketAddr::from((
-                            a.destination_address,
-                            a.destination_port,
-                        ))),
-                    ),
-                    ppp::v1::Addresses::Tcp6(a) => (
-                        Some(SocketAddr::from((a.source_address, a.source_port))),
-                        Some(SocketAddr::from((
-                            a.destination_address,
-                            a.destination_port,
-                        ))),
-                    ),
-                    ppp::v1::Addresses::Unknown => (None, None),
-                };
-                break (s, d, 1, h.header.len());
+        match read_header(&buf) {
+            Some((version, len, addresses)) => {
+                break (addresses.map(|a| a.0), addresses.map(|a| a.1), version, len);
             }
-            HeaderResult::V2(Ok(h)) => {
-                let (s, d) = match h.addresses {
-                    ppp::v2::Addresses::IPv4(a) => (
-                        Some(SocketAddr::from((a.source_address, a.source_port))),
-                        Some(SocketAddr::from((
-                            a.destination_address,
-                            a.destination_port,
-                        ))),
-                    ),
-                    ppp::v2::Addresses::IPv6(a) => (
-                        Some(SocketAddr::from((a.source_address, a.source_port))),
-                        Some(SocketAddr::from((
-                            a.destination_address,
-                            a.destination_port,
-                        ))),
-                    ),
-                    _ => (None, None),
-                };
-                break (s, d, 2, h.len());
-            }
-            _ if buf.len() < 16 || buf.starts_with(b"PROXY") && !buf.contains(&b'\n') => {}
-            _ => {
+            None if buf.len() < 16 || buf.starts_with(b"PROXY") && !buf.contains(&b'\n') => {}
+            None => {
                 // No header: record what came, as it came.
                 seen.lock().expect("seen").push(Seen {
                     source: None,
@@ -242,21 +205,51 @@ async fn the_address_a_trusted_header_carries_is_the_client_sent_on_to_the_backe
     .await;
 }
 
+/// A whole header at the start of `buf`: its version, length and (source, destination),
+/// `None` for LOCAL or UNKNOWN.
+type Read = (u8, usize, Option<(SocketAddr, SocketAddr)>);
+
+fn read_header(buf: &[u8]) -> Option<Read> {
+    let pair = |s: SocketAddr, d: SocketAddr| Some((s, d));
+    match HeaderResult::parse(buf) {
+        HeaderResult::V1(Ok(h)) => {
+            let addresses = match h.addresses {
+                ppp::v1::Addresses::Tcp4(a) => pair(
+                    (a.source_address, a.source_port).into(),
+                    (a.destination_address, a.destination_port).into(),
+                ),
+                ppp::v1::Addresses::Tcp6(a) => pair(
+                    (a.source_address, a.source_port).into(),
+                    (a.destination_address, a.destination_port).into(),
+                ),
+                ppp::v1::Addresses::Unknown => None,
+            };
+            Some((1, h.header.len(), addresses))
+        }
+        HeaderResult::V2(Ok(h)) => {
+            let addresses = match h.addresses {
+                ppp::v2::Addresses::IPv4(a) => pair(
+                    (a.source_address, a.source_port).into(),
+                    (a.destination_address, a.destination_port).into(),
+                ),
+                ppp::v2::Addresses::IPv6(a) => pair(
+                    (a.source_address, a.source_port).into(),
+                    (a.destination_address, a.destination_port).into(),
+                ),
+                _ => None,
+            };
+            Some((2, h.len(), addresses))
+        }
+        _ => None,
+    }
+}
+
 /// The source address in a header the test wrote.
 fn header_source(header: &[u8]) -> SocketAddr {
-    match HeaderResult::parse(header) {
-        HeaderResult::V1(Ok(h)) => match h.addresses {
-            ppp::v1::Addresses::Tcp4(a) => SocketAddr::from((a.source_address, a.source_port)),
-            ppp::v1::Addresses::Tcp6(a) => SocketAddr::from((a.source_address, a.source_port)),
-            ppp::v1::Addresses::Unknown => panic!("no address"),
-        },
-        HeaderResult::V2(Ok(h)) => match h.addresses {
-            ppp::v2::Addresses::IPv4(a) => SocketAddr::from((a.source_address, a.source_port)),
-            ppp::v2::Addresses::IPv6(a) => SocketAddr::from((a.source_address, a.source_port)),
-            _ => panic!("no address"),
-        },
-        other => panic!("not a header: {other:?}"),
-    }
+    read_header(header)
+        .and_then(|(_, _, addresses)| addresses)
+        .expect("a header with addresses")
+        .0
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
