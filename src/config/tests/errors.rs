@@ -585,12 +585,12 @@ fn client_keys_are_checked() {
         (
             format!("{listener}allow = [\"10.0.0.0/33\"]\n{backend}"),
             Some(4),
-            "`allow`: invalid network `10.0.0.0/33`",
+            "`allow`: `10.0.0.0/33`: the prefix length must be a number from 0 to 32",
         ),
         (
             format!("{listener}deny = [\"example.com\"]\n{backend}"),
             Some(4),
-            "`deny`: invalid network `example.com`",
+            "`deny`: `example.com` is not an IP address or network",
         ),
         (
             format!("{listener}send_proxy = \"yes\"\n{backend}"),
