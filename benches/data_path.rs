@@ -70,6 +70,35 @@ async fn echo_backend() -> SocketAddr {
     .await
 }
 
+/// A backend that takes the PROXY header off each connection (v1: up to its line end; v2: its
+/// 16 bytes and the length they give), then echoes everything back.
+async fn header_echo_backend() -> SocketAddr {
+    serve(|mut stream| async move {
+        let mut first = [0_u8; 16];
+        if stream.read_exact(&mut first).await.is_err() {
+            return;
+        }
+        if first.starts_with(b"PROXY ") {
+            let mut byte = [0_u8; 1];
+            let mut last = first[15];
+            while last != b'\n' {
+                if stream.read_exact(&mut byte).await.is_err() {
+                    return;
+                }
+                last = byte[0];
+            }
+        } else {
+            let mut rest = vec![0_u8; usize::from(u16::from_be_bytes([first[14], first[15]]))];
+            if stream.read_exact(&mut rest).await.is_err() {
+                return;
+            }
+        }
+        let (mut read, mut write) = stream.split();
+        let _ = tokio::io::copy(&mut read, &mut write).await;
+    })
+    .await
+}
+
 /// Binds an ephemeral loopback port and serves every connection with `handle`.
 async fn serve<F, Fut>(handle: F) -> SocketAddr
 where
@@ -97,9 +126,14 @@ struct Proxy {
 
 impl Proxy {
     async fn start(backend: SocketAddr, splice: bool) -> Proxy {
+        Proxy::with(backend, splice, "").await
+    }
+
+    /// As [`Proxy::start`], with `keys` added to the listener.
+    async fn with(backend: SocketAddr, splice: bool, keys: &str) -> Proxy {
         let text = format!(
             "threads = 1\n[[listener]]\nname = \"bench\"\nbind = \"127.0.0.1:0\"\n\
-             splice = {splice}\n[[listener.backend]]\naddr = \"{backend}\"\n"
+             splice = {splice}\n{keys}\n[[listener.backend]]\naddr = \"{backend}\"\n"
         );
         let config = weighbridge::Config::parse(&text, Path::new("bench.toml"))
             .expect("a valid bench config");
@@ -162,19 +196,31 @@ fn connection(c: &mut Criterion, runtime: &Runtime) {
     let backend = runtime.block_on(echo_backend());
     let proxy = runtime.block_on(Proxy::start(backend, true));
     c.bench_function("connection", |b| {
-        b.iter_custom(|iters| {
-            runtime.block_on(async {
-                let started = Instant::now();
-                for _ in 0..iters {
-                    let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
-                    stream.write_all(b"x").await.expect("send");
-                    let mut byte = [0_u8; 1];
-                    stream.read_exact(&mut byte).await.expect("the echo");
-                }
-                started.elapsed()
-            })
-        })
+        b.iter_custom(|iters| runtime.block_on(connections(proxy.addr, iters)))
     });
+    // The same with a PROXY header written to the backend first (its backend takes it off).
+    let backend = runtime.block_on(header_echo_backend());
+    let mut group = c.benchmark_group("connection_send_proxy");
+    for version in ["v1", "v2"] {
+        let keys = format!("send_proxy = \"{version}\"");
+        let proxy = runtime.block_on(Proxy::with(backend, true, &keys));
+        group.bench_function(version, |b| {
+            b.iter_custom(|iters| runtime.block_on(connections(proxy.addr, iters)))
+        });
+    }
+    group.finish();
+}
+
+/// Opens `iters` connections through `proxy`, one byte each way on each.
+async fn connections(proxy: SocketAddr, iters: u64) -> Duration {
+    let started = Instant::now();
+    for _ in 0..iters {
+        let mut stream = TcpStream::connect(proxy).await.expect("connect");
+        stream.write_all(b"x").await.expect("send");
+        let mut byte = [0_u8; 1];
+        stream.read_exact(&mut byte).await.expect("the echo");
+    }
+    started.elapsed()
 }
 
 fn round_trip(c: &mut Criterion, runtime: &Runtime) {

@@ -492,3 +492,33 @@ async fn each_client_address_has_its_own_connection_and_rate_limits() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_denies_a_client_cuts_none_of_its_open_connections() {
+    bounded(LIMIT, async {
+        let backend = HeaderBackend::start().await;
+        let lb = start(&config("send_proxy = \"v1\"", backend.addr, ""));
+        let mut open = connect_from("127.0.0.6", lb.addr).await;
+        assert_eq!(round_trip(&mut open, b"before").await, b"before");
+        let denying = config(
+            "send_proxy = \"v1\"\ndeny = [\"127.0.0.6\"]",
+            backend.addr,
+            "",
+        );
+        lb.handle
+            .apply(Config::parse(&denying, Path::new("test.toml")).expect("valid"))
+            .await
+            .expect("reload");
+        let mut new = connect_from("127.0.0.6", lb.addr).await;
+        within(new.write_all(b"hi")).await.expect("write");
+        assert_closed_without_data(&mut new, SOON).await;
+        assert_eq!(counters(&lb).rejected_denied, 1);
+        assert_eq!(
+            round_trip(&mut open, b"after").await,
+            b"after",
+            "the open connection goes on"
+        );
+        lb.stop().await;
+    })
+    .await;
+}
