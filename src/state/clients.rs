@@ -22,17 +22,22 @@
 //! seen within the last period, not every client ever seen.
 //!
 //! **Concurrency.** Workers admit and close connections at once, so the map is split into
-//! [`SHARDS`] shards by a hash of the address, each a mutex over a `HashMap`, on cache lines of
-//! their own; a lock is held for one map operation (or a sweep), never across anything else.
-//! The maps hash with std's SipHash under random keys: whoever connects chooses the addresses,
-//! and a keyed hash keeps them from being chosen to collide.
+//! [`SHARDS`] shards by a hash of the address, each a mutex over a hash table, on cache lines
+//! of their own; a lock is held for one map operation (or a sweep), never across anything
+//! else. Addresses hash with std's SipHash under random keys: whoever connects chooses them,
+//! and a keyed hash keeps them from being chosen to collide. An address is hashed once per
+//! admission, for both its shard and its place in the shard's table (hashbrown's `HashTable`,
+//! the table beneath std's `HashMap`, takes the hash from its caller), and its guard keeps the
+//! hash for the release.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::hash::{BuildHasher, RandomState};
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
+
+use hashbrown::HashTable;
+use hashbrown::hash_table::Entry as Slot;
 
 use crate::config::ClientLimits;
 
@@ -77,9 +82,8 @@ impl Limited {
 pub(crate) struct ClientTable {
     /// Times are kept as nanoseconds after this.
     epoch: Instant,
-    /// Picks an address's shard; its keys differ from the maps', so the addresses within one
-    /// shard still spread over the whole of its map.
-    pick: RandomState,
+    /// Hashes addresses, for their shard and their place in it.
+    hasher: RandomState,
     shards: Box<[Padded<Mutex<Shard>>]>,
 }
 
@@ -96,7 +100,9 @@ struct Entry {
 }
 
 struct Shard {
-    map: HashMap<Ipv6Addr, Entry>,
+    map: HashTable<(Ipv6Addr, Entry)>,
+    /// The table's hasher, to place entries again when the map grows or shrinks.
+    hasher: RandomState,
     /// Swept when `map` reaches this length.
     sweep_len: usize,
     /// Nanoseconds after the epoch of its last sweep.
@@ -117,17 +123,19 @@ pub(crate) struct ClientGuard(Option<Held>);
 #[derive(Debug)]
 struct Held {
     table: Arc<ClientTable>,
-    shard: usize,
+    hash: u64,
     key: Ipv6Addr,
 }
 
 impl ClientTable {
     /// An empty table.
     pub(crate) fn new() -> ClientTable {
+        let hasher = RandomState::new();
         let shards = (0..SHARDS)
             .map(|_| {
                 Padded(Mutex::new(Shard {
-                    map: HashMap::new(),
+                    map: HashTable::new(),
+                    hasher: hasher.clone(),
                     sweep_len: MIN_SWEEP_LEN,
                     swept_at: 0,
                 }))
@@ -135,7 +143,7 @@ impl ClientTable {
             .collect();
         ClientTable {
             epoch: Instant::now(),
-            pick: RandomState::new(),
+            hasher,
             shards,
         }
     }
@@ -154,11 +162,12 @@ impl ClientTable {
             return Ok(ClientGuard(None));
         }
         let key = key(ip);
-        let shard = self.shard_of(&key);
-        self.lock(shard).admit(key, limits, self.nanos(now))?;
+        let hash = self.hasher.hash_one(key);
+        self.lock(shard_of(hash))
+            .admit(key, hash, limits, self.nanos(now))?;
         let held = limits.max_open.map(|_| Held {
             table: Arc::clone(self),
-            shard,
+            hash,
             key,
         });
         Ok(ClientGuard(held))
@@ -191,23 +200,19 @@ impl ClientTable {
             .sum()
     }
 
-    fn release(&self, shard: usize, key: Ipv6Addr) {
-        let mut shard = self.lock(shard);
-        let Some(entry) = shard.map.get_mut(&key) else {
+    fn release(&self, hash: u64, key: Ipv6Addr) {
+        let mut shard = self.lock(shard_of(hash));
+        let Ok(mut found) = shard.map.find_entry(hash, |(k, _)| *k == key) else {
             debug_assert!(false, "a guard's entry is kept while it lives");
             return;
         };
+        let entry = &mut found.get_mut().1;
         let open = entry.open;
         debug_assert!(open > 0, "a guard counts one open connection");
         entry.open = open.saturating_sub(1);
         if entry.open == 0 && entry.full_at == NO_RATE {
-            shard.map.remove(&key);
+            found.remove();
         }
-    }
-
-    fn shard_of(&self, key: &Ipv6Addr) -> usize {
-        // SHARDS is a power of two: the low bits of a SipHash are as good as any.
-        self.pick.hash_one(key) as usize % SHARDS
     }
 
     fn lock(&self, shard: usize) -> MutexGuard<'_, Shard> {
@@ -234,7 +239,13 @@ impl fmt::Debug for ClientTable {
 }
 
 impl Shard {
-    fn admit(&mut self, key: Ipv6Addr, limits: &ClientLimits, now: u64) -> Result<(), Limited> {
+    fn admit(
+        &mut self,
+        key: Ipv6Addr,
+        hash: u64,
+        limits: &ClientLimits,
+        now: u64,
+    ) -> Result<(), Limited> {
         if self.map.len() >= self.sweep_len
             || now.saturating_sub(self.swept_at) >= SWEEP_PERIOD_NANOS
         {
@@ -242,10 +253,20 @@ impl Shard {
         }
         // A new client is never refused (`max_open` and the burst are at least 1), so
         // inserting before deciding never leaves an entry behind for a refusal.
-        let entry = self.map.entry(key).or_insert(Entry {
-            open: 0,
-            full_at: NO_RATE,
-        });
+        let hasher = &self.hasher;
+        let slot = self
+            .map
+            .entry(hash, |(k, _)| *k == key, |(k, _)| hasher.hash_one(k));
+        let (_, entry) = match slot {
+            Slot::Occupied(found) => found.into_mut(),
+            Slot::Vacant(free) => {
+                let new = Entry {
+                    open: 0,
+                    full_at: NO_RATE,
+                };
+                free.insert((key, new)).into_mut()
+            }
+        };
         if let Some(max) = limits.max_open {
             if entry.open >= max.get() {
                 return Err(Limited::Open);
@@ -274,10 +295,11 @@ impl Shard {
     /// gives memory back when most of the map is empty.
     fn sweep(&mut self, now: u64) {
         self.map
-            .retain(|_, entry| entry.open > 0 || entry.full_at > now);
+            .retain(|(_, entry)| entry.open > 0 || entry.full_at > now);
         let len = self.map.len();
         if self.map.capacity() > 4 * len.max(MIN_SWEEP_LEN) {
-            self.map.shrink_to(2 * len);
+            let hasher = &self.hasher;
+            self.map.shrink_to(2 * len, |(k, _)| hasher.hash_one(k));
         }
         self.sweep_len = (2 * len).max(MIN_SWEEP_LEN);
         self.swept_at = now;
@@ -286,8 +308,16 @@ impl Shard {
 
 impl Drop for Held {
     fn drop(&mut self) {
-        self.table.release(self.shard, self.key);
+        self.table.release(self.hash, self.key);
     }
+}
+
+/// The shard of an address hashed to `hash`: bits 32 to 37, which a shard's table uses for
+/// neither the bucket (the low bits, of which a table under 2^32 buckets uses fewer than 32)
+/// nor the tag it keeps beside it (the top 7), so the addresses of one shard still spread over
+/// all of its table.
+fn shard_of(hash: u64) -> usize {
+    (hash >> 32) as usize % SHARDS
 }
 
 /// An address as the table keys it: IPv4 as IPv4-mapped IPv6, so that a client reaching a

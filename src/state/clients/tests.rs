@@ -36,8 +36,12 @@ fn table() -> (Arc<ClientTable>, Instant) {
 
 fn open_of(table: &ClientTable, ip: IpAddr) -> u32 {
     let key = key(ip);
-    let shard = table.lock(table.shard_of(&key));
-    shard.map.get(&key).map_or(0, |entry| entry.open)
+    let hash = table.hasher.hash_one(key);
+    let shard = table.lock(shard_of(hash));
+    shard
+        .map
+        .find(hash, |(k, _)| *k == key)
+        .map_or(0, |(_, entry)| entry.open)
 }
 
 #[test]
