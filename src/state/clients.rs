@@ -84,7 +84,7 @@ pub(crate) struct ClientTable {
     epoch: Instant,
     /// Hashes addresses, for their shard and their place in it.
     hasher: RandomState,
-    shards: Box<[Padded<Mutex<Shard>>]>,
+    shards: Box<[Arc<Padded<Mutex<Shard>>>]>,
 }
 
 /// One client's state. Packed to 4-byte alignment so that, beside its 16-byte key, an entry
@@ -110,7 +110,9 @@ struct Shard {
 }
 
 /// Keeps what it holds on a cache line pair of its own (x86 prefetches lines in pairs), so
-/// that two workers locking neighbouring shards do not slow each other.
+/// that two workers locking neighbouring shards do not slow each other. Behind an `Arc`, the
+/// reference counts get a pair of their own too: a guard takes its shard's, never one that
+/// every admission in the table would touch.
 #[repr(align(128))]
 struct Padded<T>(T);
 
@@ -120,9 +122,8 @@ struct Padded<T>(T);
 #[must_use = "the connection counts as open only while the guard lives"]
 pub(crate) struct ClientGuard(Option<Held>);
 
-#[derive(Debug)]
 struct Held {
-    table: Arc<ClientTable>,
+    shard: Arc<Padded<Mutex<Shard>>>,
     hash: u64,
     key: Ipv6Addr,
 }
@@ -133,12 +134,12 @@ impl ClientTable {
         let hasher = RandomState::new();
         let shards = (0..SHARDS)
             .map(|_| {
-                Padded(Mutex::new(Shard {
+                Arc::new(Padded(Mutex::new(Shard {
                     map: HashTable::new(),
                     hasher: hasher.clone(),
                     sweep_len: MIN_SWEEP_LEN,
                     swept_at: 0,
-                }))
+                })))
             })
             .collect();
         ClientTable {
@@ -153,7 +154,7 @@ impl ClientTable {
     /// slot. The guard keeps the connection counted open until it is dropped. Without limits
     /// nothing is looked up or stored.
     pub(crate) fn admit(
-        self: &Arc<Self>,
+        &self,
         ip: IpAddr,
         limits: &ClientLimits,
         now: Instant,
@@ -163,10 +164,10 @@ impl ClientTable {
         }
         let key = key(ip);
         let hash = self.hasher.hash_one(key);
-        self.lock(shard_of(hash))
-            .admit(key, hash, limits, self.nanos(now))?;
+        let shard = &self.shards[shard_of(hash)];
+        lock(shard).admit(key, hash, limits, self.nanos(now))?;
         let held = limits.max_open.map(|_| Held {
-            table: Arc::clone(self),
+            shard: Arc::clone(shard),
             hash,
             key,
         });
@@ -200,28 +201,8 @@ impl ClientTable {
             .sum()
     }
 
-    fn release(&self, hash: u64, key: Ipv6Addr) {
-        let mut shard = self.lock(shard_of(hash));
-        let Ok(mut found) = shard.map.find_entry(hash, |(k, _)| *k == key) else {
-            debug_assert!(false, "a guard's entry is kept while it lives");
-            return;
-        };
-        let entry = &mut found.get_mut().1;
-        let open = entry.open;
-        debug_assert!(open > 0, "a guard counts one open connection");
-        entry.open = open.saturating_sub(1);
-        if entry.open == 0 && entry.full_at == NO_RATE {
-            found.remove();
-        }
-    }
-
     fn lock(&self, shard: usize) -> MutexGuard<'_, Shard> {
-        // A panic under the lock (there is no code that panics there) would leave the map
-        // whole: each operation on it completes or does not start.
-        self.shards[shard]
-            .0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        lock(&self.shards[shard])
     }
 
     fn nanos(&self, now: Instant) -> u64 {
@@ -291,6 +272,22 @@ impl Shard {
         Ok(())
     }
 
+    /// Gives back one open connection of `key`, and forgets the client if that was its last
+    /// and no rate is in force.
+    fn release(&mut self, hash: u64, key: Ipv6Addr) {
+        let Ok(mut found) = self.map.find_entry(hash, |(k, _)| *k == key) else {
+            debug_assert!(false, "a guard's entry is kept while it lives");
+            return;
+        };
+        let entry = &mut found.get_mut().1;
+        let open = entry.open;
+        debug_assert!(open > 0, "a guard counts one open connection");
+        entry.open = open.saturating_sub(1);
+        if entry.open == 0 && entry.full_at == NO_RATE {
+            found.remove();
+        }
+    }
+
     /// Removes the entries that tell nothing at `now` (no open connection, bucket full) and
     /// gives memory back when most of the map is empty.
     fn sweep(&mut self, now: u64) {
@@ -308,8 +305,22 @@ impl Shard {
 
 impl Drop for Held {
     fn drop(&mut self) {
-        self.table.release(self.hash, self.key);
+        lock(&self.shard).release(self.hash, self.key);
     }
+}
+
+impl fmt::Debug for Held {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Held")
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock(shard: &Padded<Mutex<Shard>>) -> MutexGuard<'_, Shard> {
+    // A panic under the lock (there is no code that panics there) would leave the map whole:
+    // each operation on it completes or does not start.
+    shard.0.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The shard of an address hashed to `hash`: bits 32 to 37, which a shard's table uses for
