@@ -10,9 +10,10 @@
 //! on. Once the time has passed the bucket is full and the entry tells nothing.
 //!
 //! **Memory.** A tracked client is one map entry: its address (16 bytes, IPv4 as IPv4-mapped
-//! IPv6) and an [`Entry`] (12 bytes), plus hashbrown's control byte, in tables kept between
-//! 7/16 and 7/8 full: 33 to 66 bytes each; a million clients take about 60 MiB
-//! (`benches/client_memory.rs`). A client is tracked while it holds a connection admitted
+//! IPv6) and an [`Entry`] (12 bytes), plus hashbrown's control byte, in tables that are
+//! between 7/16 and 7/8 full while they grow: 33 to 66 bytes a client; a million clients take
+//! about 60 MiB (`benches/client_memory.rs`). A sweep that leaves a table under a quarter full
+//! shrinks it. A client is tracked while it holds a connection admitted
 //! under `max_open`, and up to the rate's period after its last connection under `rate`; a
 //! listener without either limit tracks nobody. An entry that tells nothing goes: at once when
 //! its last connection closes if no rate is in force, otherwise when its shard is swept, which
@@ -42,7 +43,7 @@ use hashbrown::hash_table::Entry as Slot;
 use crate::config::ClientLimits;
 
 /// Shards of a table: with a worker per core, two workers touch the same shard at the same
-/// moment rarely, and an empty table stays small (64 cache-line pairs, 8 KiB).
+/// moment rarely, and an empty table stays small (64 blocks of 256 bytes, 16 KiB).
 const SHARDS: usize = 64;
 
 /// A shard is swept at an admission at least this often, so memory held after a burst of
@@ -207,6 +208,12 @@ impl ClientTable {
 
     fn nanos(&self, now: Instant) -> u64 {
         u64::try_from(now.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+    }
+}
+
+impl Default for ClientTable {
+    fn default() -> ClientTable {
+        ClientTable::new()
     }
 }
 
