@@ -5,7 +5,6 @@
 
 use std::net::IpAddr;
 use std::num::NonZeroU32;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use crate::snapshot::bench::{Slot, SlotPool};
@@ -38,7 +37,7 @@ impl Access {
 /// A listener's per-client table with its limits.
 #[derive(Debug)]
 pub struct ClientTable {
-    table: Arc<state::ClientTable>,
+    table: state::ClientTable,
     limits: ClientLimits,
 }
 
@@ -54,7 +53,7 @@ impl ClientTable {
     pub fn new(max_open: Option<u32>, rate: Option<(u32, Duration)>) -> ClientTable {
         let rate = rate.and_then(|(count, per)| Rate::new(NonZeroU32::new(count)?, per));
         ClientTable {
-            table: Arc::new(state::ClientTable::new()),
+            table: state::ClientTable::new(),
             limits: ClientLimits {
                 max_open: max_open.and_then(NonZeroU32::new),
                 rate,

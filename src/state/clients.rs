@@ -10,9 +10,10 @@
 //! on. Once the time has passed the bucket is full and the entry tells nothing.
 //!
 //! **Memory.** A tracked client is one map entry: its address (16 bytes, IPv4 as IPv4-mapped
-//! IPv6) and an [`Entry`] (12 bytes), plus hashbrown's control byte, in tables kept between
-//! 7/16 and 7/8 full: 33 to 66 bytes each; a million clients take about 60 MiB
-//! (`benches/client_memory.rs`). A client is tracked while it holds a connection admitted
+//! IPv6) and an [`Entry`] (12 bytes), plus hashbrown's control byte, in tables that are
+//! between 7/16 and 7/8 full while they grow: 33 to 66 bytes a client; a million clients take
+//! about 60 MiB (`benches/client_memory.rs`). A sweep that leaves a table under a quarter full
+//! shrinks it. A client is tracked while it holds a connection admitted
 //! under `max_open`, and up to the rate's period after its last connection under `rate`; a
 //! listener without either limit tracks nobody. An entry that tells nothing goes: at once when
 //! its last connection closes if no rate is in force, otherwise when its shard is swept, which
@@ -22,22 +23,27 @@
 //! seen within the last period, not every client ever seen.
 //!
 //! **Concurrency.** Workers admit and close connections at once, so the map is split into
-//! [`SHARDS`] shards by a hash of the address, each a mutex over a `HashMap`, on cache lines of
-//! their own; a lock is held for one map operation (or a sweep), never across anything else.
-//! The maps hash with std's SipHash under random keys: whoever connects chooses the addresses,
-//! and a keyed hash keeps them from being chosen to collide.
+//! [`SHARDS`] shards by a hash of the address, each a mutex over a hash table, on cache lines
+//! of their own; a lock is held for one map operation (or a sweep), never across anything
+//! else. Addresses hash with std's SipHash under random keys: whoever connects chooses them,
+//! and a keyed hash keeps them from being chosen to collide. An address is hashed once per
+//! admission, for both its shard and its place in the shard's table (hashbrown's `HashTable`,
+//! the table beneath std's `HashMap`, takes the hash from its caller), and its guard keeps the
+//! hash for the release.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::hash::{BuildHasher, RandomState};
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use hashbrown::HashTable;
+use hashbrown::hash_table::Entry as Slot;
+
 use crate::config::ClientLimits;
 
 /// Shards of a table: with a worker per core, two workers touch the same shard at the same
-/// moment rarely, and an empty table stays small (64 cache-line pairs, 8 KiB).
+/// moment rarely, and an empty table stays small (64 blocks of 256 bytes, 16 KiB).
 const SHARDS: usize = 64;
 
 /// A shard is swept at an admission at least this often, so memory held after a burst of
@@ -77,10 +83,9 @@ impl Limited {
 pub(crate) struct ClientTable {
     /// Times are kept as nanoseconds after this.
     epoch: Instant,
-    /// Picks an address's shard; its keys differ from the maps', so the addresses within one
-    /// shard still spread over the whole of its map.
-    pick: RandomState,
-    shards: Box<[Padded<Mutex<Shard>>]>,
+    /// Hashes addresses, for their shard and their place in it.
+    hasher: RandomState,
+    shards: Box<[Arc<Padded<Mutex<Shard>>>]>,
 }
 
 /// One client's state. Packed to 4-byte alignment so that, beside its 16-byte key, an entry
@@ -96,7 +101,9 @@ struct Entry {
 }
 
 struct Shard {
-    map: HashMap<Ipv6Addr, Entry>,
+    map: HashTable<(Ipv6Addr, Entry)>,
+    /// The table's hasher, to place entries again when the map grows or shrinks.
+    hasher: RandomState,
     /// Swept when `map` reaches this length.
     sweep_len: usize,
     /// Nanoseconds after the epoch of its last sweep.
@@ -104,7 +111,9 @@ struct Shard {
 }
 
 /// Keeps what it holds on a cache line pair of its own (x86 prefetches lines in pairs), so
-/// that two workers locking neighbouring shards do not slow each other.
+/// that two workers locking neighbouring shards do not slow each other. Behind an `Arc`, the
+/// reference counts get a pair of their own too: a guard takes its shard's, never one that
+/// every admission in the table would touch.
 #[repr(align(128))]
 struct Padded<T>(T);
 
@@ -114,28 +123,29 @@ struct Padded<T>(T);
 #[must_use = "the connection counts as open only while the guard lives"]
 pub(crate) struct ClientGuard(Option<Held>);
 
-#[derive(Debug)]
 struct Held {
-    table: Arc<ClientTable>,
-    shard: usize,
+    shard: Arc<Padded<Mutex<Shard>>>,
+    hash: u64,
     key: Ipv6Addr,
 }
 
 impl ClientTable {
     /// An empty table.
     pub(crate) fn new() -> ClientTable {
+        let hasher = RandomState::new();
         let shards = (0..SHARDS)
             .map(|_| {
-                Padded(Mutex::new(Shard {
-                    map: HashMap::new(),
+                Arc::new(Padded(Mutex::new(Shard {
+                    map: HashTable::new(),
+                    hasher: hasher.clone(),
                     sweep_len: MIN_SWEEP_LEN,
                     swept_at: 0,
-                }))
+                })))
             })
             .collect();
         ClientTable {
             epoch: Instant::now(),
-            pick: RandomState::new(),
+            hasher,
             shards,
         }
     }
@@ -145,7 +155,7 @@ impl ClientTable {
     /// slot. The guard keeps the connection counted open until it is dropped. Without limits
     /// nothing is looked up or stored.
     pub(crate) fn admit(
-        self: &Arc<Self>,
+        &self,
         ip: IpAddr,
         limits: &ClientLimits,
         now: Instant,
@@ -154,11 +164,12 @@ impl ClientTable {
             return Ok(ClientGuard(None));
         }
         let key = key(ip);
-        let shard = self.shard_of(&key);
-        self.lock(shard).admit(key, limits, self.nanos(now))?;
+        let hash = self.hasher.hash_one(key);
+        let shard = &self.shards[shard_of(hash)];
+        lock(shard).admit(key, hash, limits, self.nanos(now))?;
         let held = limits.max_open.map(|_| Held {
-            table: Arc::clone(self),
-            shard,
+            shard: Arc::clone(shard),
+            hash,
             key,
         });
         Ok(ClientGuard(held))
@@ -191,36 +202,18 @@ impl ClientTable {
             .sum()
     }
 
-    fn release(&self, shard: usize, key: Ipv6Addr) {
-        let mut shard = self.lock(shard);
-        let Some(entry) = shard.map.get_mut(&key) else {
-            debug_assert!(false, "a guard's entry is kept while it lives");
-            return;
-        };
-        let open = entry.open;
-        debug_assert!(open > 0, "a guard counts one open connection");
-        entry.open = open.saturating_sub(1);
-        if entry.open == 0 && entry.full_at == NO_RATE {
-            shard.map.remove(&key);
-        }
-    }
-
-    fn shard_of(&self, key: &Ipv6Addr) -> usize {
-        // SHARDS is a power of two: the low bits of a SipHash are as good as any.
-        self.pick.hash_one(key) as usize % SHARDS
-    }
-
     fn lock(&self, shard: usize) -> MutexGuard<'_, Shard> {
-        // A panic under the lock (there is no code that panics there) would leave the map
-        // whole: each operation on it completes or does not start.
-        self.shards[shard]
-            .0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        lock(&self.shards[shard])
     }
 
     fn nanos(&self, now: Instant) -> u64 {
         u64::try_from(now.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+    }
+}
+
+impl Default for ClientTable {
+    fn default() -> ClientTable {
+        ClientTable::new()
     }
 }
 
@@ -234,7 +227,13 @@ impl fmt::Debug for ClientTable {
 }
 
 impl Shard {
-    fn admit(&mut self, key: Ipv6Addr, limits: &ClientLimits, now: u64) -> Result<(), Limited> {
+    fn admit(
+        &mut self,
+        key: Ipv6Addr,
+        hash: u64,
+        limits: &ClientLimits,
+        now: u64,
+    ) -> Result<(), Limited> {
         if self.map.len() >= self.sweep_len
             || now.saturating_sub(self.swept_at) >= SWEEP_PERIOD_NANOS
         {
@@ -242,10 +241,20 @@ impl Shard {
         }
         // A new client is never refused (`max_open` and the burst are at least 1), so
         // inserting before deciding never leaves an entry behind for a refusal.
-        let entry = self.map.entry(key).or_insert(Entry {
-            open: 0,
-            full_at: NO_RATE,
-        });
+        let hasher = &self.hasher;
+        let slot = self
+            .map
+            .entry(hash, |(k, _)| *k == key, |(k, _)| hasher.hash_one(k));
+        let (_, entry) = match slot {
+            Slot::Occupied(found) => found.into_mut(),
+            Slot::Vacant(free) => {
+                let new = Entry {
+                    open: 0,
+                    full_at: NO_RATE,
+                };
+                free.insert((key, new)).into_mut()
+            }
+        };
         if let Some(max) = limits.max_open {
             if entry.open >= max.get() {
                 return Err(Limited::Open);
@@ -270,14 +279,31 @@ impl Shard {
         Ok(())
     }
 
+    /// Gives back one open connection of `key`, and forgets the client if that was its last
+    /// and no rate is in force.
+    fn release(&mut self, hash: u64, key: Ipv6Addr) {
+        let Ok(mut found) = self.map.find_entry(hash, |(k, _)| *k == key) else {
+            debug_assert!(false, "a guard's entry is kept while it lives");
+            return;
+        };
+        let entry = &mut found.get_mut().1;
+        let open = entry.open;
+        debug_assert!(open > 0, "a guard counts one open connection");
+        entry.open = open.saturating_sub(1);
+        if entry.open == 0 && entry.full_at == NO_RATE {
+            found.remove();
+        }
+    }
+
     /// Removes the entries that tell nothing at `now` (no open connection, bucket full) and
     /// gives memory back when most of the map is empty.
     fn sweep(&mut self, now: u64) {
         self.map
-            .retain(|_, entry| entry.open > 0 || entry.full_at > now);
+            .retain(|(_, entry)| entry.open > 0 || entry.full_at > now);
         let len = self.map.len();
         if self.map.capacity() > 4 * len.max(MIN_SWEEP_LEN) {
-            self.map.shrink_to(2 * len);
+            let hasher = &self.hasher;
+            self.map.shrink_to(2 * len, |(k, _)| hasher.hash_one(k));
         }
         self.sweep_len = (2 * len).max(MIN_SWEEP_LEN);
         self.swept_at = now;
@@ -286,8 +312,30 @@ impl Shard {
 
 impl Drop for Held {
     fn drop(&mut self) {
-        self.table.release(self.shard, self.key);
+        lock(&self.shard).release(self.hash, self.key);
     }
+}
+
+impl fmt::Debug for Held {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Held")
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock(shard: &Padded<Mutex<Shard>>) -> MutexGuard<'_, Shard> {
+    // A panic under the lock (there is no code that panics there) would leave the map whole:
+    // each operation on it completes or does not start.
+    shard.0.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The shard of an address hashed to `hash`: bits 32 to 37, which a shard's table uses for
+/// neither the bucket (the low bits, of which a table under 2^32 buckets uses fewer than 32)
+/// nor the tag it keeps beside it (the top 7), so the addresses of one shard still spread over
+/// all of its table.
+fn shard_of(hash: u64) -> usize {
+    (hash >> 32) as usize % SHARDS
 }
 
 /// An address as the table keys it: IPv4 as IPv4-mapped IPv6, so that a client reaching a

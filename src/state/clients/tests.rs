@@ -29,15 +29,19 @@ fn nth(i: u32) -> IpAddr {
     }
 }
 
-fn table() -> (Arc<ClientTable>, Instant) {
-    let table = Arc::new(ClientTable::new());
+fn table() -> (ClientTable, Instant) {
+    let table = ClientTable::new();
     (table, Instant::now())
 }
 
 fn open_of(table: &ClientTable, ip: IpAddr) -> u32 {
     let key = key(ip);
-    let shard = table.lock(table.shard_of(&key));
-    shard.map.get(&key).map_or(0, |entry| entry.open)
+    let hash = table.hasher.hash_one(key);
+    let shard = table.lock(shard_of(hash));
+    shard
+        .map
+        .find(hash, |(k, _)| *k == key)
+        .map_or(0, |(_, entry)| entry.open)
 }
 
 #[test]
@@ -141,6 +145,14 @@ fn guard_drop_frees_and_forgets_without_rate() {
     assert_eq!(open_of(&table, nth(0)), 1);
     drop(again);
     assert_eq!(table.tracked(), 0);
+}
+
+#[test]
+fn a_guard_may_outlive_its_table() {
+    let (table, now) = table();
+    let guard = table.admit(nth(0), &limits(Some(1), None), now);
+    drop(table);
+    drop(guard);
 }
 
 #[test]
