@@ -37,7 +37,7 @@ impl Access {
 /// A listener's per-client table with its limits.
 #[derive(Debug)]
 pub struct ClientTable {
-    table: state::ClientTable,
+    table: state::clients::ClientTable,
     limits: ClientLimits,
 }
 
@@ -53,7 +53,7 @@ impl ClientTable {
     pub fn new(max_open: Option<u32>, rate: Option<(u32, Duration)>) -> ClientTable {
         let rate = rate.and_then(|(count, per)| Rate::new(NonZeroU32::new(count)?, per));
         ClientTable {
-            table: state::ClientTable::new(),
+            table: state::clients::ClientTable::new(),
             limits: ClientLimits {
                 max_open: max_open.and_then(NonZeroU32::new),
                 rate,

@@ -20,9 +20,6 @@ mod congestion;
 mod discovery;
 mod error;
 mod health;
-// `allow` and `deny` are parsed into these next; until then only its tests and the benches
-// (through `weighbridge::bench`) use them.
-#[allow(dead_code)]
 mod networks;
 mod raw;
 mod strategy;
@@ -59,7 +56,6 @@ pub(crate) use health::{
     AllUnhealthy, HealthConfig, HttpProbe, LoadConfig, LoadPreset, MAX_EJECTION, PassiveConfig,
     Probe, ProbeKind,
 };
-#[allow(unused_imports)]
 pub(crate) use networks::{Access, NetworkError, Networks};
 pub use strategy::StrategyKind;
 pub(crate) use token::Token;

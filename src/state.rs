@@ -4,12 +4,10 @@
 //! A snapshot is immutable and rebuilt on every change; what must survive a rebuild (the
 //! connections open to a backend, its drain, its health streaks) lives here, reached from the
 //! snapshot through `Arc`s. The connection path only touches atomics here, never a lock, but
-//! for a pool's queue, which only clients that wait for a slot (and whoever serves them) take.
+//! for a pool's queue, which only clients that wait for a slot (and whoever serves them) take,
+//! and a shard of a listener's client table, on listeners with per-client limits.
 
 pub(crate) mod backend;
-// The data path admits clients through this next (per-client limits of listeners); until then
-// only its tests and the benches (through `weighbridge::bench`) use it.
-#[allow(dead_code)]
 pub(crate) mod clients;
 pub(crate) mod histogram;
 pub(crate) mod listener;
@@ -19,8 +17,7 @@ pub(crate) mod registry;
 
 pub(crate) use backend::{ActiveConn, BackendState};
 pub use backend::{AdminState, BackendCounters};
-#[allow(unused_imports)]
-pub(crate) use clients::{ClientGuard, ClientTable, Limited};
+pub(crate) use clients::{ClientGuard, Limited};
 pub use listener::ListenerCounters;
 pub(crate) use listener::{ListenerStats, OpenConn, Rejection};
 pub use names::NameStatus;

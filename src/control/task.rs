@@ -32,6 +32,9 @@ use crate::state::{AdminState, Registry};
 /// How long the first resolution of the backend names may hold up the first accept, in
 /// resolver timeouts (a query is sent twice), plus [`FIRST_ANSWERS_MARGIN`].
 const FIRST_ANSWERS_FACTOR: u32 = 2;
+/// How often the per-client state of every listener is swept of clients that went quiet.
+const CLIENT_SWEEP: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Time beyond the queries' own for the answers to be applied.
 const FIRST_ANSWERS_MARGIN: std::time::Duration = std::time::Duration::from_millis(250);
 
@@ -117,6 +120,10 @@ impl ControlTask {
         self.health.sync(&self.config, &self.registry);
         // New backends may have started slow-start ramps.
         self.registry.republisher().republish();
+        // Per-client state of clients that went quiet is swept at admissions; this gives it
+        // back on a listener that stopped seeing new connections too.
+        let mut sweep = tokio::time::interval(CLIENT_SWEEP);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let deadline = self.health.next_deadline(Instant::now());
             let mut due = false;
@@ -130,6 +137,13 @@ impl ControlTask {
                 Some(()) = self.woken.recv() => None,
                 resolved = self.discovery.next() => {
                     resolution = Some(resolved);
+                    None
+                }
+                _ = sweep.tick() => {
+                    let now = std::time::Instant::now();
+                    for listener in self.listeners.snapshots.load().listeners() {
+                        listener.stats().clients().sweep(now);
+                    }
                     None
                 }
                 () = sleep_until(deadline) => {

@@ -69,16 +69,6 @@ pub(crate) enum Limited {
     Rate,
 }
 
-impl Limited {
-    /// The `reason` label and access-log field: the key that refused it.
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            Limited::Open => "max_connections_per_client",
-            Limited::Rate => "connection_rate_per_client",
-        }
-    }
-}
-
 /// What one listener knows of each client address it tracks.
 pub(crate) struct ClientTable {
     /// Times are kept as nanoseconds after this.
@@ -121,7 +111,10 @@ struct Padded<T>(T);
 /// client's open connections (if `max_open` was set when it was admitted).
 #[derive(Debug)]
 #[must_use = "the connection counts as open only while the guard lives"]
-pub(crate) struct ClientGuard(Option<Held>);
+pub(crate) struct ClientGuard {
+    /// Gives the count back when dropped; `None` when nothing was counted.
+    _held: Option<Held>,
+}
 
 struct Held {
     shard: Arc<Padded<Mutex<Shard>>>,
@@ -161,7 +154,7 @@ impl ClientTable {
         now: Instant,
     ) -> Result<ClientGuard, Limited> {
         if limits.is_unlimited() {
-            return Ok(ClientGuard(None));
+            return Ok(ClientGuard { _held: None });
         }
         let key = key(ip);
         let hash = self.hasher.hash_one(key);
@@ -172,7 +165,7 @@ impl ClientTable {
             hash,
             key,
         });
-        Ok(ClientGuard(held))
+        Ok(ClientGuard { _held: held })
     }
 
     /// Clients tracked now, over all shards.
@@ -182,6 +175,7 @@ impl ClientTable {
 
     /// Entries the maps have room for without growing, over all shards: what the memory
     /// they hold is proportional to.
+    #[cfg(any(test, feature = "bench-internals"))]
     pub(crate) fn capacity(&self) -> usize {
         (0..SHARDS)
             .map(|shard| self.lock(shard).map.capacity())
