@@ -71,27 +71,30 @@ async fn echo_backend() -> SocketAddr {
 }
 
 /// A backend that takes the PROXY header off each connection (v1: up to its line end; v2: its
-/// 16 bytes and the length they give), then echoes everything back.
+/// 16 bytes and the length they give), then echoes everything back, the bytes that came with
+/// the header first.
 async fn header_echo_backend() -> SocketAddr {
     serve(|mut stream| async move {
-        let mut first = [0_u8; 16];
-        if stream.read_exact(&mut first).await.is_err() {
-            return;
-        }
-        if first.starts_with(b"PROXY ") {
-            let mut byte = [0_u8; 1];
-            let mut last = first[15];
-            while last != b'\n' {
-                if stream.read_exact(&mut byte).await.is_err() {
-                    return;
+        let mut buf = vec![0_u8; 4096];
+        let mut have = 0;
+        let end = loop {
+            match stream.read(&mut buf[have..]).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => have += n,
+            }
+            if buf[..have].starts_with(b"PROXY ") {
+                if let Some(at) = buf[..have].iter().position(|&b| b == b'\n') {
+                    break at + 1;
                 }
-                last = byte[0];
+            } else if have >= 16 {
+                let len = 16 + usize::from(u16::from_be_bytes([buf[14], buf[15]]));
+                if have >= len {
+                    break len;
+                }
             }
-        } else {
-            let mut rest = vec![0_u8; usize::from(u16::from_be_bytes([first[14], first[15]]))];
-            if stream.read_exact(&mut rest).await.is_err() {
-                return;
-            }
+        };
+        if stream.write_all(&buf[end..have]).await.is_err() {
+            return;
         }
         let (mut read, mut write) = stream.split();
         let _ = tokio::io::copy(&mut read, &mut write).await;
