@@ -496,14 +496,17 @@ def cmd_report(args):
         check("CPU per GB <= HAPROXY_SPLICE", r, lambda x: x <= 1.0)
     print("\n".join(lines))
 
-    # Extra columns (WEIGHBRIDGE_COPY, WEIGHBRIDGE_CC) are outside the targets, which are about
-    # the defaults; their bulk rows, paired the same way, say what the option would change.
+    # Extra columns (WEIGHBRIDGE_COPY, WEIGHBRIDGE_CC, WEIGHBRIDGE_PP) are outside the targets,
+    # which are about the defaults; the rows their option touches, paired the same way, say
+    # what it would change: bulk rows for the first two, the HTTP rows (the only backends that
+    # read a PROXY header) for the last.
     extra = [s for s in systems if s not in (subject, "DIRECT", *comp, args.pair)]
     if not extra:
         return
-    print("\nOther columns, bulk rows (median of per-repetition paired ratios):\n")
+    print("\nOther columns (median of per-repetition paired ratios):\n")
     for s in extra:
-        for key in ("bulk1_gbps", "bulk8_gbps"):
+        keys = ("cps", "ka_rps", "cps_cpu_us") if s == "WEIGHBRIDGE_PP" else ("bulk1_gbps", "bulk8_gbps")
+        for key in keys:
             label = next(m[1] for m in METRICS if m[0] == key)
             parts = []
             for name, against, pick in (

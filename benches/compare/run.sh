@@ -8,6 +8,9 @@
 #   WB_COPY=1 bash benches/compare/run.sh    # one more column: weighbridge with splice = false
 #   WB_CC=cubic bash benches/compare/run.sh  # one more column: weighbridge with
 #                                            #   backend_congestion_control = "cubic"
+#   WB_PP=1 bash benches/compare/run.sh      # one more column: weighbridge with send_proxy = "v1"
+#                                            #   toward HTTP backends that take the header
+#                                            #   (nginx `listen ... proxy_protocol`)
 #   TCP_CC=cubic bash benches/compare/run.sh # every socket on another congestion control (root)
 #   WB_BASE=/path/to/weighbridge bash benches/compare/run.sh
 #                                            # before/after: one more column, WEIGHBRIDGE_BASE,
@@ -56,6 +59,7 @@ QUICK=${QUICK:-0}
 AA=${AA:-0}
 WB_COPY=${WB_COPY:-0}
 WB_CC=${WB_CC:-}
+WB_PP=${WB_PP:-0}
 TCP_CC=${TCP_CC:-}
 WB_BASE=${WB_BASE:-}
 CC_SYSCTL=/proc/sys/net/ipv4/tcp_congestion_control
@@ -96,6 +100,8 @@ else
     if [[ $WB_COPY == 1 ]]; then SYSTEMS+=(WEIGHBRIDGE_COPY); fi
     # The same for a congestion control on weighbridge's backend sockets.
     if [[ -n $WB_CC ]]; then SYSTEMS+=(WEIGHBRIDGE_CC); fi
+    # weighbridge writing a PROXY header to the HTTP backends (the only ones that read it).
+    if [[ $WB_PP == 1 ]]; then SYSTEMS+=(WEIGHBRIDGE_PP); fi
     # Before/after: the other build, next to WEIGHBRIDGE (which of the two goes first alternates
     # by round, see the run loop), and the one baseline of the ratio columns.
     if [[ -n $WB_BASE ]]; then
@@ -321,7 +327,7 @@ fi
 # (-> the echo backends) and idle (-> the echo backends, for a fresh instance per idle test).
 declare -A PORT_BULK PORT_HTTP PORT_ECHO PORT_IDLE ROOTPID
 n_balancers=$(( ${#SYSTEMS[@]} - 1 ))
-n_ports=$(( 1 + 2 * BACKENDS + 4 * n_balancers ))
+n_ports=$(( 1 + 3 * BACKENDS + 4 * n_balancers ))
 free_ports=$(timeout 10 "${PY[@]}" ports "$n_ports")
 read -r -a FREE <<<"$free_ports"
 (( ${#FREE[@]} == n_ports )) || die "asked for $n_ports free ports, got '${free_ports}'"
@@ -329,7 +335,9 @@ ALL_PORTS=("${FREE[@]}")
 IPERF_PORT=${FREE[0]}
 HTTP_PORTS=("${FREE[@]:1:BACKENDS}")
 ECHO_PORTS=("${FREE[@]:$(( 1 + BACKENDS )):BACKENDS}")
-next=$(( 1 + 2 * BACKENDS ))
+# The same nginx HTTP backends, on ports that expect a PROXY header first (WEIGHBRIDGE_PP).
+HTTP_PP_PORTS=("${FREE[@]:$(( 1 + 2 * BACKENDS )):BACKENDS}")
+next=$(( 1 + 3 * BACKENDS ))
 for sys in "${SYSTEMS[@]}"; do
     if [[ $sys == DIRECT ]]; then
         # No balancer: the client talks to the (first) backend itself.
@@ -370,6 +378,7 @@ mkdir -p "$WORK/http"
     done
     echo "    server {"
     for p in "${HTTP_PORTS[@]}"; do echo "        listen 127.0.0.1:$p;"; done
+    for p in "${HTTP_PP_PORTS[@]}"; do echo "        listen 127.0.0.1:$p proxy_protocol;"; done
     # shellcheck disable=SC2028  # the \n is nginx's, written literally
     echo '        location / { return 200 "ok\n"; }'
     echo "    }"
@@ -384,7 +393,7 @@ start_bg echo-backend "${PY[@]}" echo "$(IFS=,; echo "${ECHO_PORTS[*]}")"
 ECHO_PID=$LAST_PID
 
 wait_listening iperf3 "$IPERF_PID" "$IPERF_PORT"
-wait_listening http-backend "$HTTP_PID" "${HTTP_PORTS[@]}"
+wait_listening http-backend "$HTTP_PID" "${HTTP_PORTS[@]}" "${HTTP_PP_PORTS[@]}"
 wait_listening echo-backend "$ECHO_PID" "${ECHO_PORTS[@]}"
 
 # ----------------------------------------------------------------------------------- balancers
@@ -458,11 +467,12 @@ write_nginx() {     # write_nginx DIR KIND:PORT...
     } >"$d/nginx.conf"
 }
 
-# write_weighbridge FILE SPLICE CC KIND:PORT...: SPLICE ''|true|false, CC a congestion control
-# for the backend sockets; '' leaves either at weighbridge's default.
+# write_weighbridge FILE SPLICE CC PP KIND:PORT...: SPLICE ''|true|false, CC a congestion
+# control for the backend sockets; '' leaves either at weighbridge's default. PP 1: the http
+# listener sends a v1 PROXY header, to the backend ports that expect one.
 write_weighbridge() {
-    local f=$1 splice=$2 cc=$3 l kind port b
-    shift 3
+    local f=$1 splice=$2 cc=$3 pp=$4 l kind port b backends
+    shift 4
     {
         echo 'shutdown_grace = "1s"'
         if (( WB_THREADS )); then echo "threads = $NPROC"; fi
@@ -478,7 +488,12 @@ write_weighbridge() {
             echo "max_connections = $MAXCONN"
             if [[ -n $splice ]]; then echo "splice = $splice"; fi
             if [[ -n $cc ]]; then echo "backend_congestion_control = \"$cc\""; fi
-            for b in $(backend_ports "$kind"); do
+            backends=$(backend_ports "$kind")
+            if [[ $pp == 1 && $kind == http ]]; then
+                echo 'send_proxy = "v1"'
+                backends="${HTTP_PP_PORTS[*]}"
+            fi
+            for b in $backends; do
                 printf '[[listener.backend]]\naddr = "127.0.0.1:%s"\n' "$b"
             done
         done
@@ -527,7 +542,7 @@ fi
 # start_balancer INSTANCE SYSTEM KIND:PORT...: config in $WORK/INSTANCE/, validated, started,
 # listening; sets LAST_PID (the `timeout` wrapper leading the instance's process group).
 start_balancer() {
-    local inst=$1 sys=$2 d="$WORK/$1" l splice cc bin
+    local inst=$1 sys=$2 d="$WORK/$1" l splice cc pp bin
     shift 2
     mkdir -p "$d"
     case $sys in
@@ -541,13 +556,14 @@ start_balancer() {
             timeout 10 nginx -t -q -p "$d" -c "$d/nginx.conf" -e "$d/error.log" >&2
             start_bg "$inst" nginx -p "$d" -c "$d/nginx.conf" -e "$d/error.log"
             ;;
-        WEIGHBRIDGE | WEIGHBRIDGE_COPY | WEIGHBRIDGE_CC | WEIGHBRIDGE_BASE)
-            splice="" cc="" bin=$WB
+        WEIGHBRIDGE | WEIGHBRIDGE_COPY | WEIGHBRIDGE_CC | WEIGHBRIDGE_PP | WEIGHBRIDGE_BASE)
+            splice="" cc="" pp=0 bin=$WB
             if [[ $sys == WEIGHBRIDGE_COPY ]]; then splice=false; fi
             if [[ $sys == WEIGHBRIDGE_CC ]]; then cc=$WB_CC; fi
+            if [[ $sys == WEIGHBRIDGE_PP ]]; then pp=1; fi
             # The other build, with the config WEIGHBRIDGE gets (its own ports aside).
             if [[ $sys == WEIGHBRIDGE_BASE ]]; then bin=$WB_BASE; fi
-            write_weighbridge "$d/weighbridge.toml" "$splice" "$cc" "$@"
+            write_weighbridge "$d/weighbridge.toml" "$splice" "$cc" "$pp" "$@"
             timeout 10 "$bin" --config "$d/weighbridge.toml" --check >/dev/null ||
                 die "$sys refuses its config $d/weighbridge.toml (above)"
             start_bg "$inst" "$bin" --config "$d/weighbridge.toml" "${WB_FLAGS[@]}"
@@ -811,6 +827,9 @@ REPORT="$OUT_DIR/report.md"
     fi
     if [[ -n $WB_CC ]]; then
         echo "- WEIGHBRIDGE_CC: weighbridge with backend_congestion_control = \"$WB_CC\" (its backend sockets only)"
+    fi
+    if [[ $WB_PP == 1 ]]; then
+        echo "- WEIGHBRIDGE_PP: weighbridge with send_proxy = \"v1\" on its HTTP listener, to the same nginx backends on ports with \`listen ... proxy_protocol\`"
     fi
     if [[ -n $WB_BASE ]]; then
         echo "- WEIGHBRIDGE_BASE: $WB_BASE_DESC; the same config and flags as WEIGHBRIDGE (weighbridge $WB_REV, sha256 $(sha256sum "$WB" | cut -c1-12))"
