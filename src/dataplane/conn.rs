@@ -248,6 +248,19 @@ impl Conn {
         if !listener.clients().admits(client.ip()) {
             return self.turn_away(&listener, Rejection::Denied);
         }
+        let pool = listener.pool();
+        // No backend is healthy: the pool was built for it, and the transition was logged
+        // once; each connection is only counted here.
+        let all_unhealthy = pool.all_unhealthy();
+        if all_unhealthy == Some(AllUnhealthy::Reject) {
+            listener.stats().record_rejected_all_unhealthy();
+            debug!(%client, "no backend is healthy; closing (all_unhealthy = \"reject\")");
+            self.discard_unread();
+            self.access.end = End::Rejected;
+            self.access.reason = Some(Reason::AllUnhealthy);
+            return Status::Done;
+        }
+        // After the health verdict, so that a client closed for it spends no token.
         let limits = &listener.clients().limits;
         if !limits.is_unlimited() {
             match listener.stats().clients().admit(client.ip(), limits, now) {
@@ -256,19 +269,8 @@ impl Conn {
                 Err(Limited::Rate) => return self.turn_away(&listener, Rejection::ClientRate),
             }
         }
-        let pool = listener.pool();
-        // No backend is healthy: the pool was built for it, and the transition was logged
-        // once; each connection is only counted here.
-        match pool.all_unhealthy() {
-            Some(AllUnhealthy::Reject) => {
-                listener.stats().record_rejected_all_unhealthy();
-                debug!(%client, "no backend is healthy; closing (all_unhealthy = \"reject\")");
-                self.access.end = End::Rejected;
-                self.access.reason = Some(Reason::AllUnhealthy);
-                return Status::Done;
-            }
-            Some(AllUnhealthy::RouteAnyway) => listener.stats().record_routed_all_unhealthy(),
-            None => {}
+        if all_unhealthy == Some(AllUnhealthy::RouteAnyway) {
+            listener.stats().record_routed_all_unhealthy();
         }
         let plan = Plan {
             listener,

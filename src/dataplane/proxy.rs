@@ -67,7 +67,20 @@ pub(crate) fn parse(input: &[u8], accept: ProxyAccept) -> Parsed {
             Parsed::Incomplete
         };
     }
+    // A v2 header says its length in its 16th byte: one announcing more than the cap is
+    // refused at once rather than after 4 KiB have arrived.
+    if looks_v2
+        && input.len() >= 16
+        && 16 + usize::from(u16::from_be_bytes([input[14], input[15]])) > MAX_HEADER
+    {
+        return Parsed::Invalid("header too long");
+    }
     let result = HeaderResult::parse(input);
+    // `ppp` reports a whole v1 line that lacks fields as incomplete; more bytes cannot change
+    // a line that has ended.
+    if looks_v1 && result.is_incomplete() {
+        return Parsed::Invalid("malformed v1 header");
+    }
     if result.is_incomplete() {
         return if input.len() >= MAX_HEADER {
             Parsed::Invalid("header too long")

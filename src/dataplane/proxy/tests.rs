@@ -89,16 +89,22 @@ fn the_wrong_version_garbage_and_oversized_headers_are_refused() {
         parse(b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2 3\r\n", ProxyAccept::V1),
         Parsed::Invalid(_)
     ));
+    // Whole v1 lines that lack fields.
+    for line in [&b"PROXY TCP4 1.2.3.4\r\n"[..], b"PROXY TCP4\r\n"] {
+        assert!(
+            matches!(parse(line, ProxyAccept::V1), Parsed::Invalid(_)),
+            "{line:?}"
+        );
+    }
     // A v1 line that never ends.
     let long = format!("PROXY TCP4 {}", "1".repeat(200));
     assert!(matches!(
         parse(long.as_bytes(), ProxyAccept::V1),
         Parsed::Invalid(_)
     ));
-    // A v2 header announcing more than MAX_HEADER bytes.
+    // A v2 header announcing more than MAX_HEADER bytes: refused from its first 16.
     let mut big = v2[..16].to_vec();
     big[14..16].copy_from_slice(&u16::MAX.to_be_bytes());
-    big.resize(MAX_HEADER, 0);
     assert!(matches!(parse(&big, ProxyAccept::V2), Parsed::Invalid(_)));
 }
 
