@@ -78,13 +78,10 @@ pub(crate) struct Conn {
     accepted: Instant,
     access: AccessLine,
     listener_stats: Arc<ListenerStats>,
-    /// The (client, destination) pair an accepted PROXY header carried; `None` without one
-    /// (or with a LOCAL one). Boxed: most listeners take no header, and an idle connection's
-    /// size counts.
-    from_header: Option<Box<(SocketAddr, SocketAddr)>>,
-    /// Counts the connection as one of its client's, under `max_connections_per_client`.
-    /// Boxed for the same reason.
-    _client: Option<Box<ClientGuard>>,
+    /// What only connections of listeners with client controls carry: the PROXY header's
+    /// addresses, the per-client guard. One box, absent on most listeners: an idle
+    /// connection's size counts.
+    controls: Option<Box<ClientState>>,
     /// Keeps the connection in its worker's count while it lives.
     _counted: Counted,
 }
@@ -137,6 +134,16 @@ struct Connecting {
     /// No socket could be opened (the process is out of descriptors): the attempt waits for
     /// one until `deadline` and is made again then.
     no_socket: bool,
+}
+
+/// A connection's client controls state (see `Conn::controls`).
+#[derive(Default)]
+struct ClientState {
+    /// The (client, destination) pair an accepted PROXY header carried; `None` without one
+    /// (or with a LOCAL one).
+    from_header: Option<(SocketAddr, SocketAddr)>,
+    /// Counts the connection as one of its client's, under `max_connections_per_client`.
+    guard: Option<ClientGuard>,
 }
 
 /// A client whose PROXY header has not arrived whole yet.
@@ -203,8 +210,7 @@ impl Conn {
             accepted: now,
             access: AccessLine::new(peer, &listener, End::ShutDown),
             listener_stats: Arc::clone(listener.stats()),
-            from_header: None,
-            _client: None,
+            controls: None,
             _counted: counted,
         };
         // Small messages (requests, tokens) go out at once, not after Nagle's delay. On Linux
@@ -264,7 +270,7 @@ impl Conn {
         let limits = &listener.clients().limits;
         if !limits.is_unlimited() {
             match listener.stats().clients().admit(client.ip(), limits, now) {
-                Ok(guard) => self._client = Some(Box::new(guard)),
+                Ok(guard) => self.controls.get_or_insert_with(Box::default).guard = Some(guard),
                 Err(Limited::Open) => return self.turn_away(&listener, Rejection::ClientLimit),
                 Err(Limited::Rate) => return self.turn_away(&listener, Rejection::ClientRate),
             }
@@ -326,7 +332,8 @@ impl Conn {
         // on as any other from the peer would, as HAProxy does.
         if let Some((client, destination)) = addresses {
             self.access.client = client;
-            self.from_header = Some(Box::new((client, destination)));
+            self.controls.get_or_insert_with(Box::default).from_header =
+                Some((client, destination));
         }
         let Phase::Header(awaiting) = std::mem::replace(&mut self.phase, Phase::Ended) else {
             return Status::Done;
@@ -716,8 +723,8 @@ impl Conn {
         };
         if let Some(version) = send_proxy {
             // The addresses a PROXY header carried on, else this connection's own.
-            let addresses = match &self.from_header {
-                Some(addresses) => Some(**addresses),
+            let addresses = match self.controls.as_ref().and_then(|c| c.from_header) {
+                Some(addresses) => Some(addresses),
                 None => self
                     .client
                     .local_addr()
