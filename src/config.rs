@@ -60,8 +60,9 @@ pub(crate) use networks::{Access, NetworkError, Networks};
 pub use strategy::StrategyKind;
 pub(crate) use token::Token;
 
-/// Path read when `--config` is not given, relative to the working directory.
-pub const DEFAULT_CONFIG_PATH: &str = "conf/weighbridge.toml";
+/// Path the `weighbridge` command reads when neither `--config` nor `$WEIGHBRIDGE_CONFIG` names
+/// a file: where packages and the container image install it.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/weighbridge/weighbridge.toml";
 /// How long open connections may take to finish after SIGTERM before the process exits anyway.
 /// 30 s matches Kubernetes' default termination grace period.
 pub(crate) const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);

@@ -16,7 +16,9 @@ use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
 
 use tokio::signal::unix::{Signal, SignalKind, signal};
-use weighbridge::{Balancer, Config, DEFAULT_CONFIG_PATH, Handle, LogFormat};
+use weighbridge::{Balancer, Config, Handle, LogFormat};
+
+mod cli;
 
 /// Log lines queued for the writer thread before new ones are dropped (a few MB at most).
 const LOG_QUEUE_LINES: usize = 16_384;
@@ -25,9 +27,10 @@ const LOG_QUEUE_LINES: usize = 16_384;
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
-    /// Configuration file (TOML).
-    #[arg(short, long, value_name = "FILE", default_value = DEFAULT_CONFIG_PATH)]
-    config: PathBuf,
+    /// Configuration file (TOML). Default: $WEIGHBRIDGE_CONFIG, else
+    /// /etc/weighbridge/weighbridge.toml.
+    #[arg(short, long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Validate the configuration, print a one-line summary and exit. No network access.
     #[arg(long)]
     check: bool,
@@ -130,7 +133,8 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<(), String> {
-    let (config, text) = Config::read(&cli.config).map_err(|e| e.to_string())?;
+    let path = cli::config_path::locate_from_env(cli.config.as_deref())?;
+    let (config, text) = Config::read(&path).map_err(|e| e.to_string())?;
     if cli.check {
         let names = config.names().len();
         let names = if names == 0 {
@@ -140,7 +144,7 @@ fn run(cli: Cli) -> Result<(), String> {
         };
         println!(
             "{}: ok: {} listener(s), {} backend(s){names}",
-            cli.config.display(),
+            path.display(),
             config.listener_count(),
             config.backend_count()
         );
@@ -168,15 +172,15 @@ fn run(cli: Cli) -> Result<(), String> {
             Err(e) => warn!(error = %e, "cannot raise the open file limit"),
         }
         let balancer = Balancer::builder(config)
-            .config_path(&cli.config)
+            .config_path(&path)
             .bind()
             .map_err(|e| e.to_string())?;
         let shutdown = CancellationToken::new();
         tokio::spawn(signals.serve(balancer.handle(), shutdown.clone()));
         if !cli.no_watch {
-            weighbridge::watch(&cli.config, &text, balancer.handle(), shutdown.clone())
-                .map_err(|e| format!("cannot watch {}: {e}", cli.config.display()))?;
-            info!(path = %cli.config.display(), "watching the configuration file for changes");
+            weighbridge::watch(&path, &text, balancer.handle(), shutdown.clone())
+                .map_err(|e| format!("cannot watch {}: {e}", path.display()))?;
+            info!(path = %path.display(), "watching the configuration file for changes");
         }
         let stopped = balancer.run(shutdown).await;
         info!(cut_connections = stopped.cut_connections, "exiting");

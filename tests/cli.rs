@@ -51,16 +51,51 @@ async fn check_prints_a_summary_and_exits_0() {
     );
 }
 
+/// Without `--config`, `$WEIGHBRIDGE_CONFIG` names the file.
 #[tokio::test]
-async fn shipped_default_config_checks() {
+async fn the_environment_names_the_config_when_the_flag_does_not() {
+    let file = config_file(VALID);
+    let path = file.path().to_str().expect("utf-8 temp path");
     let output = run_command(
         Command::new(BIN)
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env("WEIGHBRIDGE_CONFIG", path)
             .arg("--check"),
     )
     .await;
     assert!(output.status.success(), "{output:?}");
-    assert!(String::from_utf8_lossy(&output.stdout).starts_with("conf/weighbridge.toml: ok"));
+    assert!(String::from_utf8_lossy(&output.stdout).starts_with(&format!("{path}: ok")));
+    // The flag wins over the variable.
+    let output = run_command(
+        Command::new(BIN)
+            .env("WEIGHBRIDGE_CONFIG", "/nonexistent/weighbridge.toml")
+            .args(["--config", path, "--check"]),
+    )
+    .await;
+    assert!(output.status.success(), "{output:?}");
+}
+
+/// With neither, and nothing at the packaged path, the error says what was tried and how to fix
+/// it, whatever the working directory holds.
+#[tokio::test]
+async fn with_no_config_anywhere_the_error_lists_what_was_tried() {
+    if std::path::Path::new("/etc/weighbridge/weighbridge.toml").exists() {
+        return; // an installed machine: the default exists, and is what runs
+    }
+    let output = run_command(
+        Command::new(BIN)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env_remove("WEIGHBRIDGE_CONFIG")
+            .arg("--check"),
+    )
+    .await;
+    assert_fails_with(
+        &output,
+        &[
+            "WEIGHBRIDGE_CONFIG",
+            "/etc/weighbridge/weighbridge.toml",
+            "--config FILE",
+        ],
+    );
 }
 
 /// Every example in conf/ is valid as shipped.
