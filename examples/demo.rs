@@ -152,7 +152,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
             .local_addr(kind.as_str())
             .expect("the config has one listener per strategy")
     };
-    let [round_robin, random, capacity] = StrategyKind::ALL.map(addr_of);
+    let [round_robin, random, capacity, hashed] = StrategyKind::ALL.map(addr_of);
     let health_addr = balancer
         .local_addr(HEALTH_LISTENER)
         .expect("the config has the health listener");
@@ -184,6 +184,8 @@ async fn main() -> Result<(), Box<dyn Error>> {
     show(&handle, kind, &backends, &held, Count::Open, started)?;
     drop(held);
     wait_until_closed(&handle, kind, &backends).await?;
+
+    affinity_phase(hashed).await?;
 
     health_phase(&handle, health_addr, &mut inference).await?;
 
@@ -332,7 +334,58 @@ fn explain(kind: StrategyKind) -> &'static str {
             "a new connection goes where (open + 1) / capacity is least, so *open* \
              connections stay proportional to capacity, within one"
         }
+        StrategyKind::ConsistentHash => {
+            "a client address always lands on the same backend while the pool is unchanged, \
+             unless that backend carries 1.25 x its share of the open connections"
+        }
     }
+}
+
+/// Clients from eight addresses (127.0.0.11 to .18), ten connections each, through the
+/// `consistent_hash` listener: each address stays on one backend.
+async fn affinity_phase(addr: SocketAddr) -> io::Result<()> {
+    let kind = StrategyKind::ConsistentHash;
+    println!("\n{kind}: {}", explain(kind));
+    for host in 11..=18_u8 {
+        let from = SocketAddr::from(([127, 0, 0, host], 0));
+        let mut seen: Vec<SocketAddr> = Vec::new();
+        for _ in 0..10 {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind(from)?;
+            let mut stream = tokio::time::timeout(REPLY_TIMEOUT, socket.connect(addr)).await??;
+            stream.write_all(b"generate\n").await?;
+            let mut reply = String::new();
+            BufReader::new(&mut stream).read_line(&mut reply).await?;
+            let backend: SocketAddr = reply.trim().parse().map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("unexpected reply {reply:?}"),
+                )
+            })?;
+            if !seen.contains(&backend) {
+                seen.push(backend);
+            }
+            // Closed before the next one opens: one client, one connection at a time. (Two at
+            // once from one address would count against its backend's bound, which at this
+            // load is a single connection.)
+            stream.shutdown().await?;
+            let mut rest = Vec::new();
+            stream.read_to_end(&mut rest).await?;
+        }
+        let list: Vec<String> = seen.iter().map(ToString::to_string).collect();
+        println!(
+            "  client {}: 10 connections, all to {}",
+            from.ip(),
+            list.join(" and ")
+        );
+        if seen.len() != 1 {
+            return Err(io::Error::other(format!(
+                "client {} moved between backends",
+                from.ip()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Prints `kind`'s table from the balancer's counters, after checking that the clients' replies

@@ -213,6 +213,7 @@ impl From<AdminError> for ApiError {
     fn from(e: AdminError) -> ApiError {
         let status = match e {
             AdminError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            AdminError::RoutedListener(..) => StatusCode::BAD_REQUEST,
             _ => StatusCode::NOT_FOUND,
         };
         ApiError::new(status, e.to_string())

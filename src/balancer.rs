@@ -16,7 +16,7 @@ use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, info, warn};
 
 use crate::admin;
-use crate::config::Config;
+use crate::config::{Config, Forward};
 use crate::control::Request;
 use crate::control::task::ControlTask;
 use crate::control::{Handle, Stopped, log_listening};
@@ -49,6 +49,11 @@ pub enum StartError {
     /// [`Builder::strategy`] named a listener the configuration does not have.
     #[error("a strategy was set for listener `{0}`, which the configuration does not have")]
     UnknownListener(String),
+    /// [`Builder::strategy`] named a listener that routes to several pools by server name.
+    #[error(
+        "a strategy was set for listener `{0}`, which routes to pools by server name: set it for one of its pools by name"
+    )]
+    RoutedListener(String),
     /// The worker threads could not be started.
     #[error("cannot start {threads} worker threads: {source}")]
     Workers {
@@ -112,7 +117,10 @@ impl Builder {
         let mut by_pool = CustomStrategies::new();
         for (name, strategy) in strategies {
             let pool = match config.listeners.iter().find(|l| l.name == name) {
-                Some(listener) => listener.pool.clone(),
+                Some(listener) => match &listener.forward {
+                    Forward::Pool(pool) => pool.clone(),
+                    Forward::Routes(_) => return Err(StartError::RoutedListener(name)),
+                },
                 None if config.pool(&name).is_some() => name,
                 None => return Err(StartError::UnknownListener(name)),
             };

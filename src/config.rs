@@ -22,6 +22,7 @@ mod error;
 mod health;
 mod networks;
 mod raw;
+mod routes;
 mod strategy;
 mod token;
 mod validate;
@@ -57,6 +58,7 @@ pub(crate) use health::{
     Probe, ProbeKind,
 };
 pub(crate) use networks::{Access, NetworkError, Networks};
+pub(crate) use routes::{Affinity, DEFAULT_CLIENT_HELLO_TIMEOUT, HashKey, Routes, SniPattern};
 pub use strategy::StrategyKind;
 pub(crate) use token::Token;
 
@@ -172,9 +174,11 @@ pub(crate) struct ListenerConfig {
     pub name: String,
     /// Address to listen on; port 0 asks the kernel for a free port.
     pub bind: SocketAddr,
-    /// The name of its pool: a `[[pool]]`, or the listener's own (named after it) in the inline
-    /// form. Always one of [`Config::pools`].
-    pub pool: String,
+    /// Where its connections go: one pool, or a pool by server name.
+    pub forward: Forward,
+    /// How long a client may take to send its whole TLS ClientHello, where the listener reads
+    /// it (to route by name, or for a pool keyed by name).
+    pub client_hello_timeout: Duration,
     /// Upper bound on one connect attempt to a backend.
     pub connect_timeout: Duration,
     /// A connection idle this long in both directions is closed.
@@ -192,6 +196,43 @@ pub(crate) struct ListenerConfig {
     pub clients: ClientsConfig,
 }
 
+/// Where a listener's connections go.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Forward {
+    /// Every connection to one pool: a `[[pool]]`, or the listener's own (named after it) in
+    /// the inline form. Always one of [`Config::pools`].
+    Pool(String),
+    /// To the pool of the first route matching the ClientHello's server name; every route's
+    /// pool is one of [`Config::pools`].
+    Routes(Routes),
+}
+
+impl ListenerConfig {
+    /// The pools its connections may go to, each once, in route order.
+    pub(crate) fn pools(&self) -> Vec<&str> {
+        match &self.forward {
+            Forward::Pool(pool) => vec![pool.as_str()],
+            Forward::Routes(routes) => {
+                let mut pools: Vec<&str> = Vec::with_capacity(routes.routes.len());
+                for route in &routes.routes {
+                    if !pools.contains(&route.pool.as_str()) {
+                        pools.push(&route.pool);
+                    }
+                }
+                pools
+            }
+        }
+    }
+
+    /// Whether some of its connections may go to pool `name`.
+    pub(crate) fn uses_pool(&self, name: &str) -> bool {
+        match &self.forward {
+            Forward::Pool(pool) => pool == name,
+            Forward::Routes(routes) => routes.routes.iter().any(|r| r.pool == name),
+        }
+    }
+}
+
 /// A set of backends and what is about them: how to choose, how to judge health and load, and
 /// the queue of clients waiting for a free slot. Live state (counters, health, slots, the
 /// queue) belongs to the pool's backends, whichever listener a connection came through.
@@ -204,6 +245,9 @@ pub(crate) struct PoolConfig {
     pub inline: bool,
     /// How a backend is picked for each new connection.
     pub strategy: StrategyKind,
+    /// What `consistent_hash` keys connections by, and its load bound; `Some` exactly when the
+    /// strategy is `consistent_hash`.
+    pub affinity: Option<Affinity>,
     /// How long a client may wait for a free slot; zero closes it at once.
     pub queue_timeout: Duration,
     /// Clients waiting at most; one more is closed at once.
@@ -265,7 +309,7 @@ impl Config {
             None => self
                 .listeners
                 .iter()
-                .find(|l| l.pool == pool.name)
+                .find(|l| l.uses_pool(&pool.name))
                 .and_then(|l| l.clients.send_proxy),
         }
     }

@@ -14,6 +14,7 @@
 
 pub(crate) mod accept;
 pub(crate) mod access_log;
+mod client_hello;
 mod conn;
 mod connect;
 pub(crate) mod event_loop;

@@ -18,13 +18,14 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::config::{
-    Access, AllUnhealthy, ClientLimits, ClientsConfig, Config, CongestionControl, ListenerConfig,
-    Networks, PoolConfig, ProxyAccept, ProxyVersion, SendProxy, Weight,
+    Access, Affinity, AllUnhealthy, ClientLimits, ClientsConfig, Config, CongestionControl,
+    Forward, HashKey, ListenerConfig, Networks, PoolConfig, ProxyAccept, ProxyVersion, Routes,
+    SendProxy, SniPattern, Weight,
 };
 use crate::state::{
     ActiveConn, BackendState, ListenerStats, OpenConn, PoolState, Registry, Republisher,
 };
-use crate::strategy::{BuildStrategy, Candidate, LiveBackend, Strategy};
+use crate::strategy::{Bounded, BuildStrategy, Candidate, LiveBackend, Strategy};
 
 /// Strategies a library caller set by pool name, in place of the file's `strategy`.
 pub(crate) type CustomStrategies = HashMap<String, Arc<dyn BuildStrategy>>;
@@ -69,16 +70,24 @@ impl Snapshot {
             .pools
             .iter()
             .map(|pool| {
-                let listeners: Vec<Arc<str>> = config
+                let users: Vec<&ListenerConfig> = config
                     .listeners
                     .iter()
-                    .filter(|l| l.pool == pool.name)
-                    .map(|l| Arc::from(l.name.as_str()))
+                    .filter(|l| l.uses_pool(&pool.name))
                     .collect();
+                let listeners: Vec<Arc<str>> =
+                    users.iter().map(|l| Arc::from(l.name.as_str())).collect();
+                // A listener that routes numbers its accepts across several pools: each pool
+                // it reaches numbers its own picks.
+                let routed = users
+                    .iter()
+                    .any(|l| matches!(l.forward, Forward::Routes(_)));
                 let turn_base = previous
                     .and_then(|p| p.pool(&pool.name))
                     .map(|p| p.turn_base);
-                Arc::new(Pool::build(pool, listeners, registry, turn_base, custom))
+                Arc::new(Pool::build(
+                    pool, listeners, routed, registry, turn_base, custom,
+                ))
             })
             .collect();
         let pool_index: HashMap<String, usize> = config
@@ -91,13 +100,17 @@ impl Snapshot {
             .listeners
             .iter()
             .filter_map(|listener| {
-                let pool = pools.get(*pool_index.get(&listener.pool)?)?;
+                let targets: Option<Vec<Arc<Pool>>> = listener
+                    .pools()
+                    .into_iter()
+                    .map(|name| pools.get(*pool_index.get(name)?).cloned())
+                    .collect();
                 let turn_base = previous
                     .and_then(|p| p.listener(&listener.name))
                     .map(|l| l.turn_base);
                 Some(Arc::new(Listener::build(
                     listener,
-                    Arc::clone(pool),
+                    targets?,
                     registry,
                     local_addrs.get(&listener.name).copied(),
                     config.log.access_log,
@@ -139,7 +152,7 @@ impl Snapshot {
     }
 }
 
-/// One listener: its per-connection settings, its counters, and its pool.
+/// One listener: its per-connection settings, its counters, and its pools.
 #[derive(Debug)]
 pub(crate) struct Listener {
     name: Arc<str>,
@@ -149,7 +162,73 @@ pub(crate) struct Listener {
     settings: ListenerSettings,
     clients: ClientControls,
     stats: Arc<ListenerStats>,
-    pool: Arc<Pool>,
+    /// The pools its connections go to: one, or each its routes name, once, in route order.
+    pools: Box<[Arc<Pool>]>,
+    /// How a connection's pool is chosen by server name; `None`: always the first pool.
+    routes: Option<Box<RouteTable>>,
+    /// How long a connection's ClientHello is waited for, if the listener reads it: to route
+    /// by name, or because a pool keys connections by name.
+    hello_timeout: Option<Duration>,
+}
+
+/// A listener's routes, as lookups by server name: the first route (in file order) that
+/// matches a name wins.
+#[derive(Debug, Default)]
+pub(crate) struct RouteTable {
+    /// Exact names: (route number, pool index).
+    exact: HashMap<Box<str>, (usize, usize)>,
+    /// Wildcards by the suffix after `*.`: (route number, pool index).
+    wildcard: HashMap<Box<str>, (usize, usize)>,
+    /// The default route's pool index.
+    default: Option<usize>,
+    /// The routes as written, for status output: (names, pool).
+    pub(crate) described: Vec<(Vec<String>, Arc<str>)>,
+}
+
+impl RouteTable {
+    fn build(routes: &Routes, pools: &[Arc<Pool>]) -> RouteTable {
+        let index_of = |name: &str| pools.iter().position(|p| &**p.name() == name);
+        let mut table = RouteTable::default();
+        for (number, route) in routes.routes.iter().enumerate() {
+            let Some(pool) = index_of(&route.pool) else {
+                continue;
+            };
+            if route.sni.is_empty() {
+                table.default = Some(pool);
+            }
+            for pattern in &route.sni {
+                // Validation refused a name two routes match: the first keeps it anyway.
+                let (map, name) = match pattern {
+                    SniPattern::Exact(name) => (&mut table.exact, name),
+                    SniPattern::Wildcard(suffix) => (&mut table.wildcard, suffix),
+                };
+                map.entry(name.clone()).or_insert((number, pool));
+            }
+            table.described.push((
+                route.sni.iter().map(ToString::to_string).collect(),
+                Arc::clone(&pools[pool].name),
+            ));
+        }
+        table
+    }
+
+    /// The pool index for a client that asked for `name` (lower case), or sent none: the first
+    /// route matching it, else the default route; `None` when neither is there.
+    pub(crate) fn route(&self, name: Option<&str>) -> Option<usize> {
+        let Some(name) = name else {
+            return self.default;
+        };
+        let exact = self.exact.get(name);
+        // `*.example.com` matches `a.example.com`, one label more, not `example.com`.
+        let wildcard = name
+            .split_once('.')
+            .and_then(|(_, suffix)| self.wildcard.get(suffix));
+        let best = match (exact, wildcard) {
+            (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
+            (a, b) => a.or(b),
+        };
+        best.map(|&(_, pool)| pool).or(self.default)
+    }
 }
 
 /// What a listener checks of its clients before any backend work, and what it tells the
@@ -213,15 +292,22 @@ pub(crate) struct ListenerSettings {
 impl Listener {
     fn build(
         listener: &ListenerConfig,
-        pool: Arc<Pool>,
+        pools: Vec<Arc<Pool>>,
         registry: &Registry,
         local_addr: Option<SocketAddr>,
         access_log: bool,
         turn_base: Option<u64>,
     ) -> Listener {
         let stats = registry.listener(&listener.name);
+        let routes = match &listener.forward {
+            Forward::Pool(_) => None,
+            Forward::Routes(routes) => Some(Box::new(RouteTable::build(routes, &pools))),
+        };
         // Each listener logs and counts its own episodes: its metrics say what its clients met.
-        if stats.set_all_unhealthy(pool.all_unhealthy.is_some()) {
+        // A listener that routes has as many episodes as pools; each pool's backends say them.
+        if let (None, Some(pool)) = (&routes, pools.first())
+            && stats.set_all_unhealthy(pool.all_unhealthy.is_some())
+        {
             match pool.all_unhealthy {
                 Some(policy) => warn!(
                     listener = %listener.name,
@@ -238,6 +324,11 @@ impl Listener {
                 }
             }
         }
+        let by_name = match &listener.forward {
+            Forward::Pool(_) => false,
+            Forward::Routes(routes) => routes.by_name(),
+        };
+        let keyed_by_name = pools.iter().any(|p| p.hash_key() == Some(HashKey::Sni));
         Listener {
             name: listener.name.as_str().into(),
             turn_base: turn_base.unwrap_or_else(|| stats.accepted()),
@@ -253,7 +344,9 @@ impl Listener {
                 access_log,
             },
             stats,
-            pool,
+            pools: pools.into_boxed_slice(),
+            routes,
+            hello_timeout: (by_name || keyed_by_name).then_some(listener.client_hello_timeout),
         }
     }
 
@@ -282,23 +375,42 @@ impl Listener {
         &self.stats
     }
 
-    /// The pool its connections go to.
-    pub(crate) fn pool(&self) -> &Arc<Pool> {
-        &self.pool
+    /// The pools its connections go to (one, without routes); [`RouteTable::route`] indexes it.
+    pub(crate) fn pools(&self) -> &[Arc<Pool>] {
+        &self.pools
+    }
+
+    /// The one pool of a listener without routes.
+    pub(crate) fn single_pool(&self) -> Option<&Arc<Pool>> {
+        match self.routes {
+            None => self.pools.first(),
+            Some(_) => None,
+        }
+    }
+
+    /// Its routes, if it routes by server name.
+    pub(crate) fn routes(&self) -> Option<&RouteTable> {
+        self.routes.as_deref()
+    }
+
+    /// How long to wait for a connection's ClientHello, if the listener reads it.
+    pub(crate) fn hello_timeout(&self) -> Option<Duration> {
+        self.hello_timeout
     }
 
     /// The turn of an admitted connection: its place in the sequence the pool's round robin
-    /// follows.
+    /// follows (also what spreads connections over the workers).
     ///
     /// A listener's own pool without slots numbers by the listener's `accepted` counter, which
     /// admitting a connection increments anyway: however many threads accept, its connections
     /// form one sequence at no extra cost. A pool that several listeners share, or whose
-    /// clients may wait (and are then picked for in another order), numbers its picks itself.
+    /// clients may wait (and are then picked for in another order), numbers its picks itself;
+    /// so do the pools of a listener that routes, whose pool is known only once the client's
+    /// ClientHello is read (see [`Pool::next_turn`]).
     pub(crate) fn turn(&self, open: &OpenConn) -> u64 {
-        if self.pool.own_turns {
-            self.pool.next_turn()
-        } else {
-            open.number().wrapping_sub(self.turn_base)
+        match (&self.routes, self.pools.first()) {
+            (None, Some(pool)) if pool.own_turns => pool.next_turn(),
+            _ => open.number().wrapping_sub(self.turn_base),
         }
     }
 }
@@ -321,6 +433,8 @@ pub(crate) struct Pool {
     slotted: bool,
     /// Picks are numbered by the pool (see [`Listener::turn`]).
     own_turns: bool,
+    /// What `consistent_hash` keys connections by, and its bound; `None` for other strategies.
+    affinity: Option<Affinity>,
     /// The pool's turn count when this snapshot's numbering began.
     turn_base: u64,
     /// What the pool does now because no backend is healthy; `None` while one is.
@@ -400,6 +514,7 @@ impl Pool {
     fn build(
         pool: &PoolConfig,
         listeners: Vec<Arc<str>>,
+        routed: bool,
         registry: &Registry,
         turn_base: Option<u64>,
         custom: &CustomStrategies,
@@ -450,15 +565,18 @@ impl Pool {
             .iter()
             .map(|b| Candidate::new(b.addr, b.effective_weight, LiveBackend::of(&b.stats)))
             .collect();
-        let builder: &dyn BuildStrategy = match custom.get(&pool.name) {
-            Some(custom) => &**custom,
-            None => &pool.strategy,
+        let bounded = pool.affinity.map(|a| Bounded(a.balance_factor));
+        let builder: &dyn BuildStrategy = match (custom.get(&pool.name), &bounded) {
+            (Some(custom), _) => &**custom,
+            (None, Some(bounded)) => bounded,
+            (None, None) => &pool.strategy,
         };
         let slotted = pool.has_slots();
         Pool {
             name: pool.name.as_str().into(),
             inline: pool.inline,
-            own_turns: slotted || listeners.len() > 1,
+            own_turns: slotted || routed || listeners.len() > 1,
+            affinity: pool.affinity,
             listeners,
             turn_base: turn_base.unwrap_or_else(|| state.turns()),
             strategy: builder.build(&candidates),
@@ -526,6 +644,16 @@ impl Pool {
         &self.backends
     }
 
+    /// What `consistent_hash` keys this pool's connections by, if it hashes.
+    pub(crate) fn hash_key(&self) -> Option<HashKey> {
+        self.affinity.map(|a| a.key)
+    }
+
+    /// Its `consistent_hash` settings, if it hashes.
+    pub(crate) fn affinity(&self) -> Option<Affinity> {
+        self.affinity
+    }
+
     /// The next turn of the pool's own sequence.
     pub(crate) fn next_turn(&self) -> u64 {
         self.state.next_turn().wrapping_sub(self.turn_base)
@@ -547,9 +675,9 @@ impl Pool {
     /// asks again. Past [`FULL_PICKS`] such misses most of the pool is full, and one scan takes
     /// the least loaded backend (by load estimate per unit of weight) that has a slot, so a
     /// pool of a thousand full backends costs one pass, not a thousand picks.
-    pub(crate) fn take_slot(&self, turn: u64, tried: &[usize]) -> Take {
+    pub(crate) fn take_slot(&self, turn: u64, key: Option<u64>, tried: &[usize]) -> Take {
         if !self.slotted {
-            return match self.strategy.pick(turn, tried) {
+            return match self.pick_index(turn, key, tried) {
                 Some(index) => {
                     Take::Slot(index, BackendState::acquire(&self.backends[index].stats))
                 }
@@ -565,9 +693,9 @@ impl Pool {
         let mut passed: Vec<usize> = Vec::new();
         for _ in 0..picks {
             let index = if passed.is_empty() {
-                self.strategy.pick(turn, tried)
+                self.pick_index(turn, key, tried)
             } else {
-                self.strategy.pick(turn, &passed)
+                self.pick_index(turn, key, &passed)
             };
             let Some(index) = index else {
                 return if passed.len() > tried.len() {
@@ -585,6 +713,15 @@ impl Pool {
             passed.push(index);
         }
         self.least_loaded_with_room(tried)
+    }
+
+    /// The strategy's pick: by `key` for a connection of a pool that keeps affinity.
+    #[inline]
+    fn pick_index(&self, turn: u64, key: Option<u64>, tried: &[usize]) -> Option<usize> {
+        match key {
+            Some(key) => self.strategy.pick_keyed(key, turn, tried),
+            None => self.strategy.pick(turn, tried),
+        }
     }
 
     /// The least loaded backend (load estimate + 1 per unit of effective weight) with a free
@@ -664,8 +801,11 @@ mod tests {
         assert!(!Arc::ptr_eq(&a1.stats, &b1.stats));
         assert_eq!(a1.effective_weight, 2.0);
         let listener = first.listener("a").expect("a");
-        assert!(Arc::ptr_eq(listener.pool(), first.pool("a").expect("a")));
-        assert!(listener.pool().inline());
+        assert!(Arc::ptr_eq(
+            &listener.pools()[0],
+            first.pool("a").expect("a")
+        ));
+        assert!(listener.pools()[0].inline());
     }
 
     #[test]
@@ -679,8 +819,7 @@ mod tests {
         let pick = |s: &Snapshot| {
             let listener = s.listener("a").expect("a");
             let open = ListenerStats::admit(listener.stats(), 10).expect("admitted");
-            listener
-                .pool()
+            listener.pools()[0]
                 .pick(listener.turn(&open), &[])
                 .expect("a pick")
                 .0
@@ -744,12 +883,12 @@ mod tests {
             snapshot.listener("a").expect("a"),
             snapshot.listener("b").expect("b"),
         );
-        assert!(Arc::ptr_eq(a.pool(), b.pool()));
-        assert_eq!(a.pool().listeners().len(), 2);
-        let pool = a.pool();
+        assert!(Arc::ptr_eq(&a.pools()[0], &b.pools()[0]));
+        assert_eq!(a.pools()[0].listeners().len(), 2);
+        let pool = &a.pools()[0];
         let mut held = Vec::new();
         for turn in 0..3 {
-            match pool.take_slot(turn, &[]) {
+            match pool.take_slot(turn, None, &[]) {
                 Take::Slot(index, active) => held.push((index, active)),
                 other => panic!("turn {turn}: {other:?}"),
             }
@@ -757,11 +896,11 @@ mod tests {
         let mut picked: Vec<usize> = held.iter().map(|(i, _)| *i).collect();
         picked.sort_unstable();
         assert_eq!(picked, [0, 0, 1], "each backend up to its slots");
-        assert!(matches!(pool.take_slot(3, &[]), Take::Full));
+        assert!(matches!(pool.take_slot(3, None, &[]), Take::Full));
         // Tried backends are not full: with every one tried there is no backend at all.
-        assert!(matches!(pool.take_slot(3, &[0, 1]), Take::NoBackend));
+        assert!(matches!(pool.take_slot(3, None, &[0, 1]), Take::NoBackend));
         held.retain(|(i, _)| *i != 1);
-        match pool.take_slot(4, &[]) {
+        match pool.take_slot(4, None, &[]) {
             Take::Slot(1, _) => {}
             other => panic!("the freed slot: {other:?}"),
         }
@@ -779,16 +918,16 @@ mod tests {
         let snapshot = build(&text, &Registry::default());
         let pool = snapshot.pool("p").expect("p");
         let mut held: Vec<(usize, ActiveConn)> = (0..300)
-            .map(|turn| match pool.take_slot(turn, &[]) {
+            .map(|turn| match pool.take_slot(turn, None, &[]) {
                 Take::Slot(index, active) => (index, active),
                 other => panic!("turn {turn}: {other:?}"),
             })
             .collect();
-        assert!(matches!(pool.take_slot(0, &[]), Take::Full));
+        assert!(matches!(pool.take_slot(0, None, &[]), Take::Full));
         let freed = 137;
         held.retain(|(index, _)| *index != freed);
         assert_eq!(held.len(), 299, "one slot each");
-        assert!(matches!(pool.take_slot(0, &[]), Take::Slot(i, _) if i == freed));
+        assert!(matches!(pool.take_slot(0, None, &[]), Take::Slot(i, _) if i == freed));
     }
 
     #[test]
@@ -798,7 +937,7 @@ mod tests {
         let pool = snapshot.pool("gpu").expect("gpu");
         // Backend 0 reports 2 requests in flight that are not ours: both its slots are taken.
         pool.backends()[0].stats.set_reported_in_flight(2, 0);
-        match pool.take_slot(0, &[]) {
+        match pool.take_slot(0, None, &[]) {
             Take::Slot(1, _active) => {}
             other => panic!("{other:?}"),
         }
@@ -847,7 +986,7 @@ pub(crate) mod bench {
         /// Takes a slot for the connection numbered `turn`, as a new connection does; `None`
         /// when every slot is taken (or no backend may take connections).
         pub fn take_slot(&self, turn: u64) -> Option<Slot> {
-            match self.pool.take_slot(turn, &[]) {
+            match self.pool.take_slot(turn, None, &[]) {
                 Take::Slot(index, active) => Some(Slot {
                     index,
                     _active: active,

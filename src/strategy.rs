@@ -20,6 +20,7 @@
 //! backend listed in `tried` (the ones a connection already failed to reach) is never picked.
 
 mod capacity_proportional;
+mod consistent_hash;
 mod weighted_random;
 mod weighted_round_robin;
 
@@ -36,6 +37,7 @@ pub use crate::config::StrategyKind;
 use crate::state::{ActiveConn, BackendCounters, BackendState};
 
 use capacity_proportional::CapacityProportional;
+pub(crate) use consistent_hash::{ConsistentHash, client_key, name_key};
 use weighted_random::WeightedRandom;
 use weighted_round_robin::WeightedRoundRobin;
 
@@ -54,6 +56,15 @@ pub trait Strategy: Send + Sync + fmt::Debug {
     /// the backends already tried (at most `connect_attempts - 1`) on retries, which keep the
     /// connection's turn.
     fn pick(&self, turn: u64, tried: &[usize]) -> Option<usize>;
+
+    /// [`pick`](Strategy::pick) for a connection of a pool that keeps affinity (`hash_key`):
+    /// `key` is the hash of its client's address or server name, the same for every
+    /// connection of that client. A strategy that keeps no affinity ignores it, as this default
+    /// does.
+    fn pick_keyed(&self, key: u64, turn: u64, tried: &[usize]) -> Option<usize> {
+        let _ = key;
+        self.pick(turn, tried)
+    }
 }
 
 /// Builds a [`Strategy`] over a pool's backends. Called whenever the pool's effective weights
@@ -147,22 +158,16 @@ pub struct OpenGuard(#[allow(dead_code)] ActiveConn);
 
 impl BuildStrategy for StrategyKind {
     fn build(&self, backends: &[Candidate]) -> Box<dyn Strategy> {
-        let weights: Vec<f64> = backends.iter().map(Candidate::weight).collect();
-        // Each weight is finite, but their sum need not be (two weights of 1e308): the samplers'
-        // cumulative sums would then fail and the pool would route nothing. Only the ratios
-        // matter, so such weights are scaled down to a largest weight of 1.
-        let weights = if weights.iter().sum::<f64>().is_finite() {
-            weights
-        } else {
-            let max = weights.iter().copied().fold(0.0, f64::max);
-            weights.iter().map(|w| w / max).collect()
-        };
+        let weights = finite_weights(backends);
         match self {
             StrategyKind::WeightedRoundRobin => Box::new(WeightedRoundRobin::new(&weights)),
             StrategyKind::WeightedRandom => Box::new(WeightedRandom::new(&weights)),
             StrategyKind::CapacityProportional => {
                 let live = backends.iter().map(|b| b.live().state());
                 Box::new(CapacityProportional::new(&weights, live))
+            }
+            StrategyKind::ConsistentHash => {
+                Box::new(Bounded(DEFAULT_BALANCE_FACTOR).ring(backends, &weights))
             }
         }
     }
@@ -172,11 +177,55 @@ impl BuildStrategy for StrategyKind {
     }
 }
 
+/// `hash_balance_factor` when the file does not set it: the factor Mirrokni, Thorup and
+/// Zadimoghaddam's paper recommends, and what Vimeo runs; a client stays where it was until its
+/// backend carries a quarter more than its share.
+pub(crate) const DEFAULT_BALANCE_FACTOR: f64 = 1.25;
+
+/// Builds consistent hashing with a balance factor (0: none), the `hash_balance_factor` of a
+/// pool.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Bounded(pub(crate) f64);
+
+impl Bounded {
+    fn ring(self, backends: &[Candidate], weights: &[f64]) -> ConsistentHash {
+        let addrs: Vec<SocketAddr> = backends.iter().map(Candidate::addr).collect();
+        let live = backends.iter().map(|b| b.live().state());
+        ConsistentHash::new(&addrs, weights, live, self.0)
+    }
+}
+
+impl BuildStrategy for Bounded {
+    fn build(&self, backends: &[Candidate]) -> Box<dyn Strategy> {
+        let weights = finite_weights(backends);
+        Box::new(self.ring(backends, &weights))
+    }
+
+    fn name(&self) -> &str {
+        StrategyKind::ConsistentHash.as_str()
+    }
+}
+
 thread_local! {
     /// The random strategies' generator, one per thread: picks need an even spread, not
     /// secrecy, and rand's thread generator (ChaCha, for secrets) would be most of a
     /// weighted-random pick's cost. Seeded from that generator, so threads and processes differ.
     static PICK_RNG: RefCell<SmallRng> = RefCell::new(SmallRng::from_rng(&mut rand::rng()));
+}
+
+/// The candidates' weights, scaled so that their sum is finite.
+///
+/// Each weight is finite, but their sum need not be (two weights of 1e308): the samplers'
+/// cumulative sums would then fail and the pool would route nothing. Only the ratios matter, so
+/// such weights are scaled down to a largest weight of 1.
+fn finite_weights(backends: &[Candidate]) -> Vec<f64> {
+    let weights: Vec<f64> = backends.iter().map(Candidate::weight).collect();
+    if weights.iter().sum::<f64>().is_finite() {
+        weights
+    } else {
+        let max = weights.iter().copied().fold(0.0, f64::max);
+        weights.iter().map(|w| w / max).collect()
+    }
 }
 
 /// Runs `f` with this thread's pick generator. Not reentrant: `f` never picks again.

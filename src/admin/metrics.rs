@@ -193,7 +193,7 @@ impl Collector for Metrics {
         counter(
             e,
             "weighbridge_connections_rejected",
-            "Client connections closed without being relayed, by reason: max_connections were open, no backend could be reached, none was healthy under all_unhealthy = \"reject\", no slot came free within queue_timeout, the pool's queue was full, the client was waiting when the balancer stopped or its pool lost its listeners, its PROXY header was missing, malformed, late or untrusted, its address was not allowed or denied, or it was over its per-client connection or rate limit.",
+            "Client connections closed without being relayed, by reason: max_connections were open, no backend could be reached, none was healthy under all_unhealthy = \"reject\", no slot came free within queue_timeout, the pool's queue was full, the client was waiting when the balancer stopped or its pool lost its listeners, its PROXY header was missing, malformed, late or untrusted, its address was not allowed or denied, it was over its per-client connection or rate limit, its TLS ClientHello was malformed, too large or late, or no route matched its server name.",
             listeners.iter().flat_map(|l| {
                 [
                     ("max_connections", l.counters.rejected_max_connections),
@@ -207,6 +207,8 @@ impl Collector for Metrics {
                     ("denied", l.counters.rejected_denied),
                     ("client_limit", l.counters.rejected_client_limit),
                     ("client_rate", l.counters.rejected_client_rate),
+                    ("bad_client_hello", l.counters.rejected_bad_client_hello),
+                    ("no_route", l.counters.rejected_no_route),
                 ]
                 .map(|(reason, n)| ([("listener", &*l.name), ("reason", reason)], n))
             }),

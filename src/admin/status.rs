@@ -81,18 +81,32 @@ struct ListenerStatus {
     name: String,
     /// The address actually bound (port 0 resolved).
     bind: Option<String>,
-    /// The pool its connections go to (its own has its name).
-    pool: String,
-    /// The pool's strategy.
-    strategy: String,
+    /// The pool its connections go to (its own has its name); absent for a listener that
+    /// routes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pool: Option<String>,
+    /// The pool's strategy; absent for a listener that routes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    strategy: Option<String>,
+    /// Its routes, in order, for a listener that routes by server name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    routes: Option<Vec<RouteStatus>>,
     max_connections: usize,
     /// `null`: the system's.
     backend_congestion_control: Option<String>,
     connections: ListenerConnections,
     /// Client addresses the per-client limits track now (0 without them).
     tracked_clients: usize,
-    /// The pool's backends, as under `pools`.
+    /// The pool's backends, as under `pools` (none for a listener that routes: see its pools).
     backends: Vec<BackendStatus>,
+}
+
+/// One route of a listener.
+#[derive(Debug, Serialize)]
+struct RouteStatus {
+    /// Server names and wildcards; empty for the default route.
+    sni: Vec<String>,
+    pool: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -103,6 +117,12 @@ struct PoolStatus {
     /// The listeners that send their connections here.
     listeners: Vec<String>,
     strategy: String,
+    /// `consistent_hash` only: `client_ip` or `sni`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hash_key: Option<&'static str>,
+    /// `consistent_hash` only: 0 for no bound.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hash_balance_factor: Option<f64>,
     /// Seconds a client may wait for a slot.
     queue_timeout: f64,
     max_queued: usize,
@@ -204,6 +224,8 @@ struct ListenerConnections {
     rejected_denied: u64,
     rejected_client_limit: u64,
     rejected_client_rate: u64,
+    rejected_bad_client_hello: u64,
+    rejected_no_route: u64,
 }
 
 impl From<ListenerCounters> for ListenerConnections {
@@ -227,6 +249,8 @@ impl From<ListenerCounters> for ListenerConnections {
             rejected_denied: c.rejected_denied,
             rejected_client_limit: c.rejected_client_limit,
             rejected_client_rate: c.rejected_client_rate,
+            rejected_bad_client_hello: c.rejected_bad_client_hello,
+            rejected_no_route: c.rejected_no_route,
         }
     }
 }
@@ -289,12 +313,20 @@ impl Status {
 
 impl ListenerStatus {
     fn of(listener: &Listener) -> ListenerStatus {
-        let pool = listener.pool();
+        let pool = listener.single_pool();
         ListenerStatus {
             name: listener.name().to_string(),
             bind: listener.local_addr().map(|a| a.to_string()),
-            pool: pool.name().to_string(),
-            strategy: pool.strategy_name().to_owned(),
+            pool: pool.map(|p| p.name().to_string()),
+            strategy: pool.map(|p| p.strategy_name().to_owned()),
+            routes: listener.routes().map(|table| {
+                (table.described.iter())
+                    .map(|(sni, pool)| RouteStatus {
+                        sni: sni.clone(),
+                        pool: pool.to_string(),
+                    })
+                    .collect()
+            }),
             max_connections: listener.settings().max_connections.get(),
             backend_congestion_control: listener
                 .settings()
@@ -302,7 +334,9 @@ impl ListenerStatus {
                 .map(|cc| cc.to_string()),
             connections: listener.stats().counters().into(),
             tracked_clients: listener.stats().clients().tracked(),
-            backends: pool.backends().iter().map(BackendStatus::of).collect(),
+            backends: pool.map_or_else(Vec::new, |p| {
+                p.backends().iter().map(BackendStatus::of).collect()
+            }),
         }
     }
 }
@@ -315,6 +349,8 @@ impl PoolStatus {
             inline: pool.inline(),
             listeners: pool.listeners().iter().map(|l| l.to_string()).collect(),
             strategy: pool.strategy_name().to_owned(),
+            hash_key: pool.affinity().map(|a| a.key.as_str()),
+            hash_balance_factor: pool.affinity().map(|a| a.balance_factor),
             queue_timeout: pool.settings().queue_timeout.as_secs_f64(),
             max_queued: pool.settings().max_queued,
             queue: QueueStatus {

@@ -211,6 +211,67 @@ pub(crate) enum ConfigErrorKind {
         "`accept_proxy` needs `proxy_trusted`: the networks of the front balancers allowed to send a PROXY header (e.g. [\"10.0.0.0/8\"])"
     )]
     ProxyTrustedMissing,
+    /// A listener with routes and a key of the one-pool forms.
+    #[error(
+        "listener `{listener}`: `{key}` cannot be used with [[listener.route]]: a listener either routes to pools by server name or has one pool (`pool`, or backends of its own)"
+    )]
+    RoutesAndPool {
+        /// The listener.
+        listener: String,
+        /// The key written beside the routes.
+        key: &'static str,
+    },
+    /// A route after the default one, which matches every client.
+    #[error(
+        "listener `{listener}`: route {default} has no `sni` and so takes every client: it must be the last route (routes after it would never be used)"
+    )]
+    RouteAfterDefault {
+        /// The listener.
+        listener: String,
+        /// The default route's place (1-based).
+        default: usize,
+    },
+    /// A route's `pool` naming no `[[pool]]`.
+    #[error("listener `{listener}`: route `pool`: no [[pool]] is named `{pool}`{known}")]
+    UnknownRoutePool {
+        /// The listener.
+        listener: String,
+        /// The name written.
+        pool: String,
+        /// The pools there are, as a hint.
+        known: String,
+    },
+    /// `sni = []`.
+    #[error(
+        "`sni`: an empty list matches no client; leave `sni` out to make this the default route"
+    )]
+    EmptySni,
+    /// A server name pattern that is not one.
+    #[error(
+        "`sni`: invalid server name {name:?}: {why}; expected a name such as llama.example.com or *.llama.example.com"
+    )]
+    BadSni {
+        /// As written.
+        name: String,
+        /// What is wrong.
+        why: &'static str,
+    },
+    /// A server name two routes match: the later one would never see it.
+    #[error("`sni`: `{name}` is already routed by route {route}")]
+    DuplicateSni {
+        /// The pattern.
+        name: String,
+        /// The route that has it first (1-based).
+        route: usize,
+    },
+    /// `hash_balance_factor` neither 0 nor between 1 and 100.
+    #[error(
+        "`hash_balance_factor`: invalid factor {0}: use 0 (no bound) or a factor from 1 to 100, such as 1.25"
+    )]
+    BadBalanceFactor(f64),
+    /// `hash_key` or `hash_balance_factor` on a pool that does not hash.
+    #[error("`{0}` applies to `strategy = \"consistent_hash\"` only")]
+    HashWithoutConsistentHash(&'static str),
     /// `proxy_trusted` without `accept_proxy`.
     #[error("`proxy_trusted` does nothing without `accept_proxy`")]
     ProxyTrustedAlone,

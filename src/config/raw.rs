@@ -12,6 +12,7 @@ use super::LogFormat;
 use super::StrategyKind;
 use super::clients::{ProxyAccept, SendProxy};
 use super::discovery::RawResolver;
+use super::routes::{HashKey, RawRoute};
 use crate::config::{AllUnhealthy, LoadPreset, ProbeKind};
 
 /// The whole file.
@@ -70,10 +71,15 @@ pub(crate) struct RawListener {
     pub(crate) deny: Option<Spanned<Vec<Spanned<String>>>>,
     pub(crate) max_connections_per_client: Option<Spanned<u64>>,
     pub(crate) connection_rate_per_client: Option<Spanned<String>>,
+    pub(crate) client_hello_timeout: Option<Spanned<String>>,
+    pub(crate) hash_key: Option<Spanned<HashKey>>,
+    pub(crate) hash_balance_factor: Option<Spanned<f64>>,
     pub(crate) health: Option<Spanned<RawHealth>>,
     pub(crate) passive: Option<Spanned<RawPassive>>,
     #[serde(default)]
     pub(crate) backend: Vec<Spanned<RawBackend>>,
+    #[serde(default)]
+    pub(crate) route: Vec<Spanned<RawRoute>>,
 }
 
 /// One `[[pool]]` table.
@@ -84,6 +90,8 @@ pub(crate) struct RawPool {
     pub(crate) strategy: Option<Spanned<StrategyKind>>,
     pub(crate) queue_timeout: Option<Spanned<String>>,
     pub(crate) max_queued: Option<Spanned<u64>>,
+    pub(crate) hash_key: Option<Spanned<HashKey>>,
+    pub(crate) hash_balance_factor: Option<Spanned<f64>>,
     pub(crate) health: Option<Spanned<RawHealth>>,
     pub(crate) passive: Option<Spanned<RawPassive>>,
     #[serde(default)]

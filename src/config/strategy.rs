@@ -16,14 +16,18 @@ pub enum StrategyKind {
     WeightedRandom,
     /// Keeps open connections proportional to weight (capacity).
     CapacityProportional,
+    /// Sends a client (by address or server name, the pool's `hash_key`) back to the same
+    /// backend, within a bound on each backend's load (`hash_balance_factor`).
+    ConsistentHash,
 }
 
 impl StrategyKind {
     /// Every strategy, in the order the docs list them.
-    pub const ALL: [StrategyKind; 3] = [
+    pub const ALL: [StrategyKind; 4] = [
         StrategyKind::WeightedRoundRobin,
         StrategyKind::WeightedRandom,
         StrategyKind::CapacityProportional,
+        StrategyKind::ConsistentHash,
     ];
 
     /// The name used in the config file.
@@ -32,6 +36,7 @@ impl StrategyKind {
             StrategyKind::WeightedRoundRobin => "weighted_round_robin",
             StrategyKind::WeightedRandom => "weighted_random",
             StrategyKind::CapacityProportional => "capacity_proportional",
+            StrategyKind::ConsistentHash => "consistent_hash",
         }
     }
 }

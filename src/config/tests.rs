@@ -160,7 +160,7 @@ addr = "127.0.0.1:9001"
 health_addr = "127.0.0.1:9101"
 "#;
     let config = parse_str(text).expect("valid");
-    assert_eq!(config.listeners[0].pool, "chat");
+    assert_eq!(config.listeners[0].forward, Forward::Pool("chat".into()));
     let p = &config.pools[0];
     let h = p.health.as_ref().expect("health configured");
     assert_eq!(
@@ -209,7 +209,7 @@ fn empty_health_tables_get_every_default() {
         "{MINIMAL}[listener.health]\n[listener.health.load]\npreset = \"vllm\"\n[listener.passive]\n"
     );
     let config = parse_str(&text).expect("valid");
-    assert_eq!(config.listeners[0].pool, "chat");
+    assert_eq!(config.listeners[0].forward, Forward::Pool("chat".into()));
     let p = &config.pools[0];
     let h = p.health.as_ref().expect("health configured");
     let Probe::Http(http) = &h.probe else {

@@ -13,12 +13,13 @@ use super::clients::{ClientsConfig, RawClients};
 use super::discovery::{Addr, NamedBackend, ResolverSettings, backend_addr, srv_name};
 use super::error::Owner;
 use super::raw::{RawAdmin, RawBackend, RawConfig, RawHealth, RawListener, RawLog, RawPassive};
+use super::routes::{Affinity, HashKey, Routes, balance_factor};
 use super::{
     AdminConfig, BackendConfig, Config, ConfigErrorKind, CongestionControl,
-    DEFAULT_CONNECT_ATTEMPTS, DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
-    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_QUEUED, DEFAULT_QUEUE_TIMEOUT, DEFAULT_SHUTDOWN_GRACE,
-    DEFAULT_SPLICE, HealthConfig, ListenerConfig, LogConfig, MAX_DURATION, MAX_THREADS,
-    PassiveConfig, PoolConfig, StrategyKind, Token, Weight,
+    DEFAULT_CLIENT_HELLO_TIMEOUT, DEFAULT_CONNECT_ATTEMPTS, DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_QUEUED, DEFAULT_QUEUE_TIMEOUT,
+    DEFAULT_SHUTDOWN_GRACE, DEFAULT_SPLICE, Forward, HealthConfig, ListenerConfig, LogConfig,
+    MAX_DURATION, MAX_THREADS, PassiveConfig, PoolConfig, StrategyKind, Token, Weight,
 };
 
 /// A validation failure and the span of the value it is about.
@@ -55,6 +56,8 @@ impl Config {
                 strategy: raw_pool.strategy,
                 queue_timeout: raw_pool.queue_timeout,
                 max_queued: raw_pool.max_queued,
+                hash_key: raw_pool.hash_key,
+                hash_balance_factor: raw_pool.hash_balance_factor,
                 health: raw_pool.health,
                 passive: raw_pool.passive,
                 backend: raw_pool.backend,
@@ -156,6 +159,8 @@ struct PoolKeys {
     strategy: Option<Spanned<StrategyKind>>,
     queue_timeout: Option<Spanned<String>>,
     max_queued: Option<Spanned<u64>>,
+    hash_key: Option<Spanned<HashKey>>,
+    hash_balance_factor: Option<Spanned<f64>>,
     health: Option<Spanned<RawHealth>>,
     passive: Option<Spanned<RawPassive>>,
     backend: Vec<Spanned<RawBackend>>,
@@ -218,10 +223,33 @@ impl PoolConfig {
         if weights.into_iter().all(Weight::is_zero) {
             return Err((Some(span), ConfigErrorKind::AllWeightsZero(owner)));
         }
+        let strategy: StrategyKind = raw.strategy.map(Spanned::into_inner).unwrap_or_default();
+        let affinity = if strategy == StrategyKind::ConsistentHash {
+            Some(Affinity {
+                key: raw.hash_key.map(Spanned::into_inner).unwrap_or_default(),
+                balance_factor: match &raw.hash_balance_factor {
+                    Some(v) => balance_factor(v)?,
+                    None => crate::strategy::DEFAULT_BALANCE_FACTOR,
+                },
+            })
+        } else {
+            let stray = [
+                ("hash_key", raw.hash_key.as_ref().map(Spanned::span)),
+                (
+                    "hash_balance_factor",
+                    raw.hash_balance_factor.as_ref().map(Spanned::span),
+                ),
+            ];
+            if let Some((key, at)) = stray.into_iter().find_map(|(k, at)| at.map(|at| (k, at))) {
+                return Err((Some(at), ConfigErrorKind::HashWithoutConsistentHash(key)));
+            }
+            None
+        };
         Ok(PoolConfig {
             inline: owner.kind == "listener",
             name: owner.name,
-            strategy: raw.strategy.map(Spanned::into_inner).unwrap_or_default(),
+            strategy,
+            affinity,
             queue_timeout,
             max_queued,
             health,
@@ -364,66 +392,104 @@ impl ListenerConfig {
             ),
             None => None,
         };
+        let client_hello_timeout = duration(
+            &raw.client_hello_timeout,
+            "client_hello_timeout",
+            DEFAULT_CLIENT_HELLO_TIMEOUT,
+        )?;
         let keys = PoolKeys {
             strategy: raw.strategy,
             queue_timeout: raw.queue_timeout,
             max_queued: raw.max_queued,
+            hash_key: raw.hash_key,
+            hash_balance_factor: raw.hash_balance_factor,
             health: raw.health,
             passive: raw.passive,
             backend: raw.backend,
         };
-        let (pool, inline) = match &raw.pool {
-            Some(named) => {
-                let pool = named.get_ref().trim().to_owned();
-                // A key of the inline form beside `pool`: say which, on its line.
-                let inline_keys = [
-                    ("strategy", keys.strategy.as_ref().map(Spanned::span)),
-                    (
-                        "queue_timeout",
-                        keys.queue_timeout.as_ref().map(Spanned::span),
-                    ),
-                    ("max_queued", keys.max_queued.as_ref().map(Spanned::span)),
-                    ("health", keys.health.as_ref().map(Spanned::span)),
-                    ("passive", keys.passive.as_ref().map(Spanned::span)),
-                    ("backend", keys.backend.first().map(Spanned::span)),
-                ];
-                if let Some((key, at)) = inline_keys
-                    .into_iter()
-                    .find_map(|(key, at)| at.map(|at| (key, at)))
-                {
-                    return Err((
-                        Some(at),
-                        ConfigErrorKind::PoolAndInline {
-                            listener: name,
-                            key,
-                            pool,
-                        },
-                    ));
-                }
-                if !pools.iter().any(|p| p.name == pool) {
-                    let names: Vec<&str> = pools.iter().map(|p| p.name.as_str()).collect();
-                    let known = if names.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" (pools: {})", names.join(", "))
-                    };
-                    return Err((
-                        Some(named.span()),
-                        ConfigErrorKind::UnknownPool {
-                            listener: name,
-                            pool,
-                            known,
-                        },
-                    ));
-                }
-                (pool, None)
+        // The keys of a listener's own pool, where they are written: said to be out of place
+        // beside `pool` or routes, on their line.
+        let inline_keys = [
+            ("strategy", keys.strategy.as_ref().map(Spanned::span)),
+            (
+                "queue_timeout",
+                keys.queue_timeout.as_ref().map(Spanned::span),
+            ),
+            ("max_queued", keys.max_queued.as_ref().map(Spanned::span)),
+            ("hash_key", keys.hash_key.as_ref().map(Spanned::span)),
+            (
+                "hash_balance_factor",
+                keys.hash_balance_factor.as_ref().map(Spanned::span),
+            ),
+            ("health", keys.health.as_ref().map(Spanned::span)),
+            ("passive", keys.passive.as_ref().map(Spanned::span)),
+            ("backend", keys.backend.first().map(Spanned::span)),
+        ];
+        let first_inline = inline_keys
+            .into_iter()
+            .find_map(|(key, at)| at.map(|at| (key, at)));
+        let known = |pool: &str| -> Result<(), String> {
+            if pools.iter().any(|p| p.name == pool) {
+                return Ok(());
             }
-            None => {
-                let owner = Owner {
-                    kind: "listener",
-                    name: name.clone(),
-                };
-                (name.clone(), Some(PoolConfig::from_raw(keys, owner, span)?))
+            let names: Vec<&str> = pools.iter().map(|p| p.name.as_str()).collect();
+            Err(if names.is_empty() {
+                String::new()
+            } else {
+                format!(" (pools: {})", names.join(", "))
+            })
+        };
+        let (forward, inline) = if !raw.route.is_empty() {
+            let beside = raw
+                .pool
+                .as_ref()
+                .map(|p| ("pool", p.span()))
+                .or(first_inline);
+            if let Some((key, at)) = beside {
+                return Err((
+                    Some(at),
+                    ConfigErrorKind::RoutesAndPool {
+                        listener: name,
+                        key,
+                    },
+                ));
+            }
+            let routes = Routes::from_raw(&name, &raw.route, known)?;
+            (Forward::Routes(routes), None)
+        } else {
+            match &raw.pool {
+                Some(named) => {
+                    let pool = named.get_ref().trim().to_owned();
+                    if let Some((key, at)) = first_inline {
+                        return Err((
+                            Some(at),
+                            ConfigErrorKind::PoolAndInline {
+                                listener: name,
+                                key,
+                                pool,
+                            },
+                        ));
+                    }
+                    if let Err(known) = known(&pool) {
+                        return Err((
+                            Some(named.span()),
+                            ConfigErrorKind::UnknownPool {
+                                listener: name,
+                                pool,
+                                known,
+                            },
+                        ));
+                    }
+                    (Forward::Pool(pool), None)
+                }
+                None => {
+                    let owner = Owner {
+                        kind: "listener",
+                        name: name.clone(),
+                    };
+                    let pool = PoolConfig::from_raw(keys, owner, span)?;
+                    (Forward::Pool(name.clone()), Some(pool))
+                }
             }
         };
         let clients = ClientsConfig::from_raw(RawClients {
@@ -438,7 +504,8 @@ impl ListenerConfig {
         let listener = ListenerConfig {
             name,
             bind,
-            pool,
+            forward,
+            client_hello_timeout,
             connect_timeout: duration(
                 &raw.connect_timeout,
                 "connect_timeout",

@@ -78,10 +78,15 @@ impl Scope {
     /// The pool the scope names in `snapshot`, or why there is none.
     pub(crate) fn pool<'s>(&self, snapshot: &'s Snapshot) -> Result<&'s Arc<Pool>, AdminError> {
         match self {
-            Scope::Listener(name) => snapshot
-                .listener(name)
-                .map(|l| l.pool())
-                .ok_or_else(|| AdminError::UnknownListener(name.clone())),
+            Scope::Listener(name) => {
+                let listener = snapshot
+                    .listener(name)
+                    .ok_or_else(|| AdminError::UnknownListener(name.clone()))?;
+                listener.single_pool().ok_or_else(|| {
+                    let pools = listener.pools().iter().map(|p| p.name().to_string());
+                    AdminError::RoutedListener(name.clone(), pools.collect::<Vec<_>>().join(", "))
+                })
+            }
             Scope::Pool(name) => snapshot
                 .pool(name)
                 .ok_or_else(|| AdminError::UnknownPool(name.clone())),
@@ -113,6 +118,9 @@ pub enum AdminError {
     /// The pool has no backend at that address.
     #[error("pool `{0}` has no backend {1}")]
     UnknownPoolBackend(String, SocketAddr),
+    /// The listener routes to several pools: a backend is named by its pool.
+    #[error("listener `{0}` routes to pools by server name: name the pool instead ({1})")]
+    RoutedListener(String, String),
     /// The balancer has stopped.
     #[error("the balancer is shutting down")]
     ShuttingDown,
@@ -258,7 +266,7 @@ impl Handle {
     /// `None` if there is no such listener.
     pub fn effective_weights(&self, listener: &str) -> Option<Vec<(SocketAddr, f64)>> {
         let snapshot = self.shared.snapshots.load();
-        let pool = snapshot.listener(listener)?.pool();
+        let pool = snapshot.listener(listener)?.single_pool()?;
         Some(
             pool.backends()
                 .iter()
@@ -281,7 +289,7 @@ impl Handle {
     /// Health of backend `addr` in listener `listener`, if it is configured.
     pub fn backend_health(&self, listener: &str, addr: SocketAddr) -> Option<Health> {
         let snapshot = self.shared.snapshots.load();
-        let pool = snapshot.listener(listener)?.pool();
+        let pool = snapshot.listener(listener)?.single_pool()?;
         let backend = pool.backends().iter().find(|b| b.addr == addr)?;
         Some(backend.stats.health())
     }

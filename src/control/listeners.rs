@@ -8,7 +8,7 @@ use std::sync::Arc;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::config::{Config, ListenerConfig};
+use crate::config::{Config, Forward, ListenerConfig, Routes};
 use crate::dataplane::accept::{Bound, Serving};
 use crate::dataplane::queue;
 use crate::dataplane::remote::Command;
@@ -154,7 +154,7 @@ impl Listeners {
     /// (counted, `reason="pool_removed"`): no slot of theirs will come free for them.
     pub(crate) fn close_orphaned_queues(&self, config: &Config, registry: &Registry) {
         for state in registry.pool_states() {
-            let used = config.listeners.iter().any(|l| *l.pool == **state.name());
+            let used = config.listeners.iter().any(|l| l.uses_pool(state.name()));
             if !used && state.waiting() > 0 {
                 info!(pool = %state.name(), waiting = state.waiting(), "pool has no listener any more; closing its waiting clients");
                 queue::close_waiting(&state, &self.placement, Rejection::PoolRemoved, false);
@@ -191,9 +191,22 @@ impl Listeners {
     }
 }
 
-/// Logs that `listener` listens on `local_addr`, with its pool's strategy and backends.
+/// Logs that `listener` listens on `local_addr`, with its pool's strategy and backends, or its
+/// routes.
 pub(crate) fn log_listening(config: &Config, listener: &ListenerConfig, local_addr: SocketAddr) {
-    let Some(pool) = config.pool(&listener.pool) else {
+    let pool_name = match &listener.forward {
+        Forward::Pool(pool) => pool,
+        Forward::Routes(routes) => {
+            info!(
+                listener = %listener.name,
+                bind = %local_addr,
+                routes = %describe_routes(routes),
+                "listening"
+            );
+            return;
+        }
+    };
+    let Some(pool) = config.pool(pool_name) else {
         return;
     };
     let backends: Vec<String> = pool
@@ -214,4 +227,22 @@ pub(crate) fn log_listening(config: &Config, listener: &ListenerConfig, local_ad
         names = %names.join(","),
         "listening"
     );
+}
+
+/// Routes as one line: `llama.example.com|*.llama.example.com->llama,default->embed`.
+pub(crate) fn describe_routes(routes: &Routes) -> String {
+    let parts: Vec<String> = routes
+        .routes
+        .iter()
+        .map(|route| {
+            let names: Vec<String> = route.sni.iter().map(ToString::to_string).collect();
+            let names = if names.is_empty() {
+                "default".to_owned()
+            } else {
+                names.join("|")
+            };
+            format!("{names}->{}", route.pool)
+        })
+        .collect();
+    parts.join(",")
 }

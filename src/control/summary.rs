@@ -11,7 +11,8 @@ use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::time::Duration;
 
-use crate::config::{Config, ConfigError, CongestionControl, ListenerConfig, PoolConfig};
+use crate::config::{Config, ConfigError, CongestionControl, Forward, ListenerConfig, PoolConfig};
+use crate::control::listeners::describe_routes;
 use crate::dataplane::accept::BindError;
 
 /// Why a reload was refused; the running configuration stays in force.
@@ -131,7 +132,9 @@ impl ReloadSummary {
                 continue;
             };
             let mut changed = changed_settings(before, listener);
-            if let Some(pool) = inline_changes.remove(listener.pool.as_str()) {
+            if let Forward::Pool(pool) = &listener.forward
+                && let Some(pool) = inline_changes.remove(pool.as_str())
+            {
                 changed.extend(pool);
             }
             if !changed.is_empty() {
@@ -213,6 +216,14 @@ fn key<T: PartialEq + fmt::Display>(out: &mut Vec<String>, name: &str, old: T, n
     }
 }
 
+/// Where a listener's connections go, for a reload line.
+fn forward(f: &Forward) -> String {
+    match f {
+        Forward::Pool(pool) => format!("pool {pool}"),
+        Forward::Routes(routes) => describe_routes(routes),
+    }
+}
+
 fn duration(d: Duration) -> String {
     humantime::format_duration(d).to_string()
 }
@@ -224,7 +235,16 @@ fn changed_settings(a: &ListenerConfig, b: &ListenerConfig) -> Vec<String> {
     let cc = |c: Option<CongestionControl>| c.map_or("system".to_owned(), |c| c.to_string());
     let mut out = Vec::new();
     key(&mut out, "bind", a.bind, b.bind);
-    key(&mut out, "pool", &a.pool, &b.pool);
+    match (&a.forward, &b.forward) {
+        (Forward::Pool(old), Forward::Pool(new)) => key(&mut out, "pool", old, new),
+        (old, new) => key(&mut out, "routes", forward(old), forward(new)),
+    }
+    key(
+        &mut out,
+        "client_hello_timeout",
+        duration(a.client_hello_timeout),
+        duration(b.client_hello_timeout),
+    );
     let timeouts = [
         ("connect_timeout", a.connect_timeout, b.connect_timeout),
         ("idle_timeout", a.idle_timeout, b.idle_timeout),

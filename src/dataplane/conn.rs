@@ -17,6 +17,7 @@ use mio::{Interest, Registry};
 use tracing::{debug, info, warn};
 
 use super::access_log::{AccessLine, End, Reason};
+use super::client_hello;
 use super::connect::{
     DESCRIPTOR_WAIT, connect_failed, log_no_local_port, no_local_port, open_backend,
     out_of_descriptors,
@@ -26,23 +27,36 @@ use super::relay::{BUDGET, Direction, Mode, Path, Pumped, Ready, shutdown_write}
 use super::remote::Counted;
 use super::throttle::Throttle;
 use super::token::{Side, Tokens};
+use crate::config::HashKey;
 use crate::config::{AllUnhealthy, ProxyAccept};
 use crate::snapshot::{Listener, Pool, Take};
 use crate::state::{
     ActiveConn, BackendState, ClientGuard, Limited, ListenerStats, Refused, Rejection, note_freed,
 };
+use crate::strategy::{client_key, name_key};
 
-/// How often each kind of refusal (bad PROXY header, denied, over a per-client limit) is logged
-/// at most.
+/// How often each kind of refusal (bad PROXY header, denied, over a per-client limit, bad
+/// ClientHello, no route) is logged at most.
 const REFUSED_LOG_PERIOD: Duration = Duration::from_secs(1);
 
 /// The throttles of those log lines, one per kind.
-static REFUSED_LOG: [Throttle; 4] = [
+static REFUSED_LOG: [Throttle; 6] = [
+    Throttle::new(),
+    Throttle::new(),
     Throttle::new(),
     Throttle::new(),
     Throttle::new(),
     Throttle::new(),
 ];
+
+/// The affinity key of a connection from `client` that asked for server name `name`, in
+/// `pool`: `None` unless the pool hashes. A client that sent no name is keyed by its address.
+fn keyed(pool: Option<&Arc<Pool>>, client: SocketAddr, name: Option<&str>) -> Option<u64> {
+    match pool?.hash_key()? {
+        HashKey::Sni if name.is_some() => name.map(name_key),
+        HashKey::Sni | HashKey::ClientIp => Some(client_key(client.ip())),
+    }
+}
 
 /// Whether a connection goes on after a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,7 +103,9 @@ pub(crate) struct Conn {
 /// Where a connection is in its life.
 enum Phase {
     /// Waiting for the client's PROXY header.
-    Header(Box<AwaitingHeader>),
+    Header(Box<Awaiting>),
+    /// Waiting for the client's TLS ClientHello, to pick its route (or its key).
+    Hello(Box<Awaiting>),
     /// Waiting in its pool's queue for a free slot.
     Queued(Box<Queued>),
     /// Waiting for a backend to accept.
@@ -103,6 +119,10 @@ enum Phase {
 /// What the next connect attempt needs.
 struct Plan {
     listener: Arc<Listener>,
+    /// Which of the listener's pools the connection goes to (0 without routes).
+    route: usize,
+    /// Its affinity key, in a pool that keeps affinity.
+    key: Option<u64>,
     /// The pool the indices in `tried` refer to when it is not the listener's: a newer
     /// snapshot's, whose queue handed the client a slot. `None` for nearly every connection,
     /// which so costs no reference count of its own.
@@ -117,7 +137,10 @@ struct Plan {
 impl Plan {
     /// The pool the indices in `tried` refer to.
     fn pool(&self) -> &Arc<Pool> {
-        self.newer.as_ref().unwrap_or(self.listener.pool())
+        match &self.newer {
+            Some(newer) => newer,
+            None => &self.listener.pools()[self.route],
+        }
     }
 }
 
@@ -146,11 +169,11 @@ struct ClientState {
     guard: Option<ClientGuard>,
 }
 
-/// A client whose PROXY header has not arrived whole yet.
-struct AwaitingHeader {
+/// A client whose PROXY header (or ClientHello) has not arrived whole yet.
+struct Awaiting {
     listener: Arc<Listener>,
     turn: u64,
-    /// `connect_timeout` after the accept.
+    /// `connect_timeout` (or `client_hello_timeout`) after it began waiting.
     deadline: Instant,
 }
 
@@ -228,7 +251,7 @@ impl Conn {
                 let status = conn.turn_away(&listener, Rejection::BadProxyHeader);
                 return (conn, status);
             }
-            conn.phase = Phase::Header(Box::new(AwaitingHeader {
+            conn.phase = Phase::Header(Box::new(Awaiting {
                 deadline: later(now, listener.settings().connect_timeout),
                 listener,
                 turn,
@@ -236,13 +259,13 @@ impl Conn {
             // The header may be there already: the first readiness event says so.
             return (conn, Status::Open);
         }
-        let status = conn.admit(registry, tokens, listener, turn, now);
+        let status = conn.await_hello(registry, tokens, listener, turn, now);
         (conn, status)
     }
 
-    /// Lets the client in, or not, by its address (the one its PROXY header gave, if any):
-    /// the allow and deny lists, then the pool's health; then the first connect attempt.
-    fn admit(
+    /// Waits for the client's ClientHello if the listener reads it (to route by name, or for
+    /// a pool keyed by name); else admits the client to the listener's one pool.
+    fn await_hello(
         &mut self,
         registry: &Registry,
         tokens: Tokens,
@@ -250,11 +273,141 @@ impl Conn {
         turn: u64,
         now: Instant,
     ) -> Status {
+        match listener.hello_timeout() {
+            None => {
+                let key = keyed(listener.pools().first(), self.access.client, None);
+                self.admit(registry, tokens, listener, 0, key, turn, now)
+            }
+            Some(timeout) => {
+                self.phase = Phase::Hello(Box::new(Awaiting {
+                    deadline: later(now, timeout),
+                    listener,
+                    turn,
+                }));
+                // The hello may be there already: it came with the PROXY header, whose
+                // readiness event has been spent, or before the accept.
+                self.read_hello(registry, tokens, now, None)
+            }
+        }
+    }
+
+    /// Reads the client's ClientHello if it has arrived whole, without consuming it, and sends
+    /// the client on by the server name it asks for. `scratch` is the worker's buffer, when the
+    /// caller has it to lend.
+    fn read_hello(
+        &mut self,
+        registry: &Registry,
+        tokens: Tokens,
+        now: Instant,
+        scratch: Option<&mut [u8]>,
+    ) -> Status {
+        let Phase::Hello(awaiting) = &self.phase else {
+            return Status::Open;
+        };
+        let listener = Arc::clone(&awaiting.listener);
+        let mut own = Vec::new();
+        let buf = match scratch {
+            Some(scratch) if scratch.len() >= client_hello::MAX_PEEK => {
+                &mut scratch[..client_hello::MAX_PEEK]
+            }
+            _ => {
+                own.resize(client_hello::MAX_PEEK, 0);
+                &mut own[..]
+            }
+        };
+        let n = loop {
+            match self.client.peek(buf) {
+                Ok(n) => break n,
+                // The rest arrives as a new readiness event.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Status::Open,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return self.bad_hello(&listener, &e.to_string()),
+            }
+        };
+        let name = match client_hello::parse(&buf[..n]) {
+            // A client that closes before sending anything sent no hello either.
+            client_hello::Hello::Incomplete if n == 0 => {
+                self.access.end = End::ClientClosed;
+                self.phase = Phase::Ended;
+                return Status::Done;
+            }
+            client_hello::Hello::Incomplete if self.client_ready.read_closed() => {
+                return self.bad_hello(&listener, "closed before its ClientHello was whole");
+            }
+            client_hello::Hello::Incomplete => return Status::Open,
+            client_hello::Hello::Invalid(why) => return self.bad_hello(&listener, why),
+            client_hello::Hello::NotTls => None,
+            client_hello::Hello::Read(name) => name,
+        };
+        self.route(registry, tokens, name, now)
+    }
+
+    /// Sends the waiting client to the pool of the first route matching `name` (the server
+    /// name its ClientHello asked for, if any), keyed by it in a pool that hashes by name.
+    fn route(
+        &mut self,
+        registry: &Registry,
+        tokens: Tokens,
+        name: Option<String>,
+        now: Instant,
+    ) -> Status {
+        let Phase::Hello(awaiting) = std::mem::replace(&mut self.phase, Phase::Ended) else {
+            return Status::Done;
+        };
+        let Awaiting { listener, turn, .. } = *awaiting;
+        let route = match listener.routes() {
+            None => Some(0),
+            Some(table) => table.route(name.as_deref()),
+        };
+        let Some(route) = route else {
+            self.access.error = Some(match &name {
+                Some(name) => format!("no route for server name {name}"),
+                None => "no server name, and no default route".to_owned(),
+            });
+            return self.turn_away(&listener, Rejection::NoRoute);
+        };
+        let key = keyed(
+            listener.pools().get(route),
+            self.access.client,
+            name.as_deref(),
+        );
+        self.admit(registry, tokens, listener, route, key, turn, now)
+    }
+
+    /// Closes a client whose ClientHello is malformed, too large or late.
+    fn bad_hello(&mut self, listener: &Listener, why: &str) -> Status {
+        self.access.error = Some(why.to_owned());
+        self.turn_away(listener, Rejection::BadClientHello)
+    }
+
+    /// Lets the client in, or not, by its address (the one its PROXY header gave, if any):
+    /// the allow and deny lists, then the health of its pool (the listener's `route`th); then
+    /// the first connect attempt.
+    #[allow(clippy::too_many_arguments)]
+    fn admit(
+        &mut self,
+        registry: &Registry,
+        tokens: Tokens,
+        listener: Arc<Listener>,
+        route: usize,
+        key: Option<u64>,
+        turn: u64,
+        now: Instant,
+    ) -> Status {
         let client = self.access.client;
         if !listener.clients().admits(client.ip()) {
             return self.turn_away(&listener, Rejection::Denied);
         }
-        let pool = listener.pool();
+        let Some(pool) = listener.pools().get(route) else {
+            return self.turn_away(&listener, Rejection::NoRoute);
+        };
+        // The pools of a listener that routes number their own picks: the accept's number
+        // only spread the connection over the workers.
+        let turn = if listener.routes().is_some() {
+            pool.next_turn()
+        } else {
+            turn
+        };
         // No backend is healthy: the pool was built for it, and the transition was logged
         // once; each connection is only counted here.
         let all_unhealthy = pool.all_unhealthy();
@@ -280,6 +433,8 @@ impl Conn {
         }
         let plan = Plan {
             listener,
+            route,
+            key,
             newer: None,
             turn,
             tried: Vec::new(),
@@ -338,7 +493,7 @@ impl Conn {
         let Phase::Header(awaiting) = std::mem::replace(&mut self.phase, Phase::Ended) else {
             return Status::Done;
         };
-        self.admit(registry, tokens, awaiting.listener, awaiting.turn, now)
+        self.await_hello(registry, tokens, awaiting.listener, awaiting.turn, now)
     }
 
     /// Closes a client whose PROXY header is missing, malformed, too long or late.
@@ -367,7 +522,7 @@ impl Conn {
                 None if pool.slotted() && pool.state().waiting() > 0 => {
                     return self.wait(tokens, plan, now);
                 }
-                None => match pool.take_slot(plan.turn, &plan.tried) {
+                None => match pool.take_slot(plan.turn, plan.key, &plan.tried) {
                     Take::Slot(index, active) => (index, active),
                     Take::Full => return self.wait(tokens, plan, now),
                     Take::NoBackend => return self.no_backend(&plan, plan.attempt - 1),
@@ -467,7 +622,9 @@ impl Conn {
             pool.state().record_full();
             return self.turn_away(&plan.listener, Rejection::QueueFull);
         }
-        match pool.state().enqueue(tokens.waiter(), settings.max_queued) {
+        let mut waiter = tokens.waiter();
+        waiter.key = plan.key;
+        match pool.state().enqueue(waiter, settings.max_queued) {
             Ok(ticket) => {
                 // A slot freed between the pick and the enqueue saw no one waiting: the worker
                 // serves the queue at the end of this turn, which finds it.
@@ -552,6 +709,8 @@ impl Conn {
             Rejection::Denied => Some(1),
             Rejection::ClientLimit => Some(2),
             Rejection::ClientRate => Some(3),
+            Rejection::BadClientHello => Some(4),
+            Rejection::NoRoute => Some(5),
             _ => None,
         };
         // Refusals a client's own traffic can repeat thousands of times a second: one line a
@@ -609,7 +768,7 @@ impl Conn {
     /// The deadline of the connection's next timeout.
     pub(crate) fn deadline(&self) -> Instant {
         match &self.phase {
-            Phase::Header(awaiting) => awaiting.deadline,
+            Phase::Header(awaiting) | Phase::Hello(awaiting) => awaiting.deadline,
             Phase::Connecting(connecting) => connecting.deadline,
             Phase::Queued(queued) => queued.deadline,
             _ => later(self.last_active, self.idle),
@@ -641,6 +800,9 @@ impl Conn {
                 self.client_ready.update(event);
                 if let Phase::Header(_) = self.phase {
                     return self.read_header(registry, tokens, now);
+                }
+                if let Phase::Hello(_) = self.phase {
+                    return self.read_hello(registry, tokens, now, Some(scratch));
                 }
                 // Nothing is read from a waiting client; its end is watched for (HAProxy's
                 // `option abortonclose`): one that closes, or closes its sending side, has
@@ -807,6 +969,20 @@ impl Conn {
             Phase::Header(awaiting) => {
                 let listener = Arc::clone(&awaiting.listener);
                 self.bad_header(&listener, "no whole PROXY header within connect_timeout")
+            }
+            Phase::Hello(awaiting) => {
+                let listener = Arc::clone(&awaiting.listener);
+                // Nothing at all sent: a client that waits for the server to speak first (no
+                // TLS) takes the default route, as HAProxy's does after its inspect-delay.
+                match self.client.peek(&mut [0_u8; 1]) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.route(registry, tokens, None, now)
+                    }
+                    _ => self.bad_hello(
+                        &listener,
+                        "no whole ClientHello within client_hello_timeout",
+                    ),
+                }
             }
             Phase::Relaying(_) => {
                 self.access.end = End::IdleTimeout;

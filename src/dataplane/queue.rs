@@ -40,9 +40,9 @@ pub(crate) fn serve(
     if !std::ptr::eq(Arc::as_ptr(pool.state()), state) {
         return Vec::new();
     }
-    let served = state.serve(|| {
+    let served = state.serve(|waiter| {
         let turn = pool.next_turn();
-        match pool.take_slot(turn, &[]) {
+        match pool.take_slot(turn, waiter.key, &[]) {
             Take::Slot(index, active) => Some((index, active, turn)),
             Take::Full | Take::NoBackend => None,
         }

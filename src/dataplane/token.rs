@@ -71,6 +71,7 @@ impl Tokens {
             worker: self.worker,
             slot: self.slot,
             generation: self.generation,
+            key: None,
         }
     }
 }

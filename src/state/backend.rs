@@ -134,6 +134,9 @@ impl BackendState {
     /// see connections in flight, or a burst would all pick the same idle backend.
     pub(crate) fn acquire(this: &Arc<BackendState>) -> ActiveConn {
         this.active.fetch_add(1, Ordering::SeqCst);
+        if let Some(pool) = &this.pool {
+            pool.count_open(true);
+        }
         ActiveConn {
             stats: Arc::clone(this),
         }
@@ -157,6 +160,9 @@ impl BackendState {
                 Ordering::SeqCst,
             ) {
                 Ok(_) => {
+                    if let Some(pool) = &this.pool {
+                        pool.count_open(true);
+                    }
                     return Some(ActiveConn {
                         stats: Arc::clone(this),
                     });
@@ -164,6 +170,12 @@ impl BackendState {
                 Err(now) => active = now,
             }
         }
+    }
+
+    /// Connections open to every backend of this one's pool; `None` outside a pool.
+    #[inline]
+    pub(crate) fn pool_open(&self) -> Option<u64> {
+        self.pool.as_ref().map(|pool| pool.open())
     }
 
     /// Connections currently assigned.
@@ -379,6 +391,7 @@ impl Drop for ActiveConn {
         // `state::pool`); on x86 every read-modify-write is a full barrier anyway.
         self.stats.active.fetch_sub(1, Ordering::SeqCst);
         if let Some(pool) = &self.stats.pool {
+            pool.count_open(false);
             note_freed(pool);
         }
     }

@@ -48,11 +48,16 @@ pub(crate) enum Rejection {
     ClientLimit,
     /// Its address opened connections faster than `connection_rate_per_client`.
     ClientRate,
+    /// Its TLS ClientHello was malformed, larger than 16 KiB, or not whole within
+    /// `client_hello_timeout`.
+    BadClientHello,
+    /// No route matched its server name, and the listener has no default route.
+    NoRoute,
 }
 
 impl Rejection {
     /// Every reason, in the order of the counters.
-    pub(crate) const ALL: [Rejection; 8] = [
+    pub(crate) const ALL: [Rejection; 10] = [
         Rejection::QueueTimeout,
         Rejection::QueueFull,
         Rejection::Shutdown,
@@ -61,6 +66,8 @@ impl Rejection {
         Rejection::Denied,
         Rejection::ClientLimit,
         Rejection::ClientRate,
+        Rejection::BadClientHello,
+        Rejection::NoRoute,
     ];
 
     /// The `reason` label and access-log field.
@@ -74,6 +81,8 @@ impl Rejection {
             Rejection::Denied => "denied",
             Rejection::ClientLimit => "client_limit",
             Rejection::ClientRate => "client_rate",
+            Rejection::BadClientHello => "bad_client_hello",
+            Rejection::NoRoute => "no_route",
         }
     }
 }
@@ -138,6 +147,10 @@ pub struct ListenerCounters {
     pub rejected_client_limit: u64,
     /// Closed at once: the client's address was over `connection_rate_per_client`.
     pub rejected_client_rate: u64,
+    /// Closed before any backend work: its TLS ClientHello was malformed, over 16 KiB, or late.
+    pub rejected_bad_client_hello: u64,
+    /// Closed before any backend work: no route for its server name, and no default route.
+    pub rejected_no_route: u64,
 }
 
 impl ListenerStats {
@@ -244,6 +257,8 @@ impl ListenerStats {
             rejected_denied: queue(Rejection::Denied),
             rejected_client_limit: queue(Rejection::ClientLimit),
             rejected_client_rate: queue(Rejection::ClientRate),
+            rejected_bad_client_hello: queue(Rejection::BadClientHello),
+            rejected_no_route: queue(Rejection::NoRoute),
         }
     }
 }

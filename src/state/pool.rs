@@ -33,6 +33,8 @@ pub(crate) struct Waiter {
     pub slot: u32,
     /// The slot's generation, so a reused slot is not mistaken for the client.
     pub generation: u32,
+    /// The client's affinity key, in a pool that keeps affinity: its slot is taken by it.
+    pub key: Option<u64>,
 }
 
 /// Why a client could not join the queue.
@@ -58,6 +60,9 @@ pub(crate) struct PoolState {
     /// Picks made for the pool's connections: round robin's sequence when the pool is shared by
     /// listeners or has slots (a listener's own pool without slots numbers by its accepts).
     turns: AtomicU64,
+    /// Connections open to the pool's backends (as [`BackendState::active`] counts them):
+    /// the pool-wide load consistent hashing bounds each backend's share of.
+    open: AtomicU64,
     queued: AtomicU64,
     served: AtomicU64,
     timed_out: AtomicU64,
@@ -96,6 +101,7 @@ impl PoolState {
             next_ticket: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             turns: AtomicU64::new(0),
+            open: AtomicU64::new(0),
             queued: AtomicU64::new(0),
             served: AtomicU64::new(0),
             timed_out: AtomicU64::new(0),
@@ -120,6 +126,22 @@ impl PoolState {
     /// The next number of the pool's turn sequence.
     pub(crate) fn next_turn(&self) -> u64 {
         self.turns.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Connections open to the pool's backends now.
+    #[inline]
+    pub(crate) fn open(&self) -> u64 {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Counts a connection opened (`true`) or closed on one of the pool's backends.
+    #[inline]
+    pub(crate) fn count_open(&self, opened: bool) {
+        if opened {
+            self.open.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.open.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 
     /// Turns handed out so far.
@@ -164,14 +186,14 @@ impl PoolState {
 
     /// Hands slots to the oldest waiting clients for as long as `take` finds one: each client
     /// taken out is returned with its slot, oldest first.
-    pub(crate) fn serve<S>(&self, mut take: impl FnMut() -> Option<S>) -> Vec<(Waiter, S)> {
+    pub(crate) fn serve<S>(&self, mut take: impl FnMut(&Waiter) -> Option<S>) -> Vec<(Waiter, S)> {
         let mut served = Vec::new();
         if self.waiting() == 0 {
             return served;
         }
         let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
         while let Some(entry) = queue.first_entry() {
-            let Some(slot) = take() else {
+            let Some(slot) = take(entry.get()) else {
                 break;
             };
             served.push((entry.remove(), slot));
@@ -264,6 +286,7 @@ mod tests {
             worker: 0,
             slot,
             generation: 0,
+            key: None,
         }
     }
 
@@ -277,10 +300,10 @@ mod tests {
         assert!(pool.leave(b));
         assert!(!pool.leave(b), "gone already");
         let mut slots = 1;
-        let served = pool.serve(|| (slots > 0).then(|| slots -= 1));
+        let served = pool.serve(|_| (slots > 0).then(|| slots -= 1));
         assert_eq!(served, vec![(waiter(1), ())]);
         assert_eq!(pool.waiting(), 1);
-        let served = pool.serve(|| Some(()));
+        let served = pool.serve(|_| Some(()));
         assert_eq!(served, vec![(waiter(3), ())]);
         assert_eq!(pool.waiting(), 0);
     }

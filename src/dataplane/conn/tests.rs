@@ -266,8 +266,7 @@ fn no_local_port_is_not_counted_against_the_backend() {
          [[listener.backend]]\naddr = \"{first}\"\n\
          [[listener.backend]]\naddr = \"{second}\"\n"
     ));
-    let failures: Vec<_> = pool
-        .pool()
+    let failures: Vec<_> = pool.pools()[0]
         .backends()
         .iter()
         .map(|b| {
@@ -298,8 +297,7 @@ fn an_address_with_no_source_is_counted_against_the_backend() {
          [[listener.backend]]\naddr = \"{unusable}\"\n\
          [[listener.backend]]\naddr = \"{reachable}\"\n"
     ));
-    let failures: Vec<_> = pool
-        .pool()
+    let failures: Vec<_> = pool.pools()[0]
         .backends()
         .iter()
         .map(|b| b.stats.counters().connect_failures)
@@ -326,8 +324,7 @@ fn connections_are_served_while_every_health_lock_is_held() {
          [[listener.backend]]\naddr = \"{refusing_addr}\"\n"
     );
     let (_workers, lb_addr, pool, mut woken) = one_worker(&text);
-    let states: Vec<_> = pool
-        .pool()
+    let states: Vec<_> = pool.pools()[0]
         .backends()
         .iter()
         .map(|b| Arc::clone(&b.stats))
@@ -349,7 +346,7 @@ fn connections_are_served_while_every_health_lock_is_held() {
         let mut client = std::net::TcpStream::connect(lb_addr).expect("connect");
         assert_greeted(&mut client, "served while every health lock is held");
     }
-    let refusing_state = &pool.pool().backends()[1].stats;
+    let refusing_state = &pool.pools()[0].backends()[1].stats;
     assert!(refusing_state.counters().connect_failures >= 2);
     assert!(
         woken.try_recv().is_ok(),
