@@ -58,7 +58,9 @@ pub(crate) use health::{
     Probe, ProbeKind,
 };
 pub(crate) use networks::{Access, NetworkError, Networks};
-pub(crate) use routes::{Affinity, DEFAULT_CLIENT_HELLO_TIMEOUT, HashKey, Routes, SniPattern};
+pub(crate) use routes::{
+    Affinity, DEFAULT_BALANCE_FACTOR, DEFAULT_CLIENT_HELLO_TIMEOUT, HashKey, Routes, SniPattern,
+};
 pub use strategy::StrategyKind;
 pub(crate) use token::Token;
 

@@ -33,6 +33,7 @@ use rand::rngs::SmallRng;
 
 use std::net::SocketAddr;
 
+use crate::config::DEFAULT_BALANCE_FACTOR;
 pub use crate::config::StrategyKind;
 use crate::state::{ActiveConn, BackendCounters, BackendState};
 
@@ -176,11 +177,6 @@ impl BuildStrategy for StrategyKind {
         self.as_str()
     }
 }
-
-/// `hash_balance_factor` when the file does not set it: the factor Mirrokni, Thorup and
-/// Zadimoghaddam's paper recommends, and what Vimeo runs; a client stays where it was until its
-/// backend carries a quarter more than its share.
-pub(crate) const DEFAULT_BALANCE_FACTOR: f64 = 1.25;
 
 /// Builds consistent hashing with a balance factor (0: none), the `hash_balance_factor` of a
 /// pool.

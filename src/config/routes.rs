@@ -15,6 +15,11 @@ use super::validate::Invalid;
 /// `tcp-request inspect-delay` as its manual's SNI examples set it.
 pub(crate) const DEFAULT_CLIENT_HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// `hash_balance_factor` when the file does not set it: the factor Mirrokni, Thorup and
+/// Zadimoghaddam's paper works with; a client stays where it was until its backend carries a
+/// quarter more than its share.
+pub(crate) const DEFAULT_BALANCE_FACTOR: f64 = 1.25;
+
 /// One `[[listener.route]]` table.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -13,7 +13,7 @@ use super::clients::{ClientsConfig, RawClients};
 use super::discovery::{Addr, NamedBackend, ResolverSettings, backend_addr, srv_name};
 use super::error::Owner;
 use super::raw::{RawAdmin, RawBackend, RawConfig, RawHealth, RawListener, RawLog, RawPassive};
-use super::routes::{Affinity, HashKey, Routes, balance_factor};
+use super::routes::{Affinity, DEFAULT_BALANCE_FACTOR, HashKey, Routes, balance_factor};
 use super::{
     AdminConfig, BackendConfig, Config, ConfigErrorKind, CongestionControl,
     DEFAULT_CLIENT_HELLO_TIMEOUT, DEFAULT_CONNECT_ATTEMPTS, DEFAULT_CONNECT_TIMEOUT,
@@ -229,7 +229,7 @@ impl PoolConfig {
                 key: raw.hash_key.map(Spanned::into_inner).unwrap_or_default(),
                 balance_factor: match &raw.hash_balance_factor {
                     Some(v) => balance_factor(v)?,
-                    None => crate::strategy::DEFAULT_BALANCE_FACTOR,
+                    None => DEFAULT_BALANCE_FACTOR,
                 },
             })
         } else {
