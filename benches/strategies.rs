@@ -13,7 +13,8 @@
 //! `build/<strategy>/<backends>` is building the strategy, done whenever a
 //! snapshot is built. Weights are uneven so round robin's cycle and random's cumulative table are
 //! not the trivial ones, and capacity-proportional sees uneven open counts, so its minimum is not
-//! always a tie.
+//! always a tie. `consistent_hash` picks by key (each turn stands for a key) under its default
+//! balance factor, with those open counts against its bound.
 
 use std::hint::black_box;
 use std::net::SocketAddr;
@@ -50,9 +51,10 @@ fn weights(backends: usize) -> Vec<f64> {
 fn pool(backends: usize) -> Vec<Candidate> {
     (0..backends)
         .zip(weights(backends))
-        .map(|(i, weight)| {
+        .zip(LiveBackend::pool(backends))
+        .map(|((i, weight), live)| {
             let addr = SocketAddr::from(([127, 0, 0, 1], 1 + i as u16));
-            Candidate::new(addr, weight, LiveBackend::detached())
+            Candidate::new(addr, weight, live)
         })
         .collect()
 }

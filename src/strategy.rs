@@ -127,6 +127,16 @@ impl LiveBackend {
         LiveBackend::default()
     }
 
+    /// Counters of `count` backends of one pool that no balancer serves: as
+    /// [`detached`](LiveBackend::detached), sharing the pool's count of open connections, which
+    /// `consistent_hash` bounds each backend's share of (detached ones are summed instead).
+    pub fn pool(count: usize) -> Vec<LiveBackend> {
+        let pool = Arc::new(crate::state::PoolState::new("detached"));
+        (0..count)
+            .map(|_| LiveBackend(Arc::new(BackendState::in_pool(Arc::clone(&pool)))))
+            .collect()
+    }
+
     pub(crate) fn of(state: &Arc<BackendState>) -> LiveBackend {
         LiveBackend(Arc::clone(state))
     }
