@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use clap::Parser;
+use clap::{CommandFactory, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
@@ -25,8 +25,12 @@ const LOG_QUEUE_LINES: usize = 16_384;
 
 /// A Layer-4 TCP load balancer for AI inference servers.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+// `weighbridge --config FILE` runs the balancer as before; a subcommand is a different job and
+// takes none of the balancer's flags.
+#[command(version, about, args_conflicts_with_subcommands = true)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Configuration file (TOML). Default: $WEIGHBRIDGE_CONFIG, else
     /// /etc/weighbridge/weighbridge.toml.
     #[arg(short, long, value_name = "FILE")]
@@ -45,6 +49,18 @@ struct Cli {
     /// "weighbridge=debug". Overrides RUST_LOG; the default is info.
     #[arg(long, value_name = "LEVEL", value_parser = log_filter)]
     log_level: Option<String>,
+}
+
+/// Jobs other than running the balancer.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print the shell completion script for SHELL to stdout.
+    Completions {
+        /// The shell: bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the weighbridge(1) man page (roff) to stdout.
+    Manpage,
 }
 
 /// Levels a bare word of `--log-level` may name.
@@ -121,7 +137,13 @@ fn flush_logs() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = run(cli);
+    let result = match cli.command {
+        Some(Command::Completions { shell }) => {
+            cli::completions::print_completions(shell, Cli::command())
+        }
+        Some(Command::Manpage) => cli::completions::print_manpage(Cli::command()),
+        None => run(cli),
+    };
     flush_logs();
     match result {
         Ok(()) => ExitCode::SUCCESS,
