@@ -19,7 +19,7 @@ use crate::admin;
 use crate::config::Config;
 use crate::control::Request;
 use crate::control::task::ControlTask;
-use crate::control::{Handle, Stopped, log_listening};
+use crate::control::{Handle, Lifecycle, Observer, Observers, Stopped, log_listening};
 use crate::dataplane::accept::{self, BindError, Bound};
 use crate::dataplane::workers::{self, Workers};
 use crate::snapshot::{CustomStrategies, Snapshot};
@@ -74,6 +74,7 @@ pub struct Balancer {
     woken: tokio::sync::mpsc::Receiver<()>,
     handle: Handle,
     strategies: CustomStrategies,
+    observers: Observers,
 }
 
 /// Sets up a [`Balancer`] before it binds: [`Balancer::builder`].
@@ -82,6 +83,7 @@ pub struct Builder {
     config: Config,
     config_path: Option<PathBuf>,
     strategies: CustomStrategies,
+    observer: Observers,
 }
 
 impl Builder {
@@ -101,6 +103,15 @@ impl Builder {
         self
     }
 
+    /// Calls `observer` on the control task when the balancer starts serving, when each reload
+    /// starts and ends, and when shutdown starts (for a process supervisor such as systemd).
+    /// It must return quickly: the control task waits for it.
+    pub fn on_lifecycle(mut self, observer: impl Fn(Lifecycle) + Send + Sync + 'static) -> Builder {
+        let observer: Observer = Arc::new(observer);
+        self.observer = Observers::new(Some(observer));
+        self
+    }
+
     /// Binds every listener and the admin endpoint, all or nothing, and starts the worker
     /// threads. Must be called inside a tokio runtime.
     pub fn bind(self) -> Result<Balancer, StartError> {
@@ -108,6 +119,7 @@ impl Builder {
             config,
             config_path,
             strategies,
+            observer,
         } = self;
         let mut by_pool = CustomStrategies::new();
         for (name, strategy) in strategies {
@@ -118,7 +130,7 @@ impl Builder {
             };
             by_pool.insert(pool, strategy);
         }
-        Balancer::start(config, config_path, by_pool)
+        Balancer::start(config, config_path, by_pool, observer)
     }
 }
 
@@ -129,6 +141,7 @@ impl Balancer {
             config,
             config_path: None,
             strategies: CustomStrategies::new(),
+            observer: Observers::default(),
         }
     }
 
@@ -142,6 +155,7 @@ impl Balancer {
         config: Config,
         config_path: Option<PathBuf>,
         strategies: CustomStrategies,
+        observers: Observers,
     ) -> Result<Balancer, StartError> {
         let config = &config;
         // The admin endpoint first: when it cannot bind, nothing has been logged as listening.
@@ -199,6 +213,7 @@ impl Balancer {
             woken,
             handle,
             strategies,
+            observers,
         })
     }
 
@@ -234,6 +249,7 @@ impl Balancer {
             woken,
             handle,
             strategies,
+            observers,
         } = self;
         let stop_admin = CancellationToken::new();
         let admin = admin.map(|socket| {
@@ -259,6 +275,7 @@ impl Balancer {
             handle,
             workers.placement().clone(),
             strategies,
+            observers,
             &shutdown,
         );
         let stopped = control.run(bound, shutdown).await;

@@ -1,6 +1,7 @@
 //! What belongs to the command line only: where the configuration file is looked for (the
 //! library never reads the environment; the binary decides which file it hands over), and the
-//! completion scripts and man page generated from the flags.
+//! completion scripts and man page generated from the flags, and what systemd is told.
 
 pub(crate) mod completions;
 pub(crate) mod config_path;
+pub(crate) mod systemd;

@@ -6,7 +6,8 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::{Mutex, PoisonError};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use clap::{CommandFactory, Parser, Subcommand};
@@ -193,11 +194,14 @@ fn run(cli: Cli) -> Result<(), String> {
             Ok(limit) => info!(limit, "open file limit"),
             Err(e) => warn!(error = %e, "cannot raise the open file limit"),
         }
+        let handed_over = Arc::new(AtomicBool::new(false));
         let balancer = Balancer::builder(config)
             .config_path(&path)
+            .on_lifecycle(cli::systemd::observer(Arc::clone(&handed_over)))
             .bind()
             .map_err(|e| e.to_string())?;
         let shutdown = CancellationToken::new();
+        tokio::spawn(cli::systemd::watchdog(balancer.handle()));
         tokio::spawn(signals.serve(balancer.handle(), shutdown.clone()));
         if !cli.no_watch {
             weighbridge::watch(&path, &text, balancer.handle(), shutdown.clone())

@@ -63,6 +63,8 @@ pub(crate) enum Request {
         state: AdminState,
         reply: oneshot::Sender<Result<(), AdminError>>,
     },
+    /// Answer at once: the control task still turns.
+    Alive(oneshot::Sender<()>),
 }
 
 /// Where an operator names a backend: by a listener (its pool's backend) or by a pool.
@@ -339,6 +341,16 @@ impl Handle {
     /// Where the admin endpoint listens, if `[admin]` is configured.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.shared.admin_addr
+    }
+
+    /// Whether the control task answers: it handles requests one at a time, so an answer says
+    /// its loop still turns (a watchdog asks this). False once it has stopped.
+    pub async fn alive(&self) -> bool {
+        let (reply, answer) = oneshot::channel();
+        if self.requests.send(Request::Alive(reply)).await.is_err() {
+            return false;
+        }
+        answer.await.is_ok()
     }
 
     /// Re-reads the configuration file and applies it, all or nothing (as SIGHUP does).

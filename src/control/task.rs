@@ -20,6 +20,7 @@ use tracing::{debug, error, info, warn};
 
 use super::discovery::Discovery;
 use super::handle::{AdminError, Handle, Reply, Request, Scope};
+use super::lifecycle::{Lifecycle, Observers};
 use super::listeners::{Listeners, Stopped};
 use super::summary::{ReloadError, ReloadSummary};
 use super::supervisor::Supervisor;
@@ -54,6 +55,8 @@ pub(crate) struct ControlTask {
     pub(super) strategies: CustomStrategies,
     /// The backend names being resolved, and their addresses in force.
     pub(super) discovery: Discovery,
+    /// Told when the balancer serves, reloads and stops.
+    observers: Observers,
 }
 
 impl ControlTask {
@@ -67,6 +70,7 @@ impl ControlTask {
         handle: Handle,
         placement: Placement,
         strategies: CustomStrategies,
+        observers: Observers,
         shutdown: &CancellationToken,
     ) -> ControlTask {
         let health = Supervisor::new(
@@ -86,6 +90,7 @@ impl ControlTask {
             health,
             strategies,
             discovery: Discovery::default(),
+            observers,
         }
     }
 
@@ -120,6 +125,7 @@ impl ControlTask {
         self.health.sync(&self.config, &self.registry);
         // New backends may have started slow-start ramps.
         self.registry.republisher().republish();
+        self.observers.tell(Lifecycle::Ready);
         // Per-client state of clients that went quiet is swept at admissions; this gives it
         // back on a listener that stopped seeing new connections too.
         let mut sweep = tokio::time::interval(CLIENT_SWEEP);
@@ -167,6 +173,7 @@ impl ControlTask {
                 self.republish();
             }
         }
+        self.observers.tell(Lifecycle::Stopping);
         // The listening sockets close first: a client that connects from now on is refused
         // rather than left waiting in a backlog nobody accepts from.
         self.listeners.stop_accepting(&self.registry).await;
@@ -184,13 +191,18 @@ impl ControlTask {
     async fn handle_request(&mut self, request: Request) {
         match request {
             Request::ReloadFile(reply) => {
+                self.observers.tell(Lifecycle::Reloading);
                 let result = self.reload_file().await;
                 self.finish_reload(result, reply);
+                self.observers.tell(Lifecycle::Reloaded);
             }
             Request::Apply(config, reply) => {
+                self.observers.tell(Lifecycle::Reloading);
                 let result = self.apply(*config).await;
                 self.finish_reload(result, reply);
+                self.observers.tell(Lifecycle::Reloaded);
             }
+            Request::Alive(reply) => drop(reply.send(())),
             Request::SetAdmin {
                 scope,
                 addr,
