@@ -6,6 +6,7 @@
 //! [`Handle`]) in `admin`.
 
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,7 +21,7 @@ use crate::config::Config;
 use crate::control::Request;
 use crate::control::task::ControlTask;
 use crate::control::{Handle, Lifecycle, Observer, Observers, Stopped, log_listening};
-use crate::dataplane::accept::{self, BindError, Bound};
+use crate::dataplane::accept::{self, BindError, Bound, InheritedSocket};
 use crate::dataplane::workers::{self, Workers};
 use crate::snapshot::{CustomStrategies, Snapshot};
 use crate::state::{Registry, Republisher};
@@ -75,6 +76,8 @@ pub struct Balancer {
     handle: Handle,
     strategies: CustomStrategies,
     observers: Observers,
+    /// A copy of the admin endpoint's socket and its configured `bind`, for a binary upgrade.
+    admin_copy: Option<(SocketAddr, std::net::TcpListener)>,
 }
 
 /// Sets up a [`Balancer`] before it binds: [`Balancer::builder`].
@@ -84,6 +87,7 @@ pub struct Builder {
     config_path: Option<PathBuf>,
     strategies: CustomStrategies,
     observer: Observers,
+    inherited: Vec<InheritedSocket>,
 }
 
 impl Builder {
@@ -112,6 +116,15 @@ impl Builder {
         self
     }
 
+    /// Listening sockets to serve on instead of binding (systemd's socket activation, a binary
+    /// upgrade). A listener takes every one that served a listener of its name and `bind`, or
+    /// that is bound to exactly its configured address; the admin endpoint likewise. Those that
+    /// fit nothing are closed; listeners that find none bind as usual.
+    pub fn inherit(mut self, sockets: impl IntoIterator<Item = InheritedSocket>) -> Builder {
+        self.inherited.extend(sockets);
+        self
+    }
+
     /// Binds every listener and the admin endpoint, all or nothing, and starts the worker
     /// threads. Must be called inside a tokio runtime.
     pub fn bind(self) -> Result<Balancer, StartError> {
@@ -120,6 +133,7 @@ impl Builder {
             config_path,
             strategies,
             observer,
+            inherited,
         } = self;
         let mut by_pool = CustomStrategies::new();
         for (name, strategy) in strategies {
@@ -130,7 +144,7 @@ impl Builder {
             };
             by_pool.insert(pool, strategy);
         }
-        Balancer::start(config, config_path, by_pool, observer)
+        Balancer::start(config, config_path, by_pool, observer, inherited)
     }
 }
 
@@ -142,6 +156,7 @@ impl Balancer {
             config_path: None,
             strategies: CustomStrategies::new(),
             observer: Observers::default(),
+            inherited: Vec::new(),
         }
     }
 
@@ -156,19 +171,37 @@ impl Balancer {
         config_path: Option<PathBuf>,
         strategies: CustomStrategies,
         observers: Observers,
+        mut inherited: Vec<InheritedSocket>,
     ) -> Result<Balancer, StartError> {
         let config = &config;
         // The admin endpoint first: when it cannot bind, nothing has been logged as listening.
         let admin = match &config.admin {
             None => None,
             Some(admin) => {
-                Some(
-                    admin::bind(admin.bind).map_err(|source| StartError::AdminBind {
-                        addr: admin.bind,
-                        source,
-                    })?,
-                )
+                let fail = |source| StartError::AdminBind {
+                    addr: admin.bind,
+                    source,
+                };
+                let mine = take(&mut inherited, |s| s.fits_admin(admin.bind));
+                let socket = match mine.into_iter().next() {
+                    Some(socket) => {
+                        info!(bind = %admin.bind, "admin endpoint on an inherited socket");
+                        admin::adopt(socket.socket).map_err(fail)?
+                    }
+                    None => admin::bind(admin.bind).map_err(fail)?,
+                };
+                let copy = socket
+                    .0
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .map(std::net::TcpListener::from)
+                    .map_err(fail)?;
+                Some((socket, (admin.bind, copy)))
             }
+        };
+        let (admin, admin_copy) = match admin {
+            Some((socket, copy)) => (Some(socket), Some(copy)),
+            None => (None, None),
         };
         let admin_addr = admin.as_ref().map(|(_, addr)| *addr);
         let admin = admin.map(|(socket, _)| socket);
@@ -176,8 +209,19 @@ impl Balancer {
         let bound = config
             .listeners
             .iter()
-            .map(|l| accept::bind(l, threads.get()))
+            .map(|l| {
+                let mine = take(&mut inherited, |s| s.fits_listener(l));
+                if mine.is_empty() {
+                    return accept::bind(l, threads.get());
+                }
+                info!(listener = %l.name, sockets = mine.len(), "listener on inherited sockets");
+                accept::adopt(l, mine.into_iter().map(|s| s.socket).collect(), threads.get())
+            })
             .collect::<Result<Vec<_>, _>>()?;
+        for left in inherited {
+            let addr = left.socket.local_addr().ok();
+            warn!(addr = ?addr, served = ?left.served, "an inherited socket fits no listener; closed");
+        }
         let workers = Workers::start(threads).map_err(|source| StartError::Workers {
             threads: threads.get(),
             source,
@@ -214,6 +258,7 @@ impl Balancer {
             handle,
             strategies,
             observers,
+            admin_copy,
         })
     }
 
@@ -250,6 +295,7 @@ impl Balancer {
             handle,
             strategies,
             observers,
+            admin_copy,
         } = self;
         let stop_admin = CancellationToken::new();
         let admin = admin.map(|socket| {
@@ -278,7 +324,7 @@ impl Balancer {
             observers,
             &shutdown,
         );
-        let stopped = control.run(bound, shutdown).await;
+        let stopped = control.run(bound, admin_copy, shutdown).await;
         stop_admin.cancel();
         if let Some(mut task) = admin {
             match tokio::time::timeout(ADMIN_STOP_GRACE, &mut task).await {
@@ -294,4 +340,14 @@ impl Balancer {
         drop(workers);
         stopped
     }
+}
+
+/// Takes the sockets `fits` accepts out of `sockets`.
+fn take(
+    sockets: &mut Vec<InheritedSocket>,
+    fits: impl Fn(&InheritedSocket) -> bool,
+) -> Vec<InheritedSocket> {
+    let (taken, rest) = std::mem::take(sockets).into_iter().partition(|s| fits(s));
+    *sockets = rest;
+    taken
 }

@@ -34,7 +34,7 @@ pub use control::{
     resolve_names, watch,
 };
 pub use dataplane::ACCESS_LOG_TARGET;
-pub use dataplane::accept::BindError;
+pub use dataplane::accept::{BindError, InheritedSocket, Served};
 pub use health::{Health, HealthStatus, LastCheck, ProbeError};
 pub use state::{AdminState, BackendCounters, ListenerCounters, NameStatus, QueueCounters};
 pub use strategy::{BuildStrategy, Candidate, LiveBackend, OpenGuard, Strategy, StrategyKind};

@@ -198,6 +198,7 @@ fn run(cli: Cli) -> Result<(), String> {
         let balancer = Balancer::builder(config)
             .config_path(&path)
             .on_lifecycle(cli::systemd::observer(Arc::clone(&handed_over)))
+            .inherit(cli::activation::systemd_sockets())
             .bind()
             .map_err(|e| e.to_string())?;
         let shutdown = CancellationToken::new();

@@ -14,6 +14,7 @@ use tokio_util::task::TaskTracker;
 
 use super::summary::{ReloadError, ReloadSummary};
 use crate::config::{Config, Target};
+use crate::dataplane::accept::InheritedSocket;
 use crate::dataplane::workers::Placement;
 use crate::health::Health;
 use crate::snapshot::{Pool, Snapshot, SnapshotCell};
@@ -65,6 +66,8 @@ pub(crate) enum Request {
     },
     /// Answer at once: the control task still turns.
     Alive(oneshot::Sender<()>),
+    /// Copies of every listening socket, for a new process to take over.
+    Sockets(oneshot::Sender<std::io::Result<Vec<InheritedSocket>>>),
 }
 
 /// Where an operator names a backend: by a listener (its pool's backend) or by a pool.
@@ -351,6 +354,19 @@ impl Handle {
             return false;
         }
         answer.await.is_ok()
+    }
+
+    /// Copies of every listening socket in use now, the admin endpoint's included, each with
+    /// what it serves: what a new process started for a binary upgrade is given
+    /// ([`Builder::inherit`](crate::Builder::inherit)). The balancer keeps accepting on its own.
+    pub async fn listening_sockets(&self) -> std::io::Result<Vec<InheritedSocket>> {
+        let stopped = || std::io::Error::other("the balancer is shutting down");
+        let (reply, answer) = oneshot::channel();
+        self.requests
+            .send(Request::Sockets(reply))
+            .await
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
     }
 
     /// Re-reads the configuration file and applies it, all or nothing (as SIGHUP does).

@@ -25,7 +25,7 @@ use super::listeners::{Listeners, Stopped};
 use super::summary::{ReloadError, ReloadSummary};
 use super::supervisor::Supervisor;
 use crate::config::{self, Config};
-use crate::dataplane::accept::Bound;
+use crate::dataplane::accept::{Bound, InheritedSocket, Served};
 use crate::dataplane::workers::Placement;
 use crate::snapshot::{CustomStrategies, Snapshot};
 use crate::state::{AdminState, Registry};
@@ -57,6 +57,8 @@ pub(crate) struct ControlTask {
     pub(super) discovery: Discovery,
     /// Told when the balancer serves, reloads and stops.
     observers: Observers,
+    /// A copy of the admin endpoint's socket and its configured `bind`, for a binary upgrade.
+    admin_copy: Option<(SocketAddr, std::net::TcpListener)>,
 }
 
 impl ControlTask {
@@ -91,13 +93,20 @@ impl ControlTask {
             strategies,
             discovery: Discovery::default(),
             observers,
+            admin_copy: None,
         }
     }
 
     /// Starts accepting on `bound`, the listeners bound at start, then serves requests and
     /// wake-ups until `shutdown` is cancelled; then stops accepting, waits up to
     /// `shutdown_grace` for open connections and closes the rest.
-    pub(crate) async fn run(mut self, bound: Vec<Bound>, shutdown: CancellationToken) -> Stopped {
+    pub(crate) async fn run(
+        mut self,
+        bound: Vec<Bound>,
+        admin_copy: Option<(SocketAddr, std::net::TcpListener)>,
+        shutdown: CancellationToken,
+    ) -> Stopped {
+        self.admin_copy = admin_copy;
         let binds: HashMap<String, SocketAddr> = self
             .config
             .listeners
@@ -203,6 +212,7 @@ impl ControlTask {
                 self.observers.tell(Lifecycle::Reloaded);
             }
             Request::Alive(reply) => drop(reply.send(())),
+            Request::Sockets(reply) => drop(reply.send(self.socket_copies())),
             Request::SetAdmin {
                 scope,
                 addr,
@@ -214,6 +224,34 @@ impl ControlTask {
                 drop(reply.send(result));
             }
         }
+    }
+
+    /// Copies of every listening socket, for a new process to take over.
+    fn socket_copies(&self) -> std::io::Result<Vec<InheritedSocket>> {
+        let mut out = Vec::new();
+        if let Some((bind, socket)) = &self.admin_copy {
+            out.push(InheritedSocket {
+                served: Served::Admin { bind: *bind },
+                socket: socket.try_clone()?,
+            });
+        }
+        for (name, running) in &self.listeners.running {
+            let copies = running.copies.as_ref().ok_or_else(|| {
+                std::io::Error::other(format!(
+                    "listener `{name}`: no copy of its sockets could be kept"
+                ))
+            })?;
+            for socket in copies {
+                out.push(InheritedSocket {
+                    served: Served::Listener {
+                        name: name.clone(),
+                        bind: running.bind,
+                    },
+                    socket: socket.try_clone()?,
+                });
+            }
+        }
+        Ok(out)
     }
 
     /// Records, logs and answers a reload's outcome.
