@@ -215,7 +215,11 @@ impl Balancer {
                     return accept::bind(l, threads.get());
                 }
                 info!(listener = %l.name, sockets = mine.len(), "listener on inherited sockets");
-                accept::adopt(l, mine.into_iter().map(|s| s.socket).collect(), threads.get())
+                accept::adopt(
+                    l,
+                    mine.into_iter().map(|s| s.socket).collect(),
+                    threads.get(),
+                )
             })
             .collect::<Result<Vec<_>, _>>()?;
         for left in inherited {

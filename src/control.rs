@@ -19,9 +19,9 @@ mod watch;
 
 pub use discovery::resolve_names;
 pub use handle::{AdminError, Handle, LastReload, ReloadCounters};
+pub(crate) use handle::{Request, Scope};
 pub use lifecycle::Lifecycle;
 pub(crate) use lifecycle::{Observer, Observers};
-pub(crate) use handle::{Request, Scope};
 pub use listeners::Stopped;
 pub(crate) use listeners::log_listening;
 pub use summary::{ReloadError, ReloadSummary};

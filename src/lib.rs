@@ -29,8 +29,7 @@ mod strategy;
 pub use balancer::{Balancer, Builder, StartError};
 pub use config::{Config, ConfigError, DEFAULT_CONFIG_PATH, LogFormat, Target};
 pub use control::{
-    Lifecycle,
-    AdminError, Handle, LastReload, ReloadCounters, ReloadError, ReloadSummary, Stopped,
+    AdminError, Handle, LastReload, Lifecycle, ReloadCounters, ReloadError, ReloadSummary, Stopped,
     resolve_names, watch,
 };
 pub use dataplane::ACCESS_LOG_TARGET;

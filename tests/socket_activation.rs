@@ -49,16 +49,27 @@ async fn a_listener_accepts_on_the_socket_passed_for_its_address() {
         wb.wait_for("socket passed by systemd", 1).await;
         wb.wait_for("listener on inherited sockets listener=activated", 1)
             .await;
-        let mut stream = TcpStream::connect(addr).await.expect("connect to the passed socket");
+        let mut stream = TcpStream::connect(addr)
+            .await
+            .expect("connect to the passed socket");
         echo(&mut stream, b"through the passed socket")
             .await
             .expect("relayed");
 
         let other = wb.listening("bound").await;
         assert_ne!(other, addr);
-        let mut stream = TcpStream::connect(other).await.expect("connect to the bound one");
-        echo(&mut stream, b"through a bound socket").await.expect("relayed");
-        assert_eq!(wb.count("listener on inherited sockets"), 1, "{}", wb.tail());
+        let mut stream = TcpStream::connect(other)
+            .await
+            .expect("connect to the bound one");
+        echo(&mut stream, b"through a bound socket")
+            .await
+            .expect("relayed");
+        assert_eq!(
+            wb.count("listener on inherited sockets"),
+            1,
+            "{}",
+            wb.tail()
+        );
 
         wb.terminate();
         assert!(wb.exit_status(Duration::from_secs(20)).await.success());

@@ -47,7 +47,8 @@ async fn the_units_pass_systemd_analyze_verify() {
         let service = dir.path().join("weighbridge.service");
         std::fs::write(&service, unit).expect("write the unit");
         let socket = dir.path().join("weighbridge.socket");
-        std::fs::copy(repo("deploy/systemd/weighbridge.socket"), &socket).expect("copy the socket unit");
+        std::fs::copy(repo("deploy/systemd/weighbridge.socket"), &socket)
+            .expect("copy the socket unit");
         let output = tokio::process::Command::new(systemd_analyze())
             .arg("verify")
             .arg(&service)
@@ -125,8 +126,12 @@ async fn ready_after_listening_reloading_around_sighup_stopping_at_sigterm() {
         assert_eq!(notify.next_state().await, "READY=1\n");
         // Ready means accepting: the listener takes a connection the moment READY=1 is heard.
         let addr = wb.listening("lb").await;
-        let mut stream = TcpStream::connect(addr).await.expect("connect after READY=1");
-        echo(&mut stream, b"ready").await.expect("relayed after READY=1");
+        let mut stream = TcpStream::connect(addr)
+            .await
+            .expect("connect after READY=1");
+        echo(&mut stream, b"ready")
+            .await
+            .expect("relayed after READY=1");
 
         wb.hangup();
         let reloading = notify.next_state().await;
@@ -138,7 +143,11 @@ async fn ready_after_listening_reloading_around_sighup_stopping_at_sigterm() {
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("MONOTONIC_USEC with RELOADING=1: {reloading:?}"));
         assert!(usec > 0);
-        assert_eq!(notify.next_state().await, "READY=1\n", "READY=1 after the reload");
+        assert_eq!(
+            notify.next_state().await,
+            "READY=1\n",
+            "READY=1 after the reload"
+        );
         wb.wait_for("reload applied", 1).await;
 
         wb.terminate();

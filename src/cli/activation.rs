@@ -20,7 +20,9 @@ pub(crate) fn systemd_sockets() -> Vec<InheritedSocket> {
                 });
             }
             Ok(None) => {}
-            Err(e) => warn!(fd = 3 + index, error = %e, "a descriptor passed by systemd is not a TCP listening socket; ignored"),
+            Err(e) => {
+                warn!(fd = 3 + index, error = %e, "a descriptor passed by systemd is not a TCP listening socket; ignored")
+            }
         }
     }
     sockets

@@ -11,6 +11,8 @@ use sd_notify::NotifyState;
 use tracing::{debug, warn};
 use weighbridge::{Handle, Lifecycle};
 
+use super::upgrade::Predecessor;
+
 /// Sends `states` to the service manager; a failure is logged, never fatal (the balancer
 /// serves whether or not systemd hears of it).
 pub(crate) fn notify(states: &[NotifyState<'_>]) {
@@ -22,9 +24,22 @@ pub(crate) fn notify(states: &[NotifyState<'_>]) {
 /// What the binary tells systemd at each [`Lifecycle`] moment. `handed_over` is set once the
 /// listening sockets belong to a new process (a binary upgrade): this one's shutdown is then
 /// not the service's, and says nothing.
-pub(crate) fn observer(handed_over: Arc<AtomicBool>) -> impl Fn(Lifecycle) + Send + Sync {
+///
+/// A process started by a binary upgrade (`predecessor`) becomes the service's main process
+/// when it is ready (`MAINPID`), before it lets the old one go: systemd must not take the old
+/// one's exit for the service's.
+pub(crate) fn observer(
+    handed_over: Arc<AtomicBool>,
+    predecessor: Option<Predecessor>,
+) -> impl Fn(Lifecycle) + Send + Sync {
     move |moment| match moment {
-        Lifecycle::Ready | Lifecycle::Reloaded => notify(&[NotifyState::Ready]),
+        Lifecycle::Ready => {
+            notify(&[NotifyState::MainPid(std::process::id()), NotifyState::Ready]);
+            if let Some(predecessor) = &predecessor {
+                predecessor.ready();
+            }
+        }
+        Lifecycle::Reloaded => notify(&[NotifyState::Ready]),
         Lifecycle::Reloading => match NotifyState::monotonic_usec_now() {
             Ok(now) => notify(&[NotifyState::Reloading, now]),
             Err(e) => {

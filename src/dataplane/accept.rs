@@ -157,11 +157,12 @@ pub(crate) fn adopt(
     for socket in inherited {
         socket.set_nonblocking(true).map_err(fail)?;
         // As `bind_one` does: accepted sockets inherit TCP_NODELAY from their listener.
-        rustix::net::sockopt::set_tcp_nodelay(&socket, true)
-            .map_err(|e| fail(e.into()))?;
+        rustix::net::sockopt::set_tcp_nodelay(&socket, true).map_err(|e| fail(e.into()))?;
         sockets.push(socket);
     }
-    let first = sockets.first().ok_or_else(|| fail(io::ErrorKind::NotFound.into()))?;
+    let first = sockets
+        .first()
+        .ok_or_else(|| fail(io::ErrorKind::NotFound.into()))?;
     let local_addr = first.local_addr().map_err(fail)?;
     let mut index = 0;
     while sockets.len() < workers {
