@@ -1,11 +1,9 @@
 #!/usr/bin/env bash
 # Installs the real programs the tests run: HAProxy, and nginx with its stream module, that
 # tests/proxy_interop.rs runs weighbridge against; systemd's tools (systemd-analyze verify on the
-# unit, systemd-socket-activate) for tests/systemd.rs and tests/socket_activation.rs; and
-# Prometheus's promtool, which checks deploy/prometheus/alerts.yml (tests/dashboards.rs). The
-# tests start their own instances on loopback from temporary configs; the system services Debian
-# starts on install are stopped and disabled here, so none of them holds a port (80, 9090)
-# while the tests run.
+# unit) for tests/systemd.rs. The tests start their own instances on loopback from temporary
+# configs; the system services Debian starts on install are stopped and disabled here, so none
+# of them holds a port (80, or anything else) while the tests run.
 #
 #   bash scripts/install-test-peers.sh     # as root to install; .ci/run calls it first
 #
@@ -15,7 +13,7 @@
 set -euo pipefail
 
 NGINX_STREAM_MODULE=${NGINX_STREAM_MODULE:-/usr/lib/nginx/modules/ngx_stream_module.so}
-SERVICES=(haproxy nginx prometheus)
+SERVICES=(haproxy nginx)
 
 log() { printf 'install-test-peers: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -43,7 +41,6 @@ missing() {
     find_bin nginx >/dev/null || echo nginx
     has_stream || echo libnginx-mod-stream
     find_bin systemd-analyze >/dev/null || echo systemd
-    find_bin promtool >/dev/null || echo prometheus
 }
 
 CREATED_POLICY=0
@@ -119,7 +116,6 @@ NGINX=$(find_bin nginx)
 echo "haproxy: $("$HAPROXY" -v | head -n 1) ($HAPROXY)"
 echo "nginx: $("$NGINX" -v 2>&1 | head -n 1) ($NGINX)"
 echo "systemd-analyze: $("$(find_bin systemd-analyze)" --version | head -n 1)"
-echo "promtool: $("$(find_bin promtool)" --version 2>&1 | head -n 1)"
 if [[ -f $NGINX_STREAM_MODULE ]]; then
     echo "nginx stream module: $NGINX_STREAM_MODULE"
 else
