@@ -123,7 +123,13 @@ async fn ready_after_listening_reloading_around_sighup_stopping_at_sigterm() {
             command(config.path(), &["--no-watch"]).env("NOTIFY_SOCKET", &notify.path),
         );
 
-        assert_eq!(notify.next_state().await, "READY=1\n");
+        // MAINPID too: after a binary upgrade the process that is ready is not the one started.
+        let ready = notify.next_state().await;
+        assert_eq!(
+            ready,
+            format!("MAINPID={}\nREADY=1\n", wb.pid().as_raw_pid()),
+            "READY=1 with the process's own pid"
+        );
         // Ready means accepting: the listener takes a connection the moment READY=1 is heard.
         let addr = wb.listening("lb").await;
         let mut stream = TcpStream::connect(addr)
