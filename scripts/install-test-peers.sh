@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Installs the real proxies that tests/proxy_interop.rs runs weighbridge against: HAProxy, and
-# nginx with its stream module. The tests start their own instances on loopback from temporary
+# Installs the real programs the tests run: HAProxy, and nginx with its stream module, that
+# tests/proxy_interop.rs runs weighbridge against; systemd's tools (systemd-analyze verify on the
+# unit) for tests/systemd.rs. The tests start their own instances on loopback from temporary
 # configs; the system services Debian starts on install are stopped and disabled here, so none
-# of them holds port 80 (or anything else) while the tests run.
+# of them holds a port (80, or anything else) while the tests run.
 #
 #   bash scripts/install-test-peers.sh     # as root to install; .ci/run calls it first
 #
@@ -39,6 +40,7 @@ missing() {
     find_bin haproxy >/dev/null || echo haproxy
     find_bin nginx >/dev/null || echo nginx
     has_stream || echo libnginx-mod-stream
+    find_bin systemd-analyze >/dev/null || echo systemd
 }
 
 CREATED_POLICY=0
@@ -113,6 +115,7 @@ HAPROXY=$(find_bin haproxy)
 NGINX=$(find_bin nginx)
 echo "haproxy: $("$HAPROXY" -v | head -n 1) ($HAPROXY)"
 echo "nginx: $("$NGINX" -v 2>&1 | head -n 1) ($NGINX)"
+echo "systemd-analyze: $("$(find_bin systemd-analyze)" --version | head -n 1)"
 if [[ -f $NGINX_STREAM_MODULE ]]; then
     echo "nginx stream module: $NGINX_STREAM_MODULE"
 else

@@ -65,6 +65,14 @@ pub(crate) fn bind(addr: SocketAddr) -> io::Result<(TcpListener, SocketAddr)> {
     Ok((listener, local_addr))
 }
 
+/// Serves the admin endpoint on an inherited listening socket; returns it with its address.
+pub(crate) fn adopt(socket: std::net::TcpListener) -> io::Result<(TcpListener, SocketAddr)> {
+    socket.set_nonblocking(true)?;
+    let listener = TcpListener::from_std(socket)?;
+    let local_addr = listener.local_addr()?;
+    Ok((listener, local_addr))
+}
+
 /// What the endpoint serves from.
 #[derive(Debug, Clone)]
 pub(crate) struct Endpoint {

@@ -6,6 +6,7 @@
 //! [`Handle`]) in `admin`.
 
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,8 +20,8 @@ use crate::admin;
 use crate::config::{Config, Forward};
 use crate::control::Request;
 use crate::control::task::ControlTask;
-use crate::control::{Handle, Stopped, log_listening};
-use crate::dataplane::accept::{self, BindError, Bound};
+use crate::control::{Handle, Lifecycle, Observer, Observers, Stopped, log_listening};
+use crate::dataplane::accept::{self, BindError, Bound, InheritedSocket};
 use crate::dataplane::workers::{self, Workers};
 use crate::snapshot::{CustomStrategies, Snapshot};
 use crate::state::{Registry, Republisher};
@@ -79,6 +80,9 @@ pub struct Balancer {
     woken: tokio::sync::mpsc::Receiver<()>,
     handle: Handle,
     strategies: CustomStrategies,
+    observers: Observers,
+    /// A copy of the admin endpoint's socket and its configured `bind`, for a binary upgrade.
+    admin_copy: Option<(SocketAddr, std::net::TcpListener)>,
 }
 
 /// Sets up a [`Balancer`] before it binds: [`Balancer::builder`].
@@ -87,6 +91,8 @@ pub struct Builder {
     config: Config,
     config_path: Option<PathBuf>,
     strategies: CustomStrategies,
+    observer: Observers,
+    inherited: Vec<InheritedSocket>,
 }
 
 impl Builder {
@@ -106,6 +112,24 @@ impl Builder {
         self
     }
 
+    /// Calls `observer` on the control task when the balancer starts serving, when each reload
+    /// starts and ends, and when shutdown starts (for a process supervisor such as systemd).
+    /// It must return quickly: the control task waits for it.
+    pub fn on_lifecycle(mut self, observer: impl Fn(Lifecycle) + Send + Sync + 'static) -> Builder {
+        let observer: Observer = Arc::new(observer);
+        self.observer = Observers::new(Some(observer));
+        self
+    }
+
+    /// Listening sockets to serve on instead of binding (systemd's socket activation, a binary
+    /// upgrade). A listener takes every one that served a listener of its name and `bind`, or
+    /// that is bound to exactly its configured address; the admin endpoint likewise. Those that
+    /// fit nothing are closed; listeners that find none bind as usual.
+    pub fn inherit(mut self, sockets: impl IntoIterator<Item = InheritedSocket>) -> Builder {
+        self.inherited.extend(sockets);
+        self
+    }
+
     /// Binds every listener and the admin endpoint, all or nothing, and starts the worker
     /// threads. Must be called inside a tokio runtime.
     pub fn bind(self) -> Result<Balancer, StartError> {
@@ -113,6 +137,8 @@ impl Builder {
             config,
             config_path,
             strategies,
+            observer,
+            inherited,
         } = self;
         let mut by_pool = CustomStrategies::new();
         for (name, strategy) in strategies {
@@ -126,7 +152,7 @@ impl Builder {
             };
             by_pool.insert(pool, strategy);
         }
-        Balancer::start(config, config_path, by_pool)
+        Balancer::start(config, config_path, by_pool, observer, inherited)
     }
 }
 
@@ -137,6 +163,8 @@ impl Balancer {
             config,
             config_path: None,
             strategies: CustomStrategies::new(),
+            observer: Observers::default(),
+            inherited: Vec::new(),
         }
     }
 
@@ -150,19 +178,38 @@ impl Balancer {
         config: Config,
         config_path: Option<PathBuf>,
         strategies: CustomStrategies,
+        observers: Observers,
+        mut inherited: Vec<InheritedSocket>,
     ) -> Result<Balancer, StartError> {
         let config = &config;
         // The admin endpoint first: when it cannot bind, nothing has been logged as listening.
         let admin = match &config.admin {
             None => None,
             Some(admin) => {
-                Some(
-                    admin::bind(admin.bind).map_err(|source| StartError::AdminBind {
-                        addr: admin.bind,
-                        source,
-                    })?,
-                )
+                let fail = |source| StartError::AdminBind {
+                    addr: admin.bind,
+                    source,
+                };
+                let mine = take(&mut inherited, |s| s.fits_admin(admin.bind));
+                let socket = match mine.into_iter().next() {
+                    Some(socket) => {
+                        info!(bind = %admin.bind, "admin endpoint on an inherited socket");
+                        admin::adopt(socket.socket).map_err(fail)?
+                    }
+                    None => admin::bind(admin.bind).map_err(fail)?,
+                };
+                let copy = socket
+                    .0
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .map(std::net::TcpListener::from)
+                    .map_err(fail)?;
+                Some((socket, (admin.bind, copy)))
             }
+        };
+        let (admin, admin_copy) = match admin {
+            Some((socket, copy)) => (Some(socket), Some(copy)),
+            None => (None, None),
         };
         let admin_addr = admin.as_ref().map(|(_, addr)| *addr);
         let admin = admin.map(|(socket, _)| socket);
@@ -170,8 +217,23 @@ impl Balancer {
         let bound = config
             .listeners
             .iter()
-            .map(|l| accept::bind(l, threads.get()))
+            .map(|l| {
+                let mine = take(&mut inherited, |s| s.fits_listener(l));
+                if mine.is_empty() {
+                    return accept::bind(l, threads.get());
+                }
+                info!(listener = %l.name, sockets = mine.len(), "listener on inherited sockets");
+                accept::adopt(
+                    l,
+                    mine.into_iter().map(|s| s.socket).collect(),
+                    threads.get(),
+                )
+            })
             .collect::<Result<Vec<_>, _>>()?;
+        for left in inherited {
+            let addr = left.socket.local_addr().ok();
+            warn!(addr = ?addr, served = ?left.served, "an inherited socket fits no listener; closed");
+        }
         let workers = Workers::start(threads).map_err(|source| StartError::Workers {
             threads: threads.get(),
             source,
@@ -207,6 +269,8 @@ impl Balancer {
             woken,
             handle,
             strategies,
+            observers,
+            admin_copy,
         })
     }
 
@@ -242,6 +306,8 @@ impl Balancer {
             woken,
             handle,
             strategies,
+            observers,
+            admin_copy,
         } = self;
         let stop_admin = CancellationToken::new();
         let admin = admin.map(|socket| {
@@ -267,9 +333,10 @@ impl Balancer {
             handle,
             workers.placement().clone(),
             strategies,
+            observers,
             &shutdown,
         );
-        let stopped = control.run(bound, shutdown).await;
+        let stopped = control.run(bound, admin_copy, shutdown).await;
         stop_admin.cancel();
         if let Some(mut task) = admin {
             match tokio::time::timeout(ADMIN_STOP_GRACE, &mut task).await {
@@ -285,4 +352,14 @@ impl Balancer {
         drop(workers);
         stopped
     }
+}
+
+/// Takes the sockets `fits` accepts out of `sockets`.
+fn take(
+    sockets: &mut Vec<InheritedSocket>,
+    fits: impl Fn(&InheritedSocket) -> bool,
+) -> Vec<InheritedSocket> {
+    let (taken, rest) = std::mem::take(sockets).into_iter().partition(|s| fits(s));
+    *sockets = rest;
+    taken
 }

@@ -9,6 +9,7 @@
 mod checker;
 pub(crate) mod discovery;
 mod handle;
+mod lifecycle;
 mod listeners;
 mod reload;
 mod summary;
@@ -19,6 +20,8 @@ mod watch;
 pub use discovery::resolve_names;
 pub use handle::{AdminError, Handle, LastReload, ReloadCounters};
 pub(crate) use handle::{Request, Scope};
+pub use lifecycle::Lifecycle;
+pub(crate) use lifecycle::{Observer, Observers};
 pub use listeners::Stopped;
 pub(crate) use listeners::log_listening;
 pub use summary::{ReloadError, ReloadSummary};

@@ -29,11 +29,11 @@ mod strategy;
 pub use balancer::{Balancer, Builder, StartError};
 pub use config::{Config, ConfigError, DEFAULT_CONFIG_PATH, LogFormat, Target};
 pub use control::{
-    AdminError, Handle, LastReload, ReloadCounters, ReloadError, ReloadSummary, Stopped,
+    AdminError, Handle, LastReload, Lifecycle, ReloadCounters, ReloadError, ReloadSummary, Stopped,
     resolve_names, watch,
 };
 pub use dataplane::ACCESS_LOG_TARGET;
-pub use dataplane::accept::BindError;
+pub use dataplane::accept::{BindError, InheritedSocket, Served};
 pub use health::{Health, HealthStatus, LastCheck, ProbeError};
 pub use state::{AdminState, BackendCounters, ListenerCounters, NameStatus, QueueCounters};
 pub use strategy::{BuildStrategy, Candidate, LiveBackend, OpenGuard, Strategy, StrategyKind};

@@ -6,12 +6,13 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::{Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use clap::Parser;
+use clap::{CommandFactory, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
 
@@ -25,8 +26,12 @@ const LOG_QUEUE_LINES: usize = 16_384;
 
 /// A Layer-4 TCP load balancer for AI inference servers.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+// `weighbridge --config FILE` runs the balancer as before; a subcommand is a different job and
+// takes none of the balancer's flags.
+#[command(version, about, args_conflicts_with_subcommands = true)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Configuration file (TOML). Default: $WEIGHBRIDGE_CONFIG, else
     /// /etc/weighbridge/weighbridge.toml.
     #[arg(short, long, value_name = "FILE")]
@@ -38,6 +43,10 @@ struct Cli {
     /// if one does not resolve).
     #[arg(long, requires = "check")]
     resolve: bool,
+    /// Take the listening sockets over from the process that started this one for a binary
+    /// upgrade (SIGUSR2), through its Unix socket at PATH.
+    #[arg(long, value_name = "PATH", hide = true)]
+    upgrade_from: Option<PathBuf>,
     /// Do not watch the configuration file for changes (SIGHUP still reloads it).
     #[arg(long)]
     no_watch: bool,
@@ -45,6 +54,18 @@ struct Cli {
     /// "weighbridge=debug". Overrides RUST_LOG; the default is info.
     #[arg(long, value_name = "LEVEL", value_parser = log_filter)]
     log_level: Option<String>,
+}
+
+/// Jobs other than running the balancer.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print the shell completion script for SHELL to stdout.
+    Completions {
+        /// The shell: bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the weighbridge(1) man page (roff) to stdout.
+    Manpage,
 }
 
 /// Levels a bare word of `--log-level` may name.
@@ -121,7 +142,13 @@ fn flush_logs() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = run(cli);
+    let result = match cli.command {
+        Some(Command::Completions { shell }) => {
+            cli::completions::print_completions(shell, Cli::command())
+        }
+        Some(Command::Manpage) => cli::completions::print_manpage(Cli::command()),
+        None => run(cli),
+    };
     flush_logs();
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -171,12 +198,26 @@ fn run(cli: Cli) -> Result<(), String> {
             Ok(limit) => info!(limit, "open file limit"),
             Err(e) => warn!(error = %e, "cannot raise the open file limit"),
         }
+        let (taken, predecessor) = match &cli.upgrade_from {
+            Some(from) => {
+                let (sockets, predecessor) = cli::upgrade::take_over(from)?;
+                (sockets, Some(predecessor))
+            }
+            None => (cli::activation::systemd_sockets(), None),
+        };
+        let handed_over = Arc::new(AtomicBool::new(false));
         let balancer = Balancer::builder(config)
             .config_path(&path)
+            .on_lifecycle(cli::systemd::observer(
+                Arc::clone(&handed_over),
+                predecessor,
+            ))
+            .inherit(taken)
             .bind()
             .map_err(|e| e.to_string())?;
         let shutdown = CancellationToken::new();
-        tokio::spawn(signals.serve(balancer.handle(), shutdown.clone()));
+        tokio::spawn(cli::systemd::watchdog(balancer.handle()));
+        tokio::spawn(signals.serve(balancer.handle(), shutdown.clone(), handed_over));
         if !cli.no_watch {
             weighbridge::watch(&path, &text, balancer.handle(), shutdown.clone())
                 .map_err(|e| format!("cannot watch {}: {e}", path.display()))?;
@@ -226,6 +267,7 @@ struct Signals {
     terminate: Signal,
     interrupt: Signal,
     hangup: Signal,
+    upgrade: Signal,
 }
 
 impl Signals {
@@ -234,6 +276,7 @@ impl Signals {
             terminate: signal(SignalKind::terminate())?,
             interrupt: signal(SignalKind::interrupt())?,
             hangup: signal(SignalKind::hangup())?,
+            upgrade: signal(SignalKind::user_defined2())?,
         })
     }
 
@@ -242,13 +285,42 @@ impl Signals {
     /// `shutdown_grace`. A second one within [`SAME_SIGNAL`] of the first is the same request
     /// delivered twice, as `timeout` and some supervisors do when they signal the process and
     /// then its process group, and is only logged.
-    async fn serve(mut self, handle: Handle, shutdown: CancellationToken) {
+    ///
+    /// SIGUSR2 upgrades the binary (`cli::upgrade`): once the new process accepts, this one
+    /// shuts down as on SIGTERM, with `handed_over` set.
+    async fn serve(
+        self,
+        handle: Handle,
+        shutdown: CancellationToken,
+        handed_over: Arc<AtomicBool>,
+    ) {
+        let Signals {
+            mut terminate,
+            mut interrupt,
+            mut hangup,
+            mut upgrade,
+        } = self;
+        let upgrading = Arc::new(AtomicBool::new(false));
         let mut first: Option<Instant> = None;
         loop {
             let name = tokio::select! {
-                _ = self.terminate.recv() => "SIGTERM",
-                _ = self.interrupt.recv() => "SIGINT",
-                _ = self.hangup.recv() => {
+                _ = terminate.recv() => "SIGTERM",
+                _ = interrupt.recv() => "SIGINT",
+                _ = upgrade.recv() => {
+                    if upgrading.swap(true, Ordering::SeqCst) {
+                        warn!(signal = "SIGUSR2", "a binary upgrade is already under way");
+                    } else {
+                        info!(signal = "SIGUSR2", "upgrading the binary");
+                        tokio::spawn(upgrade_binary(
+                            handle.clone(),
+                            shutdown.clone(),
+                            Arc::clone(&handed_over),
+                            Arc::clone(&upgrading),
+                        ));
+                    }
+                    continue;
+                }
+                _ = hangup.recv() => {
                     info!(signal = "SIGHUP", "reloading the configuration");
                     // The balancer logs the outcome of every reload.
                     drop(handle.reload().await);
@@ -270,6 +342,29 @@ impl Signals {
             first = Some(Instant::now());
             info!(signal = name, "shutting down");
             shutdown.cancel();
+        }
+    }
+}
+
+/// Hands the listening sockets to a new binary; once it accepts, shuts this process down.
+async fn upgrade_binary(
+    handle: Handle,
+    shutdown: CancellationToken,
+    handed_over: Arc<AtomicBool>,
+    upgrading: Arc<AtomicBool>,
+) {
+    match cli::upgrade::hand_over(&handle).await {
+        Ok(new_pid) => {
+            info!(
+                new_pid,
+                "binary upgrade: the new process accepts; this one drains and exits"
+            );
+            handed_over.store(true, Ordering::SeqCst);
+            shutdown.cancel();
+        }
+        Err(e) => {
+            error!(error = %e, "binary upgrade failed; this process keeps serving");
+            upgrading.store(false, Ordering::SeqCst);
         }
     }
 }

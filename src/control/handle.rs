@@ -14,6 +14,7 @@ use tokio_util::task::TaskTracker;
 
 use super::summary::{ReloadError, ReloadSummary};
 use crate::config::{Config, Target};
+use crate::dataplane::accept::InheritedSocket;
 use crate::dataplane::workers::Placement;
 use crate::health::Health;
 use crate::snapshot::{Pool, Snapshot, SnapshotCell};
@@ -63,6 +64,10 @@ pub(crate) enum Request {
         state: AdminState,
         reply: oneshot::Sender<Result<(), AdminError>>,
     },
+    /// Answer at once: the control task still turns.
+    Alive(oneshot::Sender<()>),
+    /// Copies of every listening socket, for a new process to take over.
+    Sockets(oneshot::Sender<std::io::Result<Vec<InheritedSocket>>>),
 }
 
 /// Where an operator names a backend: by a listener (its pool's backend) or by a pool.
@@ -347,6 +352,29 @@ impl Handle {
     /// Where the admin endpoint listens, if `[admin]` is configured.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.shared.admin_addr
+    }
+
+    /// Whether the control task answers: it handles requests one at a time, so an answer says
+    /// its loop still turns (a watchdog asks this). False once it has stopped.
+    pub async fn alive(&self) -> bool {
+        let (reply, answer) = oneshot::channel();
+        if self.requests.send(Request::Alive(reply)).await.is_err() {
+            return false;
+        }
+        answer.await.is_ok()
+    }
+
+    /// Copies of every listening socket in use now, the admin endpoint's included, each with
+    /// what it serves: what a new process started for a binary upgrade is given
+    /// ([`Builder::inherit`](crate::Builder::inherit)). The balancer keeps accepting on its own.
+    pub async fn listening_sockets(&self) -> std::io::Result<Vec<InheritedSocket>> {
+        let stopped = || std::io::Error::other("the balancer is shutting down");
+        let (reply, answer) = oneshot::channel();
+        self.requests
+            .send(Request::Sockets(reply))
+            .await
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
     }
 
     /// Re-reads the configuration file and applies it, all or nothing (as SIGHUP does).

@@ -32,6 +32,10 @@ pub(crate) struct Running {
     pub(crate) local_addr: SocketAddr,
     /// (worker, socket id): one listening socket per worker, accepted on by that worker.
     sockets: Vec<(usize, u64)>,
+    /// A copy of each socket, to hand to a new process in a binary upgrade; `None` when one
+    /// could not be made (no descriptor left), which refuses the handover rather than lose a
+    /// socket's queue.
+    pub(crate) copies: Option<Vec<std::net::TcpListener>>,
 }
 
 /// The accept loops and connections of a running balancer.
@@ -65,6 +69,10 @@ impl Listeners {
             connections: self.connections.clone(),
             placement: self.placement.clone(),
         };
+        let copies: std::io::Result<Vec<_>> = bound.sockets.iter().map(|s| s.try_clone()).collect();
+        let copies = copies
+            .inspect_err(|e| warn!(listener = %name, error = %e, "cannot keep a copy of the listening sockets; a binary upgrade will be refused"))
+            .ok();
         let sockets = bound
             .sockets
             .into_iter()
@@ -89,6 +97,7 @@ impl Listeners {
             bind,
             local_addr,
             sockets,
+            copies,
         };
         self.running.insert(name, running);
     }

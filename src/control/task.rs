@@ -20,11 +20,12 @@ use tracing::{debug, error, info, warn};
 
 use super::discovery::Discovery;
 use super::handle::{AdminError, Handle, Reply, Request, Scope};
+use super::lifecycle::{Lifecycle, Observers};
 use super::listeners::{Listeners, Stopped};
 use super::summary::{ReloadError, ReloadSummary};
 use super::supervisor::Supervisor;
 use crate::config::{self, Config};
-use crate::dataplane::accept::Bound;
+use crate::dataplane::accept::{Bound, InheritedSocket, Served};
 use crate::dataplane::workers::Placement;
 use crate::snapshot::{CustomStrategies, Snapshot};
 use crate::state::{AdminState, Registry};
@@ -54,6 +55,10 @@ pub(crate) struct ControlTask {
     pub(super) strategies: CustomStrategies,
     /// The backend names being resolved, and their addresses in force.
     pub(super) discovery: Discovery,
+    /// Told when the balancer serves, reloads and stops.
+    observers: Observers,
+    /// A copy of the admin endpoint's socket and its configured `bind`, for a binary upgrade.
+    admin_copy: Option<(SocketAddr, std::net::TcpListener)>,
 }
 
 impl ControlTask {
@@ -67,6 +72,7 @@ impl ControlTask {
         handle: Handle,
         placement: Placement,
         strategies: CustomStrategies,
+        observers: Observers,
         shutdown: &CancellationToken,
     ) -> ControlTask {
         let health = Supervisor::new(
@@ -86,13 +92,21 @@ impl ControlTask {
             health,
             strategies,
             discovery: Discovery::default(),
+            observers,
+            admin_copy: None,
         }
     }
 
     /// Starts accepting on `bound`, the listeners bound at start, then serves requests and
     /// wake-ups until `shutdown` is cancelled; then stops accepting, waits up to
     /// `shutdown_grace` for open connections and closes the rest.
-    pub(crate) async fn run(mut self, bound: Vec<Bound>, shutdown: CancellationToken) -> Stopped {
+    pub(crate) async fn run(
+        mut self,
+        bound: Vec<Bound>,
+        admin_copy: Option<(SocketAddr, std::net::TcpListener)>,
+        shutdown: CancellationToken,
+    ) -> Stopped {
+        self.admin_copy = admin_copy;
         let binds: HashMap<String, SocketAddr> = self
             .config
             .listeners
@@ -120,6 +134,7 @@ impl ControlTask {
         self.health.sync(&self.config, &self.registry);
         // New backends may have started slow-start ramps.
         self.registry.republisher().republish();
+        self.observers.tell(Lifecycle::Ready);
         // Per-client state of clients that went quiet is swept at admissions; this gives it
         // back on a listener that stopped seeing new connections too.
         let mut sweep = tokio::time::interval(CLIENT_SWEEP);
@@ -167,6 +182,7 @@ impl ControlTask {
                 self.republish();
             }
         }
+        self.observers.tell(Lifecycle::Stopping);
         // The listening sockets close first: a client that connects from now on is refused
         // rather than left waiting in a backlog nobody accepts from.
         self.listeners.stop_accepting(&self.registry).await;
@@ -184,13 +200,19 @@ impl ControlTask {
     async fn handle_request(&mut self, request: Request) {
         match request {
             Request::ReloadFile(reply) => {
+                self.observers.tell(Lifecycle::Reloading);
                 let result = self.reload_file().await;
                 self.finish_reload(result, reply);
+                self.observers.tell(Lifecycle::Reloaded);
             }
             Request::Apply(config, reply) => {
+                self.observers.tell(Lifecycle::Reloading);
                 let result = self.apply(*config).await;
                 self.finish_reload(result, reply);
+                self.observers.tell(Lifecycle::Reloaded);
             }
+            Request::Alive(reply) => drop(reply.send(())),
+            Request::Sockets(reply) => drop(reply.send(self.socket_copies())),
             Request::SetAdmin {
                 scope,
                 addr,
@@ -202,6 +224,34 @@ impl ControlTask {
                 drop(reply.send(result));
             }
         }
+    }
+
+    /// Copies of every listening socket, for a new process to take over.
+    fn socket_copies(&self) -> std::io::Result<Vec<InheritedSocket>> {
+        let mut out = Vec::new();
+        if let Some((bind, socket)) = &self.admin_copy {
+            out.push(InheritedSocket {
+                served: Served::Admin { bind: *bind },
+                socket: socket.try_clone()?,
+            });
+        }
+        for (name, running) in &self.listeners.running {
+            let copies = running.copies.as_ref().ok_or_else(|| {
+                std::io::Error::other(format!(
+                    "listener `{name}`: no copy of its sockets could be kept"
+                ))
+            })?;
+            for socket in copies {
+                out.push(InheritedSocket {
+                    served: Served::Listener {
+                        name: name.clone(),
+                        bind: running.bind,
+                    },
+                    socket: socket.try_clone()?,
+                });
+            }
+        }
+        Ok(out)
     }
 
     /// Records, logs and answers a reload's outcome.

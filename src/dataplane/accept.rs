@@ -82,6 +82,101 @@ pub(crate) fn bind(listener: &ListenerConfig, sockets: usize) -> Result<Bound, B
     Ok(bound)
 }
 
+/// A listening socket taken over instead of bound: from systemd (socket activation) or from the
+/// process a binary upgrade replaces.
+#[derive(Debug)]
+pub struct InheritedSocket {
+    /// What it served where it comes from, if that is known.
+    pub served: Served,
+    /// The socket, listening.
+    pub socket: std::net::TcpListener,
+}
+
+/// What an [`InheritedSocket`] served in the process that hands it over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Served {
+    /// Not known (systemd's sockets): it is matched by its address alone.
+    Unknown,
+    /// The listener `name`, configured with `bind` (port 0 stays 0).
+    Listener {
+        /// The listener's name.
+        name: String,
+        /// Its configured `bind`.
+        bind: SocketAddr,
+    },
+    /// The admin endpoint, configured with `bind`.
+    Admin {
+        /// Its configured `bind`.
+        bind: SocketAddr,
+    },
+}
+
+impl InheritedSocket {
+    /// Whether this socket should serve listener `listener`: it served a listener of the same
+    /// name and `bind` (so port 0 finds the port the old process got), or it is bound to exactly
+    /// the configured address.
+    pub(crate) fn fits_listener(&self, listener: &ListenerConfig) -> bool {
+        match &self.served {
+            Served::Listener { name, bind } if *name == listener.name && *bind == listener.bind => {
+                true
+            }
+            Served::Admin { .. } => false,
+            _ => self.bound_to(listener.bind),
+        }
+    }
+
+    /// Whether this socket should serve an admin endpoint configured with `bind`.
+    pub(crate) fn fits_admin(&self, bind: SocketAddr) -> bool {
+        match &self.served {
+            Served::Admin { bind: was } if *was == bind => true,
+            Served::Listener { .. } => false,
+            _ => self.bound_to(bind),
+        }
+    }
+
+    fn bound_to(&self, bind: SocketAddr) -> bool {
+        bind.port() != 0 && self.socket.local_addr().is_ok_and(|addr| addr == bind)
+    }
+}
+
+/// Serves `listener` on `inherited` sockets instead of binding: the sockets as they are (a group
+/// a previous process shared with `SO_REUSEPORT` stays whole, so no queued connection is lost),
+/// copied to give each of `workers` one to accept on when there are fewer.
+pub(crate) fn adopt(
+    listener: &ListenerConfig,
+    inherited: Vec<std::net::TcpListener>,
+    workers: usize,
+) -> Result<Bound, BindError> {
+    let fail = |source| BindError {
+        listener: listener.name.clone(),
+        addr: listener.bind,
+        source,
+    };
+    let mut sockets = Vec::with_capacity(inherited.len().max(workers));
+    for socket in inherited {
+        socket.set_nonblocking(true).map_err(fail)?;
+        // As `bind_one` does: accepted sockets inherit TCP_NODELAY from their listener.
+        rustix::net::sockopt::set_tcp_nodelay(&socket, true).map_err(|e| fail(e.into()))?;
+        sockets.push(socket);
+    }
+    let first = sockets
+        .first()
+        .ok_or_else(|| fail(io::ErrorKind::NotFound.into()))?;
+    let local_addr = first.local_addr().map_err(fail)?;
+    let mut index = 0;
+    while sockets.len() < workers {
+        let copy = sockets[index].try_clone().map_err(fail)?;
+        sockets.push(copy);
+        index += 1;
+    }
+    Ok(Bound {
+        name: listener.name.clone(),
+        sockets,
+        local_addr,
+    })
+}
+
 /// When a socket sets `SO_REUSEPORT` (see [`bind`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Join {

@@ -84,7 +84,13 @@ impl Process {
 
     /// Starts `command` (the binary, or a shell that execs it) and collects its stderr.
     pub fn spawn(command: &mut Command) -> Process {
-        let (mut process, stderr) = Process::spawn_with_stderr(command);
+        Process::spawn_with_stdin(command, Stdio::null())
+    }
+
+    /// Like [`Process::spawn`], with `stdin` as the process's standard input (a socket to pass
+    /// it, say).
+    pub fn spawn_with_stdin(command: &mut Command, stdin: Stdio) -> Process {
+        let (mut process, stderr) = Process::spawn_inner(command, stdin);
         let sink = Arc::clone(&process.log);
         process.reader = Some(tokio::spawn(async move {
             let mut lines = BufReader::new(stderr).lines();
@@ -100,8 +106,12 @@ impl Process {
     /// Starts `command` and hands its stderr to the caller, who reads it (or not) as it likes;
     /// the process's own log stays empty.
     pub fn spawn_with_stderr(command: &mut Command) -> (Process, ChildStderr) {
+        Process::spawn_inner(command, Stdio::null())
+    }
+
+    fn spawn_inner(command: &mut Command, stdin: Stdio) -> (Process, ChildStderr) {
         let mut child = command
-            .stdin(Stdio::null())
+            .stdin(stdin)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
