@@ -52,6 +52,12 @@ const EXAMPLE_VALUES: &[(&str, &str, &str)] = &[
     ("listener", "deny", r#"["10.1.2.0/24"]"#),
     ("listener", "max_connections_per_client", "64"),
     ("listener", "connection_rate_per_client", r#""20/s""#),
+    (
+        "listener.route",
+        "sni",
+        r#"["llama.example.com", "*.llama.example.com"]"#,
+    ),
+    ("listener.route", "pool", r#""reference-pool""#),
     ("pool.backend", "send_proxy", r#""none""#),
     ("listener.backend", "send_proxy", r#""none""#),
     ("pool.backend", "health_addr", r#""127.0.0.1:9201""#),
@@ -98,11 +104,12 @@ const EXAMPLE_VALUES: &[(&str, &str, &str)] = &[
 
 /// Sections the reference must have, so that a heading written another way cannot make the
 /// checks below pass on nothing.
-const SECTIONS: [&str; 14] = [
+const SECTIONS: [&str; 15] = [
     "",
     "admin",
     "log",
     "listener",
+    "listener.route",
     "listener.health",
     "listener.health.load",
     "listener.passive",
@@ -333,7 +340,12 @@ fn pooled_config() -> Table {
 /// The base a documented key is tried in: the pooled one for a pool's keys and a listener's
 /// `pool`, the inline one for everything else.
 fn base_for(doc: &Documented) -> Table {
-    if doc.section == "pool" || doc.section.starts_with("pool.") || doc.key == "pool" {
+    if doc.section == "listener.route" {
+        // A listener with routes has no pool of its own and no `pool`.
+        let mut config = pooled_config();
+        section_table(&mut config, "listener").remove("pool");
+        config
+    } else if doc.section == "pool" || doc.section.starts_with("pool.") || doc.key == "pool" {
         pooled_config()
     } else {
         base_config()
@@ -370,9 +382,14 @@ fn section_table<'a>(config: &'a mut Table, section: &str) -> &'a mut Table {
         }
         path.push_str(part);
         let required = required_keys(&path);
-        let entry = table
-            .entry(part.to_owned())
-            .or_insert_with(|| Value::Table(required));
+        let entry = table.entry(part.to_owned()).or_insert_with(|| {
+            // Routes are an array of tables, as backends are.
+            if part == "route" {
+                Value::Array(vec![Value::Table(required)])
+            } else {
+                Value::Table(required)
+            }
+        });
         table = match entry {
             Value::Table(inner) => inner,
             Value::Array(items) => match items.first_mut() {
@@ -394,6 +411,9 @@ fn required_keys(section: &str) -> Table {
         }
         "listener.health.load" | "pool.health.load" => {
             table.insert("preset".into(), Value::String("vllm".into()));
+        }
+        "listener.route" => {
+            table.insert("pool".into(), Value::String("reference-pool".into()));
         }
         _ => {}
     }
@@ -470,6 +490,10 @@ fn every_documented_key_is_accepted_by_the_parser() {
             }
             "proxy_trusted" => {
                 table.insert("accept_proxy".into(), Value::String("any".into()));
+            }
+            // Only a pool that hashes takes them.
+            "hash_key" | "hash_balance_factor" => {
+                table.insert("strategy".into(), Value::String("consistent_hash".into()));
             }
             _ => {}
         }
