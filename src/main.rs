@@ -1,7 +1,8 @@
 //! The `weighbridge` command: flags, logging, signals and exit codes over the library.
 //!
 //! Exit codes: 0 after a clean run or a successful `--check`; 1 for any error the user can fix
-//! (config, bind, logging filter); 2 for command-line usage errors (clap's convention).
+//! (config, bind, logging filter); 2 for command-line usage errors (clap's convention). `ctl`
+//! and `top` add theirs (`cli::failure`).
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -45,6 +46,8 @@ struct Cli {
     /// "weighbridge=debug". Overrides RUST_LOG; the default is info.
     #[arg(long, value_name = "LEVEL", value_parser = log_filter)]
     log_level: Option<String>,
+    #[command(subcommand)]
+    command: Option<cli::Command>,
 }
 
 /// Levels a bare word of `--log-level` may name.
@@ -120,7 +123,10 @@ fn flush_logs() {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    if let Some(command) = cli.command.take() {
+        return cli::run(command, cli.config.as_deref());
+    }
     let result = run(cli);
     flush_logs();
     match result {
