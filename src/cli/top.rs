@@ -122,7 +122,8 @@ async fn once(
 
 /// What reaches the loop.
 enum Input {
-    Reading(Result<status::Reading, Failure>, Duration),
+    // Boxed: a reading is large, and keys are many.
+    Reading(Box<Result<status::Reading, Failure>>, Duration),
     Key(event::KeyEvent),
     Resize,
     Done(String),
@@ -145,7 +146,10 @@ async fn live(client: Client, interval: Duration) -> Result<(), Failure> {
             loop {
                 ticks.tick().await;
                 let reading = status::read(&client, true).await;
-                if tx.send(Input::Reading(reading, start.elapsed())).is_err() {
+                if tx
+                    .send(Input::Reading(Box::new(reading), start.elapsed()))
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -184,7 +188,7 @@ async fn live(client: Client, interval: Duration) -> Result<(), Failure> {
                 return Ok(());
             };
             match input {
-                Input::Reading(reading, taken) => model.on_reading(reading, taken),
+                Input::Reading(reading, taken) => model.on_reading(*reading, taken),
                 Input::Resize => {}
                 Input::Done(notice) => model.notice = Some(notice),
                 Input::Key(key) => match model.on_key(key) {

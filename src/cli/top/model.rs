@@ -291,7 +291,7 @@ impl Model {
             SortKey::Name => {}
             SortKey::State => rows.sort_by_key(|r| severity(r.state)),
             // The busiest first: what an operator sorts by a figure for.
-            SortKey::Open => rows.sort_by(|a, b| b.open.cmp(&a.open)),
+            SortKey::Open => rows.sort_by_key(|r| std::cmp::Reverse(r.open)),
             SortKey::ConnRate => {
                 rows.sort_by(|a, b| number(b.conn_rate).total_cmp(&number(a.conn_rate)));
             }

@@ -183,7 +183,7 @@ fn render_table(frame: &mut Frame<'_>, area: Rect, model: &Model) {
     }
     let right_from = if wide { 5 } else { 4 };
     let header_row = TableRow::new(header.iter().enumerate().map(|(i, h)| {
-        let text = if i >= right_from && *h != "" {
+        let text = if i >= right_from && !h.is_empty() {
             Line::from(*h).right_aligned()
         } else {
             Line::from(*h)
