@@ -92,7 +92,7 @@ async fn status_prints_tables_and_the_json_unchanged() {
         assert!(output.status.success(), "{output:?}");
         let text = stdout(&output);
         for needle in [
-            "weighbridge 0.1.0, up ",
+            &format!("weighbridge {}, up ", env!("CARGO_PKG_VERSION")),
             "LISTENER",
             "CONN/S AVG",
             &lb.addr.to_string(),
