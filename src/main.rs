@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
@@ -125,6 +125,15 @@ fn flush_logs() {
 fn main() -> ExitCode {
     let mut cli = Cli::parse();
     if let Some(command) = cli.command.take() {
+        // These only mean something to the balancer; silently ignoring one would mislead.
+        if cli.check || cli.no_watch || cli.log_level.is_some() {
+            Cli::command()
+                .error(
+                    clap::error::ErrorKind::ArgumentConflict,
+                    "--check, --no-watch and --log-level apply to running the balancer, not to a subcommand",
+                )
+                .exit();
+        }
         return cli::run(command, cli.config.as_deref());
     }
     let result = run(cli);

@@ -217,6 +217,10 @@ async fn an_unreachable_endpoint_or_a_file_without_admin_is_one_line() {
         assert_fails(&output, 1, &["has no [admin] table", "--admin"]);
         let output = run(&["ctl", "--admin", "127.0.0.1", "status"]).await;
         assert_fails(&output, 1, &["no port"]);
+        // The balancer's own flags mean nothing to a subcommand: a usage error, not ignored.
+        let output = run(&["--check", "ctl", "--admin", "127.0.0.1:9", "status"]).await;
+        assert_eq!(output.status.code(), Some(2), "{output:?}");
+        assert!(String::from_utf8_lossy(&output.stderr).contains("--check"));
     })
     .await;
 }
