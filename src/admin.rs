@@ -84,6 +84,26 @@ pub(crate) struct Endpoint {
     pub(crate) config_path: Option<PathBuf>,
     /// Cancelled when shutdown begins; `/healthz` then answers 503.
     pub(crate) shutting_down: CancellationToken,
+    /// When the balancer started running, as `/status` shows it: a client that sees it move
+    /// knows the process restarted and its counters began again.
+    pub(crate) started: Started,
+}
+
+/// A moment kept both ways: monotonic for the uptime, wall-clock to show.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Started {
+    at: std::time::Instant,
+    wall: std::time::SystemTime,
+}
+
+impl Started {
+    /// Now.
+    pub(crate) fn now() -> Started {
+        Started {
+            at: std::time::Instant::now(),
+            wall: std::time::SystemTime::now(),
+        }
+    }
 }
 
 /// The endpoint and its metrics registry, shared by every request.

@@ -316,6 +316,7 @@ impl Balancer {
                 token: config.admin.as_ref().and_then(|a| a.token.clone()),
                 config_path: config_path.clone(),
                 shutting_down: shutdown.clone(),
+                started: admin::Started::now(),
             };
             // Aborted if `run` itself is dropped: the endpoint never outlives its balancer.
             AbortOnDropHandle::new(tokio::spawn(admin::serve(

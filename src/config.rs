@@ -396,6 +396,18 @@ impl Config {
         self.pools.iter().find(|p| p.name == name)
     }
 
+    /// Where the admin endpoint listens (`[admin] bind`), if the file has one: what
+    /// `weighbridge ctl` and `top` talk to on the balancer's own host.
+    pub fn admin_bind(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|a| a.bind)
+    }
+
+    /// The admin endpoint's bearer token (`[admin] token`), if one is set: a client on the
+    /// balancer's host that can read the file may present it.
+    pub fn admin_token(&self) -> Option<&str> {
+        self.admin.as_ref()?.token.as_ref().map(Token::as_str)
+    }
+
     /// How log lines are written (`[log] format`).
     pub fn log_format(&self) -> LogFormat {
         self.log.format

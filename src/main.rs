@@ -1,7 +1,8 @@
 //! The `weighbridge` command: flags, logging, signals and exit codes over the library.
 //!
 //! Exit codes: 0 after a clean run or a successful `--check`; 1 for any error the user can fix
-//! (config, bind, logging filter); 2 for command-line usage errors (clap's convention).
+//! (config, bind, logging filter); 2 for command-line usage errors (clap's convention). `ctl`
+//! and `top` add theirs (`cli::failure`).
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -27,8 +28,8 @@ const LOG_QUEUE_LINES: usize = 16_384;
 /// A Layer-4 TCP load balancer for AI inference servers.
 #[derive(Debug, Parser)]
 // `weighbridge --config FILE` runs the balancer as before; a subcommand is a different job and
-// takes none of the balancer's flags.
-#[command(version, about, args_conflicts_with_subcommands = true)]
+// takes none of the balancer's flags but `--config` (see `main`).
+#[command(version, about)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -66,6 +67,10 @@ enum Command {
     },
     /// Print the weighbridge(1) man page (roff) to stdout.
     Manpage,
+    /// Status, drain, enable and reload of a running balancer, through its admin endpoint.
+    Ctl(cli::ctl::CtlArgs),
+    /// A live view of a running balancer's backends.
+    Top(cli::top::TopArgs),
 }
 
 /// Levels a bare word of `--log-level` may name.
@@ -141,15 +146,34 @@ fn flush_logs() {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let result = match cli.command {
-        Some(Command::Completions { shell }) => {
-            cli::completions::print_completions(shell, Cli::command())
+    let mut cli = Cli::parse();
+    if let Some(command) = cli.command.take() {
+        // These only mean something to the balancer; silently ignoring one would mislead.
+        if cli.check || cli.no_watch || cli.log_level.is_some() || cli.upgrade_from.is_some() {
+            Cli::command()
+                .error(
+                    clap::error::ErrorKind::ArgumentConflict,
+                    "--check, --no-watch and --log-level apply to running the balancer, not to a subcommand",
+                )
+                .exit();
         }
-        Some(Command::Manpage) => cli::completions::print_manpage(Cli::command()),
-        None => run(cli),
-    };
+        let config = cli.config.as_deref();
+        return match command {
+            Command::Completions { shell } => {
+                exit_code(cli::completions::print_completions(shell, Cli::command()))
+            }
+            Command::Manpage => exit_code(cli::completions::print_manpage(Cli::command())),
+            Command::Ctl(args) => cli::ctl::run(args, config),
+            Command::Top(args) => cli::top::run(args, config),
+        };
+    }
+    let result = run(cli);
     flush_logs();
+    exit_code(result)
+}
+
+/// Exit code 0, or 1 after the error's one line on stderr.
+fn exit_code(result: Result<(), String>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {

@@ -19,6 +19,10 @@ pub(super) struct Status {
     version: &'static str,
     /// The file reloads read, if the balancer was started from one.
     config_file: Option<String>,
+    /// RFC 3339, UTC: when the balancer started running.
+    started_at: String,
+    /// Seconds since then, to the millisecond.
+    uptime_seconds: f64,
     /// Open client connections on each worker thread, in worker order.
     worker_connections: Vec<usize>,
     reloads: Reloads,
@@ -267,6 +271,8 @@ impl Status {
                 .config_path
                 .as_ref()
                 .map(|p| p.display().to_string()),
+            started_at: rfc3339(endpoint.started.wall),
+            uptime_seconds: (endpoint.started.at.elapsed().as_secs_f64() * 1000.0).round() / 1000.0,
             worker_connections: handle.worker_connections(),
             reloads: Reloads {
                 succeeded: reloads.succeeded,

@@ -17,6 +17,11 @@ impl Token {
             .then(|| Token(value.to_owned()))
     }
 
+    /// The token as written, to send.
+    pub(crate) fn as_str(&self) -> &str {
+        &self.0
+    }
+
     /// True when `presented` is this token. For a guess of the right length the comparison
     /// takes the same time wherever the first differing byte is, so response times do not
     /// reveal how much of a guess was right; a guess of another length is refused at once,
