@@ -76,6 +76,7 @@ fn shares_follow_the_weights() {
     for (addr, weight) in a.iter().zip(weights) {
         let share = f64::from(counts[addr]) / f64::from(KEYS);
         let expected = weight / total;
+        println!("weight {weight}: {share:.4} of the keys against {expected:.4}");
         assert!(
             (share / expected - 1.0).abs() < 0.2,
             "{addr}: {share:.3} of the keys against {expected:.3}"
@@ -98,6 +99,7 @@ fn removing_or_adding_one_of_n_moves_about_one_nth_of_the_keys() {
     let on_removed = placed.iter().filter(|&&b| b == removed).count();
     assert_eq!(moved, on_removed, "only the removed backend's keys move");
     let share = moved as f64 / f64::from(KEYS);
+    println!("removing one of {n}: {share:.4} of the keys moved");
     assert!(
         (0.05..0.15).contains(&share),
         "removing one of {n} moved {share:.3}"
@@ -112,6 +114,7 @@ fn removing_or_adding_one_of_n_moves_about_one_nth_of_the_keys() {
         "moved keys go to the new backend"
     );
     let share = moved.len() as f64 / f64::from(KEYS);
+    println!("adding an 11th: {share:.4} of the keys moved");
     assert!(
         (0.045..0.14).contains(&share),
         "adding an 11th moved {share:.3}"
