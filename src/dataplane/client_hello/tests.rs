@@ -60,6 +60,25 @@ fn a_hello_in_one_record_gives_its_name() {
 }
 
 #[test]
+fn with_encrypted_client_hello_the_outer_name_routes() {
+    // The outer ClientHello carries the public name in server_name and the real one encrypted
+    // in an encrypted_client_hello extension (0xfe0d), which is left alone.
+    let mut message = hello_message(Some("public.example.com"), 0);
+    let ech = [0xfe, 0x0d, 0, 8, 0, 0, 1, 0, 1, 0xab, 0xcd, 0xef];
+    let ext_len_at = 4 + 2 + 32 + 1 + 6 + 2;
+    let ext_len = u16::from_be_bytes([message[ext_len_at], message[ext_len_at + 1]]);
+    message[ext_len_at..ext_len_at + 2]
+        .copy_from_slice(&(ext_len + ech.len() as u16).to_be_bytes());
+    message.extend_from_slice(&ech);
+    let body_len = (message.len() - 4) as u32;
+    message[1..4].copy_from_slice(&body_len.to_be_bytes()[1..]);
+    assert_eq!(
+        parse(&records(&message, MAX_RECORD)),
+        Hello::Read(Some("public.example.com".into()))
+    );
+}
+
+#[test]
 fn a_large_hello_split_over_records_and_segments_is_read_whole() {
     for padding in [2_000, 3_500, 12_000] {
         let message = hello_message(Some("embed.example.com"), padding);
