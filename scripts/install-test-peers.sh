@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs the real programs the tests run: HAProxy, and nginx with its stream module, that
 # tests/proxy_interop.rs runs weighbridge against; systemd's tools (systemd-analyze verify on the
-# unit) for tests/systemd.rs. The tests start their own instances on loopback from temporary
-# configs; the system services Debian starts on install are stopped and disabled here, so none
-# of them holds a port (80, or anything else) while the tests run.
+# unit) for tests/systemd.rs; Prometheus for its promtool (`promtool check rules` on
+# deploy/prometheus/alerts.yml) in tests/dashboards.rs. The tests start their own instances on
+# loopback from temporary configs; the system services Debian starts on install are stopped and
+# disabled here, so none of them holds a port (80, 9090, or anything else) while the tests run.
 #
 #   bash scripts/install-test-peers.sh     # as root to install; .ci/run calls it first
 #
@@ -13,7 +14,7 @@
 set -euo pipefail
 
 NGINX_STREAM_MODULE=${NGINX_STREAM_MODULE:-/usr/lib/nginx/modules/ngx_stream_module.so}
-SERVICES=(haproxy nginx)
+SERVICES=(haproxy nginx prometheus)
 
 log() { printf 'install-test-peers: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -41,6 +42,7 @@ missing() {
     find_bin nginx >/dev/null || echo nginx
     has_stream || echo libnginx-mod-stream
     find_bin systemd-analyze >/dev/null || echo systemd
+    find_bin promtool >/dev/null || echo prometheus
 }
 
 CREATED_POLICY=0
@@ -65,10 +67,20 @@ install() {
     CREATED_POLICY=0
 }
 
+# Where Debian's init script for a service keeps its pid: /run/NAME.pid, or /run/NAME/NAME.pid
+# (prometheus).
+pid_file() {
+    local f
+    for f in "/run/$1.pid" "/run/$1/$1.pid"; do
+        [[ -r $f ]] && { echo "$f"; return 0; }
+    done
+    return 1
+}
+
 # A service is running if its pid file names a live process (how Debian's init scripts tell).
 service_running() {
-    local pidfile=/run/$1.pid pid
-    [[ -r $pidfile ]] || return 1
+    local pidfile pid
+    pidfile=$(pid_file "$1") || return 1
     pid=$(tr -dc '0-9' <"$pidfile")
     [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null
 }
@@ -90,7 +102,7 @@ stop_services() {
             fi
         fi
         if service_running "$s"; then
-            die "the system $s service is still running (pid $(cat "/run/$s.pid")); stop it"
+            die "the system $s service is still running (pid $(cat "$(pid_file "$s")")); stop it"
         fi
     done
 }
@@ -116,6 +128,7 @@ NGINX=$(find_bin nginx)
 echo "haproxy: $("$HAPROXY" -v | head -n 1) ($HAPROXY)"
 echo "nginx: $("$NGINX" -v 2>&1 | head -n 1) ($NGINX)"
 echo "systemd-analyze: $("$(find_bin systemd-analyze)" --version | head -n 1)"
+echo "promtool: $("$(find_bin promtool)" --version 2>&1 | head -n 1)"
 if [[ -f $NGINX_STREAM_MODULE ]]; then
     echo "nginx stream module: $NGINX_STREAM_MODULE"
 else

@@ -467,8 +467,44 @@ impl Collector for Metrics {
             "Always 1; the version label says which weighbridge runs.",
             [([("version", env!("CARGO_PKG_VERSION"))], 1_u64)],
         )?;
+        // The two gauges every Prometheus client library exports under these names, so the
+        // usual alerts and dashboards for running out of descriptors work unchanged. A value
+        // the system cannot give is left out of the scrape rather than reported as 0.
+        gauge(
+            e,
+            "process_open_fds",
+            "Number of open file descriptors.",
+            open_fds().map(|n| (NO_LABELS, n)),
+        )?;
+        gauge(
+            e,
+            "process_max_fds",
+            "Maximum number of open file descriptors (the soft RLIMIT_NOFILE).",
+            max_fds().map(|n| (NO_LABELS, n)),
+        )?;
         Ok(())
     }
+}
+
+/// The label set of a series without labels.
+const NO_LABELS: [(&str, &str); 0] = [];
+
+/// Descriptors the process has open, counted in `/proc/self/fd` (Linux), not counting the one
+/// the count reads the directory through. `None` where there is no such directory or it
+/// cannot be read (it can when the descriptors have run out: the scrape then leaves the
+/// gauge out, and `process_max_fds` stays).
+fn open_fds() -> Option<u64> {
+    let entries = std::fs::read_dir("/proc/self/fd").ok()?;
+    let listed = entries.filter(Result::is_ok).count() as u64;
+    Some(listed.saturating_sub(1))
+}
+
+/// The soft limit on open descriptors, which is what `accept` runs into; `None` if the system
+/// does not say. Unlimited reads as the largest `u64`.
+fn max_fds() -> Option<u64> {
+    rlimit::getrlimit(rlimit::Resource::NOFILE)
+        .ok()
+        .map(|(soft, _hard)| soft)
 }
 
 /// A queue counter family: name, help, and how to read it.
