@@ -403,7 +403,18 @@ async fn waiting_for_a_slot_is_in_the_access_log() {
             echo.addr
         );
         let file = config_file(&text);
-        let lb = Balancer::start(file.path(), true);
+        // The data plane's debug lines say when a client starts to wait.
+        let lb = Balancer {
+            process: Process::start(
+                file.path(),
+                &[
+                    "--no-watch",
+                    "--log-level",
+                    "info,weighbridge::dataplane=debug",
+                ],
+            ),
+            json: true,
+        };
         let addr = lb.listener("chat").await;
         let mut holder = TcpStream::connect(addr).await.expect("connect");
         holder.write_all(b"x").await.expect("send");
@@ -421,6 +432,14 @@ async fn waiting_for_a_slot_is_in_the_access_log() {
         // Waits, then gets the slot the holder frees.
         let mut next = TcpStream::connect(addr).await.expect("connect");
         let next_addr = next.local_addr().expect("client address");
+        // Only once it waits: freed earlier, the slot would be the newcomer's at once.
+        eventually(SOON, "the next client waiting", || {
+            lb.events().iter().any(|f| {
+                f.get("message").map(String::as_str) == Some("every slot taken; waiting")
+                    && f.get("client") == Some(&next_addr.to_string())
+            })
+        })
+        .await;
         drop(holder);
         next.write_all(b"y").await.expect("send");
         next.read_exact(&mut one).await.expect("echo once served");

@@ -34,15 +34,16 @@ pub fn config_file(text: &str) -> tempfile::NamedTempFile {
     file
 }
 
-/// The command [`Process::start`] runs: the binary on `config` at log level `info`, with `args`
-/// after those; for a test that sets up more before [`Process::spawn`].
+/// The command [`Process::start`] runs: the binary on `config` at log level `info` (unless
+/// `args` give one), with `args` after those; for a test that sets up more before
+/// [`Process::spawn`].
 pub fn command(config: &Path, args: &[&str]) -> Command {
     let mut command = Command::new(BIN);
-    command
-        .arg("--config")
-        .arg(config)
-        .args(["--log-level", "info"])
-        .args(args);
+    command.arg("--config").arg(config);
+    if !args.contains(&"--log-level") {
+        command.args(["--log-level", "info"]);
+    }
+    command.args(args);
     command
 }
 
