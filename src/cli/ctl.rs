@@ -172,6 +172,11 @@ pub(crate) fn find(status: &Status, name: &str, backend: &str) -> Result<Found, 
         ("listeners", listener.pool.as_str())
     } else if let Some(pool) = status.pools.iter().find(|p| p.name == name) {
         ("pools", pool.name.as_str())
+    } else if let Some(routed) = status.listeners.iter().find(|l| l.name == name) {
+        return Err(Failure::Unknown(format!(
+            "listener `{name}` routes to pools by server name: name the pool instead ({})",
+            routed.destination().trim_start_matches("sni:")
+        )));
     } else {
         let listeners: Vec<&str> = status.listeners.iter().map(|l| l.name.as_str()).collect();
         let pools: Vec<&str> = status
