@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
-use support::{Mock, Running, eventually};
+use support::{Mock, Running, client_hello, eventually, records};
 use weighbridge::Config;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -195,28 +195,6 @@ async fn a_hot_client_spills_over_within_the_balance_factor() {
     plain.stop().await;
 }
 
-/// A ClientHello in one record asking for `name`.
-fn hello(name: &str) -> Vec<u8> {
-    let name = name.as_bytes();
-    let mut ext = vec![0, 0];
-    ext.extend_from_slice(&((name.len() + 5) as u16).to_be_bytes());
-    ext.extend_from_slice(&((name.len() + 3) as u16).to_be_bytes());
-    ext.push(0);
-    ext.extend_from_slice(&(name.len() as u16).to_be_bytes());
-    ext.extend_from_slice(name);
-    let mut body = vec![3, 3];
-    body.extend_from_slice(&[9; 32]);
-    body.extend_from_slice(&[0, 0, 2, 0x13, 0x01, 1, 0]);
-    body.extend_from_slice(&(ext.len() as u16).to_be_bytes());
-    body.extend_from_slice(&ext);
-    let mut record = vec![22, 3, 1];
-    record.extend_from_slice(&((body.len() + 4) as u16).to_be_bytes());
-    record.push(1);
-    record.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
-    record.extend_from_slice(&body);
-    record
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pool_keyed_by_server_name_keeps_a_name_on_its_backend_from_any_address() {
     let mocks = [Mock::echo().await, Mock::echo().await, Mock::echo().await];
@@ -243,7 +221,7 @@ async fn a_pool_keyed_by_server_name_keeps_a_name_on_its_backend_from_any_addres
             let socket = TcpSocket::new_v4().expect("socket");
             socket.bind(SocketAddr::new(client(i), 0)).expect("bind");
             let mut stream = socket.connect(lb.addr).await.expect("connect");
-            let bytes = hello(name);
+            let bytes = records(&client_hello(name, 0), 16_384);
             stream.write_all(&bytes).await.expect("write");
             let mut back = vec![0_u8; bytes.len()];
             tokio::time::timeout(WAIT, stream.read_exact(&mut back))

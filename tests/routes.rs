@@ -13,7 +13,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
-use support::{Mock, Running, eventually};
+use support::{Mock, Running, client_hello, eventually, records};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -199,43 +199,6 @@ async fn without_a_default_route_unmatched_and_nameless_clients_are_closed_and_c
     lb.stop().await;
 }
 
-/// A ClientHello handshake message for `name`, padded to about `size` bytes (a post-quantum
-/// key share makes real ones this large).
-fn hello(name: &str, size: usize) -> Vec<u8> {
-    let name = name.as_bytes();
-    let mut ext = Vec::new();
-    ext.extend_from_slice(&[0, 0]);
-    ext.extend_from_slice(&((name.len() + 5) as u16).to_be_bytes());
-    ext.extend_from_slice(&((name.len() + 3) as u16).to_be_bytes());
-    ext.push(0);
-    ext.extend_from_slice(&(name.len() as u16).to_be_bytes());
-    ext.extend_from_slice(name);
-    let padding = size.saturating_sub(100);
-    ext.extend_from_slice(&[0, 21]);
-    ext.extend_from_slice(&(padding as u16).to_be_bytes());
-    ext.extend(std::iter::repeat_n(0, padding));
-    let mut body = vec![3, 3];
-    body.extend_from_slice(&[9; 32]);
-    body.extend_from_slice(&[0, 0, 2, 0x13, 0x01, 1, 0]);
-    body.extend_from_slice(&(ext.len() as u16).to_be_bytes());
-    body.extend_from_slice(&ext);
-    let mut message = vec![1];
-    message.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
-    message.extend_from_slice(&body);
-    message
-}
-
-/// `message` as TLS handshake records of at most `split` bytes.
-fn records(message: &[u8], split: usize) -> Vec<u8> {
-    let mut out = Vec::new();
-    for chunk in message.chunks(split) {
-        out.extend_from_slice(&[22, 3, 1]);
-        out.extend_from_slice(&(chunk.len() as u16).to_be_bytes());
-        out.extend_from_slice(chunk);
-    }
-    out
-}
-
 /// Routes to echo backends, so what comes back is what the backend received.
 async fn echo_routes() -> (Running, Mock, Mock, Mock) {
     let (llama, embed, fallback) = (Mock::echo().await, Mock::echo().await, Mock::echo().await);
@@ -253,7 +216,7 @@ fn connections(lb: &Running, pool: &str, addr: SocketAddr) -> u64 {
 async fn a_large_hello_split_over_records_and_small_writes_is_read_whole_and_passed_untouched() {
     let (lb, llama, embed, _fallback) = echo_routes().await;
     for (size, split, write) in [(2_000, 16_384, 7), (4_000, 1_000, 300), (3_000, 500, 1)] {
-        let bytes = records(&hello("embed.example.com", size), split);
+        let bytes = records(&client_hello("embed.example.com", size), split);
         let mut stream = TcpStream::connect(lb.addr).await.expect("connect");
         stream.set_nodelay(true).expect("nodelay");
         for chunk in bytes.chunks(write.max(bytes.len() / 40)) {
@@ -278,7 +241,7 @@ async fn a_large_hello_split_over_records_and_small_writes_is_read_whole_and_pas
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_malformed_and_oversized_hellos_are_closed_before_any_backend_work() {
     let (lb, llama, embed, fallback) = echo_routes().await;
-    let whole = records(&hello("llama.example.com", 600), 16_384);
+    let whole = records(&client_hello("llama.example.com", 600), 16_384);
     // Half a hello, then nothing: late.
     let mut slow = TcpStream::connect(lb.addr).await.expect("connect");
     slow.write_all(&whole[..300]).await.expect("write");
@@ -289,7 +252,7 @@ async fn slow_malformed_and_oversized_hellos_are_closed_before_any_backend_work(
         .await
         .expect("write");
     // Over 16 KiB.
-    let big = records(&hello("llama.example.com", 17_000), 16_000);
+    let big = records(&client_hello("llama.example.com", 17_000), 16_000);
     let mut oversized = TcpStream::connect(lb.addr).await.expect("connect");
     let _ = oversized.write_all(&big).await;
     for stream in [&mut slow, &mut garbage, &mut oversized] {

@@ -10,6 +10,7 @@
 mod backend;
 mod client;
 mod dns;
+mod hello;
 mod poll;
 mod process;
 
@@ -27,7 +28,7 @@ use weighbridge::{
 };
 
 #[allow(unused_imports)]
-pub use {backend::*, client::*, dns::*, poll::*, process::*};
+pub use {backend::*, client::*, dns::*, hello::*, poll::*, process::*};
 
 /// The listener name every in-process config uses.
 pub const LISTENER: &str = "lb";
