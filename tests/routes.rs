@@ -318,3 +318,31 @@ fn routes_beside_a_pool_are_refused_naming_the_key() {
         "{error}"
     );
 }
+
+/// A PROXY header and the ClientHello in one write: the readiness event is spent on the
+/// header, and the hello behind it is read at once; the backend receives the hello alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hello_that_comes_with_the_proxy_header_routes() {
+    let (llama, embed) = (Mock::echo().await, Mock::echo().await);
+    let text = routed(&[llama.addr], embed.addr, None).replace(
+        "client_hello_timeout = \"500ms\"\n",
+        "client_hello_timeout = \"500ms\"\naccept_proxy = \"v1\"\nproxy_trusted = [\"127.0.0.1\"]\n",
+    );
+    let lb = start(&text);
+    let hello = records(&client_hello("embed.example.com", 300), 16_384);
+    let mut bytes = b"PROXY TCP4 10.1.2.3 10.0.0.1 40000 443\r\n".to_vec();
+    bytes.extend_from_slice(&hello);
+    let mut stream = TcpStream::connect(lb.addr).await.expect("connect");
+    stream.write_all(&bytes).await.expect("write");
+    let mut back = vec![0_u8; hello.len()];
+    tokio::time::timeout(WAIT, stream.read_exact(&mut back))
+        .await
+        .expect("echoed in time")
+        .expect("echoed");
+    assert!(
+        back == hello,
+        "the backend received the hello, without the header"
+    );
+    assert_eq!(connections(&lb, "embed", embed.addr), 1);
+    lb.stop().await;
+}

@@ -23,7 +23,7 @@ use super::connect::{
     out_of_descriptors,
 };
 use super::proxy;
-use super::relay::{BUDGET, Direction, Mode, Path, Pumped, Ready, shutdown_write};
+use super::relay::{BUDGET, Direction, Mode, Path, Pumped, Ready, SCRATCH, shutdown_write};
 use super::remote::Counted;
 use super::throttle::Throttle;
 use super::token::{Side, Tokens};
@@ -57,6 +57,9 @@ fn keyed(pool: Option<&Arc<Pool>>, client: SocketAddr, name: Option<&str>) -> Op
         HashKey::Sni | HashKey::ClientIp => Some(client_key(client.ip())),
     }
 }
+
+// A whole ClientHello fits the worker's buffer it is peeked into.
+const _: () = assert!(SCRATCH >= client_hello::MAX_PEEK);
 
 /// Whether a connection goes on after a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -259,12 +262,15 @@ impl Conn {
             // The header may be there already: the first readiness event says so.
             return (conn, Status::Open);
         }
-        let status = conn.await_hello(registry, tokens, listener, turn, now);
+        // No scratch here: a hello that is there already is reported by the first readiness
+        // event, which registering the socket raises.
+        let status = conn.await_hello(registry, tokens, listener, turn, now, None);
         (conn, status)
     }
 
     /// Waits for the client's ClientHello if the listener reads it (to route by name, or for
-    /// a pool keyed by name); else admits the client to the listener's one pool.
+    /// a pool keyed by name); else admits the client to the listener's one pool. With the
+    /// worker's `scratch`, a hello already there is read at once.
     fn await_hello(
         &mut self,
         registry: &Registry,
@@ -272,6 +278,7 @@ impl Conn {
         listener: Arc<Listener>,
         turn: u64,
         now: Instant,
+        scratch: Option<&mut [u8]>,
     ) -> Status {
         match listener.hello_timeout() {
             None => {
@@ -284,37 +291,32 @@ impl Conn {
                     listener,
                     turn,
                 }));
-                // The hello may be there already: it came with the PROXY header, whose
-                // readiness event has been spent, or before the accept.
-                self.read_hello(registry, tokens, now, None)
+                // After a PROXY header the hello may have come with it, in a readiness event
+                // spent on the header.
+                match scratch {
+                    Some(scratch) => self.read_hello(registry, tokens, now, scratch),
+                    None => Status::Open,
+                }
             }
         }
     }
 
     /// Reads the client's ClientHello if it has arrived whole, without consuming it, and sends
-    /// the client on by the server name it asks for. `scratch` is the worker's buffer, when the
-    /// caller has it to lend.
+    /// the client on by the server name it asks for. The bytes are peeked into the worker's
+    /// `scratch` buffer.
     fn read_hello(
         &mut self,
         registry: &Registry,
         tokens: Tokens,
         now: Instant,
-        scratch: Option<&mut [u8]>,
+        scratch: &mut [u8],
     ) -> Status {
         let Phase::Hello(awaiting) = &self.phase else {
             return Status::Open;
         };
         let listener = Arc::clone(&awaiting.listener);
-        let mut own = Vec::new();
-        let buf = match scratch {
-            Some(scratch) if scratch.len() >= client_hello::MAX_PEEK => {
-                &mut scratch[..client_hello::MAX_PEEK]
-            }
-            _ => {
-                own.resize(client_hello::MAX_PEEK, 0);
-                &mut own[..]
-            }
-        };
+        let len = client_hello::MAX_PEEK.min(scratch.len());
+        let buf = &mut scratch[..len];
         let n = loop {
             match self.client.peek(buf) {
                 Ok(n) => break n,
@@ -446,7 +448,13 @@ impl Conn {
     /// Reads the client's PROXY header if it has arrived whole: the client's address is the
     /// one it carries from then on. Peeks first and reads no more than the header, so the
     /// client's own bytes stay in the socket for the relay.
-    fn read_header(&mut self, registry: &Registry, tokens: Tokens, now: Instant) -> Status {
+    fn read_header(
+        &mut self,
+        registry: &Registry,
+        tokens: Tokens,
+        now: Instant,
+        scratch: &mut [u8],
+    ) -> Status {
         let Phase::Header(awaiting) = &self.phase else {
             return Status::Open;
         };
@@ -493,7 +501,8 @@ impl Conn {
         let Phase::Header(awaiting) = std::mem::replace(&mut self.phase, Phase::Ended) else {
             return Status::Done;
         };
-        self.await_hello(registry, tokens, awaiting.listener, awaiting.turn, now)
+        let (listener, turn) = (awaiting.listener, awaiting.turn);
+        self.await_hello(registry, tokens, listener, turn, now, Some(scratch))
     }
 
     /// Closes a client whose PROXY header is missing, malformed, too long or late.
@@ -799,10 +808,10 @@ impl Conn {
             Side::Client => {
                 self.client_ready.update(event);
                 if let Phase::Header(_) = self.phase {
-                    return self.read_header(registry, tokens, now);
+                    return self.read_header(registry, tokens, now, scratch);
                 }
                 if let Phase::Hello(_) = self.phase {
-                    return self.read_hello(registry, tokens, now, Some(scratch));
+                    return self.read_hello(registry, tokens, now, scratch);
                 }
                 // Nothing is read from a waiting client; its end is watched for (HAProxy's
                 // `option abortonclose`): one that closes, or closes its sending side, has

@@ -22,7 +22,7 @@
 //! pick finds the key's point through a table of the ring's first index for each 16-bit prefix
 //! of the circle, so its cost does not grow with the pool: a few comparisons, then the walk.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use xxhash_rust::xxh3::xxh3_64;
@@ -99,7 +99,7 @@ impl ConsistentHash {
             let owner = u32::try_from(index).unwrap_or(u32::MAX);
             // Address (16 bytes), port (2), point number (4).
             let mut seed = [0_u8; 22];
-            seed[..16].copy_from_slice(&ip_bytes(*addr));
+            seed[..16].copy_from_slice(&octets(addr.ip()));
             seed[16..18].copy_from_slice(&addr.port().to_be_bytes());
             for point in 0..count {
                 seed[18..].copy_from_slice(&point.to_be_bytes());
@@ -204,10 +204,10 @@ impl Strategy for ConsistentHash {
 }
 
 /// The 16 bytes of an address, IPv4 ones mapped into IPv6.
-fn ip_bytes(addr: SocketAddr) -> [u8; 16] {
-    match addr {
-        SocketAddr::V4(v4) => v4.ip().to_ipv6_mapped().octets(),
-        SocketAddr::V6(v6) => v6.ip().octets(),
+fn octets(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
     }
 }
 
@@ -219,12 +219,8 @@ fn hash_u64(key: u64) -> u64 {
 }
 
 /// The key of a client address: the same for an address whichever port it connects from.
-pub(crate) fn client_key(ip: std::net::IpAddr) -> u64 {
-    let bytes = match ip {
-        std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
-        std::net::IpAddr::V6(v6) => v6.octets(),
-    };
-    xxh3_64(&bytes)
+pub(crate) fn client_key(ip: IpAddr) -> u64 {
+    xxh3_64(&octets(ip))
 }
 
 /// The key of a server name, compared without case.
